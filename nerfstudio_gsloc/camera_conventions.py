@@ -1,0 +1,79 @@
+"""The one place where camera conventions are converted.
+
+Conventions used across the project:
+
+* nerfstudio (and its transforms.json) stores **OpenGL camera-to-world** poses: the camera looks along
+  its local -z axis, +y is up and +x is right. Shape ``[..., 3, 4]`` (or ``[..., 4, 4]``).
+* gsplat (and this project's rasterizer) takes **OpenCV world-to-camera** view matrices: the camera looks
+  along +z, +y is down, +x is right. Shape ``[..., 4, 4]``.
+* nerfstudio's dataparser normalises the dataset: ``c2w_scene = scale * (T @ c2w_original)`` for the
+  translation part, where ``T`` is the ``[3, 4]`` ``transform`` and ``scale`` the ``scale`` stored in
+  ``dataparser_transforms.json``. Poses enter and leave this program in the *original* frame.
+
+Every other module calls these functions instead of flipping axes itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Flipping the y and z axes of the camera frame turns OpenGL camera axes into OpenCV ones (and back).
+_GL_TO_CV = torch.tensor([1.0, -1.0, -1.0])
+
+
+def to_homogeneous(pose: Tensor) -> Tensor:
+    """``[..., 3, 4]`` or ``[..., 4, 4]`` rigid transform -> ``[..., 4, 4]``."""
+    if pose.shape[-2:] == (4, 4):
+        return pose
+    if pose.shape[-2:] != (3, 4):
+        raise ValueError(f"expected a pose of shape [..., 3, 4] or [..., 4, 4], got {tuple(pose.shape)}")
+    bottom = torch.zeros(*pose.shape[:-2], 1, 4, dtype=pose.dtype, device=pose.device)
+    bottom[..., 0, 3] = 1.0
+    return torch.cat([pose, bottom], dim=-2)
+
+
+def rigid_inverse(pose: Tensor) -> Tensor:
+    """Inverse of a rigid ``[..., 4, 4]`` (or ``[..., 3, 4]``) transform, returned as ``[..., 4, 4]``.
+
+    Uses R^T and -R^T t, which is exact for rotations and differentiable.
+    """
+    pose = to_homogeneous(pose)
+    rot_t = pose[..., :3, :3].transpose(-1, -2)
+    trans = -rot_t @ pose[..., :3, 3:4]
+    top = torch.cat([rot_t, trans], dim=-1)
+    return to_homogeneous(top)
+
+
+def opengl_c2w_to_opencv_w2c(c2w: Tensor) -> Tensor:
+    """nerfstudio camera-to-world (OpenGL, ``[..., 3|4, 4]``) -> gsplat view matrix (OpenCV w2c, ``[..., 4, 4]``)."""
+    c2w = to_homogeneous(c2w)
+    flip = _GL_TO_CV.to(device=c2w.device, dtype=c2w.dtype)
+    c2w_cv = torch.cat([c2w[..., :3, :3] * flip, c2w[..., :3, 3:4]], dim=-1)
+    return rigid_inverse(c2w_cv)
+
+
+def opencv_w2c_to_opengl_c2w(w2c: Tensor) -> Tensor:
+    """gsplat view matrix (OpenCV w2c, ``[..., 4, 4]``) -> nerfstudio camera-to-world (OpenGL, ``[..., 3, 4]``)."""
+    c2w_cv = rigid_inverse(w2c)
+    flip = _GL_TO_CV.to(device=w2c.device, dtype=w2c.dtype)
+    return torch.cat([c2w_cv[..., :3, :3] * flip, c2w_cv[..., :3, 3:4]], dim=-1)
+
+
+def original_to_scene_frame(c2w_original: Tensor, transform: Tensor, scale: float) -> Tensor:
+    """Dataset-frame camera-to-world ``[..., 3|4, 4]`` -> nerfstudio's normalised scene frame ``[..., 3, 4]``.
+
+    ``transform`` is the ``[3, 4]`` matrix and ``scale`` the float of ``dataparser_transforms.json``.
+    Rotations are only rotated (the dataparser's transform is rigid); translations are also scaled.
+    """
+    c2w = to_homogeneous(c2w_original)
+    out = to_homogeneous(transform.to(c2w))[:3, :] @ c2w
+    return torch.cat([out[..., :3, :3], out[..., :3, 3:4] * scale], dim=-1)
+
+
+def scene_to_original_frame(c2w_scene: Tensor, transform: Tensor, scale: float) -> Tensor:
+    """Inverse of :func:`original_to_scene_frame`: scene-frame c2w ``[..., 3|4, 4]`` -> dataset frame ``[..., 3, 4]``."""
+    c2w = to_homogeneous(c2w_scene)
+    unscaled = torch.cat([c2w[..., :3, :3], c2w[..., :3, 3:4] / scale], dim=-1)
+    inv_t = rigid_inverse(transform.to(c2w))
+    return (inv_t @ to_homogeneous(unscaled))[..., :3, :]

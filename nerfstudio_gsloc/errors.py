@@ -1,0 +1,23 @@
+"""User-facing errors: one clear line, no traceback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+from rich.console import Console
+
+T = TypeVar("T")
+
+
+class GslocError(Exception):
+    """Raised for bad user input (paths, configs, images, devices). Its message is one line for the user."""
+
+
+def run_cli(main: Callable[[], T]) -> T:
+    """Run a CLI body, turning :class:`GslocError` into ``error: ...`` on stderr and exit code 1."""
+    try:
+        return main()
+    except GslocError as err:
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(1)
