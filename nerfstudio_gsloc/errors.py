@@ -19,5 +19,10 @@ def run_cli(main: Callable[[], T]) -> T:
     try:
         return main()
     except GslocError as err:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        print_error(str(err))
         sys.exit(1)
+
+
+def print_error(message: str) -> None:
+    """Print ``error: message`` in red on stderr."""
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)

@@ -94,7 +94,6 @@ def project_gaussians(
     """
     rot_w2c = viewmats[:, :3, :3]  # [C,3,3]
     means_c = torch.einsum("cij,nj->cni", rot_w2c, means) + viewmats[:, None, :3, 3]  # [C,N,3]
-    covs_c = rot_w2c[:, None] @ covariances[None] @ rot_w2c[:, None].transpose(-1, -2)  # [C,N,3,3]
 
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]  # [C,1]
     cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
@@ -108,14 +107,17 @@ def project_gaussians(
     lim_y_pos, lim_y_neg = (height - cy) / fy + 0.3 * tan_fov_y, cy / fy + 0.3 * tan_fov_y
     tx = z_safe * torch.minimum(torch.maximum(x / z_safe, -lim_x_neg), lim_x_pos)
     ty = z_safe * torch.minimum(torch.maximum(y / z_safe, -lim_y_neg), lim_y_pos)
-    zeros = torch.zeros_like(z_safe)
-    jac = torch.stack(
-        [fx / z_safe, zeros, -fx * tx / z_safe**2, zeros, fy / z_safe, -fy * ty / z_safe**2], dim=-1
-    ).reshape(*z.shape, 2, 3)
-    cov2d = jac @ covs_c @ jac.transpose(-1, -2)  # [C,N,2,2]
-
-    a, b, c = cov2d[..., 0, 0], cov2d[..., 0, 1], cov2d[..., 1, 1]
-    det_raw = a * c - b * b
+    # cov2d = M Sigma M^T with M = J W the [2, 3] Jacobian of the projection times the world-to-camera
+    # rotation. J = [[fx/z, 0, -fx tx/z^2], [0, fy/z, -fy ty/z^2]], so M's rows are combinations of W's rows.
+    # Written with [C, N, 3] vectors: batched 3x3 matmuls are slow on the CPU.
+    w0, w1, w2 = rot_w2c[:, None, 0], rot_w2c[:, None, 1], rot_w2c[:, None, 2]  # [C,1,3]
+    m0 = (fx / z_safe)[..., None] * w0 - (fx * tx / z_safe**2)[..., None] * w2  # [C,N,3]
+    m1 = (fy / z_safe)[..., None] * w1 - (fy * ty / z_safe**2)[..., None] * w2
+    cov = covariances[None]  # [1,N,3,3]
+    cov_m0 = cov[..., 0] * m0[..., 0:1] + cov[..., 1] * m0[..., 1:2] + cov[..., 2] * m0[..., 2:3]
+    cov_m1 = cov[..., 0] * m1[..., 0:1] + cov[..., 1] * m1[..., 1:2] + cov[..., 2] * m1[..., 2:3]
+    a, b, c = (m0 * cov_m0).sum(-1), (m1 * cov_m0).sum(-1), (m1 * cov_m1).sum(-1)
+    det_raw = a * c - b * b  # before the low-pass filter
     a, c = a + eps2d, c + eps2d
     det = a * c - b * b
     valid = in_depth_range & (det > 0)

@@ -16,56 +16,17 @@ skipped; a pixel stops before the Gaussian that would bring its transmittance to
 
 from __future__ import annotations
 
-import os
-import threading
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from nerfstudio_gsloc.rendering.extension import load_cpu_extension
 from nerfstudio_gsloc.rendering.tiles import TileIntersections
 
 _ALPHA_MIN = 1.0 / 255.0
 _ALPHA_MAX = 0.999
 _TRANSMITTANCE_MIN = 1e-4
-_CSRC = Path(__file__).parent / "csrc" / "rasterize_cpu.cpp"
-
-_extension = None
-_extension_failed = False
-_extension_lock = threading.Lock()
-
-
-def load_cpu_extension(verbose: bool = False):
-    """Compile (first call) and return the C++ CPU kernel module, or None if it cannot be built.
-
-    Set ``GSLOC_DISABLE_CPP=1`` to force the PyTorch path.
-    """
-    global _extension, _extension_failed
-    if os.environ.get("GSLOC_DISABLE_CPP", "0") == "1":
-        return None
-    with _extension_lock:
-        if _extension is None and not _extension_failed:
-            try:
-                from torch.utils.cpp_extension import load
-
-                _extension = load(
-                    name="gsloc_rasterize_cpu",
-                    sources=[str(_CSRC)],
-                    extra_cflags=["-O3", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=verbose,
-                )
-            except Exception as err:  # no compiler, no headers: fall back, say so once
-                _extension_failed = True
-                warnings.warn(
-                    f"gsloc: C++ CPU rasterizer could not be built ({type(err).__name__}: {err}); "
-                    "using the slower PyTorch rasterizer"
-                )
-    return _extension
-
-
 class _RasterizeCPU(torch.autograd.Function):
     """Autograd wrapper of the C++ kernel."""
 

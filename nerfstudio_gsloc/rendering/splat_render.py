@@ -31,6 +31,64 @@ class RenderedViews:
     alpha: Tensor
 
 
+def rasterize_splat_model(
+    model,
+    camtoworlds: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    sh_degree: Optional[int],
+    render_mode: str = "RGB+ED",
+    keep: Optional[Tensor] = None,
+    absgrad: bool = False,
+) -> tuple[Tensor, Tensor, dict]:
+    """Rasterize a splatfacto-style model's Gaussians (no background, no clamping).
+
+    Args:
+        model: has ``means``, ``scales`` (log), ``quats``, ``opacities`` (logit), ``features_dc``,
+            ``features_rest`` and a splatfacto config (``sh_degree``, ``rasterize_mode``).
+        camtoworlds: ``[B, 3|4, 4]`` OpenGL camera-to-world poses in the model's (dataparser) frame.
+        Ks: ``[B, 3, 3]`` intrinsics for ``width`` x ``height`` images.
+        sh_degree: SH degree to evaluate; None when the model stores plain colours (``sh_degree == 0``).
+        render_mode: as in :func:`~nerfstudio_gsloc.rendering.rasterization.rasterization`.
+        keep: optional ``[N]`` bool mask of Gaussians to draw (a crop box).
+        absgrad: gsplat's absolute gradients (CUDA only).
+
+    Returns:
+        ``render [B, H, W, X]``, ``alpha [B, H, W, 1]`` and the rasterizer's ``meta``.
+    """
+    device = model.means.device
+    params = {
+        "means": model.means,
+        "quats": model.quats,
+        "scales": model.scales,
+        "opacities": model.opacities,
+        "features_dc": model.features_dc,
+        "features_rest": model.features_rest,
+    }
+    if keep is not None:
+        params = {name: value[keep] for name, value in params.items()}
+    colors = torch.cat([params["features_dc"][:, None, :], params["features_rest"]], dim=1)
+    if model.config.sh_degree == 0:
+        colors, sh_degree = torch.sigmoid(colors).squeeze(1), None
+    return rasterization(
+        means=params["means"],
+        quats=params["quats"],
+        scales=torch.exp(params["scales"]),
+        opacities=torch.sigmoid(params["opacities"]).squeeze(-1),
+        colors=colors,
+        viewmats=opengl_c2w_to_opencv_w2c(camtoworlds.to(device)),
+        Ks=Ks.to(device),
+        width=width,
+        height=height,
+        sh_degree=sh_degree,
+        render_mode=render_mode,
+        rasterize_mode=model.config.rasterize_mode,
+        packed=False,
+        absgrad=absgrad,
+    )
+
+
 def render_splat_model(
     model,
     camtoworlds: Tensor,
@@ -39,11 +97,10 @@ def render_splat_model(
     height: int,
     background: Optional[Tensor] = None,
 ) -> RenderedViews:
-    """Render a splatfacto-compatible model (``SplatfactoModel`` or ``GSLocModel``).
+    """Render a trained splatfacto-compatible model (``SplatfactoModel`` or ``GSLocModel``) at full SH degree.
 
     Args:
-        model: a model with ``means``, ``scales`` (log), ``quats``, ``opacities`` (logit), ``features_dc``
-            and ``features_rest`` and a splatfacto config (``sh_degree``, ``rasterize_mode``).
+        model: see :func:`rasterize_splat_model`.
         camtoworlds: ``[B, 3|4, 4]`` OpenGL camera-to-world poses in the model's (dataparser) frame.
         Ks: ``[B, 3, 3]`` intrinsics in pixels for the ``width`` x ``height`` images.
         width, height: output size.
@@ -52,33 +109,11 @@ def render_splat_model(
     Returns:
         :class:`RenderedViews`, differentiable w.r.t. ``camtoworlds`` (and the model's parameters).
     """
-    device = model.means.device
-    viewmats = opengl_c2w_to_opencv_w2c(camtoworlds.to(device))
-    colors = torch.cat([model.features_dc[:, None, :], model.features_rest], dim=1)
-    sh_degree = model.config.sh_degree
-    if sh_degree > 0:
-        sh_degree_to_use: Optional[int] = sh_degree
-    else:
-        colors, sh_degree_to_use = torch.sigmoid(colors).squeeze(1), None
-    render, alpha, _ = rasterization(
-        means=model.means,
-        quats=model.quats,
-        scales=torch.exp(model.scales),
-        opacities=torch.sigmoid(model.opacities).squeeze(-1),
-        colors=colors,
-        viewmats=viewmats,
-        Ks=Ks.to(device),
-        width=width,
-        height=height,
-        sh_degree=sh_degree_to_use,
-        render_mode="RGB+ED",
-        rasterize_mode=model.config.rasterize_mode,
-        packed=False,
-        absgrad=False,
-    )
+    sh_degree = model.config.sh_degree if model.config.sh_degree > 0 else None
+    render, alpha, _ = rasterize_splat_model(model, camtoworlds, Ks, width, height, sh_degree=sh_degree)
     if background is None:
         background = model.background_color
-    background = background.to(device=device, dtype=render.dtype)
+    background = background.to(device=render.device, dtype=render.dtype)
     rgb = torch.clamp(render[..., :3] + (1.0 - alpha) * background, 0.0, 1.0)
     depth = torch.where(alpha > 0, render[..., 3:4], torch.zeros_like(alpha))
     return RenderedViews(rgb=rgb, depth=depth, alpha=alpha)

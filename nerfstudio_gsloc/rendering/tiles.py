@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nerfstudio_gsloc.rendering.extension import load_cpu_extension
+
 
 @dataclass
 class TileIntersections:
@@ -40,7 +42,7 @@ class TileIntersections:
 
 @torch.no_grad()
 def intersect_tiles(
-    means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int
+    means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int, use_cpp: bool | None = None
 ) -> TileIntersections:
     """Bin projected Gaussians into tiles.
 
@@ -50,6 +52,7 @@ def intersect_tiles(
         depths: ``[C, N]`` camera-space depths used for the front-to-back order.
         width, height: image size.
         tile_size: tile edge in pixels.
+        use_cpp: use the C++ counting sort (default: when the extension builds) instead of PyTorch sorts.
 
     Returns:
         :class:`TileIntersections`.
@@ -62,6 +65,14 @@ def intersect_tiles(
     visible = (radii > 0).reshape(-1).nonzero().squeeze(-1)  # flat ids c * N + n
     # Front-to-back order first; the stable sort by tile below keeps it within each tile.
     visible = visible[torch.argsort(depths.reshape(-1)[visible], stable=True)]
+    if use_cpp is None:
+        use_cpp = load_cpu_extension() is not None
+    if use_cpp:
+        offsets, flatten_ids = load_cpu_extension().bin_tiles(
+            means2d.detach().float().contiguous(), radii.to(torch.int32).contiguous(), visible, width, height, tile_size
+        )
+        return TileIntersections(tile_size, tiles_x, tiles_y, offsets, flatten_ids)
+
     cam = visible // num_gauss
     xy = means2d.detach().reshape(-1, 2)[visible]
     rad = radii.reshape(-1)[visible].to(xy.dtype)

@@ -1,7 +1,7 @@
 // CPU kernels for tile-based alpha compositing of projected 2D Gaussians.
 //
-// This is the fast path of nerfstudio_gsloc/rendering/rasterize_to_pixels.py; the PyTorch function
-// `rasterize_to_pixels_torch` in that file computes the same thing and is the readable reference.
+// This is the fast path of nerfstudio_gsloc/rendering/rasterize_to_pixels.py and tiles.py; the PyTorch
+// functions there compute the same things and are the readable references the tests hold this file to.
 //
 // Conventions (identical to gsplat 1.4's rasterize_to_pixels):
 //   means2d  [C, N, 2]  pixel coordinates of the Gaussian centres; pixel (x, y) has its centre at (x+0.5, y+0.5)
@@ -13,13 +13,16 @@
 // A pixel stops compositing before the Gaussian that would push its transmittance to <= 1e-4, and skips
 // Gaussians whose alpha is below 1/255; alpha is clamped to 0.999.
 //
-// Threads: tiles are independent, so they are spread over ATen's thread pool. The backward pass writes
-// one gradient row per intersection (each intersection belongs to one tile, so no two threads write the
+// Speed: a tile's pixels are processed together, one Gaussian at a time, in branch-free loops over the
+// tile's pixels that the compiler turns into SIMD code (including exp). A pixel that has terminated
+// stays in the loop but is masked out. Tiles are spread over ATen's thread pool. The backward pass writes
+// one gradient row per intersection (an intersection belongs to one tile, so no two threads write the
 // same row); the caller sums them per Gaussian with index_add_.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -29,165 +32,309 @@ constexpr float kAlphaMin = 1.0f / 255.0f;
 constexpr float kAlphaMax = 0.999f;
 constexpr float kTransmittanceMin = 1e-4f;
 
-struct TileGrid {
-  int64_t width, height, tile_size, tiles_x, tiles_y;
+struct Inputs {
+  const float* xy;
+  const float* conic;
+  const float* color;
+  const float* opacity;
+  const float* background;  // nullptr when absent
+  const int64_t* offsets;
+  const int64_t* ids;
+  int64_t C, D, width, height, tiles_x, tiles_y;
 };
+
+Inputs make_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& colors,
+                   const torch::Tensor& opacities, const torch::Tensor& backgrounds,
+                   const torch::Tensor& tile_offsets, const torch::Tensor& flatten_ids, int64_t width,
+                   int64_t height, int64_t tile_size) {
+  TORCH_CHECK(means2d.dtype() == torch::kFloat32 && conics.dtype() == torch::kFloat32 &&
+                  colors.dtype() == torch::kFloat32 && opacities.dtype() == torch::kFloat32,
+              "rasterize_cpu: float32 inputs expected");
+  TORCH_CHECK(means2d.is_contiguous() && conics.is_contiguous() && colors.is_contiguous() &&
+                  opacities.is_contiguous(), "rasterize_cpu: contiguous inputs expected");
+  return Inputs{means2d.data_ptr<float>(),
+                conics.data_ptr<float>(),
+                colors.data_ptr<float>(),
+                opacities.data_ptr<float>(),
+                backgrounds.numel() > 0 ? backgrounds.data_ptr<float>() : nullptr,
+                tile_offsets.data_ptr<int64_t>(),
+                flatten_ids.data_ptr<int64_t>(),
+                means2d.size(0),
+                colors.size(2),
+                width,
+                height,
+                (width + tile_size - 1) / tile_size,
+                (height + tile_size - 1) / tile_size};
+}
+
+// Forward pass over one tile of TS x TS pixels.
+template <int TS>
+void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int32_t* out_last) {
+  constexpr int P = TS * TS;
+  const int64_t n_tiles = in.tiles_x * in.tiles_y;
+  const int64_t cam = t / n_tiles, tile = t % n_tiles;
+  const int64_t x0 = (tile % in.tiles_x) * TS, y0 = (tile / in.tiles_x) * TS;
+  const int64_t start = in.offsets[t], count = in.offsets[t + 1] - start;
+  const int64_t D = in.D;
+
+  alignas(64) float px[P], py[P], T[P], active[P];
+  alignas(64) int32_t last[P];
+  std::vector<float> acc(D * P, 0.0f);
+  for (int p = 0; p < P; ++p) {
+    px[p] = x0 + p % TS + 0.5f;
+    py[p] = y0 + p / TS + 0.5f;
+    T[p] = 1.0f;
+    const bool inside = (x0 + p % TS) < in.width && (y0 + p / TS) < in.height;
+    active[p] = inside ? 1.0f : 0.0f;
+    last[p] = static_cast<int32_t>(count);
+  }
+
+  int64_t k = 0;
+  for (; k < count; ++k) {
+    const int64_t g = in.ids[start + k];
+    const float gx = in.xy[2 * g], gy = in.xy[2 * g + 1];
+    const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2];
+    const float op = in.opacity[g];
+    const float* c = in.color + D * g;
+    alignas(64) float w[P];
+    for (int p = 0; p < P; ++p) {
+      const float dx = gx - px[p], dy = gy - py[p];
+      const float sigma = 0.5f * (qa * dx * dx + qc * dy * dy) + qb * dx * dy;
+      const float alpha = std::min(kAlphaMax, op * std::exp(-sigma));
+      const bool valid = (sigma >= 0.0f) & (alpha >= kAlphaMin) & (active[p] > 0.0f);
+      const float next_T = T[p] * (1.0f - alpha);
+      const bool stop = valid & (next_T <= kTransmittanceMin);
+      const bool take = valid & !stop;
+      w[p] = take ? alpha * T[p] : 0.0f;
+      T[p] = take ? next_T : T[p];
+      last[p] = stop ? static_cast<int32_t>(k) : last[p];
+      active[p] = stop ? 0.0f : active[p];
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      const float cd = c[d];
+      float* a = acc.data() + d * P;
+      for (int p = 0; p < P; ++p) a[p] += w[p] * cd;
+    }
+    if ((k & 15) == 15) {  // every 16 Gaussians: stop once every pixel of the tile has terminated
+      float any = 0.0f;
+      for (int p = 0; p < P; ++p) any += active[p];
+      if (any == 0.0f) break;
+    }
+  }
+
+  for (int p = 0; p < P; ++p) {
+    const int64_t x = x0 + p % TS, y = y0 + p / TS;
+    if (x >= in.width || y >= in.height) continue;
+    const int64_t pix = (cam * in.height + y) * in.width + x;
+    for (int64_t d = 0; d < D; ++d)
+      out[pix * D + d] = acc[d * P + p] + (in.background ? T[p] * in.background[cam * D + d] : 0.0f);
+    out_alpha[pix] = 1.0f - T[p];
+    out_last[pix] = last[p];
+  }
+}
+
+// Backward pass over one tile: walks each pixel's composited Gaussians back to front.
+template <int TS>
+void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32_t* last_ids,
+                   const float* v_render, const float* v_alphas, float* grads) {
+  constexpr int P = TS * TS;
+  const int64_t n_tiles = in.tiles_x * in.tiles_y;
+  const int64_t cam = t / n_tiles, tile = t % n_tiles;
+  const int64_t x0 = (tile % in.tiles_x) * TS, y0 = (tile / in.tiles_x) * TS;
+  const int64_t start = in.offsets[t];
+  const int64_t D = in.D, G = 6 + D;
+
+  alignas(64) float px[P], py[P], T[P], T_final[P], v_T_final[P];
+  alignas(64) int32_t last[P];
+  std::vector<float> behind(D * P, 0.0f), vo(D * P, 0.0f);
+  int32_t max_last = 0;
+  for (int p = 0; p < P; ++p) {
+    const int64_t x = x0 + p % TS, y = y0 + p / TS;
+    px[p] = x + 0.5f;
+    py[p] = y + 0.5f;
+    if (x >= in.width || y >= in.height) {
+      T[p] = T_final[p] = 1.0f;
+      v_T_final[p] = 0.0f;
+      last[p] = 0;
+      continue;
+    }
+    const int64_t pix = (cam * in.height + y) * in.width + x;
+    T_final[p] = 1.0f - alphas[pix];
+    T[p] = T_final[p];
+    last[p] = last_ids[pix];
+    max_last = std::max(max_last, last[p]);
+    // d loss / d T_final, through the background term and the alpha output (alpha = 1 - T_final).
+    float vt = -v_alphas[pix];
+    for (int64_t d = 0; d < D; ++d) {
+      vo[d * P + p] = v_render[pix * D + d];
+      if (in.background) vt += in.background[cam * D + d] * v_render[pix * D + d];
+    }
+    v_T_final[p] = vt;
+  }
+
+  for (int64_t k = max_last - 1; k >= 0; --k) {
+    const int64_t g = in.ids[start + k];
+    const float gx = in.xy[2 * g], gy = in.xy[2 * g + 1];
+    const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2];
+    const float op = in.opacity[g];
+    const float* c = in.color + D * g;
+    alignas(64) float w[P], inv_one_minus[P], v_alpha[P], dxs[P], dys[P], raw[P], vis_[P];
+    for (int p = 0; p < P; ++p) {
+      const float dx = gx - px[p], dy = gy - py[p];
+      const float sigma = 0.5f * (qa * dx * dx + qc * dy * dy) + qb * dx * dy;
+      const float vis = std::exp(-sigma);
+      const float raw_alpha = op * vis;
+      const float alpha = std::min(kAlphaMax, raw_alpha);
+      const bool valid = (sigma >= 0.0f) & (alpha >= kAlphaMin) & (k < last[p]);
+      const float inv = 1.0f / (1.0f - alpha);
+      const float T_before = valid ? T[p] * inv : T[p];  // transmittance in front of this Gaussian
+      w[p] = valid ? alpha * T_before : 0.0f;
+      T[p] = T_before;
+      inv_one_minus[p] = valid ? inv : 0.0f;
+      // the background / alpha-output term: everything behind is scaled by (1 - alpha)
+      v_alpha[p] = valid ? -T_final[p] * inv * v_T_final[p] : 0.0f;
+      dxs[p] = dx;
+      dys[p] = dy;
+      raw[p] = (valid & (raw_alpha <= kAlphaMax)) ? raw_alpha : 0.0f;
+      vis_[p] = (valid & (raw_alpha <= kAlphaMax)) ? vis : 0.0f;
+    }
+    float* gk = grads + (start + k) * G;
+    for (int64_t d = 0; d < D; ++d) {
+      const float cd = c[d];
+      float* b = behind.data() + d * P;
+      const float* v = vo.data() + d * P;
+      float g_color = 0.0f;
+      for (int p = 0; p < P; ++p) {
+        g_color += w[p] * v[p];
+        // colour: c_g * T contributes directly; everything behind is scaled by (1 - alpha)
+        v_alpha[p] += (w[p] > 0.0f) ? (cd * T[p] - b[p] * inv_one_minus[p]) * v[p] : 0.0f;
+        b[p] += w[p] * cd;
+      }
+      gk[6 + d] = g_color;
+    }
+    float g_x = 0.0f, g_y = 0.0f, g_a = 0.0f, g_b = 0.0f, g_c = 0.0f, g_op = 0.0f;
+    for (int p = 0; p < P; ++p) {
+      const float v_sigma = -raw[p] * v_alpha[p];
+      g_x += v_sigma * (qa * dxs[p] + qb * dys[p]);
+      g_y += v_sigma * (qb * dxs[p] + qc * dys[p]);
+      g_a += 0.5f * v_sigma * dxs[p] * dxs[p];
+      g_b += v_sigma * dxs[p] * dys[p];
+      g_c += 0.5f * v_sigma * dys[p] * dys[p];
+      g_op += vis_[p] * v_alpha[p];
+    }
+    gk[0] = g_x;
+    gk[1] = g_y;
+    gk[2] = g_a;
+    gk[3] = g_b;
+    gk[4] = g_c;
+    gk[5] = g_op;
+  }
+}
+
+template <typename Fn>
+void dispatch_tile_size(int64_t tile_size, Fn&& fn) {
+  if (tile_size == 8) {
+    fn(std::integral_constant<int, 8>{});
+  } else if (tile_size == 16) {
+    fn(std::integral_constant<int, 16>{});
+  } else {
+    TORCH_CHECK(false, "rasterize_cpu: tile_size must be 8 or 16, got ", tile_size);
+  }
+}
 
 }  // namespace
 
-// Returns (render [C,H,W,D], alphas [C,H,W], last_ids [C,H,W] int32: number of intersections of the pixel's
-// tile list that the pixel walked through, i.e. the end of its front-to-back loop).
-std::vector<torch::Tensor> rasterize_forward(
-    torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors, torch::Tensor opacities,
-    torch::Tensor backgrounds, torch::Tensor tile_offsets, torch::Tensor flatten_ids,
-    int64_t width, int64_t height, int64_t tile_size) {
-  TORCH_CHECK(means2d.dtype() == torch::kFloat32, "means2d must be float32");
-  const int64_t C = means2d.size(0), N = means2d.size(1), D = colors.size(2);
-  const TileGrid g{width, height, tile_size, (width + tile_size - 1) / tile_size,
-                   (height + tile_size - 1) / tile_size};
-  auto render = torch::zeros({C, height, width, D}, means2d.options());
-  auto alphas = torch::zeros({C, height, width}, means2d.options());
-  auto last_ids = torch::zeros({C, height, width}, means2d.options().dtype(torch::kInt32));
-
-  const float* xy = means2d.data_ptr<float>();
-  const float* con = conics.data_ptr<float>();
-  const float* col = colors.data_ptr<float>();
-  const float* opa = opacities.data_ptr<float>();
-  const bool has_bg = backgrounds.numel() > 0;
-  const float* bg = has_bg ? backgrounds.data_ptr<float>() : nullptr;
-  const int64_t* off = tile_offsets.data_ptr<int64_t>();
-  const int64_t* ids = flatten_ids.data_ptr<int64_t>();
+// Returns (render [C,H,W,D], alphas [C,H,W], last_ids [C,H,W] int32: the end (exclusive) of the pixel's
+// front-to-back walk through its tile list).
+std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
+                                             torch::Tensor opacities, torch::Tensor backgrounds,
+                                             torch::Tensor tile_offsets, torch::Tensor flatten_ids, int64_t width,
+                                             int64_t height, int64_t tile_size) {
+  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, tile_offsets, flatten_ids, width,
+                                height, tile_size);
+  auto render = torch::zeros({in.C, height, width, in.D}, means2d.options());
+  auto alphas = torch::zeros({in.C, height, width}, means2d.options());
+  auto last_ids = torch::zeros({in.C, height, width}, means2d.options().dtype(torch::kInt32));
   float* out = render.data_ptr<float>();
   float* out_a = alphas.data_ptr<float>();
   int32_t* out_last = last_ids.data_ptr<int32_t>();
-  const int64_t n_tiles = g.tiles_x * g.tiles_y;
-
-  at::parallel_for(0, C * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t cam = t / n_tiles, tile = t % n_tiles;
-      const int64_t tx = tile % g.tiles_x, ty = tile / g.tiles_x;
-      const int64_t start = off[t], stop = off[t + 1];
-      for (int64_t py = ty * tile_size; py < std::min(height, (ty + 1) * tile_size); ++py) {
-        for (int64_t px = tx * tile_size; px < std::min(width, (tx + 1) * tile_size); ++px) {
-          const float fx = px + 0.5f, fy = py + 0.5f;
-          float T = 1.0f;
-          std::fill(acc.begin(), acc.end(), 0.0f);
-          int64_t k = start;
-          for (; k < stop; ++k) {
-            const int64_t gid = ids[k];
-            const float dx = xy[2 * gid] - fx, dy = xy[2 * gid + 1] - fy;
-            const float* q = con + 3 * gid;
-            const float sigma = 0.5f * (q[0] * dx * dx + q[2] * dy * dy) + q[1] * dx * dy;
-            if (sigma < 0.0f) continue;
-            const float alpha = std::min(kAlphaMax, opa[gid] * std::exp(-sigma));
-            if (alpha < kAlphaMin) continue;
-            const float next_T = T * (1.0f - alpha);
-            if (next_T <= kTransmittanceMin) break;
-            const float w = alpha * T;
-            const float* c = col + D * gid;
-            for (int64_t d = 0; d < D; ++d) acc[d] += w * c[d];
-            T = next_T;
-          }
-          const int64_t pix = (cam * height + py) * width + px;
-          for (int64_t d = 0; d < D; ++d) out[pix * D + d] = acc[d] + (has_bg ? T * bg[cam * D + d] : 0.0f);
-          out_a[pix] = 1.0f - T;
-          out_last[pix] = static_cast<int32_t>(k - start);
-        }
-      }
-    }
+  dispatch_tile_size(tile_size, [&](auto ts) {
+    at::parallel_for(0, in.C * in.tiles_x * in.tiles_y, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) forward_tile<decltype(ts)::value>(in, t, out, out_a, out_last);
+    });
   });
   return {render, alphas, last_ids};
 }
 
 // Returns per-intersection gradients [M, 6 + D]: (d means2d x, y | d conic a, b, c | d opacity | d colors).
-std::vector<torch::Tensor> rasterize_backward(
-    torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors, torch::Tensor opacities,
-    torch::Tensor backgrounds, torch::Tensor tile_offsets, torch::Tensor flatten_ids,
-    int64_t width, int64_t height, int64_t tile_size, torch::Tensor alphas, torch::Tensor last_ids,
-    torch::Tensor v_render, torch::Tensor v_alphas) {
-  const int64_t C = means2d.size(0), D = colors.size(2);
-  const int64_t M = flatten_ids.size(0);
-  const TileGrid g{width, height, tile_size, (width + tile_size - 1) / tile_size,
-                   (height + tile_size - 1) / tile_size};
-  const int64_t G = 6 + D;
-  auto grads = torch::zeros({M, G}, means2d.options());
-
-  const float* xy = means2d.data_ptr<float>();
-  const float* con = conics.data_ptr<float>();
-  const float* col = colors.data_ptr<float>();
-  const float* opa = opacities.data_ptr<float>();
-  const bool has_bg = backgrounds.numel() > 0;
-  const float* bg = has_bg ? backgrounds.data_ptr<float>() : nullptr;
-  const int64_t* off = tile_offsets.data_ptr<int64_t>();
-  const int64_t* ids = flatten_ids.data_ptr<int64_t>();
-  const float* a_final = alphas.data_ptr<float>();
+std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
+                                              torch::Tensor opacities, torch::Tensor backgrounds,
+                                              torch::Tensor tile_offsets, torch::Tensor flatten_ids, int64_t width,
+                                              int64_t height, int64_t tile_size, torch::Tensor alphas,
+                                              torch::Tensor last_ids, torch::Tensor v_render, torch::Tensor v_alphas) {
+  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, tile_offsets, flatten_ids, width,
+                                height, tile_size);
+  auto grads = torch::zeros({flatten_ids.size(0), 6 + in.D}, means2d.options());
+  const float* a = alphas.data_ptr<float>();
   const int32_t* last = last_ids.data_ptr<int32_t>();
-  const float* v_out = v_render.data_ptr<float>();
-  const float* v_a = v_alphas.data_ptr<float>();
+  const float* vr = v_render.data_ptr<float>();
+  const float* va = v_alphas.data_ptr<float>();
   float* gr = grads.data_ptr<float>();
-  const int64_t n_tiles = g.tiles_x * g.tiles_y;
-
-  at::parallel_for(0, C * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> behind(D);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t cam = t / n_tiles, tile = t % n_tiles;
-      const int64_t tx = tile % g.tiles_x, ty = tile / g.tiles_x;
-      const int64_t start = off[t];
-      for (int64_t py = ty * tile_size; py < std::min(height, (ty + 1) * tile_size); ++py) {
-        for (int64_t px = tx * tile_size; px < std::min(width, (tx + 1) * tile_size); ++px) {
-          const int64_t pix = (cam * height + py) * width + px;
-          const float fx = px + 0.5f, fy = py + 0.5f;
-          const float T_final = 1.0f - a_final[pix];
-          const float* vo = v_out + pix * D;
-          // d loss / d T_final, through the background term and the alpha output (alpha = 1 - T_final).
-          float v_T_final = -v_a[pix];
-          if (has_bg)
-            for (int64_t d = 0; d < D; ++d) v_T_final += bg[cam * D + d] * vo[d];
-          float T = T_final;
-          std::fill(behind.begin(), behind.end(), 0.0f);
-          // Walk back to front over the Gaussians the forward pass composited.
-          for (int64_t k = start + last[pix] - 1; k >= start; --k) {
-            const int64_t gid = ids[k];
-            const float dx = xy[2 * gid] - fx, dy = xy[2 * gid + 1] - fy;
-            const float* q = con + 3 * gid;
-            const float sigma = 0.5f * (q[0] * dx * dx + q[2] * dy * dy) + q[1] * dx * dy;
-            if (sigma < 0.0f) continue;
-            const float vis = std::exp(-sigma);
-            const float raw_alpha = opa[gid] * vis;
-            const float alpha = std::min(kAlphaMax, raw_alpha);
-            if (alpha < kAlphaMin) continue;
-            const float one_minus = 1.0f - alpha;
-            T = T / one_minus;  // transmittance in front of this Gaussian
-            const float w = alpha * T;
-            const float* c = col + D * gid;
-            float* gk = gr + k * G;
-            float v_alpha = 0.0f;
-            for (int64_t d = 0; d < D; ++d) {
-              gk[6 + d] += w * vo[d];
-              // colour: c_g * T contributes directly; everything behind is scaled by (1 - alpha).
-              v_alpha += (c[d] * T - behind[d] / one_minus) * vo[d];
-              behind[d] += w * c[d];
-            }
-            v_alpha += -T_final / one_minus * v_T_final;
-            if (raw_alpha <= kAlphaMax) {
-              const float v_sigma = -raw_alpha * v_alpha;
-              gk[0] += v_sigma * (q[0] * dx + q[1] * dy);
-              gk[1] += v_sigma * (q[1] * dx + q[2] * dy);
-              gk[2] += 0.5f * v_sigma * dx * dx;
-              gk[3] += v_sigma * dx * dy;
-              gk[4] += 0.5f * v_sigma * dy * dy;
-              gk[5] += vis * v_alpha;
-            }
-          }
-        }
-      }
-    }
+  dispatch_tile_size(tile_size, [&](auto ts) {
+    at::parallel_for(0, in.C * in.tiles_x * in.tiles_y, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) backward_tile<decltype(ts)::value>(in, t, a, last, vr, va, gr);
+    });
   });
   return {grads};
+}
+
+// Tile binning by counting sort. `order` [K] lists the flat ids (c * N + n) of the visible Gaussians
+// sorted front to back; each is appended to every tile its bounding square (centre +- radius) touches,
+// so every tile's list comes out front to back. Returns (offsets [C*tiles+1], flatten_ids [M]).
+std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor radii, torch::Tensor order, int64_t width,
+                                     int64_t height, int64_t tile_size) {
+  TORCH_CHECK(means2d.dtype() == torch::kFloat32 && radii.dtype() == torch::kInt32 && order.dtype() == torch::kInt64,
+              "bin_tiles: float32 means2d, int32 radii, int64 order expected");
+  const int64_t C = means2d.size(0), N = means2d.size(1), K = order.size(0);
+  const int64_t tiles_x = (width + tile_size - 1) / tile_size, tiles_y = (height + tile_size - 1) / tile_size;
+  const int64_t n_tiles = tiles_x * tiles_y;
+  const float* xy = means2d.data_ptr<float>();
+  const int32_t* rad = radii.data_ptr<int32_t>();
+  const int64_t* ord = order.data_ptr<int64_t>();
+
+  // Tile rectangle [x_lo, x_hi) x [y_lo, y_hi) of every listed Gaussian.
+  std::vector<int32_t> rect(4 * K);
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t g = ord[i];
+    const float r = static_cast<float>(rad[g]);
+    const float x = xy[2 * g], y = xy[2 * g + 1];
+    auto clampi = [](float v, int64_t hi) { return static_cast<int32_t>(std::min<float>(std::max(v, 0.0f), hi)); };
+    rect[4 * i] = clampi(std::floor((x - r) / tile_size), tiles_x);
+    rect[4 * i + 1] = clampi(std::ceil((x + r) / tile_size), tiles_x);
+    rect[4 * i + 2] = clampi(std::floor((y - r) / tile_size), tiles_y);
+    rect[4 * i + 3] = clampi(std::ceil((y + r) / tile_size), tiles_y);
+  }
+  auto offsets = torch::zeros({C * n_tiles + 1}, torch::kInt64);
+  int64_t* off = offsets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t base = (ord[i] / N) * n_tiles;
+    for (int32_t ty = rect[4 * i + 2]; ty < rect[4 * i + 3]; ++ty)
+      for (int32_t tx = rect[4 * i]; tx < rect[4 * i + 1]; ++tx) ++off[base + ty * tiles_x + tx + 1];
+  }
+  for (int64_t t = 0; t < C * n_tiles; ++t) off[t + 1] += off[t];
+  auto flatten_ids = torch::empty({off[C * n_tiles]}, torch::kInt64);
+  int64_t* ids = flatten_ids.data_ptr<int64_t>();
+  std::vector<int64_t> cursor(off, off + C * n_tiles);
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t base = (ord[i] / N) * n_tiles;
+    for (int32_t ty = rect[4 * i + 2]; ty < rect[4 * i + 3]; ++ty)
+      for (int32_t tx = rect[4 * i]; tx < rect[4 * i + 1]; ++tx) ids[cursor[base + ty * tiles_x + tx]++] = ord[i];
+  }
+  return {offsets, flatten_ids};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rasterize_forward", &rasterize_forward, "tile rasterization forward (CPU)");
   m.def("rasterize_backward", &rasterize_backward, "tile rasterization backward (CPU)");
+  m.def("bin_tiles", &bin_tiles, "tile binning by counting sort (CPU)");
 }

@@ -1,0 +1,82 @@
+"""`ns-train gsloc`: the method specification registered with nerfstudio (entry point `nerfstudio.method_configs`).
+
+The default schedule is splatfacto's, shortened and retuned for CPU training of small scenes (a few
+hundred pixels): no resolution schedule, plain-gradient densification (absgrad is CUDA-only) with the
+matching threshold, and the viewer quits when training finishes so scripted runs end.
+"""
+
+from __future__ import annotations
+
+from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
+from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+from nerfstudio.engine.trainer import TrainerConfig
+from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+from nerfstudio.plugins.types import MethodSpecification
+
+from nerfstudio_gsloc import compat
+from nerfstudio_gsloc.data.depth import GSLocDataParserConfig, GSLocDataset
+from nerfstudio_gsloc.model import GSLocModelConfig
+
+compat.allow_nerfstudio_checkpoints()
+compat.install_gsloc_excepthook()
+
+DEFAULT_ITERATIONS = 7000
+
+
+def gsloc_trainer_config(max_iterations: int = DEFAULT_ITERATIONS) -> TrainerConfig:
+    """The `gsloc` training schedule for ``max_iterations`` steps (learning-rate decay follows it)."""
+    return TrainerConfig(
+        method_name="gsloc",
+        steps_per_eval_image=250,
+        steps_per_eval_batch=0,
+        steps_per_save=1000,
+        steps_per_eval_all_images=1_000_000,  # ns-eval does the full evaluation; mid-training it costs minutes on a CPU
+        max_num_iterations=max_iterations,
+        mixed_precision=False,
+        pipeline=VanillaPipelineConfig(
+            datamanager=FullImageDatamanagerConfig(
+                _target=FullImageDatamanager[GSLocDataset],
+                dataparser=GSLocDataParserConfig(load_3D_points=True),
+                cache_images_type="uint8",
+            ),
+            model=GSLocModelConfig(
+                num_downscales=0,
+                use_absgrad=False,
+                densify_grad_thresh=0.0002,
+                warmup_length=300,
+                refine_every=100,
+                stop_split_at=max_iterations // 2,
+                sh_degree_interval=500,
+                num_random=20_000,
+                random_scale=3.0,
+            ),
+        ),
+        optimizers={
+            "means": {
+                "optimizer": AdamOptimizerConfig(lr=1.6e-4, eps=1e-15),
+                "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=max_iterations),
+            },
+            "features_dc": {"optimizer": AdamOptimizerConfig(lr=0.0025, eps=1e-15), "scheduler": None},
+            "features_rest": {"optimizer": AdamOptimizerConfig(lr=0.0025 / 20, eps=1e-15), "scheduler": None},
+            "opacities": {"optimizer": AdamOptimizerConfig(lr=0.05, eps=1e-15), "scheduler": None},
+            "scales": {"optimizer": AdamOptimizerConfig(lr=0.005, eps=1e-15), "scheduler": None},
+            "quats": {"optimizer": AdamOptimizerConfig(lr=0.001, eps=1e-15), "scheduler": None},
+            "camera_opt": {
+                "optimizer": AdamOptimizerConfig(lr=1e-4, eps=1e-15),
+                "scheduler": ExponentialDecaySchedulerConfig(
+                    lr_final=5e-7, max_steps=max_iterations, warmup_steps=1000, lr_pre_warmup=0
+                ),
+            },
+        },
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, quit_on_train_completion=True),
+        vis="viewer",
+        machine=MachineConfig(device_type=compat.default_device_type()),
+    )
+
+
+gsloc_method = MethodSpecification(
+    config=gsloc_trainer_config(),
+    description="Gaussian splatting for camera localization (splatfacto-compatible, trains on CPU or CUDA)",
+)

@@ -1,0 +1,49 @@
+"""Builds and loads the C++ CPU kernels (``csrc/rasterize_cpu.cpp``) on first use.
+
+The build takes about 30 s once per machine and is cached by PyTorch in ``$TORCH_EXTENSIONS_DIR``
+(default ``~/.cache/torch_extensions``). Without a working C++ compiler the PyTorch implementations are
+used instead, with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+_CSRC = Path(__file__).parent / "csrc" / "rasterize_cpu.cpp"
+
+_extension = None
+_extension_failed = False
+_extension_lock = threading.Lock()
+
+
+def load_cpu_extension(verbose: bool = False):
+    """Compile (first call) and return the C++ CPU kernel module, or None if it cannot be built.
+
+    Set ``GSLOC_DISABLE_CPP=1`` to force the PyTorch path.
+    """
+    global _extension, _extension_failed
+    if os.environ.get("GSLOC_DISABLE_CPP", "0") == "1":
+        return None
+    with _extension_lock:
+        if _extension is None and not _extension_failed:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _extension = load(
+                    name="gsloc_rasterize_cpu",
+                    sources=[str(_CSRC)],
+                    # -ffast-math lets gcc vectorise expf over a tile's pixels; -march=native: built on the user's machine
+                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=verbose,
+                )
+            except Exception as err:  # no compiler, no headers: fall back, say so once
+                _extension_failed = True
+                warnings.warn(
+                    f"gsloc: C++ CPU rasterizer could not be built ({type(err).__name__}: {err}); "
+                    "using the slower PyTorch rasterizer"
+                )
+    return _extension
