@@ -1,0 +1,109 @@
+"""Loading a trained run (gsloc or splatfacto) through nerfstudio's own ``eval_setup``, with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+
+from nerfstudio_gsloc import compat
+from nerfstudio_gsloc.errors import GslocError
+
+SUPPORTED_METHODS = ("gsloc", "splatfacto", "splatfacto-big", "splatfacto-w-light")
+
+
+@dataclass
+class DataparserTransform:
+    """The dataparser's normalisation of a run (``dataparser_transforms.json``).
+
+    ``c2w_scene = [R | s * t]`` of ``transform @ c2w_original`` (see :mod:`nerfstudio_gsloc.camera_conventions`).
+    """
+
+    transform: torch.Tensor  # [3, 4]
+    scale: float
+
+    @classmethod
+    def from_pipeline(cls, pipeline) -> "DataparserTransform":
+        outputs = pipeline.datamanager.train_dataparser_outputs
+        return cls(transform=outputs.dataparser_transform.detach().cpu().float(), scale=float(outputs.dataparser_scale))
+
+    @classmethod
+    def from_file(cls, path: Path) -> "DataparserTransform":
+        data = json.loads(Path(path).read_text())
+        return cls(transform=torch.tensor(data["transform"], dtype=torch.float32), scale=float(data["scale"]))
+
+
+def check_run(config_path: Path) -> Path:
+    """Validate a run before loading it: the config parses, names a supported method, has checkpoints.
+
+    Returns:
+        The checkpoint directory. Raises :class:`GslocError` with a one-line reason otherwise.
+    """
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise GslocError(f"config not found: {config_path} (pass the config.yml that ns-train wrote)")
+    try:
+        config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
+    except Exception as err:  # yaml raises many types
+        raise GslocError(f"cannot read {config_path} as a nerfstudio config: {type(err).__name__}") from err
+    method = getattr(config, "method_name", None)
+    if method is None or not hasattr(config, "pipeline"):
+        raise GslocError(f"{config_path} is not a nerfstudio training config")
+    if method not in SUPPORTED_METHODS:
+        raise GslocError(f"{config_path} is a {method!r} run; localization needs a Gaussian-splatting run ({', '.join(SUPPORTED_METHODS)})")
+    checkpoint_dir = config_path.parent / config.relative_model_dir
+    if not checkpoint_dir.is_dir() or not any(p.suffix == ".ckpt" for p in checkpoint_dir.iterdir()):
+        raise GslocError(f"no checkpoint (*.ckpt) in {checkpoint_dir}")
+    data = Path(config.pipeline.datamanager.data or config.pipeline.datamanager.dataparser.data)
+    if not data.exists():
+        raise GslocError(
+            f"the run's dataset {data} is not found from {Path.cwd()} (relative paths in config.yml are relative to "
+            "where ns-train ran)"
+        )
+    return checkpoint_dir
+
+
+def load_run(config_path: Path, test_mode: Literal["test", "val", "inference"] = "test"):
+    """Load a trained run for localization.
+
+    Args:
+        config_path: the ``config.yml`` of a gsloc (or splatfacto) run.
+        test_mode: nerfstudio's ``eval_setup`` mode; "test" also loads the eval split (the default queries).
+
+    Returns:
+        ``(config, pipeline)``: nerfstudio's ``TrainerConfig`` and the loaded pipeline in eval mode.
+    """
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    config_path = Path(config_path)
+    checkpoint_dir = check_run(config_path)
+    compat.allow_nerfstudio_checkpoints()
+
+    def use_checkpoints_beside_config(config):
+        # eval_setup looks for checkpoints under output_dir relative to the current directory; point it at
+        # the folder of this config instead so a run can be loaded from anywhere.
+        config.output_dir = config_path.resolve().parents[3]
+        config.experiment_name = config_path.resolve().parents[2].name
+        config.timestamp = config_path.resolve().parent.name
+        return config
+
+    try:
+        config, pipeline, _, _ = eval_setup(config_path, test_mode=test_mode, update_config_callback=use_checkpoints_beside_config)
+    except SystemExit as err:  # eval_setup exits when the checkpoint folder is missing
+        raise GslocError(f"could not load a checkpoint from {checkpoint_dir}") from err
+    if not hasattr(pipeline.model, "means"):
+        raise GslocError(f"{config_path}: the model has no Gaussians to render")
+    return config, pipeline
+
+
+def find_latest_config(output_dir: Path) -> Path:
+    """The newest ``config.yml`` under an outputs folder (by modification time)."""
+    configs = sorted(Path(output_dir).rglob("config.yml"), key=os.path.getmtime)
+    if not configs:
+        raise GslocError(f"no config.yml under {output_dir}")
+    return configs[-1]

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv, install the pinned dependencies and the
+# package, and build the C++ CPU rasterizer once. Safe to run repeatedly: reinstalls only when
+# pyproject.toml changed. Usage: bash scripts/setup_env.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.gsloc-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing torch 2.14.1, torchvision 0.29.1, nerfstudio 1.1.5 and the package (a few minutes the first time)"
+  .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import nerfstudio_gsloc, nerfstudio, gsplat, kornia" # fail here if the install did
+  echo "$want" > "$stamp"
+fi
+# Compile the C++ rasterizer now (about 30 s once; cached in ~/.cache/torch_extensions).
+.venv/bin/python - <<'PY'
+import warnings
+warnings.simplefilter("ignore")
+from nerfstudio_gsloc.rendering.extension import load_cpu_extension
+print("[setup] C++ CPU rasterizer:", "ready" if load_cpu_extension() is not None else "NOT available, using the PyTorch fallback")
+PY
