@@ -45,8 +45,8 @@ def apply_color_affine(rgb: Tensor, color_affine: Tensor) -> Tensor:
     """
     if color_affine.shape != (rgb.shape[0], 3, 4):
         raise ValueError(f"color_affine must have shape [{rgb.shape[0]}, 3, 4], got {tuple(color_affine.shape)}")
-    mat = color_affine[:, :, :3].to(rgb.dtype)
-    bias = color_affine[:, :, 3].to(rgb.dtype)
+    mat = color_affine[:, :, :3].to(device=rgb.device, dtype=rgb.dtype)
+    bias = color_affine[:, :, 3].to(device=rgb.device, dtype=rgb.dtype)
     return torch.einsum("bij,bhwj->bhwi", mat, rgb) + bias[:, None, None, :]
 
 
@@ -61,8 +61,9 @@ def photometric_loss(
 ) -> Tensor:
     """Masked ``(1 - w) * L1 + w * D-SSIM`` between render and query (3DGS-style photometric loss).
 
-    D-SSIM is ``(1 - SSIM) / 2`` with an 11x11 Gaussian window, computed on the full images and averaged
-    over the mask (so pixels next to the mask border still see their unmasked neighbours).
+    D-SSIM is ``(1 - SSIM) / 2`` with an 11x11 Gaussian window, averaged over the mask. It is computed on the
+    full image after replacing masked-out render pixels by the query's, so whatever the render shows outside
+    the mask neither changes the loss nor receives gradient.
 
     Args:
         render_rgb: ``[B, H, W, 3]`` rendered colours in ``[0, 1]``.
@@ -77,18 +78,23 @@ def photometric_loss(
         ``[B]`` per-query losses (0 where no pixel is valid).
     """
     if render_rgb.shape != query_rgb.shape or render_rgb.ndim != 4:
-        raise ValueError(f"render_rgb {tuple(render_rgb.shape)} and query_rgb {tuple(query_rgb.shape)} must match [B,H,W,3]")
+        raise ValueError(
+            f"render_rgb {tuple(render_rgb.shape)} and query_rgb {tuple(query_rgb.shape)} must match [B,H,W,3]"
+        )
     if color_affine is not None:
         render_rgb = apply_color_affine(render_rgb, color_affine)
     mask = render_alpha[..., 0] >= alpha_threshold
     if query_mask is not None:
-        mask = mask & (query_mask[..., 0].to(render_rgb.dtype) > 0.5)
+        mask = mask & (query_mask[..., 0].to(device=mask.device, dtype=render_rgb.dtype) > 0.5)
     query_rgb = query_rgb.to(render_rgb.dtype)
     l1 = (render_rgb - query_rgb).abs().mean(dim=-1)
     loss = (1.0 - ssim_weight) * _masked_mean(l1, mask)
     if ssim_weight > 0:
+        # Outside the mask the render is replaced by the query, so SSIM windows that straddle the mask border
+        # only see discrepancies of valid pixels (and masked-out render pixels get no gradient).
+        render_for_ssim = torch.where(mask[..., None], render_rgb, query_rgb)
         ssim_map = kornia.metrics.ssim(
-            render_rgb.permute(0, 3, 1, 2), query_rgb.permute(0, 3, 1, 2), window_size=11, max_val=1.0
+            render_for_ssim.permute(0, 3, 1, 2), query_rgb.permute(0, 3, 1, 2), window_size=11, max_val=1.0
         )
         dssim = ((1.0 - ssim_map) / 2.0).mean(dim=1)
         loss = loss + ssim_weight * _masked_mean(dssim, mask)
@@ -122,7 +128,7 @@ def depth_loss(
         raise ValueError(
             f"render_depth {tuple(render_depth.shape)} and query_depth {tuple(query_depth.shape)} must match [B,H,W,1]"
         )
-    query_depth = query_depth.to(render_depth.dtype)
+    query_depth = query_depth.to(device=render_depth.device, dtype=render_depth.dtype)
     valid = (query_depth > 0) & (render_alpha >= alpha_threshold)
     # Zero out invalid pixels so NaN/inf renders or missing depth cannot leak into the sums or gradients.
     render_d = torch.where(valid, render_depth, torch.zeros_like(render_depth))
@@ -174,17 +180,18 @@ def reprojection_loss(
     if points_world.shape[0] == 0:
         # Keep the graph connected so callers can always backward().
         return out + 0.0 * c2w.sum()
+    query_index = query_index.to(device=c2w.device, dtype=torch.long)
     w2c = opengl_c2w_to_opencv_w2c(c2w)[query_index]  # [M, 4, 4]
-    points = points_world.to(c2w.dtype)
+    points = points_world.to(device=c2w.device, dtype=c2w.dtype)
     cam = (w2c[:, :3, :3] @ points[:, :, None])[..., 0] + w2c[:, :3, 3]
     z = cam[:, 2]
     in_front = z > _MIN_POINT_DEPTH
     # Divide by a safe depth so excluded points cannot produce inf/NaN gradients.
     z_safe = torch.where(in_front, z, torch.ones_like(z))
-    K = Ks.to(c2w.dtype)[query_index]
+    K = Ks.to(device=c2w.device, dtype=c2w.dtype)[query_index]
     u = K[:, 0, 0] * cam[:, 0] / z_safe + K[:, 0, 1] * cam[:, 1] / z_safe + K[:, 0, 2]
     v = K[:, 1, 1] * cam[:, 1] / z_safe + K[:, 1, 2]
-    residual = torch.stack([u, v], dim=-1) - keypoints_query.to(c2w.dtype)
+    residual = torch.stack([u, v], dim=-1) - keypoints_query.to(device=c2w.device, dtype=c2w.dtype)
     # sqrt(r^2 + eps) keeps the gradient finite at a zero residual.
     dist = torch.sqrt((residual**2).sum(dim=-1) + 1e-12)
     huber = torch.where(dist <= huber_delta_px, 0.5 * dist**2, huber_delta_px * (dist - 0.5 * huber_delta_px))
