@@ -29,6 +29,8 @@ class ProjectedGaussians:
         conics: ``[C, N, 3]`` upper triangle ``(a, b, c)`` of the inverse 2D covariance.
         depths: ``[C, N]`` z of the mean in the OpenCV camera frame.
         radii: ``[C, N]`` int32 pixel radius of the drawn footprint; 0 = culled.
+        extents: ``[C, N, 2]`` half-width and half-height in pixels of the footprint ellipse's bounding box
+            (at most ``radii``; tighter for elongated Gaussians); 0 = culled. Used for tile binning.
         opacities: ``[C, N]`` opacities used for compositing (times the antialiasing compensation).
     """
 
@@ -36,6 +38,7 @@ class ProjectedGaussians:
     conics: Tensor
     depths: Tensor
     radii: Tensor
+    extents: Tensor
     opacities: Tensor
 
 
@@ -141,8 +144,11 @@ def project_gaussians(
         on_image = (u + radius > 0) & (u - radius < width) & (v + radius > 0) & (v - radius < height)
         keep = valid & on_image & (radius > 0)
         radii = torch.where(keep, radius, torch.zeros_like(radius)).to(torch.int32)
+        # The ellipse's axis-aligned half-extents: sqrt(sigma_cut * cov_xx), sqrt(sigma_cut * cov_yy).
+        extents = torch.ceil(torch.sqrt(sigma_cut[..., None] * torch.stack([a, c], dim=-1)))
+        extents = torch.where(keep[..., None], extents, torch.zeros_like(extents))
 
-    return ProjectedGaussians(means2d=means2d, conics=conics, depths=z, radii=radii, opacities=opac)
+    return ProjectedGaussians(means2d=means2d, conics=conics, depths=z, radii=radii, extents=extents, opacities=opac)
 
 
 # Real spherical-harmonics constants (degree 0 to 3), the convention of 3DGS / gsplat.

@@ -112,7 +112,8 @@ def rasterization(
         if backgrounds is not None:
             backgrounds = torch.cat([backgrounds, torch.zeros(num_cams, 1, dtype=backgrounds.dtype)], dim=-1)
 
-    tiles = intersect_tiles(projected.means2d, radii, projected.depths, width, height, CPU_TILE_SIZE)
+    extents = projected.extents * (radii > 0)[..., None]
+    tiles = intersect_tiles(projected.means2d, extents, projected.depths, width, height, CPU_TILE_SIZE)
     render, alphas = rasterize_to_pixels(
         projected.means2d, projected.conics, features, projected.opacities, tiles, width, height, backgrounds
     )

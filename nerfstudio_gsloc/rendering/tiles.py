@@ -1,7 +1,7 @@
 """Tile binning: which Gaussians may touch which image tile, sorted front to back.
 
 The image of every camera is cut into square tiles of ``tile_size`` pixels. A Gaussian is listed in
-every tile that its footprint's bounding square (centre +- radius) overlaps. The lists are stored the way
+every tile that its footprint ellipse's bounding box (centre +- extents) overlaps. The lists are stored the way
 gsplat stores them: one flat array of Gaussian ids, grouped by (camera, tile) and sorted by depth within
 a group, plus offsets saying where each group starts.
 """
@@ -42,13 +42,13 @@ class TileIntersections:
 
 @torch.no_grad()
 def intersect_tiles(
-    means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int, use_cpp: bool | None = None
+    means2d: Tensor, extents: Tensor, depths: Tensor, width: int, height: int, tile_size: int, use_cpp: bool | None = None
 ) -> TileIntersections:
     """Bin projected Gaussians into tiles.
 
     Args:
         means2d: ``[C, N, 2]`` pixel coordinates.
-        radii: ``[C, N]`` int footprint radii; 0 means culled.
+        extents: ``[C, N, 2]`` footprint half-width and half-height in pixels; 0 means culled.
         depths: ``[C, N]`` camera-space depths used for the front-to-back order.
         width, height: image size.
         tile_size: tile edge in pixels.
@@ -57,30 +57,30 @@ def intersect_tiles(
     Returns:
         :class:`TileIntersections`.
     """
-    num_cams, num_gauss = radii.shape
+    num_cams, num_gauss = extents.shape[:2]
     tiles_x = (width + tile_size - 1) // tile_size
     tiles_y = (height + tile_size - 1) // tile_size
     tiles_per_cam = tiles_x * tiles_y
 
-    visible = (radii > 0).reshape(-1).nonzero().squeeze(-1)  # flat ids c * N + n
+    visible = (extents[..., 0] > 0).reshape(-1).nonzero().squeeze(-1)  # flat ids c * N + n
     # Front-to-back order first; the stable sort by tile below keeps it within each tile.
     visible = visible[torch.argsort(depths.reshape(-1)[visible], stable=True)]
     if use_cpp is None:
         use_cpp = load_cpu_extension() is not None
     if use_cpp:
         offsets, flatten_ids = load_cpu_extension().bin_tiles(
-            means2d.detach().float().contiguous(), radii.to(torch.int32).contiguous(), visible, width, height, tile_size
+            means2d.detach().float().contiguous(), extents.float().contiguous(), visible, width, height, tile_size
         )
         return TileIntersections(tile_size, tiles_x, tiles_y, offsets, flatten_ids)
 
     cam = visible // num_gauss
     xy = means2d.detach().reshape(-1, 2)[visible]
-    rad = radii.reshape(-1)[visible].to(xy.dtype)
+    ext = extents.reshape(-1, 2)[visible].to(xy.dtype)
 
-    x_min = torch.clamp(torch.floor((xy[:, 0] - rad) / tile_size), 0, tiles_x).long()
-    x_max = torch.clamp(torch.ceil((xy[:, 0] + rad) / tile_size), 0, tiles_x).long()
-    y_min = torch.clamp(torch.floor((xy[:, 1] - rad) / tile_size), 0, tiles_y).long()
-    y_max = torch.clamp(torch.ceil((xy[:, 1] + rad) / tile_size), 0, tiles_y).long()
+    x_min = torch.clamp(torch.floor((xy[:, 0] - ext[:, 0]) / tile_size), 0, tiles_x).long()
+    x_max = torch.clamp(torch.ceil((xy[:, 0] + ext[:, 0]) / tile_size), 0, tiles_x).long()
+    y_min = torch.clamp(torch.floor((xy[:, 1] - ext[:, 1]) / tile_size), 0, tiles_y).long()
+    y_max = torch.clamp(torch.ceil((xy[:, 1] + ext[:, 1]) / tile_size), 0, tiles_y).long()
     span_x = x_max - x_min
     counts = span_x * (y_max - y_min)
 

@@ -168,8 +168,8 @@ def test_cpp_and_torch_compositors_agree_on_many_gaussians():
     colors = torch.rand(1, num, 4, generator=gen).requires_grad_(True)
     opacities = (torch.rand(1, num, generator=gen) * 0.999 + 0.001).requires_grad_(True)
     depths = torch.rand(1, num, generator=gen)
-    radii = torch.full((1, num), 6, dtype=torch.int32)
-    tiles = intersect_tiles(means2d, radii, depths, width, height, 8)
+    extents = torch.full((1, num, 2), 6.0)
+    tiles = intersect_tiles(means2d, extents, depths, width, height, 8)
     weights = torch.rand(1, height, width, 4, generator=gen)
     results = []
     for use_cpp in (True, False):
@@ -223,10 +223,10 @@ def test_cpp_tile_binning_matches_torch_binning():
     assert load_cpu_extension() is not None
     gen = torch.Generator().manual_seed(3)
     means2d = torch.rand(2, 500, 2, generator=gen) * torch.tensor([70.0, 50.0]) - 5.0
-    radii = torch.randint(0, 9, (2, 500), generator=gen, dtype=torch.int32)
+    extents = torch.randint(0, 9, (2, 500, 2), generator=gen).float() * (torch.rand(2, 500, 1, generator=gen) > 0.1)
     depths = torch.rand(2, 500, generator=gen)
     for tile_size in (8, 16):
-        a = intersect_tiles(means2d, radii, depths, 64, 45, tile_size, use_cpp=True)
-        b = intersect_tiles(means2d, radii, depths, 64, 45, tile_size, use_cpp=False)
+        a = intersect_tiles(means2d, extents, depths, 64, 45, tile_size, use_cpp=True)
+        b = intersect_tiles(means2d, extents, depths, 64, 45, tile_size, use_cpp=False)
         assert a.num_intersections > 500
         assert torch.equal(a.offsets, b.offsets) and torch.equal(a.flatten_ids, b.flatten_ids)

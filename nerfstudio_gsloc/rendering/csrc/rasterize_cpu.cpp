@@ -97,6 +97,7 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
     const float op = in.opacity[g];
     const float* c = in.color + D * g;
     alignas(64) float w[P];
+    float w_total = 0.0f;
     for (int p = 0; p < P; ++p) {
       const float dx = gx - px[p], dy = gy - py[p];
       const float sigma = 0.5f * (qa * dx * dx + qc * dy * dy) + qb * dx * dy;
@@ -110,7 +111,9 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
       last[p] = stop ? static_cast<int32_t>(k) : last[p];
       active[p] = stop ? 0.0f : active[p];
     }
-    for (int64_t d = 0; d < D; ++d) {
+    for (int p = 0; p < P; ++p) w_total += w[p];  // a separate loop keeps the one above vectorised
+    // Most tile/Gaussian pairs touch no pixel (the bounding box only grazes the tile): skip the blend.
+    for (int64_t d = 0; d < D && w_total > 0.0f; ++d) {
       const float cd = c[d];
       float* a = acc.data() + d * P;
       for (int p = 0; p < P; ++p) a[p] += w[p] * cd;
@@ -179,6 +182,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
     const float op = in.opacity[g];
     const float* c = in.color + D * g;
     alignas(64) float w[P], inv_one_minus[P], v_alpha[P], dxs[P], dys[P], raw[P], vis_[P];
+    float w_total = 0.0f;
     for (int p = 0; p < P; ++p) {
       const float dx = gx - px[p], dy = gy - py[p];
       const float sigma = 0.5f * (qa * dx * dx + qc * dy * dy) + qb * dx * dy;
@@ -198,6 +202,8 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
       raw[p] = (valid & (raw_alpha <= kAlphaMax)) ? raw_alpha : 0.0f;
       vis_[p] = (valid & (raw_alpha <= kAlphaMax)) ? vis : 0.0f;
     }
+    for (int p = 0; p < P; ++p) w_total += w[p];
+    if (w_total == 0.0f) continue;  // no pixel of this tile composited this Gaussian: its gradient row stays 0
     float* gk = grads + (start + k) * G;
     for (int64_t d = 0; d < D; ++d) {
       const float cd = c[d];
@@ -289,30 +295,30 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
 }
 
 // Tile binning by counting sort. `order` [K] lists the flat ids (c * N + n) of the visible Gaussians
-// sorted front to back; each is appended to every tile its bounding square (centre +- radius) touches,
+// sorted front to back; each is appended to every tile its bounding box (centre +- extents [C,N,2]) touches,
 // so every tile's list comes out front to back. Returns (offsets [C*tiles+1], flatten_ids [M]).
-std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor radii, torch::Tensor order, int64_t width,
+std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor order, int64_t width,
                                      int64_t height, int64_t tile_size) {
-  TORCH_CHECK(means2d.dtype() == torch::kFloat32 && radii.dtype() == torch::kInt32 && order.dtype() == torch::kInt64,
-              "bin_tiles: float32 means2d, int32 radii, int64 order expected");
+  TORCH_CHECK(means2d.dtype() == torch::kFloat32 && extents.dtype() == torch::kFloat32 && order.dtype() == torch::kInt64,
+              "bin_tiles: float32 means2d, float32 extents, int64 order expected");
   const int64_t C = means2d.size(0), N = means2d.size(1), K = order.size(0);
   const int64_t tiles_x = (width + tile_size - 1) / tile_size, tiles_y = (height + tile_size - 1) / tile_size;
   const int64_t n_tiles = tiles_x * tiles_y;
   const float* xy = means2d.data_ptr<float>();
-  const int32_t* rad = radii.data_ptr<int32_t>();
+  const float* ext = extents.data_ptr<float>();
   const int64_t* ord = order.data_ptr<int64_t>();
 
   // Tile rectangle [x_lo, x_hi) x [y_lo, y_hi) of every listed Gaussian.
   std::vector<int32_t> rect(4 * K);
   for (int64_t i = 0; i < K; ++i) {
     const int64_t g = ord[i];
-    const float r = static_cast<float>(rad[g]);
+    const float rx = ext[2 * g], ry = ext[2 * g + 1];
     const float x = xy[2 * g], y = xy[2 * g + 1];
     auto clampi = [](float v, int64_t hi) { return static_cast<int32_t>(std::min<float>(std::max(v, 0.0f), hi)); };
-    rect[4 * i] = clampi(std::floor((x - r) / tile_size), tiles_x);
-    rect[4 * i + 1] = clampi(std::ceil((x + r) / tile_size), tiles_x);
-    rect[4 * i + 2] = clampi(std::floor((y - r) / tile_size), tiles_y);
-    rect[4 * i + 3] = clampi(std::ceil((y + r) / tile_size), tiles_y);
+    rect[4 * i] = clampi(std::floor((x - rx) / tile_size), tiles_x);
+    rect[4 * i + 1] = clampi(std::ceil((x + rx) / tile_size), tiles_x);
+    rect[4 * i + 2] = clampi(std::floor((y - ry) / tile_size), tiles_y);
+    rect[4 * i + 3] = clampi(std::ceil((y + ry) / tile_size), tiles_y);
   }
   auto offsets = torch::zeros({C * n_tiles + 1}, torch::kInt64);
   int64_t* off = offsets.data_ptr<int64_t>();
