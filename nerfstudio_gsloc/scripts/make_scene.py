@@ -1,0 +1,81 @@
+"""``gsloc-make-scene``: write the embedded procedural room as a nerfstudio dataset (no download needed).
+
+Examples::
+
+    gsloc-make-scene --output-dir data/gsloc_room                     # the default scene (80 views, 128x96)
+    gsloc-make-scene --output-dir data/gsloc_queries --queries --seed 1 --num-views 10 --width 160 --height 120
+
+With ``--queries`` it writes novel views (poses not in the dataset) of scene ``--scene-seed`` in the dataset's
+original frame; ``--seed`` then picks the query poses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+from rich.console import Console
+
+from nerfstudio_gsloc.data.procedural_scene import DEFAULT_HFOV_DEG, generate_scene, write_query_set
+from nerfstudio_gsloc.errors import run_cli
+
+
+@dataclass
+class MakeScene:
+    """Write the procedural textured room (ray cast in numpy) as a nerfstudio dataset with depth."""
+
+    output_dir: Path = Path("data/gsloc_room")
+    """Folder for transforms.json, images/ and depth/ (created)."""
+    seed: int = 0
+    """Scene seed (or, with --queries, the seed of the query poses)."""
+    num_views: int = 80
+    """Number of frames (train + eval; or number of queries)."""
+    width: int = 128
+    """Image width in pixels (16..160)."""
+    height: int = 96
+    """Image height in pixels (16..160)."""
+    eval_fraction: float = 1.0 / 8.0
+    """Fraction of the dataset frames held out for eval (ignored with --queries)."""
+    hfov_deg: float = DEFAULT_HFOV_DEG
+    """Horizontal field of view in degrees."""
+    queries: bool = False
+    """Write a query set (novel views of scene --scene-seed) instead of a dataset."""
+    scene_seed: int = 0
+    """With --queries: the scene the query views show (the dataset's --seed)."""
+
+    def main(self) -> Path:
+        """Generate the files and print where they are."""
+        if self.queries:
+            path = write_query_set(
+                self.output_dir,
+                seed=self.seed,
+                num_views=self.num_views,
+                width=self.width,
+                height=self.height,
+                scene_seed=self.scene_seed,
+                hfov_deg=self.hfov_deg,
+            )
+            what = f"{self.num_views} query views of scene {self.scene_seed}"
+        else:
+            path = generate_scene(
+                self.output_dir,
+                seed=self.seed,
+                num_views=self.num_views,
+                width=self.width,
+                height=self.height,
+                eval_fraction=self.eval_fraction,
+                hfov_deg=self.hfov_deg,
+            )
+            what = f"scene {self.seed} with {self.num_views} views"
+        Console().print(f"[bold green]wrote[/bold green] {what}: {path}", highlight=False)
+        return path
+
+
+def entrypoint() -> None:
+    """Console-script entry point."""
+    run_cli(lambda: tyro.cli(MakeScene).main())
+
+
+if __name__ == "__main__":
+    entrypoint()
