@@ -43,6 +43,7 @@ def train_small_gsloc_run(data_dir, output_dir, iterations: int = 300):
     config.pipeline.model.warmup_length = iterations // 5
     config.pipeline.model.refine_every = max(iterations // 10, 10)
     config.pipeline.model.sh_degree_interval = iterations // 4
+    config.pipeline.datamanager.dataparser.depth_seed_points = 10_000
     config.save_config()
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()

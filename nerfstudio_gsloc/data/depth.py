@@ -7,6 +7,7 @@ Depth images follow nerfstudio-data: ``depth_file_path`` per frame, 16-bit PNG (
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Type
@@ -88,6 +89,26 @@ def backproject_depth_points(
     return torch.cat(all_xyz).float(), torch.cat(all_rgb).to(torch.uint8)
 
 
+def check_nerfstudio_dataset(data: Path) -> None:
+    """Fail with one clear line before nerfstudio's parser trips over a missing or empty dataset."""
+    data = Path(data)
+    if not data.exists():
+        raise GslocError(f"data path does not exist: {data}")
+    meta_path = data if data.is_file() else data / "transforms.json"
+    if not meta_path.is_file():
+        raise GslocError(f"no transforms.json in {data} (expected a nerfstudio-format dataset)")
+    try:
+        frames = json.loads(meta_path.read_text()).get("frames", [])
+    except json.JSONDecodeError as err:
+        raise GslocError(f"{meta_path} is not valid JSON: {err.msg} at line {err.lineno}") from err
+    if not frames:
+        raise GslocError(f"the dataset {meta_path} lists no images (empty 'frames')")
+    base = meta_path.parent
+    missing = [f.get("file_path") for f in frames if not (base / str(f.get("file_path", ""))).is_file()]
+    if missing:
+        raise GslocError(f"{len(missing)} image(s) listed in {meta_path} do not exist, e.g. {base / str(missing[0])}")
+
+
 @dataclass
 class GSLocDataParserConfig(NerfstudioDataParserConfig):
     """nerfstudio-data, plus seeding the Gaussians from back-projected depth when the dataset has depth."""
@@ -103,8 +124,7 @@ class GSLocDataParser(Nerfstudio):
     config: GSLocDataParserConfig
 
     def _generate_dataparser_outputs(self, split: str = "train") -> DataparserOutputs:
-        if not self.config.data.exists():
-            raise GslocError(f"data path does not exist: {self.config.data}")
+        check_nerfstudio_dataset(self.config.data)
         outputs = super()._generate_dataparser_outputs(split)
         if not outputs.image_filenames:
             raise GslocError(f"no images in the {split} split of {self.config.data}")
