@@ -1,0 +1,378 @@
+"""Benchmark outputs: per-trial records, the per-method summary (markdown, CSV, rich table) and the plots.
+
+Conventions of the summary (stated in every results.md):
+
+* a trial *fails* when the method reports a failure or returns no pose; failures count against the success
+  rates and enter the medians as an infinite error (so a method failing on more than half the trials has an
+  infinite median); means are over the trials that did not fail;
+* skipped trials (a method that does not apply, e.g. ``depth`` on queries without depth) are left out entirely;
+* success at ``(deg, dist)``: rotation error <= deg and translation error <= dist, distances in scene units.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from nerfstudio_gsloc.evaluation.pose_errors import SUCCESS_THRESHOLDS, threshold_key
+
+#: Columns of results.csv, in order.
+CSV_FIELDS = (
+    "method", "trials", "failed", "success_1deg_0.01", "success_2deg_0.02", "success_5deg_0.05",
+    "rot_median_deg", "rot_mean_deg", "trans_median", "trans_mean", "seconds_median", "iterations_median",
+)
+#: The threshold the success-vs-angle plot uses.
+PLOT_THRESHOLD = SUCCESS_THRESHOLDS[-1]
+
+
+@dataclass
+class TrialRecord:
+    """One line of trials.jsonl (errors in degrees and scene units; ``None`` where there is no pose)."""
+
+    method: str
+    query: str
+    query_index: int
+    trial: int
+    seed: int
+    init_rot_deg: float
+    init_trans: float
+    nominal_angle_deg: float
+    final_rot_deg: Optional[float]
+    final_trans: Optional[float]
+    seconds: float
+    iterations: int
+    status: str
+    reason: str
+    failed: bool
+    skipped: bool
+
+    def to_json(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_trials_jsonl(path: Path, records: Sequence[TrialRecord]) -> None:
+    """All trial records as JSON lines."""
+    atomic_write_text(path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
+
+
+def read_trials_jsonl(path: Path) -> List[TrialRecord]:
+    """Inverse of :func:`write_trials_jsonl`."""
+    return [TrialRecord(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# summary
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _errors(records: Sequence[TrialRecord]) -> Tuple[np.ndarray, np.ndarray]:
+    """``[N]`` rotation and translation errors with failures as ``inf`` (skipped records excluded by the caller)."""
+    rot = np.array([math.inf if r.failed or r.final_rot_deg is None else r.final_rot_deg for r in records], dtype=float)
+    trans = np.array([math.inf if r.failed or r.final_trans is None else r.final_trans for r in records], dtype=float)
+    rot[~np.isfinite(rot)] = math.inf
+    trans[~np.isfinite(trans)] = math.inf
+    return rot, trans
+
+
+def summarize_method(method: str, records: Sequence[TrialRecord]) -> Dict[str, Any]:
+    """The summary row of one method (see the module docstring for how failures count).
+
+    Returns:
+        a dict with the :data:`CSV_FIELDS` keys (NaN where undefined, e.g. no usable trial) and ``skipped``.
+    """
+    used = [r for r in records if not r.skipped and r.method == method]
+    skipped = [r for r in records if r.skipped and r.method == method]
+    row: Dict[str, Any] = {"method": method, "trials": len(used), "failed": sum(r.failed for r in used),
+                           "skipped": len(skipped), "skip_reason": skipped[0].reason if skipped else ""}
+    rot, trans = _errors(used)
+    for deg, dist in SUCCESS_THRESHOLDS:
+        key = f"success_{threshold_key(deg, dist)}"
+        row[key] = float(np.mean((rot <= deg) & (trans <= dist))) if used else math.nan
+    ok = np.isfinite(rot) & np.isfinite(trans)
+    row["rot_median_deg"] = float(np.median(rot)) if used else math.nan
+    row["trans_median"] = float(np.median(trans)) if used else math.nan
+    row["rot_mean_deg"] = float(np.mean(rot[ok])) if ok.any() else math.nan
+    row["trans_mean"] = float(np.mean(trans[ok])) if ok.any() else math.nan
+    row["seconds_median"] = float(np.median([r.seconds for r in used])) if used else math.nan
+    row["iterations_median"] = float(np.median([r.iterations for r in used])) if used else math.nan
+    return row
+
+
+def _fmt(value: Any, kind: str) -> str:
+    """Table cell text."""
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    if isinstance(value, float) and math.isinf(value):
+        return "fail"
+    if kind == "pct":
+        return f"{100.0 * value:.1f}%"
+    if kind == "deg":
+        return f"{value:.3f}"
+    if kind == "dist":
+        return f"{value:.4f}"
+    if kind == "sec":
+        return f"{value:.2f}"
+    if kind == "int":
+        return f"{value:.0f}"
+    return str(value)
+
+
+#: (header, key, kind) of the printed/markdown table.
+TABLE_COLUMNS = (
+    ("method", "method", "str"),
+    ("trials", "trials", "int"),
+    ("failed", "failed", "int"),
+    ("1°/0.01", "success_1deg_0.01", "pct"),
+    ("2°/0.02", "success_2deg_0.02", "pct"),
+    ("5°/0.05", "success_5deg_0.05", "pct"),
+    ("rot med °", "rot_median_deg", "deg"),
+    ("rot mean °", "rot_mean_deg", "deg"),
+    ("trans med", "trans_median", "dist"),
+    ("trans mean", "trans_mean", "dist"),
+    ("s/query med", "seconds_median", "sec"),
+    ("iters med", "iterations_median", "int"),
+)
+
+
+def _cells(row: Dict[str, Any]) -> List[str]:
+    if row["trials"] == 0:
+        return [row["method"], "0", "-"] + ["n/a"] * (len(TABLE_COLUMNS) - 3)
+    return [_fmt(row[key], kind) for _, key, kind in TABLE_COLUMNS]
+
+
+def skipped_notes(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """One line per method with skipped trials (why it did not apply)."""
+    return [f"{r['method']}: {r['skipped']} trials skipped ({r.get('skip_reason') or 'not applicable'})"
+            for r in rows if r.get("skipped")]
+
+
+def rich_table(rows: Sequence[Dict[str, Any]], title: str) -> Table:
+    """The summary as a rich table."""
+    table = Table(title=title)
+    for header, _, kind in TABLE_COLUMNS:
+        table.add_column(header, justify="left" if kind == "str" else "right")
+    for row in rows:
+        table.add_row(*_cells(row))
+    return table
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The summary as a GitHub markdown table."""
+    lines = ["| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |",
+             "|" + "|".join("---" if kind == "str" else "---:" for _, _, kind in TABLE_COLUMNS) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cells(row)) + " |")
+    return "\n".join(lines)
+
+
+def write_results_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    """results.csv: one row per method, :data:`CSV_FIELDS` columns, numbers unformatted (``inf`` = failures)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_FIELDS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_results_csv(path: Path) -> List[Dict[str, Any]]:
+    """results.csv back as dicts (numbers as floats, method as str)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{k: (v if k == "method" else float(v)) for k, v in row.items()} for row in rows]
+
+
+def comparisons(rows: Sequence[Dict[str, Any]], reference: str = "gsloc") -> List[str]:
+    """Plain-language comparison of ``reference`` with every other method (says where it does not win)."""
+    by_name = {r["method"]: r for r in rows}
+    ref = by_name.get(reference)
+    if ref is None or ref["trials"] == 0:
+        return []
+    key = f"success_{threshold_key(*PLOT_THRESHOLD)}"
+    lines = []
+    for row in rows:
+        if row["method"] == reference or row["trials"] == 0:
+            continue
+        more = ref[key] > row[key]
+        rot_half = ref["rot_median_deg"] <= 0.5 * row["rot_median_deg"]
+        trans_half = ref["trans_median"] <= 0.5 * row["trans_median"]
+        verdict = "beats" if more and rot_half and trans_half else "does NOT beat"
+        lines.append(
+            f"{reference} {verdict} {row['method']}: success at {PLOT_THRESHOLD[0]:g}°/{PLOT_THRESHOLD[1]:g} "
+            f"{_fmt(ref[key], 'pct')} vs {_fmt(row[key], 'pct')} ({'more' if more else 'not more'}); median rotation "
+            f"{_fmt(ref['rot_median_deg'], 'deg')}° vs {_fmt(row['rot_median_deg'], 'deg')}° "
+            f"({'at most half' if rot_half else 'more than half'}); median translation {_fmt(ref['trans_median'], 'dist')} "
+            f"vs {_fmt(row['trans_median'], 'dist')} ({'at most half' if trans_half else 'more than half'})"
+        )
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+# machine description
+# ----------------------------------------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    """What the timings were measured on: CPU model, cores, torch threads, device."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(info: Dict[str, Any], image_sizes: Sequence[Tuple[int, int]]) -> str:
+    """One line for beside the timings."""
+    sizes = ", ".join(f"{w}x{h}" for w, h in image_sizes)
+    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    return (
+        f"timings: wall clock per query on {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch "
+        f"threads, device {info['device']}{gpu}), query images {sizes}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _angle_bins(records: Sequence[TrialRecord], sweep_angles: Optional[Sequence[float]], max_angle: Optional[float]) -> np.ndarray:
+    """Bin edges of the initial rotation angle: one bin per sweep angle, else 8 equal bins up to ``max_angle``."""
+    if sweep_angles:
+        angles = np.array(sorted(set(float(a) for a in sweep_angles)))
+        mids = (angles[1:] + angles[:-1]) / 2 if len(angles) > 1 else np.array([])
+        return np.concatenate([[angles[0] - 5.0], mids, [angles[-1] + 5.0]])
+    top = max([r.init_rot_deg for r in records] + [max_angle or 0.0, 1e-3])
+    return np.linspace(0.0, top * 1.0001, 9)
+
+
+#: Line styles that keep overlapping curves distinguishable (markers shrink so a covered one still shows).
+_STYLES = (("o", "-", 9), ("s", "--", 7.5), ("^", "-.", 6), ("D", ":", 4.5), ("v", "-", 3.5), ("x", "--", 6))
+
+
+def plot_success_vs_angle(path: Path, records: Sequence[TrialRecord], methods: Sequence[str],
+                          sweep_angles: Optional[Sequence[float]] = None, title: str = "",
+                          max_angle: Optional[float] = None) -> None:
+    """success_vs_angle.png: success rate at the (5°, 0.05) threshold against the initial rotation angle.
+
+    Args:
+        path: the PNG to write.
+        records: trial records of all methods.
+        methods: methods to draw, in legend order.
+        sweep_angles: the angles of a sweep protocol (one bin each); otherwise 8 equal bins.
+        title: figure title (wrapped).
+        max_angle: upper end of the bins for non-sweep protocols (default: the largest initial angle).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    used = [r for r in records if not r.skipped]
+    edges = _angle_bins(used, sweep_angles, max_angle)
+    centres = (edges[1:] + edges[:-1]) / 2
+    deg, dist = PLOT_THRESHOLD
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    for number, method in enumerate(methods):
+        mine = [r for r in used if r.method == method]
+        if not mine:
+            continue
+        angle = np.array([r.init_rot_deg for r in mine])
+        rot, trans = _errors(mine)
+        ok = (rot <= deg) & (trans <= dist)
+        which = np.clip(np.digitize(angle, edges) - 1, 0, len(centres) - 1)
+        filled = [b for b in range(len(centres)) if (which == b).any()]
+        rates = [ok[which == b].mean() for b in filled]
+        marker, line, size = _STYLES[number % len(_STYLES)]
+        ax.plot(centres[filled], rates, marker=marker, ls=line, ms=size, label=method)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("initial rotation error (degrees)")
+    ax.set_ylabel(f"success rate ({deg:g}°, {dist:g} scene units)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    if title:
+        ax.set_title(textwrap.fill(title, 90), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_error_cdf(path: Path, records: Sequence[TrialRecord], methods: Sequence[str], title: str = "") -> None:
+    """error_cdf.png: cumulative distribution of the final rotation and translation errors (failures never arrive)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    used = [r for r in records if not r.skipped]
+    for method in methods:
+        mine = [r for r in used if r.method == method]
+        if not mine:
+            continue
+        rot, trans = _errors(mine)
+        for ax, errors in zip(axes, (rot, trans)):
+            finite = np.sort(errors[np.isfinite(errors)])
+            if finite.size == 0:
+                continue
+            frac = np.arange(1, finite.size + 1) / errors.size
+            ax.step(np.maximum(finite, 1e-6), frac, where="post", label=method)
+    for ax, label in zip(axes, ("rotation error (degrees)", "translation error (scene units)")):
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of trials")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3, which="both")
+    for deg, dist in SUCCESS_THRESHOLDS:
+        axes[0].axvline(deg, color="grey", lw=0.6, ls="--")
+        axes[1].axvline(dist, color="grey", lw=0.6, ls="--")
+    axes[0].legend()
+    if title:
+        fig.suptitle(textwrap.fill(title, 140), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,196 @@
+"""The pose-inversion pipeline component: one config dataclass, one object with ``localize()``.
+
+From Python::
+
+    from nerfstudio_gsloc.runs import load_run
+    from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
+    from nerfstudio_gsloc.localize.queries import load_eval_queries
+    from nerfstudio_gsloc.localize.initialization import initial_poses
+
+    _, pipeline = load_run(Path("outputs/scene/gsloc/<timestamp>/config.yml"))
+    inverter = PoseInversionConfig().setup(model=pipeline.model)
+    queries = load_eval_queries(pipeline)
+    results = inverter.localize(queries, initial_poses(queries, "perturb", angle_deg=10, translation=0.1))
+
+``PoseInversionConfig`` follows nerfstudio's ``InstantiateConfig`` convention (``_target`` + ``setup()``), so the
+whole tree (losses, matcher, schedule, optimiser) is exposed by one tyro CLI (``ns-localize``) and can be
+loaded from the presets in ``configs/localize/*.yaml`` with :func:`load_preset`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
+
+import yaml
+from nerfstudio.configs.base_config import InstantiateConfig
+from torch import Tensor, nn
+
+from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
+from nerfstudio_gsloc.localize.optimizer import (
+    LossConfig,
+    OptimConfig,
+    PoseOptimizer,
+    QueryResult,
+    ScheduleConfig,
+    build_stages,
+)
+from nerfstudio_gsloc.localize.queries import Query
+
+#: Folder of the named presets (``--preset NAME`` reads ``PRESET_DIR / NAME.yaml``).
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "localize"
+
+
+@dataclass
+class PoseInversionConfig(InstantiateConfig):
+    """Localization by inverting a Gaussian splatting model (render, compare, descend)."""
+
+    _target: Type = field(default_factory=lambda: PoseInversion)
+    losses: LossConfig = field(default_factory=LossConfig)
+    """Loss terms: matching (reprojection), photometric, depth; switches and weights."""
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    """2D-2D matcher of the matching loss (SIFT needs no weights)."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Matching stage, PnP jumps, and the coarse-to-fine refinement pyramid."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Adam learning rates, decay, stopping tolerances, batching and divergence guards."""
+
+
+class PoseInversion:
+    """Localizes queries against a splatfacto-style model.
+
+    Args:
+        config: the configuration.
+        model: a trained ``SplatfactoModel``/``GSLocModel`` (or any module :func:`render_splat_model` accepts).
+        seed: base seed of the RANSAC sampling.
+        matcher: a prebuilt matcher (default: built from ``config.matcher`` when the schedule matches).
+
+    Raises:
+        GslocError: the matcher cannot be built (e.g. learned-matcher weights missing) or the schedule is invalid.
+    """
+
+    def __init__(self, config: PoseInversionConfig, model: nn.Module, seed: int = 0, matcher: Optional[Matcher] = None) -> None:
+        self.config = config
+        self.model = model
+        self.matcher = matcher if matcher is not None else self.build_matcher(config)
+        self.optimizer = PoseOptimizer(model, config.losses, config.schedule, config.optim, self.matcher, seed=seed)
+
+    @staticmethod
+    def build_matcher(config: PoseInversionConfig) -> Optional[Matcher]:
+        """Validate the schedule and build its matcher (``None`` when no stage matches), without a model.
+
+        Raises:
+            GslocError: invalid schedule, or a learned matcher whose weights are missing.
+        """
+        try:
+            stages = build_stages(config.losses, config.schedule, config.optim)
+        except ValueError as err:
+            raise GslocError(f"invalid localization schedule: {err}") from None
+        return make_matcher(config.matcher) if any(stage.matching_weight > 0 for stage in stages) else None
+
+    @property
+    def max_iterations(self) -> int:
+        """Largest number of steps one query can take."""
+        return self.optimizer.max_iterations
+
+    def localize(
+        self,
+        queries: Sequence[Query],
+        initial_c2w: Optional[Sequence[Tensor]] = None,
+        progress: Optional[Callable[[QueryResult], None]] = None,
+        on_step: Optional[Callable[[int], None]] = None,
+    ) -> List[QueryResult]:
+        """Refine the poses of ``queries``.
+
+        Args:
+            queries: the queries (see :mod:`nerfstudio_gsloc.localize.queries`).
+            initial_c2w: one ``[3, 4]`` scene-frame OpenGL camera-to-world start pose per query; default: the
+                queries' priors (see :mod:`nerfstudio_gsloc.localize.initialization` for ``perturb``).
+            progress: called with each query's result as soon as its batch finishes (e.g. to save it).
+            on_step: called after every iteration with the number of queries still being optimised.
+
+        Returns:
+            one :class:`QueryResult` per query, in order (poses in the scene frame).
+        """
+        if initial_c2w is None:
+            from nerfstudio_gsloc.localize.initialization import initial_poses
+
+            initial_c2w = initial_poses(queries, "prior")
+        return self.optimizer.run(queries, initial_c2w, on_result=progress, on_step=on_step)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# presets
+# ----------------------------------------------------------------------------------------------------------
+
+
+def available_presets() -> List[str]:
+    """Names of the presets shipped in :data:`PRESET_DIR`."""
+    if not PRESET_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in PRESET_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+
+
+def resolve_preset(name_or_path: Union[str, Path]) -> Path:
+    """A preset file from a name in :data:`PRESET_DIR` or a path to a ``.yaml``/``.json`` file."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for suffix in (".yaml", ".yml", ".json"):
+        candidate = PRESET_DIR / f"{name_or_path}{suffix}"
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(available_presets()) or "none found"
+    raise GslocError(f"unknown preset {name_or_path!r} (a file path or one of: {names})")
+
+
+def _apply(instance: Any, values: Dict[str, Any], where: str) -> Any:
+    """Recursively replace dataclass fields of ``instance`` with ``values`` (nested dicts for nested configs)."""
+    if not isinstance(values, dict):
+        raise GslocError(f"{where} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(instance) if not f.name.startswith("_")}
+    updates = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise GslocError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current):
+            updates[key] = _apply(current, value, f"{where}.{key}")
+        elif isinstance(current, tuple):
+            updates[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        elif isinstance(current, Path) or (key.endswith("_path") and value is not None):
+            updates[key] = None if value is None else Path(value)
+        elif isinstance(current, bool) and not isinstance(value, bool):
+            raise GslocError(f"{where}.{key} must be true or false, got {value!r}")
+        elif isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            updates[key] = float(value)
+        else:
+            updates[key] = value
+    return dataclasses.replace(instance, **updates)
+
+
+def load_preset(name_or_path: Union[str, Path], base: Optional[PoseInversionConfig] = None) -> PoseInversionConfig:
+    """Read a preset (YAML or JSON mapping of :class:`PoseInversionConfig` fields) on top of ``base``.
+
+    Example ``configs/localize/fast.yaml``::
+
+        schedule:
+          pyramid_iterations: [10, 10, 30]
+        optim:
+          batch_size: 8
+
+    Raises:
+        GslocError: unknown preset, unreadable file or unknown keys.
+    """
+    path = resolve_preset(name_or_path)
+    try:
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise GslocError(f"cannot read preset {path}: {type(err).__name__}") from None
+    config = base if base is not None else PoseInversionConfig()
+    return _apply(config, values or {}, f"preset {path.name}")

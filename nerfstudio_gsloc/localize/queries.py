@@ -1,0 +1,475 @@
+"""Query images to localize: the run's held-out eval split, or a nerfstudio-format transforms.json of new images.
+
+A :class:`Query` holds everything the optimiser needs about one image, with all poses already in the
+**scene** frame (nerfstudio's dataparser frame, OpenGL camera-to-world ``[3, 4]``) and depth in scene units.
+
+Query files (``--queries path/to/transforms.json``)
+---------------------------------------------------
+The file follows nerfstudio's transforms.json format, with two pose keys per frame:
+
+* ``transform_matrix`` (optional): the **ground-truth** camera-to-world pose, used only for metrics;
+* ``prior_transform_matrix`` (optional): the **prior** pose that ``--init prior`` starts from.
+
+Both are OpenGL camera-to-world ``4x4`` (or ``3x4``) matrices in the dataset's original frame, i.e. the frame of
+the training dataset's own transforms.json. They are converted to the scene frame with the run's
+``dataparser_transforms.json`` (see :class:`FrameTransform`). Other keys, global or per frame (per frame wins):
+
+* intrinsics, required: ``fl_x``, ``fl_y``, ``cx``, ``cy`` (pixels, pixel centres at +0.5 like nerfstudio) and
+  ``w``, ``h``; the image must have exactly that size. ``camera_model`` may be ``PINHOLE``/``SIMPLE_PINHOLE``/
+  ``OPENCV`` with zero distortion; distorted images must be undistorted first.
+* ``file_path`` (required, per frame): the image, relative to the file's folder. RGBA images are composited
+  onto white and their alpha (``> 0.5``) becomes part of the mask.
+* ``depth_file_path`` (optional): 16-bit PNG or ``.npy`` z-depth, times ``depth_unit_scale_factor``
+  (default ``1e-3``, millimetres, as in nerfstudio) gives original units; it is then multiplied by the
+  dataparser scale to reach scene units. Zero depth = missing.
+* ``mask_path`` (optional): single-channel mask of the image's size, non-zero = pixel to use.
+
+Every frame is validated (files present and decodable, intrinsics complete, sizes consistent, matrices finite)
+before anything is returned, so a bad file stops the program before any work with one :class:`GslocError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from nerfstudio_gsloc.camera_conventions import original_to_scene_frame, rigid_inverse, scene_to_original_frame, to_homogeneous
+from nerfstudio_gsloc.errors import GslocError
+
+#: nerfstudio's default unit of 16-bit depth images (millimetres).
+DEFAULT_DEPTH_UNIT_SCALE = 1e-3
+_INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+_DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+_PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV")
+# nerfstudio's value of applied_transform for colmap datasets written before the key existed.
+_LEGACY_COLMAP_APPLIED = [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0]]
+
+
+@dataclass
+class Query:
+    """One image to localize.
+
+    Attributes:
+        name: identifier written to the outputs (the image path as given).
+        image_path: the image file.
+        image: ``[H, W, 3]`` float32 colours in ``[0, 1]``.
+        K: ``[3, 3]`` float32 intrinsics in pixels (pixel centres at +0.5).
+        width, height: image size ``W``, ``H``.
+        depth: optional ``[H, W]`` float32 z-depth in scene units (``<= 0`` = missing).
+        mask: optional ``[H, W]`` bool, True = pixel to use.
+        prior_c2w: optional ``[3, 4]`` prior OpenGL camera-to-world pose, scene frame.
+        gt_c2w: optional ``[3, 4]`` ground-truth OpenGL camera-to-world pose, scene frame.
+        background: optional ``[3]`` colour that transparent parts of the image were composited onto; renders
+            compared with this query use the same colour (``None``: the model's own background).
+        index: position of the query in its list (seeds per-query randomness independently of batching).
+    """
+
+    name: str
+    image_path: Path
+    image: Tensor
+    K: Tensor
+    width: int
+    height: int
+    depth: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    prior_c2w: Optional[Tensor] = None
+    gt_c2w: Optional[Tensor] = None
+    background: Optional[Tensor] = None
+    index: int = 0
+
+
+@dataclass
+class FrameTransform:
+    """Map between the dataset's original frame and nerfstudio's scene frame.
+
+    ``c2w_scene = scale * (transform @ c2w_original)`` (translation scaled), with ``transform`` the ``[3, 4]``
+    rigid map of ``dataparser_transforms.json`` composed with the inverse of the dataset's
+    ``applied_transform`` when it has one (so "original" is the frame of the dataset's transforms.json).
+
+    Attributes:
+        transform: ``[3, 4]`` float64 rigid transform, original -> scene (before scaling).
+        scale: dataparser scale (scene units per original unit).
+    """
+
+    transform: Tensor
+    scale: float
+    source: str = ""
+
+    def to_scene(self, c2w_original: Tensor) -> Tensor:
+        """``[..., 3|4, 4]`` original-frame c2w -> ``[..., 3, 4]`` scene-frame c2w (same dtype)."""
+        out = original_to_scene_frame(c2w_original.double(), self.transform.double(), self.scale)
+        return out.to(c2w_original.dtype)
+
+    def to_original(self, c2w_scene: Tensor) -> Tensor:
+        """``[..., 3|4, 4]`` scene-frame c2w -> ``[..., 3, 4]`` original-frame c2w (same dtype)."""
+        out = scene_to_original_frame(c2w_scene.double(), self.transform.double(), self.scale)
+        return out.to(c2w_scene.dtype)
+
+    @staticmethod
+    def identity() -> "FrameTransform":
+        """The identity map (scene frame = original frame)."""
+        return FrameTransform(torch.eye(4, dtype=torch.float64)[:3], 1.0, "identity")
+
+    def to_json(self) -> Dict[str, Any]:
+        """JSON description written next to the poses."""
+        return {"transform": self.transform.tolist(), "scale": self.scale, "source": self.source}
+
+
+def dataset_applied_transform(data_path: Optional[Path]) -> Optional[Tensor]:
+    """The ``applied_transform`` ``[3, 4]`` that nerfstudio's dataparser folds into ``dataparser_transforms.json``.
+
+    Mirrors nerfstudio's nerfstudio-dataparser: the key of the dataset's transforms.json, or the legacy colmap
+    value when ``colmap/sparse/0`` exists; ``None`` otherwise (e.g. blender datasets).
+
+    Args:
+        data_path: the dataparser's ``data`` (a folder or a transforms.json file).
+    """
+    if data_path is None:
+        return None
+    data_path = Path(data_path)
+    meta_path = data_path if data_path.suffix == ".json" else data_path / "transforms.json"
+    folder = data_path.parent if data_path.suffix == ".json" else data_path
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta, dict) and "applied_transform" in meta:
+        return torch.tensor(meta["applied_transform"], dtype=torch.float64)[:3]
+    if (folder / "colmap" / "sparse" / "0").exists():
+        return torch.tensor(_LEGACY_COLMAP_APPLIED, dtype=torch.float64)
+    return None
+
+
+def load_frame_transform(
+    dataparser_transforms_path: Optional[Path],
+    data_path: Optional[Path] = None,
+    fallback: Optional[FrameTransform] = None,
+) -> FrameTransform:
+    """Read a run's ``dataparser_transforms.json`` (composed with the dataset's ``applied_transform``).
+
+    Args:
+        dataparser_transforms_path: the run's ``dataparser_transforms.json``.
+        data_path: the dataset (to look up ``applied_transform``); ``None`` skips that.
+        fallback: used when the file does not exist (e.g. the pipeline's in-memory dataparser outputs).
+
+    Raises:
+        GslocError: the file is missing (and no fallback) or malformed.
+    """
+    if dataparser_transforms_path is None or not Path(dataparser_transforms_path).is_file():
+        if fallback is None:
+            raise GslocError(f"dataparser transforms not found: {dataparser_transforms_path}")
+        frame = fallback
+    else:
+        try:
+            meta = json.loads(Path(dataparser_transforms_path).read_text())
+            transform = torch.tensor(meta["transform"], dtype=torch.float64)[:3]
+            scale = float(meta["scale"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise GslocError(f"cannot read {dataparser_transforms_path}: {err}") from None
+        if transform.shape != (3, 4) or not math.isfinite(scale) or scale <= 0:
+            raise GslocError(f"malformed {dataparser_transforms_path}: need a 3x4 transform and a positive scale")
+        frame = FrameTransform(transform, scale, str(dataparser_transforms_path))
+    applied = dataset_applied_transform(data_path)
+    if applied is not None:
+        composed = to_homogeneous(frame.transform.double()) @ rigid_inverse(applied)
+        frame = FrameTransform(composed[:3], frame.scale, f"{frame.source} + inverse applied_transform of {data_path}")
+    return frame
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transforms.json queries
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_rgb(path: Path, where: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Decode an image fully. Returns ``([H, W, 3] uint8, alpha [H, W] uint8 or None)``."""
+    if not path.is_file():
+        raise GslocError(f"{where}: image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            has_alpha = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
+            rgba = np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
+    except Exception as err:  # PIL raises many types for corrupt files
+        raise GslocError(f"{where}: cannot read image {path}: {type(err).__name__}: {err}") from None
+    if has_alpha:
+        return rgba[..., :3], rgba[..., 3]
+    return rgba, None
+
+
+def _read_depth(path: Path, where: str) -> np.ndarray:
+    """Decode a depth map (16/32-bit image or ``.npy``) to ``[H, W]`` float32 raw units."""
+    if not path.is_file():
+        raise GslocError(f"{where}: depth file not found: {path}")
+    try:
+        if path.suffix == ".npy":
+            depth = np.load(path).astype(np.float32)
+        else:
+            with Image.open(path) as img:
+                img.load()
+                depth = np.asarray(img).astype(np.float32)
+    except Exception as err:
+        raise GslocError(f"{where}: cannot read depth {path}: {type(err).__name__}: {err}") from None
+    if depth.ndim == 3 and depth.shape[-1] == 1:
+        depth = depth[..., 0]
+    if depth.ndim != 2:
+        raise GslocError(f"{where}: depth {path} must have one channel, got shape {depth.shape}")
+    return depth
+
+
+def _read_mask(path: Path, where: str) -> np.ndarray:
+    """Decode a mask image to ``[H, W]`` bool (non-zero = valid)."""
+    if not path.is_file():
+        raise GslocError(f"{where}: mask not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mask = np.asarray(img.convert("L")) > 0
+    except Exception as err:
+        raise GslocError(f"{where}: cannot read mask {path}: {type(err).__name__}: {err}") from None
+    return mask
+
+
+def _parse_matrix(value: Any, key: str, where: str) -> Tensor:
+    """A ``4x4``/``3x4`` JSON matrix -> finite ``[3, 4]`` float64 with an orthonormal rotation."""
+    try:
+        mat = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise GslocError(f"{where}: {key} is not a numeric matrix") from None
+    if mat.shape not in ((4, 4), (3, 4)) or not torch.isfinite(mat).all():
+        raise GslocError(f"{where}: {key} must be a finite 4x4 or 3x4 matrix, got shape {tuple(mat.shape)}")
+    rot = mat[:3, :3]
+    if (rot.T @ rot - torch.eye(3, dtype=torch.float64)).abs().max() > 1e-3 or torch.det(rot) < 0:
+        raise GslocError(f"{where}: {key} has no proper rotation (not orthonormal with det +1)")
+    return mat[:3]
+
+
+def _number(meta: Dict[str, Any], frame: Dict[str, Any], key: str, where: str, default: Any = None) -> Any:
+    """A per-frame value, else the file-level one, else ``default``; must be a finite number."""
+    value = frame.get(key, meta.get(key, default))
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise GslocError(f"{where}: {key} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise GslocError(f"{where}: {key} must be finite")
+    return value
+
+
+def load_transforms_queries(
+    path: Path, frame_transform: FrameTransform, max_queries: Optional[int] = None
+) -> List[Query]:
+    """Load and validate the queries of a nerfstudio-format transforms.json (see the module docstring).
+
+    Args:
+        path: the transforms.json.
+        frame_transform: original -> scene frame map of the run the queries are localized in.
+        max_queries: keep only the first ``max_queries`` frames (``None``: all).
+
+    Returns:
+        the queries, poses in the scene frame.
+
+    Raises:
+        GslocError: on the first problem found, before returning anything.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GslocError(f"query file not found: {path}")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise GslocError(f"cannot parse query file {path}: {err}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("frames"), list) or not meta["frames"]:
+        raise GslocError(f"query file {path} has no 'frames' list")
+    frames = meta["frames"]
+    if max_queries is not None:
+        frames = frames[: max(0, int(max_queries))]
+    root = path.parent
+    queries: List[Query] = []
+    for index, frame in enumerate(frames):
+        where = f"{path.name} frame {index}"
+        if not isinstance(frame, dict) or "file_path" not in frame:
+            raise GslocError(f"{where}: missing file_path")
+        image_path = root / str(frame["file_path"])
+        where = f"{path.name} frame {index} ({frame['file_path']})"
+        values = {key: _number(meta, frame, key, where) for key in _INTRINSIC_KEYS}
+        missing = [key for key, value in values.items() if value is None]
+        if missing:
+            raise GslocError(f"{where}: missing intrinsics {', '.join(missing)} (need fl_x, fl_y, cx, cy, w, h)")
+        camera_model = str(frame.get("camera_model", meta.get("camera_model", "OPENCV"))).upper()
+        if camera_model not in _PINHOLE_MODELS:
+            raise GslocError(f"{where}: camera_model {camera_model} is not supported; undistort to PINHOLE first")
+        distortion = [_number(meta, frame, key, where, 0.0) for key in _DISTORTION_KEYS]
+        if any(abs(value) > 1e-12 for value in distortion):
+            raise GslocError(f"{where}: distortion coefficients are not supported; undistort the images first")
+        width, height = int(round(values["w"])), int(round(values["h"]))
+        if width <= 0 or height <= 0 or values["fl_x"] <= 0 or values["fl_y"] <= 0:
+            raise GslocError(f"{where}: w, h, fl_x and fl_y must be positive")
+
+        rgb, alpha = _read_rgb(image_path, where)
+        if rgb.shape[:2] != (height, width):
+            raise GslocError(
+                f"{where}: image is {rgb.shape[1]}x{rgb.shape[0]} but its intrinsics say w={width}, h={height}"
+            )
+        image = torch.from_numpy(rgb.astype(np.float32) / 255.0)
+        mask: Optional[Tensor] = None
+        background: Optional[Tensor] = None
+        if alpha is not None:
+            alpha_f = torch.from_numpy(alpha.astype(np.float32) / 255.0)[..., None]
+            background = torch.ones(3)
+            image = image * alpha_f + background * (1.0 - alpha_f)
+            mask = alpha_f[..., 0] > 0.5
+        if frame.get("mask_path") is not None:
+            file_mask = _read_mask(root / str(frame["mask_path"]), where)
+            if file_mask.shape != (height, width):
+                raise GslocError(f"{where}: mask is {file_mask.shape[1]}x{file_mask.shape[0]}, image is {width}x{height}")
+            file_mask_t = torch.from_numpy(file_mask)
+            mask = file_mask_t if mask is None else mask & file_mask_t
+        depth: Optional[Tensor] = None
+        if frame.get("depth_file_path") is not None:
+            raw = _read_depth(root / str(frame["depth_file_path"]), where)
+            unit = _number(meta, frame, "depth_unit_scale_factor", where, DEFAULT_DEPTH_UNIT_SCALE)
+            if raw.shape != (height, width):
+                # Same rule as nerfstudio's depth loader: nearest-neighbour resize to the image size.
+                raw_t = torch.from_numpy(raw)[None, None]
+                raw = torch.nn.functional.interpolate(raw_t, size=(height, width), mode="nearest")[0, 0].numpy()
+            depth = torch.from_numpy(raw * float(unit) * frame_transform.scale).float()
+            depth = torch.where(torch.isfinite(depth), depth, torch.zeros_like(depth))
+        gt = prior = None
+        if frame.get("transform_matrix") is not None:
+            gt = frame_transform.to_scene(_parse_matrix(frame["transform_matrix"], "transform_matrix", where)).float()
+        if frame.get("prior_transform_matrix") is not None:
+            prior_orig = _parse_matrix(frame["prior_transform_matrix"], "prior_transform_matrix", where)
+            prior = frame_transform.to_scene(prior_orig).float()
+        K = torch.tensor(
+            [[values["fl_x"], 0.0, values["cx"]], [0.0, values["fl_y"], values["cy"]], [0.0, 0.0, 1.0]],
+            dtype=torch.float32,
+        )
+        queries.append(
+            Query(
+                name=str(frame["file_path"]),
+                image_path=image_path,
+                image=image,
+                K=K,
+                width=width,
+                height=height,
+                depth=depth,
+                mask=mask,
+                prior_c2w=prior,
+                gt_c2w=gt,
+                background=background,
+                index=index,
+            )
+        )
+    return queries
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval split of a loaded pipeline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[Query]:
+    """The held-out eval split of a loaded nerfstudio pipeline as queries (ground truth known, no prior).
+
+    Cameras come from the eval dataset (already in the scene frame, rescaled like the images); images are
+    composited onto the dataparser's ``alpha_color`` like nerfstudio does (RGBA without an alpha colour:
+    alpha becomes the mask); depth comes from the ``depth_filenames`` metadata, scaled by
+    ``depth_unit_scale_factor`` and the dataparser scale; masks from the dataparser's mask files.
+
+    Args:
+        pipeline: a loaded nerfstudio pipeline whose ``datamanager`` has an ``eval_dataset``.
+        max_queries: keep only the first ``max_queries`` images.
+
+    Raises:
+        GslocError: no eval dataset, an empty split, distorted or non-perspective cameras, unreadable files.
+    """
+    from nerfstudio.cameras.cameras import CameraType
+    from nerfstudio.data.utils.data_utils import get_depth_image_from_path
+
+    dataset = getattr(getattr(pipeline, "datamanager", None), "eval_dataset", None)
+    if dataset is None or len(dataset) == 0:
+        raise GslocError("the run has no eval split to localize; pass --queries path/to/transforms.json")
+    outputs = dataset._dataparser_outputs
+    cameras = dataset.cameras
+    count = len(dataset) if max_queries is None else min(len(dataset), max(0, int(max_queries)))
+    depth_files: Optional[Sequence[Path]] = dataset.metadata.get("depth_filenames")
+    depth_scale = float(dataset.metadata.get("depth_unit_scale_factor", DEFAULT_DEPTH_UNIT_SCALE)) * float(
+        outputs.dataparser_scale
+    )
+    alpha_color = outputs.alpha_color
+    queries: List[Query] = []
+    for index in range(count):
+        image_path = Path(outputs.image_filenames[index])
+        where = f"eval image {index} ({image_path.name})"
+        camera = cameras[index]
+        if int(camera.camera_type.reshape(-1)[0]) != CameraType.PERSPECTIVE.value:
+            raise GslocError(f"{where}: only perspective cameras can be localized")
+        if camera.distortion_params is not None and camera.distortion_params.abs().max() > 1e-12:
+            raise GslocError(f"{where}: distorted cameras are not supported")
+        width, height = int(camera.width.item()), int(camera.height.item())
+        try:
+            rgb = dataset.get_numpy_image(index)
+        except Exception as err:
+            raise GslocError(f"{where}: cannot read image {image_path}: {type(err).__name__}: {err}") from None
+        if rgb.shape[:2] != (height, width):
+            raise GslocError(f"{where}: image is {rgb.shape[1]}x{rgb.shape[0]} but its camera says {width}x{height}")
+        image = torch.from_numpy(rgb.astype(np.float32) / 255.0)
+        mask: Optional[Tensor] = None
+        background: Optional[Tensor] = None
+        if image.shape[-1] == 4:
+            alpha = image[..., 3:]
+            background = alpha_color.float() if alpha_color is not None else torch.ones(3)
+            image = image[..., :3] * alpha + background * (1.0 - alpha)
+            if alpha_color is None:
+                mask = alpha[..., 0] > 0.5
+        if outputs.mask_filenames is not None:
+            file_mask = _read_mask(Path(outputs.mask_filenames[index]), where)
+            file_mask_t = torch.from_numpy(file_mask)
+            if file_mask_t.shape != (height, width):
+                file_mask_t = torch.nn.functional.interpolate(
+                    file_mask_t[None, None].float(), size=(height, width), mode="nearest"
+                )[0, 0] > 0.5
+            mask = file_mask_t if mask is None else mask & file_mask_t
+        depth: Optional[Tensor] = None
+        if depth_files is not None:
+            depth_path = Path(depth_files[index])
+            if not depth_path.is_file():
+                raise GslocError(f"{where}: depth file not found: {depth_path}")
+            depth = get_depth_image_from_path(depth_path, height, width, depth_scale)[..., 0].float()
+        K = torch.tensor(
+            [
+                [float(camera.fx.item()), 0.0, float(camera.cx.item())],
+                [0.0, float(camera.fy.item()), float(camera.cy.item())],
+                [0.0, 0.0, 1.0],
+            ],
+            dtype=torch.float32,
+        )
+        queries.append(
+            Query(
+                name=str(image_path),
+                image_path=image_path,
+                image=image.contiguous(),
+                K=K,
+                width=width,
+                height=height,
+                depth=depth,
+                mask=mask,
+                gt_c2w=camera.camera_to_worlds.detach().cpu().float()[:3, :4].clone(),
+                background=background,
+                index=index,
+            )
+        )
+    return queries

@@ -1,0 +1,327 @@
+"""`gsloc-bench`: compare localization methods on the same queries and the same seeded initial poses.
+
+Examples::
+
+    # lego-200 test split, iNeRF protocol, every method
+    gsloc-bench --load-config outputs/lego-200/gsloc/<ts>/config.yml --protocol inerf --output-dir outputs/bench/lego
+
+    # new images from a transforms.json, two methods, the rotation sweep, 10 queries
+    gsloc-bench --load-config .../config.yml --queries new/transforms.json --methods gsloc pnp \\
+        --protocol icomma-sweep --max-queries 10
+
+Outputs in ``--output-dir``:
+
+* ``results.md`` and ``results.csv``: per method the success rates at (1°, 0.01), (2°, 0.02), (5°, 0.05) scene
+  units, median and mean rotation/translation errors, median seconds per query, median iterations;
+* ``trials.jsonl``: one record per (method, query, trial): seed, initial and final errors, time, status;
+* ``success_vs_angle.png`` and ``error_cdf.png``;
+* ``bench.json``: the protocol, camera-distance scale, machine and settings of the run.
+
+Every method starts trial ``t`` of query ``q`` from the same initial pose, drawn from a generator seeded by
+``(protocol seed, query index, t)``, so reruns and methods are comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import tyro
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from nerfstudio_gsloc.errors import GslocError, run_cli
+from nerfstudio_gsloc.evaluation import report
+from nerfstudio_gsloc.evaluation.baselines import load_training_views, training_camera_poses
+from nerfstudio_gsloc.evaluation.methods import METHODS, STATUS_SKIPPED, MethodContext, MethodSettings, TrialResult, check_methods
+from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
+from nerfstudio_gsloc.evaluation.protocols import Protocol, Trial, camera_distance_scale, generate_trials, load_protocol
+from nerfstudio_gsloc.localize.pipeline import load_preset
+from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_frame_transform, load_transforms_queries
+
+# Outside a terminal rich would wrap the results table at 80 columns; give it room.
+CONSOLE = Console(width=None if sys.stdout.isatty() else 160)
+SAME_POSES_NOTE = (
+    "every method starts from the same initial poses: trial t of query q is drawn from a generator seeded by "
+    "(protocol seed, query index, t)"
+)
+
+
+@dataclass
+class BenchCLI:
+    """Benchmark localization methods on a trained run."""
+
+    load_config: Path
+    """The run's config.yml (written by ns-train gsloc / splatfacto)."""
+    output_dir: Path = Path("outputs/bench")
+    """Where results.md, results.csv, trials.jsonl and the plots go."""
+    queries: Optional[Path] = None
+    """A nerfstudio transforms.json of query images with ground-truth poses (transform_matrix, dataset's original
+    frame). Default: the run's held-out eval split."""
+    methods: Tuple[str, ...] = tuple(METHODS)
+    """Methods to compare (gsloc, photometric, icomma, depth, pnp)."""
+    protocol: str = "inerf"
+    """A protocol preset of configs/protocols (inerf, icomma-sweep, tracking) or a .yaml file."""
+    trials: Optional[int] = None
+    """Trials per query (per angle for sweeps); default: the protocol's."""
+    seed: Optional[int] = None
+    """Base seed of the trials; default: the protocol's."""
+    max_queries: Optional[int] = None
+    """Use only the first N queries."""
+    threads: Optional[int] = None
+    """torch intra-op threads (default: torch's own choice); written beside the timings."""
+    gsloc_preset: Optional[str] = None
+    """An ns-localize preset (configs/localize) or .yaml/.json file for gsloc (and photometric/depth), loaded
+    before the --method-settings.gsloc.* options, which override it."""
+    method_settings: MethodSettings = field(default_factory=MethodSettings)
+    """Settings of the methods (gsloc's also apply to photometric and depth, with one loss each)."""
+
+    def main(self) -> None:
+        """Validate, load, run every method, write the results."""
+        bench_main(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _frame_transform(config_path: Path):
+    """Original <-> scene frame of a run (dataparser_transforms.json + the dataset's applied_transform)."""
+    config = yaml.load(Path(config_path).read_text(), Loader=yaml.Loader)
+    datamanager = config.pipeline.datamanager
+    data = datamanager.data or getattr(datamanager.dataparser, "data", None)
+    return load_frame_transform(Path(config_path).parent / "dataparser_transforms.json", data)
+
+
+def validate(cli: BenchCLI) -> Tuple[List[str], Protocol]:
+    """Everything that can be checked before loading the model. Raises :class:`GslocError`."""
+    methods = check_methods(list(cli.methods))
+    if cli.trials is not None and cli.trials < 1:
+        raise GslocError("--trials must be at least 1")
+    if cli.max_queries is not None and cli.max_queries < 1:
+        raise GslocError("--max-queries must be at least 1")
+    if cli.threads is not None and cli.threads < 1:
+        raise GslocError("--threads must be at least 1")
+    protocol = load_protocol(cli.protocol, trials=cli.trials, seed=cli.seed)
+    loftr = cli.method_settings.icomma.loftr_weights_path
+    if "icomma" in methods and loftr is not None and not Path(loftr).is_file():
+        raise GslocError(f"LoFTR weights file not found: {loftr}")
+    if Path(cli.output_dir).exists() and not Path(cli.output_dir).is_dir():
+        raise GslocError(f"--output-dir {cli.output_dir} is a file")
+    return methods, protocol
+
+
+def load_queries(cli: BenchCLI, pipeline, frame) -> List[Query]:
+    """The benchmark's queries (ground truth required)."""
+    if cli.queries is not None:
+        queries = load_transforms_queries(cli.queries, frame, cli.max_queries)
+    else:
+        queries = load_eval_queries(pipeline, cli.max_queries)
+    missing = [q.name for q in queries if q.gt_c2w is None]
+    if missing:
+        raise GslocError(f"benchmark queries need ground-truth poses (transform_matrix); missing for {missing[0]}")
+    return queries
+
+
+def trial_records(method: str, queries: Sequence[Query], trials: Sequence[Trial], results: Sequence[TrialResult]) -> List[report.TrialRecord]:
+    """Join trials and one method's results into records (errors against the ground truth, scene units)."""
+    records = []
+    for trial, result in zip(trials, results):
+        query = queries[trial.query]
+        rot = trans = None
+        if result.c2w is not None and query.gt_c2w is not None and bool(torch.isfinite(result.c2w).all()):
+            gt = query.gt_c2w[None, :3, :4].double()
+            est = result.c2w[None, :3, :4].double().cpu()
+            rot, trans = float(rotation_error_deg(est, gt)[0]), float(translation_error(est, gt)[0])
+        records.append(
+            report.TrialRecord(
+                method=method, query=query.name, query_index=query.index, trial=trial.trial, seed=trial.seed,
+                init_rot_deg=trial.init_rot_deg, init_trans=trial.init_trans, nominal_angle_deg=trial.nominal_angle_deg,
+                final_rot_deg=rot, final_trans=trans, seconds=result.seconds, iterations=result.iterations,
+                status=result.status, reason=result.reason, failed=result.status != STATUS_SKIPPED and result.failed,
+                skipped=result.status == STATUS_SKIPPED,
+            )
+        )
+    return records
+
+
+def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[report.TrialRecord], protocol: Protocol,
+                  meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """results.md, results.csv, trials.jsonl, bench.json and the two plots. Returns the summary rows."""
+    rows = [report.summarize_method(m, records) for m in methods]
+    report.write_trials_jsonl(output_dir / "trials.jsonl", records)
+    report.write_results_csv(output_dir / "results.csv", rows)
+    lines = [
+        f"# Localization benchmark: {protocol.name}",
+        "",
+        f"- run: `{meta['load_config']}`",
+        f"- queries: {meta['queries']} ({meta['num_queries']} queries x {protocol.trials_per_query} trials)",
+        f"- protocol: {meta['protocol_summary']}",
+        f"- camera-distance scale: {meta['camera_scale']:.4g} scene units (median distance of the training cameras "
+        "to the scene origin)",
+        f"- {SAME_POSES_NOTE}",
+        f"- {meta['machine_line']}",
+        "",
+        report.markdown_table(rows),
+        "",
+        *[f"{line}  " for line in report.skipped_notes(rows)],
+        "",
+        "Success at (deg, dist): rotation error <= deg and translation error <= dist (scene units). Failed trials count "
+        "as failures and as infinite errors in the medians (`fail` = more than half failed); means are over trials "
+        "that did not fail. Seconds: wall clock per trial measured inside the run; gsloc, photometric and depth "
+        "optimise several trials in one batched rasterization call and share the batch's time among them; pnp "
+        f"excludes the one-off map of the training views ({meta.get('pnp_map_seconds', 'n/a')} s).",
+        "",
+        "Methods:",
+        "",
+    ]
+    for m in methods:
+        line = f"- `{m}`: {METHODS[m].description}"
+        if m == "icomma" and "icomma_matcher" in meta:
+            line += f"; matcher: {meta['icomma_matcher']}"
+            if "LoFTR" not in meta["icomma_matcher"]:
+                line += " standing in for LoFTR, whose weights cannot be downloaded here (pass a local checkpoint as --method-settings.icomma.loftr-weights-path)"
+        lines.append(line)
+    notes = report.comparisons(rows)
+    if notes:
+        lines += ["", "Comparison:", ""] + [f"- {n}" for n in notes]
+    lines += ["", f"Command: `{meta['command']}`", ""]
+    report.atomic_write_text(output_dir / "results.md", "\n".join(lines))
+    report.atomic_write_text(output_dir / "bench.json", json.dumps(meta, indent=2, default=str))
+    sweep = protocol.rotation.angles_deg if protocol.rotation.mode == "sweep" else None
+    max_angle = max(abs(a) for a in protocol.rotation.range_deg) if sweep is None else None
+    report.plot_success_vs_angle(output_dir / "success_vs_angle.png", records, methods, sweep,
+                                 title=meta["protocol_summary"], max_angle=max_angle)
+    report.plot_error_cdf(output_dir / "error_cdf.png", records, methods, title=meta["protocol_summary"])
+    return rows
+
+
+def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """The body of ``gsloc-bench`` (raises :class:`GslocError` for bad input). Returns the summary rows."""
+    from nerfstudio_gsloc.runs import check_run, load_run
+
+    methods, protocol = validate(cli)
+    check_run(cli.load_config)
+    frame = _frame_transform(cli.load_config)
+    if cli.queries is not None:
+        # Validate the query file before loading the model (the model is needed only for the eval split).
+        load_transforms_queries(cli.queries, frame, cli.max_queries)
+    if cli.threads is not None:
+        torch.set_num_threads(int(cli.threads))
+
+    with CONSOLE.status("loading the run"):
+        _, pipeline = load_run(cli.load_config)
+    queries = load_queries(cli, pipeline, frame)
+    camera_scale = camera_distance_scale(training_camera_poses(pipeline))
+    trials = generate_trials(protocol, queries, camera_scale)
+    model = pipeline.model
+    device = model.means.device
+    info = report.machine_info(device)
+    sizes = sorted({(q.width, q.height) for q in queries})
+    machine_line = report.machine_line(info, sizes)
+    output_dir = Path(cli.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    CONSOLE.print(f"protocol {protocol.summary(camera_scale)}")
+    CONSOLE.print(f"camera-distance scale {camera_scale:.4g} scene units (median distance of training cameras to the origin)")
+    CONSOLE.print(f"{len(queries)} queries x {protocol.trials_per_query} trials = {len(trials)} trials per method; {SAME_POSES_NOTE}")
+    CONSOLE.print(machine_line)
+    if "icomma" in methods and cli.method_settings.icomma.loftr_weights_path is None:
+        CONSOLE.print("icomma: kornia's differentiable SIFT stands in for LoFTR (LoFTR weights cannot be downloaded here)")
+
+    meta: Dict[str, Any] = {
+        "load_config": str(cli.load_config),
+        "queries": "eval split" if cli.queries is None else str(cli.queries),
+        "num_queries": len(queries),
+        "methods": methods,
+        "protocol": protocol.to_dict(),
+        "protocol_summary": protocol.summary(camera_scale),
+        "camera_scale": camera_scale,
+        "machine": info,
+        "machine_line": machine_line,
+        "image_sizes": [list(s) for s in sizes],
+        "method_settings": dataclasses.asdict(cli.method_settings),
+        "command": "gsloc-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    views_cache: Dict[str, Any] = {}
+
+    def training_views():
+        if "views" not in views_cache:
+            views_cache["views"] = load_training_views(pipeline)
+        return views_cache["views"]
+
+    progress = Progress(
+        TextColumn("[bold]{task.fields[method]}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), console=CONSOLE, transient=False,
+    )
+    records: List[report.TrialRecord] = []
+    with progress:
+        for method in methods:
+            task = progress.add_task("", total=len(trials), method=method)
+
+            def on_trial(position: int, result: TrialResult, task=task) -> None:
+                progress.update(task, advance=1, description=f"{result.status} {result.seconds:.1f} s")
+
+            context = MethodContext(
+                model=model, settings=cli.method_settings, camera_scale=camera_scale, training_views=training_views,
+                on_progress=lambda text, task=task: progress.update(task, description=text),
+            )
+            started = time.perf_counter()
+            results = METHODS[method].run(context, queries, trials, on_trial)
+            meta.setdefault("method_seconds", {})[method] = time.perf_counter() - started
+            meta.update(context.notes)
+            records.extend(trial_records(method, queries, trials, results))
+            # Write what is finished so far: an interrupted benchmark still leaves usable files.
+            report.write_trials_jsonl(output_dir / "trials.jsonl", records)
+
+    rows = write_outputs(output_dir, methods, records, protocol, meta)
+    CONSOLE.print(report.rich_table(rows, title=f"{protocol.name}: {len(queries)} queries x {protocol.trials_per_query} trials"))
+    CONSOLE.print(machine_line)
+    for line in report.skipped_notes(rows) + report.comparisons(rows):
+        CONSOLE.print(line)
+    CONSOLE.print(f"results in {output_dir}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _peek_option(argv: Sequence[str], name: str) -> Optional[str]:
+    """The value of ``name`` in ``argv`` (read before tyro so a preset can become the defaults)."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run; ``--gsloc-preset`` fills in the gsloc defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preset = _peek_option(argv, "--gsloc-preset")
+    settings = MethodSettings()
+    if preset not in (None, "None"):
+        settings.gsloc = load_preset(preset)
+    default = BenchCLI(load_config=tyro.MISSING, method_settings=settings)  # type: ignore[arg-type]
+    cli = tyro.cli(BenchCLI, args=argv, default=default)
+    bench_main(cli, argv)
+
+
+def entrypoint() -> None:
+    """Console script ``gsloc-bench``."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    entrypoint()

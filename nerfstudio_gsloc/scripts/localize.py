@@ -1,0 +1,468 @@
+"""`ns-localize`: refine query camera poses against a trained gsloc (or splatfacto) run.
+
+Examples::
+
+    # the run's held-out eval split, each view started from its ground truth moved by 10 deg / 0.1 units
+    ns-localize --load-config outputs/scene/gsloc/<ts>/config.yml --output-dir outputs/loc --init perturb
+
+    # new images (nerfstudio transforms.json, poses in the dataset's original frame), from their priors
+    ns-localize --load-config .../config.yml --queries new/transforms.json --init prior --preset fast
+
+Outputs in ``--output-dir``:
+
+* ``poses.json``: per query the image, the refined and initial OpenGL camera-to-world 4x4 in the dataset's
+  original frame (``dataparser_transforms.json`` undone), status (converged / max_iterations / failed) with
+  the reason, final loss, iterations, match inliers and seconds; rewritten atomically after every finished
+  batch, so an interrupted run leaves a valid file and ``--resume`` skips what it holds.
+* ``metrics.json`` (and a printed table) when ground truth is known: rotation error (geodesic degrees),
+  translation error (scene and original units), mean/median, success rates at (1deg, 0.01), (2deg, 0.02),
+  (5deg, 0.05) scene units. Failed queries count as failures.
+* ``trace.csv`` (loss and errors per iteration) and ``trace.png`` (error against iteration).
+
+Every bad input (config, checkpoint, query file, images, intrinsics, preset, matcher weights) is reported as one
+``error:`` line with exit code 1 before any work starts and before anything is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import torch
+import tyro
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from nerfstudio_gsloc.camera_conventions import to_homogeneous
+from nerfstudio_gsloc.errors import GslocError, run_cli
+from nerfstudio_gsloc.evaluation.pose_errors import SUCCESS_THRESHOLDS, summarize_errors, threshold_key
+from nerfstudio_gsloc.localize.initialization import check_initialization, initial_poses
+from nerfstudio_gsloc.localize.optimizer import STATUS_FAILED, TRACE_FIELDS, QueryResult
+from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
+from nerfstudio_gsloc.localize.queries import FrameTransform, Query, load_eval_queries, load_frame_transform, load_transforms_queries
+
+CONSOLE = Console()
+POSES_FILE = "poses.json"
+METRICS_FILE = "metrics.json"
+TRACE_CSV = "trace.csv"
+TRACE_PNG = "trace.png"
+
+
+@dataclass
+class LocalizeCLI:
+    """Localize query images by inverting a trained Gaussian splatting run."""
+
+    load_config: Path
+    """The run's config.yml (written by ns-train gsloc / splatfacto)."""
+    output_dir: Path = Path("outputs/localize")
+    """Where poses.json, metrics.json, trace.csv and trace.png go."""
+    queries: Optional[Path] = None
+    """A nerfstudio transforms.json of query images (transform_matrix = ground truth, prior_transform_matrix =
+    prior, both in the dataset's original frame). Default: the run's held-out eval split."""
+    init: Literal["auto", "prior", "perturb"] = "auto"
+    """Initial poses: the query file's priors, or the ground truth perturbed by --perturb-deg/--perturb-trans.
+    auto: prior when every query has one, otherwise perturb."""
+    perturb_deg: float = 10.0
+    """Rotation of the perturbation, degrees, about a random axis through the camera centre."""
+    perturb_trans: float = 0.1
+    """Translation of the perturbation, scene units, in a random direction."""
+    seed: int = 0
+    """Base seed of the perturbations and RANSAC (each query uses its own stream)."""
+    resume: bool = False
+    """Skip queries already in --output-dir/poses.json (from an interrupted run with the same settings)."""
+    max_queries: Optional[int] = None
+    """Localize only the first N queries."""
+    num_threads: Optional[int] = None
+    """torch CPU threads (default: torch's choice). On a busy machine 1 thread is often several times faster."""
+    preset: Optional[str] = None
+    """A preset from configs/localize (default, fast, rgbd, ...) or a .yaml/.json file; loaded before the
+    other --localization.* options, which override it."""
+    localization: PoseInversionConfig = field(default_factory=PoseInversionConfig)
+    """The pose-inversion component (losses, matcher, schedule, optimiser)."""
+
+    def main(self) -> None:
+        """Validate everything, load the run, localize, write the outputs."""
+        localize_main(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# file helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _matrix(c2w: torch.Tensor) -> List[List[float]]:
+    """``[3|4, 4]`` pose -> nested 4x4 list (nerfstudio's transform_matrix layout)."""
+    return to_homogeneous(c2w.double()).tolist()
+
+
+def _finite_or_none(value: Optional[float]) -> Optional[float]:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_run_config(config_path: Path) -> Any:
+    """The nerfstudio ``TrainerConfig`` stored in ``config.yml`` (already validated by ``check_run``)."""
+    return yaml.load(Path(config_path).read_text(), Loader=yaml.Loader)
+
+
+def _run_frame_transform(config_path: Path) -> FrameTransform:
+    """Original <-> scene frame of a run, from its ``dataparser_transforms.json`` and dataset."""
+    config = _read_run_config(config_path)
+    datamanager = config.pipeline.datamanager
+    data = datamanager.data or getattr(datamanager.dataparser, "data", None)
+    return load_frame_transform(Path(config_path).parent / "dataparser_transforms.json", data)
+
+
+def _settings(cli: LocalizeCLI, init: str) -> Dict[str, Any]:
+    """What a resumed run must share with the run that wrote poses.json."""
+    return {
+        "config": str(Path(cli.load_config).resolve()),
+        "queries": "eval split" if cli.queries is None else str(Path(cli.queries).resolve()),
+        "init": init,
+        "perturb_deg": cli.perturb_deg if init == "perturb" else None,
+        "perturb_trans": cli.perturb_trans if init == "perturb" else None,
+        "seed": cli.seed,
+    }
+
+
+def _load_previous(output_dir: Path, settings: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Finished entries of an earlier run's poses.json, keyed by query name (for --resume)."""
+    path = output_dir / POSES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+        entries = previous["results"]
+        old_settings = previous["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise GslocError(f"cannot resume: {path} is not a poses.json written by ns-localize") from None
+    for key, value in settings.items():
+        if old_settings.get(key) != value:
+            raise GslocError(f"cannot resume: {path} was written with {key}={old_settings.get(key)!r}, now {value!r}")
+    return {entry["image"]: entry for entry in entries}
+
+
+def _result_entry(result: QueryResult, query: Query, frame: FrameTransform) -> Dict[str, Any]:
+    """One poses.json entry (poses in the original frame)."""
+    entry: Dict[str, Any] = {
+        "image": query.name,
+        "image_path": str(query.image_path),
+        "index": query.index,
+        "status": result.status,
+        "reason": result.reason,
+        "transform_matrix": _matrix(frame.to_original(result.c2w[None].double())[0]),
+        "initial_transform_matrix": _matrix(frame.to_original(result.c2w_init[None].double())[0]),
+        "loss": _finite_or_none(result.loss),
+        "iterations": result.iterations,
+        "match_inliers": result.match_inliers,
+        "seconds": round(result.seconds, 3),
+    }
+    if query.gt_c2w is not None:
+        entry["gt_transform_matrix"] = _matrix(frame.to_original(query.gt_c2w[None].double())[0])
+        entry["rot_err_deg"] = _finite_or_none(result.rot_err_deg)
+        entry["trans_err_scene"] = _finite_or_none(result.trans_err)
+        entry["trans_err_original"] = _finite_or_none(
+            None if result.trans_err is None else result.trans_err / frame.scale
+        )
+    return entry
+
+
+def compute_metrics(entries: Sequence[Dict[str, Any]], frame: FrameTransform) -> Optional[Dict[str, Any]]:
+    """Error summary of the entries with ground truth; failed queries count with NaN errors (never successes).
+
+    Success thresholds are in scene units (like the errors' ``trans_scene``), as the issue's protocol asks.
+    """
+    with_gt = [e for e in entries if "rot_err_deg" in e]
+    if not with_gt:
+        return None
+
+    def value(entry: Dict[str, Any], key: str) -> float:
+        if entry["status"] == STATUS_FAILED or entry.get(key) is None:
+            return math.nan
+        return float(entry[key])
+
+    rot = torch.tensor([value(e, "rot_err_deg") for e in with_gt], dtype=torch.float64)
+    trans = torch.tensor([value(e, "trans_err_scene") for e in with_gt], dtype=torch.float64)
+    # summarize_errors rates against the translation it is given times the factor: factor 1 = scene units.
+    scene_summary = summarize_errors(rot, trans, 1.0)
+    original_summary = summarize_errors(rot, trans, 1.0 / frame.scale)
+    return {
+        "num_queries": len(with_gt),
+        "num_failed": sum(e["status"] == STATUS_FAILED for e in with_gt),
+        "rot_deg_mean": scene_summary["rot_deg_mean"],
+        "rot_deg_median": scene_summary["rot_deg_median"],
+        "trans_scene_mean": scene_summary["trans_scene_mean"],
+        "trans_scene_median": scene_summary["trans_scene_median"],
+        "trans_original_mean": original_summary["trans_original_mean"],
+        "trans_original_median": original_summary["trans_original_median"],
+        "success_rates_scene_units": scene_summary["success_rates"],
+        "seconds_per_query_mean": sum(e["seconds"] for e in with_gt) / len(with_gt),
+        "dataparser_scale": frame.scale,
+    }
+
+
+def metrics_table(metrics: Dict[str, Any]) -> Table:
+    """Rich table of :func:`compute_metrics` output."""
+    table = Table(title=f"Localization of {metrics['num_queries']} queries ({metrics['num_failed']} failed)")
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("median", justify="right")
+    table.add_row("rotation error (deg)", f"{metrics['rot_deg_mean']:.4f}", f"{metrics['rot_deg_median']:.4f}")
+    table.add_row(
+        "translation error (scene units)", f"{metrics['trans_scene_mean']:.5f}", f"{metrics['trans_scene_median']:.5f}"
+    )
+    table.add_row(
+        "translation error (original units)",
+        f"{metrics['trans_original_mean']:.5f}",
+        f"{metrics['trans_original_median']:.5f}",
+    )
+    for deg, dist in SUCCESS_THRESHOLDS:
+        rate = metrics["success_rates_scene_units"][threshold_key(deg, dist)]
+        table.add_row(f"success at ({deg:g} deg, {dist:g} scene units)", f"{100.0 * rate:.1f}%", "")
+    table.add_row("seconds per query", f"{metrics['seconds_per_query_mean']:.2f}", "")
+    return table
+
+
+def write_trace_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    """All trace rows as CSV (atomic)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(TRACE_FIELDS), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in TRACE_FIELDS})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_trace_csv(path: Path) -> List[Dict[str, Any]]:
+    """Rows of an earlier trace.csv (for --resume); empty if there is none."""
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def plot_trace(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    """Error (or loss, without ground truth) against iteration, one line per query (matplotlib Agg, atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def number(value: Any) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return math.nan
+
+    by_query: Dict[str, List[Dict[str, Any]]] = {}
+    for row in rows:
+        by_query.setdefault(str(row["query"]), []).append(row)
+    has_gt = any(math.isfinite(number(r.get("rot_err_deg"))) for r in rows)
+    keys = [("rot_err_deg", "rotation error (deg)"), ("trans_err", "translation error (scene units)")] if has_gt else [
+        ("loss", "loss")
+    ]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        for name, items in by_query.items():
+            xs = [number(r["iteration"]) for r in items]
+            ys = [max(number(r.get(key)), 1e-6) for r in items]
+            ax.plot(xs, ys, linewidth=0.8, alpha=0.7)
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=str(path.parent))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_poses(path: Path, settings: Dict[str, Any], frame: FrameTransform, entries: Sequence[Dict[str, Any]]) -> None:
+    document = {
+        "convention": "OpenGL camera-to-world 4x4 (nerfstudio transforms.json), dataset's original frame",
+        "frame": frame.to_json(),
+        "settings": settings,
+        "results": sorted(entries, key=lambda e: e["index"]),
+    }
+    atomic_write_text(path, json.dumps(document, indent=2))
+
+
+def _resolve_init(queries: Sequence[Query], init: str) -> str:
+    """``auto`` -> ``prior`` when every query has a prior, else ``perturb``; then check it can be done."""
+    if init == "auto":
+        init = "prior" if all(q.prior_c2w is not None for q in queries) else "perturb"
+    check_initialization(queries, init)  # type: ignore[arg-type]
+    return init
+
+
+def localize_main(cli: LocalizeCLI) -> None:
+    """The body of ``ns-localize`` (raises :class:`GslocError` for bad input)."""
+    from nerfstudio_gsloc.runs import check_run, load_run
+
+    if cli.num_threads is not None:
+        if cli.num_threads < 1:
+            raise GslocError("--num-threads must be at least 1")
+        torch.set_num_threads(cli.num_threads)
+    # 1. Everything that can be checked without the model: run files, query file and images, init, matcher.
+    check_run(cli.load_config)
+    frame = _run_frame_transform(cli.load_config)
+    if cli.max_queries is not None and cli.max_queries < 1:
+        raise GslocError("--max-queries must be at least 1")
+    if cli.perturb_deg < 0 or cli.perturb_trans < 0:
+        raise GslocError("--perturb-deg and --perturb-trans must be >= 0")
+    queries: Optional[List[Query]] = None
+    init = cli.init
+    if cli.queries is not None:
+        queries = load_transforms_queries(cli.queries, frame, cli.max_queries)
+        init = _resolve_init(queries, init)
+    elif init == "prior":
+        raise GslocError("the eval split has no prior poses: use --init perturb, or --queries with prior_transform_matrix")
+    else:
+        init = "perturb"
+    output_dir = Path(cli.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise GslocError(f"--output-dir {output_dir} is a file")
+    matcher = PoseInversion.build_matcher(cli.localization)
+
+    # 2. The model (and the eval split, which needs the loaded datamanager).
+    with CONSOLE.status("loading the run"):
+        try:
+            _, pipeline = load_run(cli.load_config)
+        except GslocError:
+            raise
+        except Exception as err:  # a corrupt checkpoint or config: still one line, no traceback
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise GslocError(f"could not load the run {cli.load_config}: {type(err).__name__} {first}".strip()) from None
+    if queries is None:
+        queries = load_eval_queries(pipeline, cli.max_queries)
+        check_initialization(queries, init)
+    inverter = PoseInversion(cli.localization, pipeline.model, seed=cli.seed, matcher=matcher)
+    settings = _settings(cli, init)
+    previous = _load_previous(output_dir, settings) if cli.resume else {}
+    todo = [q for q in queries if q.name not in previous]
+    starts = initial_poses(todo, init, cli.perturb_deg, cli.perturb_trans, cli.seed) if todo else []
+
+    # 3. Work. poses.json is rewritten (atomically) after every finished batch.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    entries: Dict[str, Dict[str, Any]] = dict(previous)
+    trace_rows: List[Dict[str, Any]] = read_trace_csv(output_dir / TRACE_CSV) if cli.resume else []
+    trace_rows = [r for r in trace_rows if r.get("query") in previous]
+    by_name = {q.name: q for q in todo}
+    _write_poses(output_dir / POSES_FILE, settings, frame, list(entries.values()))
+    CONSOLE.print(
+        f"localizing {len(todo)} queries ({len(previous)} already done) from {init} poses, "
+        f"at most {inverter.max_iterations} iterations each"
+    )
+    progress = Progress(
+        TextColumn("[bold]localizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), console=CONSOLE, transient=False,
+    )
+    steps = {"count": 0}
+
+    def on_step(active: int) -> None:
+        steps["count"] += 1
+        progress.update(task, description=f"iteration {steps['count']}, {active} active")
+
+    def on_result(result: QueryResult) -> None:
+        entries[result.name] = _result_entry(result, by_name[result.name], frame)
+        trace_rows.extend(result.trace)
+        _write_poses(output_dir / POSES_FILE, settings, frame, list(entries.values()))
+        progress.advance(task)
+
+    started = time.perf_counter()
+    try:
+        with progress:
+            task = progress.add_task("", total=len(todo))
+            inverter.localize(todo, starts, progress=on_result, on_step=on_step)
+    except KeyboardInterrupt:
+        write_trace_csv(output_dir / TRACE_CSV, trace_rows)
+        CONSOLE.print(
+            f"[yellow]interrupted:[/yellow] {len(entries)} finished queries are in {output_dir / POSES_FILE}; "
+            "rerun with --resume to continue"
+        )
+        sys.exit(130)
+    elapsed = time.perf_counter() - started
+
+    # 4. Summaries.
+    write_trace_csv(output_dir / TRACE_CSV, trace_rows)
+    if trace_rows:
+        plot_trace(output_dir / TRACE_PNG, trace_rows)
+    failed = [e for e in entries.values() if e["status"] == STATUS_FAILED]
+    for entry in failed:
+        CONSOLE.print(f"[yellow]failed:[/yellow] {entry['image']}: {entry['reason']}")
+    metrics = compute_metrics(list(entries.values()), frame)
+    if metrics is not None:
+        atomic_write_text(output_dir / METRICS_FILE, json.dumps(metrics, indent=2))
+        CONSOLE.print(metrics_table(metrics))
+    CONSOLE.print(f"{len(todo)} queries in {elapsed:.1f} s; results in {output_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _peek_preset(argv: Sequence[str]) -> Optional[str]:
+    """The value of ``--preset`` in ``argv`` (read before tyro so the preset becomes the defaults)."""
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run; presets fill in the --localization.* defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preset = _peek_preset(argv)
+    localization = load_preset(preset) if preset not in (None, "None") else PoseInversionConfig()
+    default = LocalizeCLI(load_config=tyro.MISSING, localization=localization)  # type: ignore[arg-type]
+    cli = tyro.cli(LocalizeCLI, args=argv, default=default)
+    cli.main()
+
+
+def entrypoint() -> None:
+    """Console script ``ns-localize``."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,43 @@
+"""The pnp baseline's geometric pieces on synthetic data (the full baseline runs in test_bench's end-to-end test)."""
+
+from __future__ import annotations
+
+import torch
+
+from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
+from nerfstudio_gsloc.evaluation.baselines import _depth_edge_mask, refine_on_tight_inliers
+from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
+from nerfstudio_gsloc.localize.pose import perturb_pose
+
+
+def _project(points: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    w2c = opengl_c2w_to_opencv_w2c(c2w.double())
+    cam = points @ w2c[:3, :3].T + w2c[:3, 3]
+    return (cam[:, :2] / cam[:, 2:]) * torch.stack([K[0, 0], K[1, 1]]) + torch.stack([K[0, 2], K[1, 2]])
+
+
+def test_refinement_on_tight_inliers_ignores_outliers_and_recovers_the_pose():
+    gen = torch.Generator().manual_seed(0)
+    K = torch.tensor([[100.0, 0, 50], [0, 100.0, 50], [0, 0, 1]], dtype=torch.float64)
+    gt = torch.eye(4, dtype=torch.float64)[:3]  # OpenGL camera at the origin looking down -z
+    points = torch.rand(300, 3, generator=gen, dtype=torch.float64) * torch.tensor([2.0, 2.0, 1.0]) - torch.tensor([1.0, 1.0, 4.0])
+    kpts = _project(points, gt, K) + 0.1 * torch.randn(300, 2, generator=gen, dtype=torch.float64)
+    kpts[:60] += 20.0 * torch.randn(60, 2, generator=gen, dtype=torch.float64)  # 20 % gross outliers
+    start = perturb_pose(gt[None], 0.5, 0.01, gen)[0]
+    refined, inliers = refine_on_tight_inliers(points, kpts, K, start, px=2.0, min_inliers=12, rounds=3)
+    assert 200 <= inliers <= 245
+    assert float(rotation_error_deg(refined[None], gt[None])[0]) < 0.02
+    assert float(translation_error(refined[None], gt[None])[0]) < 4e-3  # from 0.01 (depth is the weak axis)
+    # Too few inliers at the threshold: the starting pose comes back unchanged.
+    same, count = refine_on_tight_inliers(points[:10], kpts[:10], K, start, px=2.0, min_inliers=12, fallback_inliers=7)
+    assert torch.equal(same, start) and count == 7
+
+
+def test_depth_edge_mask_marks_discontinuities_only():
+    depth = torch.full((8, 8), 2.0)
+    depth[:, 4:] = 5.0  # a step between columns 3 and 4
+    depth[0, 0] = 0.0  # missing depth
+    edges = _depth_edge_mask(depth, 0.05)
+    assert edges[:, 3].all() and edges[:, 4].all()
+    assert not edges[2:, 1].any() and not edges[:, 6].any()
+    assert edges[0, 1] and edges[1, 1]  # next to the missing pixel

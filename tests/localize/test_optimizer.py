@@ -1,0 +1,163 @@
+"""Tests of the pose-inversion loop: pyramid helpers, batching, failure handling, and end-to-end recovery."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
+from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
+from nerfstudio_gsloc.localize.initialization import initial_poses
+from nerfstudio_gsloc.localize.optimizer import (
+    STATUS_FAILED,
+    LossConfig,
+    OptimConfig,
+    ScheduleConfig,
+    build_stages,
+    downsample,
+    downsample_depth,
+    group_queries,
+    scale_intrinsics,
+)
+from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig, load_preset
+from nerfstudio_gsloc.localize.pose import perturb_pose
+from nerfstudio_gsloc.localize.queries import FrameTransform, Query, load_transforms_queries
+from nerfstudio_gsloc.errors import GslocError
+
+
+def _project(K: torch.Tensor, point_cam: torch.Tensor) -> torch.Tensor:
+    return (K @ point_cam)[:2] / point_cam[2]
+
+
+def test_scale_intrinsics_keeps_continuous_pixel_coordinates():
+    K = torch.tensor([[[50.0, 0.0, 32.0], [0.0, 52.0, 24.0], [0.0, 0.0, 1.0]]])
+    point = torch.tensor([0.3, -0.2, 2.0])
+    for scale, (w, h) in [(1, (64, 48)), (2, (32, 24)), (4, (16, 12)), (3, (21, 16))]:
+        K_level, width, height = scale_intrinsics(K, 64, 48, scale)
+        assert (width, height) == (w, h)
+        # A point's continuous image position scales exactly with the image size (pixel centres at +0.5).
+        expected = _project(K[0], point) * torch.tensor([w / 64, h / 48])
+        torch.testing.assert_close(_project(K_level[0], point), expected)
+
+
+def test_downsample_averages_and_depth_ignores_holes():
+    images = torch.arange(16.0).reshape(1, 4, 4, 1)
+    torch.testing.assert_close(downsample(images, 2, 2)[0, :, :, 0], torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
+    depth = torch.tensor([[2.0, 0.0], [4.0, 0.0]]).reshape(1, 2, 2, 1)
+    # One cell: two valid pixels (mean 3) and two holes -> the valid mean, not diluted by zeros.
+    assert downsample_depth(depth, 1, 1).item() == pytest.approx(3.0)
+    mostly_holes = torch.tensor([[2.0, 0.0], [0.0, 0.0]]).reshape(1, 2, 2, 1)
+    assert downsample_depth(mostly_holes, 1, 1).item() == 0.0
+
+
+def _query(index: int, width: int, height: int, background=None) -> Query:
+    return Query(name=f"q{index}", image_path=Path(f"q{index}.png"), image=torch.zeros(height, width, 3),
+                 K=torch.eye(3), width=width, height=height, background=background, index=index)
+
+
+def test_group_queries_by_size_and_background_in_batches():
+    white = torch.ones(3)
+    queries = [_query(0, 8, 6), _query(1, 10, 6), _query(2, 8, 6), _query(3, 8, 6), _query(4, 8, 6, white), _query(5, 8, 6)]
+    batches = group_queries(queries, batch_size=2)
+    assert batches == [[0, 2], [3, 5], [1], [4]]
+    assert sorted(i for b in batches for i in b) == list(range(6))
+
+
+def test_build_stages_follows_the_schedule():
+    stages = build_stages(LossConfig(), ScheduleConfig(), OptimConfig())
+    assert [s.name for s in stages] == ["matching", "refine@1/4", "refine@1/2", "refine@1/1"]
+    assert [s.final for s in stages] == [False, False, False, True]
+    assert stages[0].scale is None and stages[0].photometric_weight == 0.0 and stages[0].pnp_jump
+    # Matching early, photometric/depth late.
+    assert stages[0].matching_weight > stages[-1].matching_weight
+    assert stages[-1].photometric_weight > 0 and stages[-1].depth_weight > 0
+    no_match = build_stages(LossConfig(matching=False), ScheduleConfig(), OptimConfig())
+    assert [s.name for s in no_match] == ["refine@1/4", "refine@1/2", "refine@1/1"]
+    with pytest.raises(ValueError):
+        build_stages(LossConfig(), ScheduleConfig(pyramid_scales=(2, 1), pyramid_iterations=(5,)), OptimConfig())
+
+
+def test_presets_load_and_override(tmp_path):
+    for name in ("default", "fast", "rgbd"):
+        config = load_preset(name)
+        assert isinstance(config, PoseInversionConfig)
+        build_stages(config.losses, config.schedule, config.optim)
+    assert load_preset("fast").optim.batch_size >= PoseInversionConfig().optim.batch_size
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("schedule:\n  pyramid_scales: [1]\n  pyramid_iterations: [7]\n  refine_matching_weight: []\n")
+    config = load_preset(custom)
+    assert config.schedule.pyramid_scales == (1,) and config.schedule.pyramid_iterations == (7,)
+    custom.write_text("schedule:\n  no_such_thing: 1\n")
+    with pytest.raises(GslocError, match="no_such_thing"):
+        load_preset(custom)
+    with pytest.raises(GslocError, match="unknown preset"):
+        load_preset("does-not-exist")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop on a Gaussian model fitted directly to the embedded scene (see conftest.point_splat)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _refine_only(iterations: int = 8, **optim) -> PoseInversionConfig:
+    """Photometric refinement at full resolution only (fast, no matcher)."""
+    config = PoseInversionConfig()
+    config.losses.matching = False
+    config.losses.depth = False
+    config.schedule.pyramid_scales = (1,)
+    config.schedule.pyramid_iterations = (iterations,)
+    config.schedule.refine_matching_weight = ()
+    for key, value in optim.items():
+        setattr(config.optim, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def novel_queries(embedded_scene):
+    return load_transforms_queries(embedded_scene.queries, FrameTransform.identity())
+
+
+def test_failures_are_per_query_and_the_batch_goes_on(point_splat, novel_queries):
+    """A NaN start and a camera looking out of the room fail with reasons; the third query is refined."""
+    queries = novel_queries[:3]
+    starts = initial_poses(queries, "perturb", angle_deg=1.0, translation=0.02, seed=0)
+    starts[0] = torch.full((3, 4), float("nan"))
+    # Step 1 km back and turn around: the room is behind the camera.
+    away = starts[1].clone()
+    away[:, 3] = away[:, 3] + 1000.0 * away[:, 2]
+    away[:, :3] = away[:, :3] * torch.tensor([-1.0, 1.0, -1.0])
+    starts[1] = away
+    inverter = _refine_only(iterations=4, batch_size=3).setup(model=point_splat)
+    results = inverter.localize(queries, starts)
+    assert [r.status for r in results[:2]] == [STATUS_FAILED, STATUS_FAILED]
+    assert "non-finite" in results[0].reason
+    assert "lost sight" in results[1].reason
+    assert results[2].status != STATUS_FAILED and results[2].iterations == 4
+    assert math.isfinite(results[2].loss) and torch.isfinite(results[2].c2w).all()
+    assert len(results[2].trace) == 4 and results[2].trace[0]["rot_err_deg"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_batching_does_not_change_results(point_splat, novel_queries):
+    queries = novel_queries[:2]
+    starts = initial_poses(queries, "perturb", angle_deg=2.0, translation=0.05, seed=1)
+    together = _refine_only(iterations=5, batch_size=2).setup(model=point_splat).localize(queries, starts)
+    alone = _refine_only(iterations=5, batch_size=1).setup(model=point_splat).localize(queries, starts)
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a.c2w, b.c2w, atol=1e-5, rtol=0)
+        assert a.loss == pytest.approx(b.loss, rel=1e-4)
+    # The returned pose is the best final-stage pose: its loss is the smallest one in the trace.
+    for result in together:
+        assert result.loss == pytest.approx(min(row["loss"] for row in result.trace))
+
+
+def test_model_parameters_are_left_untouched(point_splat, novel_queries):
+    before = {name: p.detach().clone() for name, p in point_splat.named_parameters()}
+    flags = {name: p.requires_grad for name, p in point_splat.named_parameters()}
+    starts = initial_poses(novel_queries[:1], "perturb", angle_deg=1.0, translation=0.01, seed=2)
+    _refine_only(iterations=2).setup(model=point_splat).localize(novel_queries[:1], starts)
+    for name, p in point_splat.named_parameters():
+        assert torch.equal(p.detach(), before[name]) and p.grad is None and p.requires_grad == flags[name]
