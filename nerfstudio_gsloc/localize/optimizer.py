@@ -58,19 +58,24 @@ class LossConfig:
     photometric: bool = True
     """L1 + D-SSIM between render and query over rendered alpha (and the query mask)."""
     photometric_weight: float = 1.0
-    ssim_weight: float = 0.2
-    """Share of D-SSIM in the photometric term."""
+    """Weight of the photometric term."""
+    ssim_weight: float = 0.5
+    """Share of D-SSIM in the photometric term (structure is less sensitive than L1 to a model's colour errors)."""
     color_correction: bool = False
     """Optimise a per-query affine colour transform of the render (exposure/white-balance differences)."""
     matching: bool = True
     """Huber reprojection loss of matched render points lifted to 3D (needs a matcher)."""
     matching_weight: float = 1.0
+    """Weight of the reprojection term (its stage weights scale it further)."""
     huber_delta_px: float = 2.0
     """Huber threshold of the reprojection loss, full-resolution pixels."""
     depth: bool = True
     """L1 depth + Sobel depth-edge loss, for queries that have depth."""
-    depth_weight: float = 1.0
+    depth_weight: float = 0.1
+    """Depth L1 is in scene units; trained models' depth is least reliable at occlusion edges, so the default
+    keeps this term small next to the photometric one."""
     depth_edge_weight: float = 1.0
+    """Weight of the Sobel depth-edge part inside the depth term."""
     alpha_threshold: float = 0.5
     """Pixels whose rendered alpha is below this are ignored by photometric and depth terms."""
 
@@ -79,7 +84,7 @@ class LossConfig:
 class ScheduleConfig:
     """Stages of the optimisation. The maximum iteration count is ``matching_iterations + sum(pyramid_iterations)``."""
 
-    matching_iterations: int = 30
+    matching_iterations: int = 50
     """Iterations of the matching stage: a matching round (render, match, PnP) every ``rematch_every``
     iterations, reprojection-loss steps in between (no render) for queries without a PnP pose."""
     rematch_every: int = 10
@@ -121,7 +126,7 @@ class OptimConfig:
     uses ``s`` times this (a step of about the same number of its pixels)."""
     translation_lr: float = 5e-4
     """Adam learning rate of the translation (scene units) at full resolution; scaled like ``rotation_lr``."""
-    color_lr: float = 5e-3
+    color_lr: float = 2e-2
     """Adam learning rate of the affine colour correction."""
     lr_final_ratio: float = 0.1
     """Learning rates decay exponentially within each stage down to this fraction."""
@@ -458,6 +463,9 @@ class _BatchRun:
         self.pnp_localized = [False] * self.B  # the last matching-stage round found a PnP pose
         self.still = [0] * self.B  # consecutive iterations with a small update
         self.traces: List[List[Dict[str, object]]] = [[] for _ in range(self.B)]
+        for i in range(self.B):
+            if not bool(torch.isfinite(self.base[i]).all()):
+                self.fail(i, "non-finite initial pose")
 
     # -- small helpers -------------------------------------------------------------------------------------
 
@@ -591,6 +599,11 @@ class _BatchRun:
     # -- the loop --------------------------------------------------------------------------------------------
 
     def run(self, on_step: Optional[Callable[[int], None]]) -> List[QueryResult]:
+        # Row 0 of every trace is the initial pose (no loss yet), so plots show the whole descent.
+        ids = self.active_ids()
+        nan = torch.full((len(ids),), float("nan"))
+        init_stage = Stage("init", 0, None, 0.0, 0.0, 0.0, 0.0, 0.0, False, False)
+        self._record(init_stage, ids, nan, nan, nan, nan, {}, self.base[ids], {i: "init" for i in ids})
         for stage in self.o.stages:
             if not any(self.active):
                 break
@@ -636,13 +649,18 @@ class _BatchRun:
                 self.iterations[i] += 1
                 if i in jumped and float(rot_jump[j]) < sched.pnp_settle_deg and float(trans_jump[j]) < sched.pnp_settle_trans:
                     settled[i] = True
+                if self.matches[i] is None:
+                    # Too few matches: no gradient moves it, so another round would see the same render.
+                    settled[i] = True
             # One trace row per matched query, at its pose after the round.
             with torch.no_grad():
                 loss, counts = self.matching_loss(ids, after[ids])
             zero = torch.zeros_like(loss)
             self._record(stage, ids, loss * stage.matching_weight, loss, zero, zero, counts, after[ids], events)
             self._timed(ids, started)
-            movers = [i for i in ids if i not in jumped]
+            if on_step is not None:
+                on_step(sum(self.active))
+            movers = [i for i in ids if i not in jumped and self.matches[i] is not None]
             for it in range(start, min(start + every, stage.iterations)):
                 movers = [i for i in movers if self.active[i]]
                 if not movers:

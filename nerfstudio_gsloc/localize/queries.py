@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -304,6 +304,8 @@ def load_transforms_queries(
             raise GslocError(f"{where}: missing file_path")
         image_path = root / str(frame["file_path"])
         where = f"{path.name} frame {index} ({frame['file_path']})"
+        if any(q.name == str(frame["file_path"]) for q in queries):
+            raise GslocError(f"{where}: file_path appears twice (results are keyed by it)")
         values = {key: _number(meta, frame, key, where) for key in _INTRINSIC_KEYS}
         missing = [key for key, value in values.items() if value is None]
         if missing:

@@ -381,6 +381,10 @@ def localize_main(cli: LocalizeCLI) -> None:
 
     # 3. Work. poses.json is rewritten (atomically) after every finished batch.
     output_dir.mkdir(parents=True, exist_ok=True)
+    if not cli.resume:
+        # Summaries of an earlier run in this folder would not describe this one.
+        for stale in (METRICS_FILE, TRACE_CSV, TRACE_PNG):
+            (output_dir / stale).unlink(missing_ok=True)
     entries: Dict[str, Dict[str, Any]] = dict(previous)
     trace_rows: List[Dict[str, Any]] = read_trace_csv(output_dir / TRACE_CSV) if cli.resume else []
     trace_rows = [r for r in trace_rows if r.get("query") in previous]

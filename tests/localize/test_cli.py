@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from nerfstudio_gsloc.errors import run_cli
 from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
