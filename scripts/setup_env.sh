@@ -7,6 +7,16 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
+# nerfstudio's ns-export imports open3d, which needs the system's libusb-1.0 (absent on minimal Debian images).
+if ! ldconfig -p 2>/dev/null | grep -q libusb-1.0.so.0; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing libusb-1.0-0 (needed by open3d / ns-export)"
+    apt-get update -qq >/dev/null && apt-get install -y -qq libusb-1.0-0 >/dev/null
+  else
+    echo "[setup] warning: libusb-1.0 is missing; ns-export will fail until it is installed (apt-get install libusb-1.0-0)"
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
