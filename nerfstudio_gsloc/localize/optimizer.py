@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.losses import depth_loss, photometric_loss, reprojection_loss
-from nerfstudio_gsloc.localize.matching import Matcher, lift_keypoints, pnp_ransac
-from nerfstudio_gsloc.localize.pose import PoseCorrection
+from nerfstudio_gsloc.localize.matching import Matcher, PnPResult, lift_keypoints, pnp_ransac
+from nerfstudio_gsloc.localize.pose import PoseCorrection, axis_angle_to_matrix
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.rendering import RenderedViews, render_splat_model
 
@@ -99,6 +99,11 @@ class ScheduleConfig:
     """RANSAC inlier threshold (full-resolution pixels); outliers never enter the reprojection loss."""
     pnp_min_inliers: int = 12
     """Minimum PnP inliers for a jump (and for using the inlier set rather than all matches)."""
+    search_deg: float = 15.0
+    """When the first matching round finds no PnP pose (e.g. the scene is barely in view), render the query's
+    pose turned by this many degrees up/down/left/right (and diagonally) and match those; 0 disables."""
+    search_rings: int = 1
+    """Rings of the look-around grid (1: 8 views at +-search_deg, 2: 24 views up to +-2 search_deg)."""
     min_matches: int = 8
     """Rounds with fewer valid matches than this give that query no matching term."""
     coarse_after_pnp: bool = False
@@ -216,7 +221,8 @@ class QueryResult:
         c2w: ``[3, 4]`` refined OpenGL camera-to-world pose (the best final-stage pose).
         c2w_init: ``[3, 4]`` initial pose.
         status: ``converged`` (update below tolerance), ``max_iterations`` (ran out of iterations) or ``failed``.
-        reason: why it failed or stopped (empty for a normal convergence).
+        reason: why it failed or stopped (empty for a normal convergence), plus a note when the matching stage
+            found no PnP pose for it (then only the narrow-basin photometric/depth terms refined it).
         loss: loss of the returned pose (final-stage loss; NaN if that stage was never reached).
         iterations: optimisation steps taken.
         match_inliers: inliers of the last matching round (PnP inliers, or valid matches when PnP failed).
@@ -461,6 +467,7 @@ class _BatchRun:
         self.matches: List[Optional[_MatchState]] = [None] * self.B
         self.last_inliers = [0] * self.B
         self.pnp_localized = [False] * self.B  # the last matching-stage round found a PnP pose
+        self.searched = [False] * self.B  # the look-around search was tried
         self.still = [0] * self.B  # consecutive iterations with a small update
         self.traces: List[List[Dict[str, object]]] = [[] for _ in range(self.B)]
         for i in range(self.B):
@@ -521,18 +528,70 @@ class _BatchRun:
 
     # -- matching --------------------------------------------------------------------------------------------
 
+    def _match_view(self, i: int, rgb: Tensor, depth: Tensor, alpha: Tensor, c2w: Tensor) -> Tuple[Tensor, Tensor, Optional[PnPResult]]:
+        """Match query ``i`` with one full-resolution render and lift the render's keypoints to 3D.
+
+        Args:
+            rgb, depth, alpha: ``[H, W, 3]``, ``[H, W, 1]``, ``[H, W, 1]`` render of pose ``c2w [3, 4]``.
+
+        Returns:
+            ``points_world [m, 3]`` and ``kpts_query [m, 2]`` of the valid matches, and the PnP + RANSAC result
+            (``None`` with fewer than ``min_matches`` matches).
+        """
+        assert self.o.matcher is not None
+        sched = self.o.schedule
+        matches = self.o.matcher.match(self.images[i], rgb)
+        kq, kr = matches.kpts0.to(self.device), matches.kpts1.to(self.device)
+        points, valid = lift_keypoints(kr, depth, self.Ks[i], c2w, alpha=alpha, alpha_threshold=self.o.losses.alpha_threshold)
+        if self.masks is not None and len(kq):
+            col = kq[:, 0].floor().long().clamp(0, self.width - 1)
+            row = kq[:, 1].floor().long().clamp(0, self.height - 1)
+            valid = valid & self.masks[i, row, col, 0]
+        points, kq = points[valid], kq[valid]
+        if points.shape[0] < sched.min_matches:
+            return points, kq, None
+        cv2.setRNGSeed(self.o.seed + self.queries[i].index)  # RANSAC reproducible per query
+        pnp = pnp_ransac(points, kq, self.Ks[i], reproj_px=sched.pnp_reproj_px, min_inliers=sched.pnp_min_inliers)
+        return points, kq, pnp
+
+    def _search(self, i: int, c2w: Tensor) -> Optional[Tuple[Tensor, Tensor, PnPResult]]:
+        """Look around: match query ``i`` against renders of its pose turned by a grid of pitch/yaw offsets.
+
+        The grid has ``search_rings`` rings of ``search_deg`` steps about the camera's x and y axes (8 views for
+        one ring). Returns the matches and PnP result of the view with the most inliers, or ``None``.
+        """
+        sched = self.o.schedule
+        rings, step = int(sched.search_rings), math.radians(sched.search_deg)
+        offsets = [(a * step, b * step) for a in range(-rings, rings + 1) for b in range(-rings, rings + 1) if (a, b) != (0, 0)]
+        if not offsets:
+            return None
+        vectors = torch.tensor([[pitch, yaw, 0.0] for pitch, yaw in offsets], dtype=torch.float64)
+        rots = c2w[None, :, :3].double() @ axis_angle_to_matrix(vectors)
+        candidates = torch.cat([rots, c2w[None, :, 3:4].double().expand(len(offsets), 3, 1)], dim=-1).float()
+        best: Optional[Tuple[Tensor, Tensor, PnPResult]] = None
+        chunk = max(1, self.o.optim.batch_size)
+        for start in range(0, len(offsets), chunk):
+            poses = candidates[start : start + chunk]
+            Ks = self.Ks[i : i + 1].expand(poses.shape[0], 3, 3)
+            views = render_splat_model(self.o.model, poses, Ks, self.width, self.height, background=self.background)
+            for k in range(poses.shape[0]):
+                points, kq, pnp = self._match_view(i, views.rgb[k], views.depth[k], views.alpha[k], poses[k])
+                if pnp is not None and pnp.c2w is not None and (best is None or pnp.num_inliers > best[2].num_inliers):
+                    best = (points, kq, pnp)
+        return best
+
     def match_round(self, ids: List[int], stage: Stage, optimizer: torch.optim.Optimizer, views: Optional[RenderedViews]) -> Dict[int, str]:
         """Recompute matches of the queries ``ids`` against a full-resolution render of their current poses.
+
+        In the matching stage a query whose first round finds no PnP pose also tries the look-around search
+        (:meth:`_search`) once.
 
         Args:
             views: full-resolution renders of ``ids`` to reuse, or ``None`` to render them here.
 
         Returns:
-            ``{query: event}`` for the trace (``"rematch"`` or ``"pnp_jump"``).
+            ``{query: event}`` for the trace (``"rematch"``, ``"pnp_jump"`` or ``"search_jump"``).
         """
-        matcher = self.o.matcher
-        assert matcher is not None
-        sched = self.o.schedule
         events: Dict[int, str] = {}
         with torch.no_grad():
             c2w = self.current_c2w()[ids].detach()
@@ -540,23 +599,19 @@ class _BatchRun:
                 views, _, _, _ = self.render(ids, c2w, 1)
             for j, i in enumerate(ids):
                 started = time.perf_counter()
-                query = self.queries[i]
-                matches = matcher.match(self.images[i], views.rgb[j])
-                kq, kr = matches.kpts0.to(self.device), matches.kpts1.to(self.device)
-                points, valid = lift_keypoints(kr, views.depth[j], self.Ks[i], c2w[j], alpha=views.alpha[j],
-                                               alpha_threshold=self.o.losses.alpha_threshold)
-                if self.masks is not None and len(kq):
-                    col = kq[:, 0].floor().long().clamp(0, self.width - 1)
-                    row = kq[:, 1].floor().long().clamp(0, self.height - 1)
-                    valid = valid & self.masks[i, row, col, 0]
-                points, kq = points[valid], kq[valid]
+                points, kq, pnp = self._match_view(i, views.rgb[j], views.depth[j], views.alpha[j], c2w[j])
                 event = "rematch"
-                if points.shape[0] < sched.min_matches:
+                no_pose = pnp is None or pnp.c2w is None
+                if stage.pnp_jump and no_pose and self.o.schedule.search_deg > 0 and not self.searched[i]:
+                    self.searched[i] = True
+                    found = self._search(i, c2w[j])
+                    if found is not None:
+                        points, kq, pnp = found
+                        event = "search"
+                if pnp is None:
                     self.matches[i] = None
                     self.last_inliers[i] = int(points.shape[0])
                 else:
-                    cv2.setRNGSeed(self.o.seed + query.index)  # RANSAC reproducible per query
-                    pnp = pnp_ransac(points, kq, self.Ks[i], reproj_px=sched.pnp_reproj_px, min_inliers=sched.pnp_min_inliers)
                     if stage.pnp_jump:
                         self.pnp_localized[i] = pnp.c2w is not None
                     if pnp.c2w is not None:
@@ -565,7 +620,7 @@ class _BatchRun:
                         self.last_inliers[i] = pnp.num_inliers
                         if stage.pnp_jump and self._jump_allowed(i, pnp.c2w.to(self.device)):
                             self.rebase(i, pnp.c2w.to(self.device), optimizer)
-                            event = "pnp_jump"
+                            event = "search_jump" if event == "search" else "pnp_jump"
                     else:
                         self.last_inliers[i] = int(points.shape[0])
                     self.matches[i] = _MatchState(points, kq, self.last_inliers[i])
@@ -644,7 +699,7 @@ class _BatchRun:
             events = self.match_round(ids, stage, optimizer, None)
             after = self.current_c2w().detach()
             rot_jump, trans_jump = _pose_change(after[ids], before[ids])
-            jumped = [i for i in ids if events.get(i) == "pnp_jump"]
+            jumped = [i for i in ids if events.get(i) in ("pnp_jump", "search_jump")]
             for j, i in enumerate(ids):
                 self.iterations[i] += 1
                 if i in jumped and float(rot_jump[j]) < sched.pnp_settle_deg and float(trans_jump[j]) < sched.pnp_settle_trans:
@@ -865,6 +920,12 @@ class _BatchRun:
             if self.gt[i] is not None:
                 r, t = _pose_change(c2w[None], self.gt[i][None])
                 rot, trans = float(r[0]), float(t[0])
+            reason = self.reason[i]
+            uses_matching = any(stage.pnp_jump for stage in self.o.stages)
+            if uses_matching and not self.pnp_localized[i] and self.status[i] != STATUS_FAILED:
+                # Worth knowing: without a PnP pose only the (narrow-basin) photometric terms moved this query.
+                note = "no PnP pose from feature matches; refined by the photometric/depth terms only"
+                reason = f"{reason}; {note}" if reason else note
             out.append(
                 QueryResult(
                     name=query.name,
@@ -872,7 +933,7 @@ class _BatchRun:
                     c2w=c2w.detach().cpu().clone(),
                     c2w_init=self.c2w_init[i].cpu().clone(),
                     status=self.status[i],
-                    reason=self.reason[i],
+                    reason=reason,
                     loss=self.best_loss[i] if reached_final else float("nan"),
                     iterations=self.iterations[i],
                     match_inliers=int(self.last_inliers[i]),

@@ -235,3 +235,27 @@ def test_colour_correction_absorbs_an_exposure_change(point_splat, novel_queries
     corrected = config.setup(model=point_splat).localize([dark], start)[0]
     print("colour correction:", corrected.loss, plain.loss)
     assert corrected.loss < 0.9 * plain.loss, (corrected.loss, plain.loss)
+
+
+def test_look_around_search_widens_the_basin(point_splat, novel_queries):
+    """Turned 35 deg away, the first render shares too little with the query for PnP; the pitch/yaw search
+    finds a view that does, and the query is localized from there."""
+    from nerfstudio_gsloc.localize.pose import axis_angle_to_matrix
+
+    query = novel_queries[2]
+    yaw = axis_angle_to_matrix(torch.tensor([0.0, math.radians(35.0), 0.0]))
+    start = [torch.cat([query.gt_c2w[:, :3] @ yaw, query.gt_c2w[:, 3:]], dim=1)]
+
+    def run(search_deg: float):
+        config = PoseInversionConfig()
+        config.schedule.pyramid_iterations = (0, 0, 2)
+        config.schedule.search_deg = search_deg
+        config.schedule.search_rings = 2
+        return config.setup(model=point_splat).localize([query], start)[0]
+
+    found = run(15.0)
+    assert found.trace[1]["event"] == "search_jump"
+    assert found.rot_err_deg < 5.0 and found.trans_err < 0.2, (found.rot_err_deg, found.trans_err)
+    without = run(0.0)
+    assert without.trace[1]["event"] == "rematch"  # same first round, no search
+    assert all(row["event"] != "search_jump" for row in without.trace)
