@@ -4,6 +4,8 @@
 # Usage: bash scripts/bench_lego_train.sh [iterations] [output-dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# idle OpenMP threads sleep rather than spin: on a busy 2-core machine spinning makes torch 10-30x slower
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 ITERS=${1:-3000}
 OUT=${2:-outputs/bench}
 DATA=${GSLOC_LEGO:-../shared/data/lego-200}

@@ -4,6 +4,8 @@
 # with `ns-localize` and print the accuracy table. Usage: bash scripts/run_demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# idle OpenMP threads sleep rather than spin: on a busy 2-core machine spinning makes torch 10-30x slower
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 bash scripts/setup_env.sh
 BIN=.venv/bin
 DATA=data/gsloc-room

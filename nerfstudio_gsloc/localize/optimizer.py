@@ -7,10 +7,15 @@ queries are rendered together in one ``render_splat_model`` call per iteration. 
 1. **matching** (wide basin, iComMa-style): every ``rematch_every`` iterations the current pose is rendered at
    full resolution, query and render are matched (SIFT by default), render keypoints are lifted to 3D with the
    rendered depth and, when PnP + RANSAC finds enough inliers, the pose *jumps* to the PnP solution (optional).
-   Between rounds Adam descends the robust reprojection loss of the inlier points, which needs no rendering.
+   Queries without a PnP pose descend the robust reprojection loss of their matches with Adam in between
+   (no rendering needed). A query whose first round finds no PnP pose first *looks around*: it matches renders
+   of its pose turned up/down/left/right by ``search_deg`` and takes the best.
 2. **refinement** down a coarse-to-fine image pyramid (e.g. 1/4, 1/2, full resolution): K and the image size
    are scaled, the query is downsampled, and the loss is photometric (L1 + D-SSIM over rendered alpha) plus
-   depth (L1 + Sobel edges) for queries with depth, plus an optional small matching term.
+   depth (L1 + Sobel edges) for queries with depth, plus an optional small matching term. Queries localized
+   by PnP skip the coarse levels (they are already in the fine basin). Learning rates scale with the level's
+   pixel size, and rotations turn the camera about a pivot at the scene's median depth, which keeps rotation
+   and translation from producing the same image motion (about the camera centre both mostly shift it).
 
 Stopping: in the final stage a query stops when its pose update stays below ``rot_tol_deg`` and
 ``trans_tol`` for ``patience`` iterations (earlier stages end early when all queries are that still); the
