@@ -7,6 +7,7 @@ used instead, with one warning.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -33,7 +34,8 @@ def load_cpu_extension(verbose: bool = False):
                 from torch.utils.cpp_extension import load
 
                 _extension = load(
-                    name="gsloc_rasterize_cpu",
+                    # one build per checkout: two checkouts sharing a name would rebuild on every switch
+                    name="gsloc_rasterize_cpu_" + hashlib.sha1(str(_CSRC.resolve()).encode()).hexdigest()[:8],
                     sources=[str(_CSRC)],
                     # -ffast-math lets gcc vectorise expf over a tile's pixels; -march=native: built on the user's machine
                     extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
