@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -20,35 +22,16 @@ def _seeded():
         yield
 
 
-def train_small_gsloc_run(data_dir, output_dir, iterations: int = 300):
-    """Train a gsloc model in-process on a nerfstudio dataset and return its ``config.yml`` path.
+def train_small_gsloc_run(data_dir, output_dir, iterations: int = 300, depth_seed_points: Optional[int] = 10_000):
+    """Train a gsloc model in-process on a nerfstudio dataset (seeded) and return its ``config.yml`` path.
 
     Uses the real `ns-train gsloc` configuration with a shortened schedule (what ``ns-train gsloc
-    --max-num-iterations N`` runs), without the viewer.
+    --max-num-iterations N`` runs, with densification compressed to the short run), without the viewer.
     """
-    from pathlib import Path
+    from nerfstudio_gsloc.training import TrainPreset, gsloc_run_config, train
 
-    from nerfstudio_gsloc.method import gsloc_trainer_config
-
-    config = gsloc_trainer_config(max_iterations=iterations)
-    config.pipeline.datamanager.data = Path(data_dir)
-    config.output_dir = Path(output_dir)
-    config.experiment_name = "scene"
-    config.timestamp = "test"
-    config.vis = "tensorboard"
-    config.steps_per_eval_image = 1_000_000
-    config.steps_per_save = iterations
-    config.save_only_latest_checkpoint = True
-    config.logging.local_writer.enable = False
-    config.pipeline.model.warmup_length = iterations // 5
-    config.pipeline.model.refine_every = max(iterations // 10, 10)
-    config.pipeline.model.sh_degree_interval = iterations // 4
-    config.pipeline.datamanager.dataparser.depth_seed_points = 10_000
-    config.save_config()
-    trainer = config.setup(local_rank=0, world_size=1)
-    trainer.setup()
-    trainer.train()
-    return config.get_base_dir() / "config.yml"
+    preset = TrainPreset(iterations=iterations, compress_schedule=True, depth_seed_points=depth_seed_points)
+    return train(gsloc_run_config(Path(data_dir), Path(output_dir), preset, "scene", "test"), preset.seed)
 
 
 @pytest.fixture(scope="session")

@@ -135,20 +135,30 @@ def available_presets() -> List[str]:
     return sorted(p.stem for p in PRESET_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
 
 
-def resolve_preset(name_or_path: Union[str, Path]) -> Path:
-    """A preset file from a name in :data:`PRESET_DIR` or a path to a ``.yaml``/``.json`` file."""
+def resolve_preset(name_or_path: Union[str, Path], directory: Path = PRESET_DIR) -> Path:
+    """A preset file from a name in ``directory`` (default :data:`PRESET_DIR`) or a path to a ``.yaml``/``.json`` file."""
     path = Path(name_or_path)
     if path.is_file():
         return path
     for suffix in (".yaml", ".yml", ".json"):
-        candidate = PRESET_DIR / f"{name_or_path}{suffix}"
+        candidate = directory / f"{name_or_path}{suffix}"
         if candidate.is_file():
             return candidate
-    names = ", ".join(available_presets()) or "none found"
-    raise GslocError(f"unknown preset {name_or_path!r} (a file path or one of: {names})")
+    names = sorted(p.stem for p in directory.iterdir() if p.suffix in (".yaml", ".yml", ".json")) if directory.is_dir() else []
+    raise GslocError(f"unknown preset {name_or_path!r} (a file path or one of: {', '.join(names) or 'none found'})")
 
 
-def _apply(instance: Any, values: Dict[str, Any], where: str) -> Any:
+def read_preset_values(path: Path) -> Dict[str, Any]:
+    """The mapping stored in a YAML or JSON preset file. Raises :class:`GslocError` if it cannot be read."""
+    try:
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise GslocError(f"cannot read preset {path}: {type(err).__name__}") from None
+    return values or {}
+
+
+def apply_settings(instance: Any, values: Dict[str, Any], where: str) -> Any:
     """Recursively replace dataclass fields of ``instance`` with ``values`` (nested dicts for nested configs)."""
     if not isinstance(values, dict):
         raise GslocError(f"{where} must be a mapping, got {type(values).__name__}")
@@ -159,7 +169,7 @@ def _apply(instance: Any, values: Dict[str, Any], where: str) -> Any:
             raise GslocError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
         current = getattr(instance, key)
         if dataclasses.is_dataclass(current):
-            updates[key] = _apply(current, value, f"{where}.{key}")
+            updates[key] = apply_settings(current, value, f"{where}.{key}")
         elif isinstance(current, tuple):
             updates[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         elif isinstance(current, Path) or (key.endswith("_path") and value is not None):
@@ -187,10 +197,5 @@ def load_preset(name_or_path: Union[str, Path], base: Optional[PoseInversionConf
         GslocError: unknown preset, unreadable file or unknown keys.
     """
     path = resolve_preset(name_or_path)
-    try:
-        text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise GslocError(f"cannot read preset {path}: {type(err).__name__}") from None
     config = base if base is not None else PoseInversionConfig()
-    return _apply(config, values or {}, f"preset {path.name}")
+    return apply_settings(config, read_preset_values(path), f"preset {path.name}")

@@ -5,6 +5,9 @@ Examples::
     # lego-200 test split, iNeRF protocol, every method
     gsloc-bench --load-config outputs/lego-200/gsloc/<ts>/config.yml --protocol inerf --output-dir outputs/bench/lego
 
+    # train first (or reuse <output-dir>/run), then benchmark: a dataset folder and a training preset
+    gsloc-bench --data data/gsloc-room --train-preset quick --output-dir outputs/bench/room
+
     # new images from a transforms.json, two methods, the rotation sweep, 10 queries
     gsloc-bench --load-config .../config.yml --queries new/transforms.json --methods gsloc pnp \\
         --protocol icomma-sweep --max-queries 10
@@ -58,8 +61,13 @@ SAME_POSES_NOTE = (
 class BenchCLI:
     """Benchmark localization methods on a trained run."""
 
-    load_config: Path
-    """The run's config.yml (written by ns-train gsloc / splatfacto)."""
+    load_config: Optional[Path] = None
+    """The run's config.yml (written by ns-train gsloc / splatfacto). Give this or --data."""
+    data: Optional[Path] = None
+    """Instead of --load-config: a dataset folder (nerfstudio or Blender format) to train a gsloc model on first,
+    with --train-preset; the run goes to <output-dir>/run/ and a finished run there is reused."""
+    train_preset: str = "default"
+    """Training preset of configs/train (tiny, quick, default) or a .yaml file, for --data."""
     output_dir: Path = Path("outputs/bench")
     """Where results.md, results.csv, trials.jsonl and the plots go."""
     queries: Optional[Path] = None
@@ -104,6 +112,8 @@ def _frame_transform(config_path: Path):
 def validate(cli: BenchCLI) -> Tuple[List[str], Protocol]:
     """Everything that can be checked before loading the model. Raises :class:`GslocError`."""
     methods = check_methods(list(cli.methods))
+    if (cli.load_config is None) == (cli.data is None):
+        raise GslocError("give either --load-config (a trained run) or --data (a dataset to train on first)")
     if cli.trials is not None and cli.trials < 1:
         raise GslocError("--trials must be at least 1")
     if cli.max_queries is not None and cli.max_queries < 1:
@@ -117,6 +127,22 @@ def validate(cli: BenchCLI) -> Tuple[List[str], Protocol]:
     if Path(cli.output_dir).exists() and not Path(cli.output_dir).is_dir():
         raise GslocError(f"--output-dir {cli.output_dir} is a file")
     return methods, protocol
+
+
+def train_for_benchmark(cli: BenchCLI) -> Path:
+    """Train (or reuse) the gsloc run of ``--data`` with ``--train-preset``; returns its config.yml."""
+    from nerfstudio_gsloc.training import dataset_format, load_train_preset, train_or_reuse
+
+    preset = load_train_preset(cli.train_preset)
+    dataset_format(cli.data)  # a clear error before anything is written
+    if cli.queries is not None and not Path(cli.queries).is_file():
+        raise GslocError(f"query file not found: {cli.queries}")
+    timestamp = Path(cli.train_preset).stem
+    CONSOLE.print(f"training gsloc on {cli.data} with preset {timestamp!r} ({preset.iterations} iterations) "
+                  f"into {Path(cli.output_dir) / 'run'} (a finished run there is reused)")
+    config_path = train_or_reuse(cli.data, Path(cli.output_dir) / "run", preset, timestamp=timestamp)
+    CONSOLE.print(f"run: {config_path}")
+    return config_path
 
 
 def load_queries(cli: BenchCLI, pipeline, frame) -> List[Query]:
@@ -162,7 +188,9 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
     lines = [
         f"# Localization benchmark: {protocol.name}",
         "",
-        f"- run: `{meta['load_config']}`",
+        f"- run: `{meta['load_config']}`" + (
+            f" (trained by gsloc-bench on `{meta['trained_from']['data']}` with preset `{meta['trained_from']['train_preset']}`)"
+            if meta.get("trained_from") else ""),
         f"- queries: {meta['queries']} ({meta['num_queries']} queries x {protocol.trials_per_query} trials)",
         f"- protocol: {meta['protocol_summary']}",
         f"- camera-distance scale: {meta['camera_scale']:.4g} scene units (median distance of the training cameras "
@@ -209,13 +237,15 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     from nerfstudio_gsloc.runs import check_run, load_run
 
     methods, protocol = validate(cli)
+    if cli.threads is not None:
+        torch.set_num_threads(int(cli.threads))
+    if cli.data is not None:
+        cli = dataclasses.replace(cli, load_config=train_for_benchmark(cli))
     check_run(cli.load_config)
     frame = _frame_transform(cli.load_config)
     if cli.queries is not None:
         # Validate the query file before loading the model (the model is needed only for the eval split).
         load_transforms_queries(cli.queries, frame, cli.max_queries)
-    if cli.threads is not None:
-        torch.set_num_threads(int(cli.threads))
 
     with CONSOLE.status("loading the run"):
         _, pipeline = load_run(cli.load_config)
@@ -239,6 +269,7 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
 
     meta: Dict[str, Any] = {
         "load_config": str(cli.load_config),
+        "trained_from": None if cli.data is None else {"data": str(cli.data), "train_preset": cli.train_preset},
         "queries": "eval split" if cli.queries is None else str(cli.queries),
         "num_queries": len(queries),
         "methods": methods,
@@ -313,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     settings = MethodSettings()
     if preset not in (None, "None"):
         settings.gsloc = load_preset(preset)
-    default = BenchCLI(load_config=tyro.MISSING, method_settings=settings)  # type: ignore[arg-type]
+    default = BenchCLI(method_settings=settings)
     cli = tyro.cli(BenchCLI, args=argv, default=default)
     bench_main(cli, argv)
 

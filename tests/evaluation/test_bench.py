@@ -246,3 +246,36 @@ def test_bench_end_to_end_on_the_embedded_scene(small_gsloc_run, tmp_path):
     again = report.read_trials_jsonl(out2 / "trials.jsonl")
     first = {(r.query_index, r.trial): (r.seed, r.init_rot_deg, r.init_trans) for r in records if r.method == "photometric"}
     assert {(r.query_index, r.trial): (r.seed, r.init_rot_deg, r.init_trans) for r in again} == first
+
+
+def test_bench_trains_from_a_dataset_and_preset_then_reuses_the_run(embedded_scene, tmp_path, capsys):
+    preset = tmp_path / "smoke.yaml"
+    preset.write_text("iterations: 30\ncompress_schedule: true\ndepth_seed_points: 2000\n")
+    out = tmp_path / "bench"
+    cli = BenchCLI(data=embedded_scene, train_preset=str(preset), output_dir=out, methods=("pnp",), trials=1,
+                   max_queries=1, method_settings=_fast_settings())
+    bench_main(cli, ["test"])
+    config = out / "run" / embedded_scene.name / "gsloc" / "smoke" / "config.yml"
+    checkpoint = config.parent / "nerfstudio_models" / "step-000000029.ckpt"
+    assert config.is_file() and checkpoint.is_file()
+    meta = json.loads((out / "bench.json").read_text())
+    assert meta["load_config"] == str(config) and meta["trained_from"]["train_preset"] == str(preset)
+    assert "trained by gsloc-bench" in (out / "results.md").read_text()
+    assert len(report.read_trials_jsonl(out / "trials.jsonl")) == 1
+
+    # The finished run is reused, not trained again; a changed preset trains again.
+    stamp = checkpoint.stat().st_mtime_ns
+    bench_main(cli, ["test"])
+    assert checkpoint.stat().st_mtime_ns == stamp
+    preset.write_text("iterations: 31\ncompress_schedule: true\ndepth_seed_points: 2000\n")
+    bench_main(cli, ["test"])
+    assert (config.parent / "nerfstudio_models" / "step-000000030.ckpt").is_file()
+
+
+def test_bench_dataset_mode_bad_inputs(tmp_path, capsys):
+    config = str(tmp_path / "config.yml")
+    assert "either --load-config" in _cli_error(["--load-config", config, "--data", str(tmp_path)], capsys)
+    assert "either --load-config" in _cli_error([], capsys)
+    assert "dataset folder not found" in _cli_error(["--data", str(tmp_path / "none")], capsys)
+    assert "neither transforms.json" in _cli_error(["--data", str(tmp_path)], capsys)
+    assert "unknown preset 'huge'" in _cli_error(["--data", str(tmp_path), "--train-preset", "huge"], capsys)

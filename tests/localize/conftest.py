@@ -101,37 +101,10 @@ def point_splat(embedded_scene):
     return point_splat_from_views(rgb, depth, K, c2w)
 
 
-def train_gsloc_run(data_dir: Path, output_dir: Path, iterations: int) -> Path:
-    """Train ``ns-train gsloc`` in-process for ``iterations`` steps (no viewer) and return its ``config.yml``."""
-    import random
-
-    from nerfstudio_gsloc.method import gsloc_trainer_config
-
-    # Session fixtures run before the per-test seeding: seed here so the model does not depend on test order.
-    torch.manual_seed(0)
-    np.random.seed(0)
-    random.seed(0)
-    config = gsloc_trainer_config(max_iterations=iterations)
-    config.pipeline.datamanager.data = Path(data_dir)
-    config.output_dir = Path(output_dir)
-    config.experiment_name = "scene"
-    config.timestamp = "test"
-    config.vis = "tensorboard"
-    config.steps_per_eval_image = 1_000_000
-    config.steps_per_save = iterations
-    config.save_only_latest_checkpoint = True
-    config.logging.local_writer.enable = False
-    config.pipeline.model.warmup_length = iterations // 5
-    config.pipeline.model.refine_every = max(iterations // 10, 10)
-    config.pipeline.model.sh_degree_interval = iterations // 4
-    config.save_config()
-    trainer = config.setup(local_rank=0, world_size=1)
-    trainer.setup()
-    trainer.train()
-    return config.get_base_dir() / "config.yml"
-
-
 @pytest.fixture(scope="session")
 def small_gsloc_run(tmp_path_factory, embedded_scene):
     """``config.yml`` of a gsloc run trained briefly on the embedded scene (its eval split: 3 views)."""
-    return train_gsloc_run(Path(embedded_scene.dataset).parent, tmp_path_factory.mktemp("gsloc_run"), iterations=SMALL_RUN_ITERATIONS)
+    from nerfstudio_gsloc.training import TrainPreset, gsloc_run_config, train
+
+    preset = TrainPreset(iterations=SMALL_RUN_ITERATIONS, compress_schedule=True)
+    return train(gsloc_run_config(Path(embedded_scene.dataset).parent, tmp_path_factory.mktemp("gsloc_run"), preset, "scene", "test"))
