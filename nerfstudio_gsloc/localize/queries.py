@@ -191,6 +191,17 @@ def load_frame_transform(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def run_frame_transform(config_path: Path) -> FrameTransform:
+    """Original <-> scene frame of a trained run: its ``dataparser_transforms.json`` (beside ``config.yml``)
+    composed with its dataset's ``applied_transform``. Raises :class:`GslocError` as :func:`load_frame_transform`."""
+    import yaml
+
+    config = yaml.load(Path(config_path).read_text(), Loader=yaml.Loader)
+    datamanager = config.pipeline.datamanager
+    data = datamanager.data or getattr(datamanager.dataparser, "data", None)
+    return load_frame_transform(Path(config_path).parent / "dataparser_transforms.json", data)
+
+
 def _read_rgb(path: Path, where: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Decode an image fully. Returns ``([H, W, 3] uint8, alpha [H, W] uint8 or None)``."""
     if not path.is_file():

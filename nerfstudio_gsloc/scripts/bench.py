@@ -36,7 +36,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import tyro
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -47,7 +46,7 @@ from nerfstudio_gsloc.evaluation.methods import METHODS, STATUS_SKIPPED, MethodC
 from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.evaluation.protocols import Protocol, Trial, camera_distance_scale, generate_trials, load_protocol
 from nerfstudio_gsloc.localize.pipeline import load_preset
-from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_frame_transform, load_transforms_queries
+from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 
 # Outside a terminal rich would wrap the results table at 80 columns; give it room.
 CONSOLE = Console(width=None if sys.stdout.isatty() else 160)
@@ -99,14 +98,6 @@ class BenchCLI:
 # ----------------------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _frame_transform(config_path: Path):
-    """Original <-> scene frame of a run (dataparser_transforms.json + the dataset's applied_transform)."""
-    config = yaml.load(Path(config_path).read_text(), Loader=yaml.Loader)
-    datamanager = config.pipeline.datamanager
-    data = datamanager.data or getattr(datamanager.dataparser, "data", None)
-    return load_frame_transform(Path(config_path).parent / "dataparser_transforms.json", data)
 
 
 def validate(cli: BenchCLI) -> Tuple[List[str], Protocol]:
@@ -242,7 +233,7 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     if cli.data is not None:
         cli = dataclasses.replace(cli, load_config=train_for_benchmark(cli))
     check_run(cli.load_config)
-    frame = _frame_transform(cli.load_config)
+    frame = run_frame_transform(cli.load_config)
     if cli.queries is not None:
         # Validate the query file before loading the model (the model is needed only for the eval split).
         load_transforms_queries(cli.queries, frame, cli.max_queries)

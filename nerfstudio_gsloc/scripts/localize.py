@@ -50,7 +50,7 @@ from nerfstudio_gsloc.evaluation.pose_errors import SUCCESS_THRESHOLDS, summariz
 from nerfstudio_gsloc.localize.initialization import check_initialization, initial_poses
 from nerfstudio_gsloc.localize.optimizer import STATUS_FAILED, TRACE_FIELDS, QueryResult
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
-from nerfstudio_gsloc.localize.queries import FrameTransform, Query, load_eval_queries, load_frame_transform, load_transforms_queries
+from nerfstudio_gsloc.localize.queries import FrameTransform, Query, load_eval_queries, load_transforms_queries, run_frame_transform
 
 CONSOLE = Console()
 POSES_FILE = "poses.json"
@@ -134,14 +134,6 @@ def _finite_or_none(value: Optional[float]) -> Optional[float]:
 def _read_run_config(config_path: Path) -> Any:
     """The nerfstudio ``TrainerConfig`` stored in ``config.yml`` (already validated by ``check_run``)."""
     return yaml.load(Path(config_path).read_text(), Loader=yaml.Loader)
-
-
-def _run_frame_transform(config_path: Path) -> FrameTransform:
-    """Original <-> scene frame of a run, from its ``dataparser_transforms.json`` and dataset."""
-    config = _read_run_config(config_path)
-    datamanager = config.pipeline.datamanager
-    data = datamanager.data or getattr(datamanager.dataparser, "data", None)
-    return load_frame_transform(Path(config_path).parent / "dataparser_transforms.json", data)
 
 
 def _settings(cli: LocalizeCLI, init: str) -> Dict[str, Any]:
@@ -342,7 +334,7 @@ def localize_main(cli: LocalizeCLI) -> None:
         torch.set_num_threads(cli.num_threads)
     # 1. Everything that can be checked without the model: run files, query file and images, init, matcher.
     check_run(cli.load_config)
-    frame = _run_frame_transform(cli.load_config)
+    frame = run_frame_transform(cli.load_config)
     if cli.max_queries is not None and cli.max_queries < 1:
         raise GslocError("--max-queries must be at least 1")
     if cli.perturb_deg < 0 or cli.perturb_trans < 0:
@@ -436,6 +428,7 @@ def localize_main(cli: LocalizeCLI) -> None:
         atomic_write_text(output_dir / METRICS_FILE, json.dumps(metrics, indent=2))
         CONSOLE.print(metrics_table(metrics))
     CONSOLE.print(f"{len(todo)} queries in {elapsed:.1f} s; results in {output_dir}")
+    CONSOLE.print(f"view them with: gsloc-view --load-config {cli.load_config} --poses {output_dir / POSES_FILE}")
 
 
 # ----------------------------------------------------------------------------------------------------------
