@@ -76,10 +76,12 @@ def dataset_format(data: Path) -> Literal["blender", "nerfstudio"]:
     raise GslocError(f"{data} has neither transforms.json (nerfstudio format) nor transforms_train.json (Blender format)")
 
 
-def gsloc_run_config(data: Path, output_dir: Path, preset: TrainPreset, experiment_name: str, timestamp: str):
+def gsloc_run_config(data: Path, output_dir: Path, preset: TrainPreset, experiment_name: str, timestamp: str,
+                     show_progress: bool = True):
     """The ``TrainerConfig`` of ``ns-train gsloc`` on ``data`` with ``preset``'s schedule, without the viewer.
 
-    The run is written to ``output_dir/experiment_name/gsloc/timestamp/`` (config.yml, nerfstudio_models/).
+    The run is written to ``output_dir/experiment_name/gsloc/timestamp/`` (config.yml, nerfstudio_models/);
+    ``show_progress`` prints nerfstudio's step / time / ETA table while it trains.
     """
     from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 
@@ -97,7 +99,7 @@ def gsloc_run_config(data: Path, output_dir: Path, preset: TrainPreset, experime
     config.steps_per_eval_image = 1_000_000
     config.steps_per_save = iterations
     config.save_only_latest_checkpoint = True
-    config.logging.local_writer.enable = False
+    config.logging.local_writer.enable = show_progress
     model = config.pipeline.model
     background = preset.background
     if background == "auto":
@@ -132,16 +134,34 @@ def train(config, seed: int = 0) -> Path:
 
 def train_or_reuse(data: Path, output_dir: Path, preset: TrainPreset, experiment_name: Optional[str] = None,
                    timestamp: str = "preset") -> Path:
-    """Train ``preset`` on ``data`` into ``output_dir``, or reuse that run if it finished with the same config.
+    """Train ``preset`` on ``data`` into ``output_dir``, or reuse that run if it finished with the same settings.
 
-    A run is reused when its ``config.yml`` is the one this call would write and its final checkpoint exists;
-    anything else (another preset, an interrupted run) trains again into the same folder.
+    A run is reused when its final checkpoint exists and its ``config.yml`` has the same data, model, optimiser
+    and schedule settings as this call's; anything else (another preset, an interrupted run) trains again into
+    the same folder.
 
     Returns:
         The run's ``config.yml``.
     """
     config = gsloc_run_config(data, output_dir, preset, experiment_name or Path(data).resolve().name, timestamp)
     config_path = config.get_base_dir() / "config.yml"
-    if final_checkpoint(config).is_file() and config_path.is_file() and config_path.read_text() == yaml.dump(config):
-        return config_path
+    if final_checkpoint(config).is_file() and config_path.is_file():
+        try:
+            previous = yaml.load(config_path.read_text(), Loader=yaml.Loader)
+        except Exception:  # an unreadable config is a run to redo, not an error
+            previous = None
+        if previous is not None and _training_signature(previous) == _training_signature(config):
+            return config_path
     return train(config, preset.seed)
+
+
+def _training_signature(config) -> str:
+    """What determines the trained model: data, model, optimisers and schedule (not logging or paths of logs)."""
+    return yaml.dump(
+        {
+            "data": str(config.pipeline.datamanager.data),
+            "pipeline": config.pipeline,
+            "optimizers": config.optimizers,
+            "iterations": config.max_num_iterations,
+        }
+    )

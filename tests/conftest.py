@@ -31,7 +31,7 @@ def train_small_gsloc_run(data_dir, output_dir, iterations: int = 300, depth_see
     from nerfstudio_gsloc.training import TrainPreset, gsloc_run_config, train
 
     preset = TrainPreset(iterations=iterations, compress_schedule=True, depth_seed_points=depth_seed_points)
-    return train(gsloc_run_config(Path(data_dir), Path(output_dir), preset, "scene", "test"), preset.seed)
+    return train(gsloc_run_config(Path(data_dir), Path(output_dir), preset, "scene", "test", show_progress=False), preset.seed)
 
 
 @pytest.fixture(scope="session")

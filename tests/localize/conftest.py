@@ -107,4 +107,4 @@ def small_gsloc_run(tmp_path_factory, embedded_scene):
     from nerfstudio_gsloc.training import TrainPreset, gsloc_run_config, train
 
     preset = TrainPreset(iterations=SMALL_RUN_ITERATIONS, compress_schedule=True)
-    return train(gsloc_run_config(Path(embedded_scene.dataset).parent, tmp_path_factory.mktemp("gsloc_run"), preset, "scene", "test"))
+    return train(gsloc_run_config(Path(embedded_scene.dataset).parent, tmp_path_factory.mktemp("gsloc_run"), preset, "scene", "test", show_progress=False))
