@@ -77,6 +77,9 @@ def load_run(config_path: Path, test_mode: Literal["test", "val", "inference"] =
 
     Returns:
         ``(config, pipeline)``: nerfstudio's ``TrainerConfig`` and the loaded pipeline in eval mode.
+
+    Raises:
+        GslocError: a one-line reason for anything that stops the run from loading.
     """
     from nerfstudio.utils.eval_utils import eval_setup
 
@@ -96,6 +99,11 @@ def load_run(config_path: Path, test_mode: Literal["test", "val", "inference"] =
         config, pipeline, _, _ = eval_setup(config_path, test_mode=test_mode, update_config_callback=use_checkpoints_beside_config)
     except SystemExit as err:  # eval_setup exits when the checkpoint folder is missing
         raise GslocError(f"could not load a checkpoint from {checkpoint_dir}") from err
+    except GslocError:
+        raise
+    except Exception as err:  # a corrupt checkpoint or config: still one line for the user, no traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise GslocError(f"could not load the run {config_path}: {type(err).__name__} {first}".strip()) from None
     if not hasattr(pipeline.model, "means"):
         raise GslocError(f"{config_path}: the model has no Gaussians to render")
     return config, pipeline

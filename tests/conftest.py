@@ -48,3 +48,36 @@ def embedded_scene(tmp_path_factory):
 def small_gsloc_run(embedded_scene, tmp_path_factory):
     """A gsloc model trained briefly (CPU, about a minute) on :func:`embedded_scene`; returns its config.yml."""
     return train_small_gsloc_run(embedded_scene, tmp_path_factory.mktemp("outputs"), iterations=400)
+
+
+def _write_fake_run(root: Path, data: Path, dataparser_transforms: dict) -> Path:
+    """A run folder that passes the pre-load checks (config, checkpoint file, dataset) without a real model.
+
+    Args:
+        root: where to write it. data: the dataset folder the config names.
+        dataparser_transforms: the ``{"transform": 3x4, "scale": s}`` of its dataparser_transforms.json.
+
+    Returns:
+        The run's config.yml.
+    """
+    import json
+
+    from nerfstudio_gsloc.method import gsloc_trainer_config
+
+    config = gsloc_trainer_config(max_iterations=10)
+    config.pipeline.datamanager.data = Path(data)
+    config.output_dir = Path(root) / "outputs"
+    config.experiment_name = "scene"
+    config.timestamp = "fake"
+    config.save_config()
+    base = config.get_base_dir()
+    (base / "nerfstudio_models").mkdir(parents=True)
+    (base / "nerfstudio_models" / "step-000000009.ckpt").write_bytes(b"never loaded by these tests")
+    (base / "dataparser_transforms.json").write_text(json.dumps(dataparser_transforms))
+    return base / "config.yml"
+
+
+@pytest.fixture(scope="session")
+def write_fake_run():
+    """:func:`_write_fake_run`, for tests of what the CLIs check before loading a model."""
+    return _write_fake_run

@@ -251,7 +251,7 @@ def _read_mask(path: Path, where: str) -> np.ndarray:
     return mask
 
 
-def _parse_matrix(value: Any, key: str, where: str) -> Tensor:
+def parse_pose_matrix(value: Any, key: str, where: str) -> Tensor:
     """A ``4x4``/``3x4`` JSON matrix -> finite ``[3, 4]`` float64 with an orthonormal rotation."""
     try:
         mat = torch.tensor(value, dtype=torch.float64)
@@ -362,9 +362,9 @@ def load_transforms_queries(
             depth = torch.where(torch.isfinite(depth), depth, torch.zeros_like(depth))
         gt = prior = None
         if frame.get("transform_matrix") is not None:
-            gt = frame_transform.to_scene(_parse_matrix(frame["transform_matrix"], "transform_matrix", where)).float()
+            gt = frame_transform.to_scene(parse_pose_matrix(frame["transform_matrix"], "transform_matrix", where)).float()
         if frame.get("prior_transform_matrix") is not None:
-            prior_orig = _parse_matrix(frame["prior_transform_matrix"], "prior_transform_matrix", where)
+            prior_orig = parse_pose_matrix(frame["prior_transform_matrix"], "prior_transform_matrix", where)
             prior = frame_transform.to_scene(prior_orig).float()
         K = torch.tensor(
             [[values["fl_x"], 0.0, values["cx"]], [0.0, values["fl_y"], values["cy"]], [0.0, 0.0, 1.0]],

@@ -355,13 +355,7 @@ def localize_main(cli: LocalizeCLI) -> None:
 
     # 2. The model (and the eval split, which needs the loaded datamanager).
     with CONSOLE.status("loading the run"):
-        try:
-            _, pipeline = load_run(cli.load_config)
-        except GslocError:
-            raise
-        except Exception as err:  # a corrupt checkpoint or config: still one line, no traceback
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise GslocError(f"could not load the run {cli.load_config}: {type(err).__name__} {first}".strip()) from None
+        _, pipeline = load_run(cli.load_config)
     if queries is None:
         queries = load_eval_queries(pipeline, cli.max_queries)
         check_initialization(queries, init)

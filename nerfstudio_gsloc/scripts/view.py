@@ -117,13 +117,7 @@ def view_main(cli: ViewCLI) -> None:
     check_same_frame(frame, poses.frame, cli.poses)
 
     with CONSOLE.status("loading the run"):
-        try:
-            config, pipeline = load_run(cli.load_config)
-        except GslocError:
-            raise
-        except Exception as err:  # a corrupt checkpoint or config: still one line, no traceback
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise GslocError(f"could not load the run {cli.load_config}: {type(err).__name__} {first}".strip()) from None
+        config, pipeline = load_run(cli.load_config)
     viewer_state = _start_nerfstudio_viewer(config, pipeline, cli.port, _checkpoint_step(checkpoint_dir))
     train = pipeline.datamanager.train_dataset.cameras
     default_shape = FrustumShape.from_intrinsics(float(train.fx[0]), float(train.cx[0]), float(train.cy[0]))

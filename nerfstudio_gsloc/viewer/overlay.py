@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c, rigid_inverse
+from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c, rigid_inverse, to_homogeneous
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.queries import FrameTransform
+from nerfstudio_gsloc.localize.queries import FrameTransform, parse_pose_matrix
 
 #: nerfstudio's viewer draws scene coordinates times this (``nerfstudio.viewer.viewer``; copied so that
 #: drawing does not import the whole viewer; a test checks the two agree).
@@ -105,16 +105,8 @@ class LocalizationOverlay:
 
 
 def _matrix(value: Any, key: str, where: str) -> Tensor:
-    """A finite ``[4, 4]`` (or ``[3, 4]``) pose -> ``[4, 4]`` float64."""
-    try:
-        matrix = torch.tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError):
-        raise GslocError(f"{where}: {key} is not a matrix") from None
-    if matrix.shape not in ((4, 4), (3, 4)) or not torch.isfinite(matrix).all():
-        raise GslocError(f"{where}: {key} must be a finite 4x4 matrix")
-    if matrix.shape == (3, 4):
-        matrix = torch.cat([matrix, torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)])
-    return matrix
+    """A finite ``[4, 4]`` (or ``[3, 4]``) rigid pose -> ``[4, 4]`` float64 (one-line error otherwise)."""
+    return to_homogeneous(parse_pose_matrix(value, key, where))
 
 
 def _optional_float(value: Any) -> Optional[float]:

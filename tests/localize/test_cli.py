@@ -38,22 +38,10 @@ def _run(argv, capsys):
 
 
 @pytest.fixture(scope="module")
-def fake_run(tmp_path_factory, embedded_scene):
+def fake_run(tmp_path_factory, embedded_scene, write_fake_run):
     """A run folder that passes the pre-load checks (config, checkpoint file, dataset) without a real model."""
-    from nerfstudio_gsloc.method import gsloc_trainer_config
-
-    root = tmp_path_factory.mktemp("fake_run")
-    config = gsloc_trainer_config(max_iterations=10)
-    config.pipeline.datamanager.data = Path(embedded_scene.dataset).parent
-    config.output_dir = root / "outputs"
-    config.experiment_name = "scene"
-    config.timestamp = "fake"
-    config.save_config()
-    base = config.get_base_dir()
-    (base / "nerfstudio_models").mkdir(parents=True)
-    (base / "nerfstudio_models" / "step-000000009.ckpt").write_bytes(b"not loaded by these tests")
-    (base / "dataparser_transforms.json").write_text(json.dumps({"transform": np.eye(4)[:3].tolist(), "scale": 0.5}))
-    return base / "config.yml"
+    frame = {"transform": np.eye(4)[:3].tolist(), "scale": 0.5}
+    return write_fake_run(tmp_path_factory.mktemp("fake_run"), Path(embedded_scene.dataset).parent, frame)
 
 
 def _query_file(folder: Path, embedded_scene, edit=None) -> Path:

@@ -214,7 +214,7 @@ def test_bad_poses_files(tmp_path, poses_path):
     broken = json.loads(poses_path.read_text())
     broken["results"][0]["transform_matrix"] = [[1.0, 0.0], [0.0, 1.0]]
     (tmp_path / "broken.json").write_text(json.dumps(broken))
-    with pytest.raises(GslocError, match="transform_matrix must be a finite 4x4"):
+    with pytest.raises(GslocError, match="transform_matrix must be a finite 4x4 or 3x4 matrix"):
         read_poses_file(tmp_path / "broken.json")
 
 
@@ -243,25 +243,13 @@ def test_cli_reports_bad_inputs_before_the_viewer(tmp_path, poses_path, capsys, 
     assert not started
 
 
-def _fake_run(root: Path, frame: FrameTransform) -> Path:
-    """A run folder that passes the pre-load checks (config, checkpoint file, dataset) without a real model."""
-    from nerfstudio_gsloc.method import gsloc_trainer_config
-
-    config = gsloc_trainer_config(max_iterations=10)
-    config.pipeline.datamanager.data = root / "data"
+def _fake_run(write_fake_run, root: Path, frame: FrameTransform) -> Path:
+    """A run folder (dataset folder included) that passes the pre-load checks, with ``frame`` as its dataparser map."""
     (root / "data").mkdir(parents=True)
-    config.output_dir = root / "outputs"
-    config.experiment_name = "scene"
-    config.timestamp = "fake"
-    config.save_config()
-    base = config.get_base_dir()
-    (base / "nerfstudio_models").mkdir(parents=True)
-    (base / "nerfstudio_models" / "step-000000009.ckpt").write_bytes(b"never loaded here")
-    (base / "dataparser_transforms.json").write_text(json.dumps(frame.to_json()))
-    return base / "config.yml"
+    return write_fake_run(root, root / "data", frame.to_json())
 
 
-def test_cli_checks_the_poses_belong_to_the_run(tmp_path, poses_path, capsys, monkeypatch):
+def test_cli_checks_the_poses_belong_to_the_run(tmp_path, poses_path, capsys, monkeypatch, write_fake_run):
     import nerfstudio_gsloc.runs
 
     loaded = []
@@ -271,8 +259,8 @@ def test_cli_checks_the_poses_belong_to_the_run(tmp_path, poses_path, capsys, mo
         raise GslocError("stop before loading")
 
     monkeypatch.setattr(nerfstudio_gsloc.runs, "load_run", fake_load_run)
-    other = _fake_run(tmp_path / "other", FrameTransform(FRAME.transform, 0.5))
-    same = _fake_run(tmp_path / "same", FRAME)
+    other = _fake_run(write_fake_run, tmp_path / "other", FrameTransform(FRAME.transform, 0.5))
+    same = _fake_run(write_fake_run, tmp_path / "same", FRAME)
     for config, message in ((other, "written for another run"), (same, "stop before loading")):
         monkeypatch.setattr("sys.argv", ["gsloc-view", "--load-config", str(config), "--poses", str(poses_path)])
         with pytest.raises(SystemExit):
