@@ -81,7 +81,9 @@ class BenchCLI:
     seed: Optional[int] = None
     """Base seed of the trials; default: the protocol's."""
     max_queries: Optional[int] = None
-    """Use only the first N queries."""
+    """Use only the first N queries (after --query-stride)."""
+    query_stride: int = 1
+    """Use every k-th query (a cheaper run that still spans the whole split, e.g. all viewing directions)."""
     threads: Optional[int] = None
     """torch intra-op threads (default: torch's own choice); written beside the timings."""
     gsloc_preset: Optional[str] = None
@@ -107,6 +109,8 @@ def validate(cli: BenchCLI) -> Tuple[List[str], Protocol]:
         raise GslocError("give either --load-config (a trained run) or --data (a dataset to train on first)")
     if cli.trials is not None and cli.trials < 1:
         raise GslocError("--trials must be at least 1")
+    if cli.query_stride < 1:
+        raise GslocError("--query-stride must be at least 1")
     if cli.max_queries is not None and cli.max_queries < 1:
         raise GslocError("--max-queries must be at least 1")
     if cli.threads is not None and cli.threads < 1:
@@ -139,9 +143,11 @@ def train_for_benchmark(cli: BenchCLI) -> Path:
 def load_queries(cli: BenchCLI, pipeline, frame) -> List[Query]:
     """The benchmark's queries (ground truth required)."""
     if cli.queries is not None:
-        queries = load_transforms_queries(cli.queries, frame, cli.max_queries)
+        queries = load_transforms_queries(cli.queries, frame)
     else:
-        queries = load_eval_queries(pipeline, cli.max_queries)
+        queries = load_eval_queries(pipeline)
+    # Query.index stays the position in the full set, so trial seeds do not depend on the subset.
+    queries = queries[:: cli.query_stride][: cli.max_queries]
     missing = [q.name for q in queries if q.gt_c2w is None]
     if missing:
         raise GslocError(f"benchmark queries need ground-truth poses (transform_matrix); missing for {missing[0]}")
