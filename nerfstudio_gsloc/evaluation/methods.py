@@ -128,11 +128,31 @@ class IComMaConfig:
 
 
 @dataclass
+class SingleLossBudget:
+    """Iterations and learning rates of the single-loss baselines (``photometric``, ``depth``).
+
+    Without a matching stage these methods have to walk the whole initial error by gradient steps, so they get
+    an iNeRF-sized budget (Adam at 0.01 rad per step at the coarsest level, about 300 steps) instead of the
+    short refinement levels that ``gsloc`` runs after its matching stage has already closed the gap.
+    """
+
+    pyramid_iterations: Tuple[int, ...] = (100, 100, 100)
+    """Maximum iterations per pyramid level (same levels as gsloc's ``schedule.pyramid_scales``)."""
+    rotation_lr: float = 2.5e-3
+    """Full-resolution rotation learning rate (radians); a level downscaled by ``s`` uses ``s`` times this."""
+    translation_lr: float = 2.5e-3
+    """Full-resolution translation learning rate (scene units), scaled like ``rotation_lr``."""
+
+
+@dataclass
 class MethodSettings:
     """Settings of every method (``--method-settings.*`` on the command line)."""
 
     gsloc: PoseInversionConfig = field(default_factory=PoseInversionConfig)
-    """``gsloc`` as ns-localize runs it; ``photometric`` and ``depth`` use the same schedule with one loss."""
+    """``gsloc`` as ns-localize runs it; ``photometric`` and ``depth`` use its losses and pyramid with one loss
+    each and the budget of ``single_loss``."""
+    single_loss: SingleLossBudget = field(default_factory=SingleLossBudget)
+    """Iterations and learning rates of ``photometric`` and ``depth``."""
     icomma: IComMaConfig = field(default_factory=IComMaConfig)
     pnp: PnPBaselineConfig = field(default_factory=PnPBaselineConfig)
 
@@ -167,16 +187,23 @@ TrialCallback = Optional[Callable[[int, TrialResult], None]]
 # ----------------------------------------------------------------------------------------------------------
 
 
-def photometric_config(base: PoseInversionConfig) -> PoseInversionConfig:
-    """``base`` with only the photometric loss (no matching stage, no depth)."""
-    losses = dataclasses.replace(base.losses, photometric=True, matching=False, depth=False)
-    return dataclasses.replace(base, losses=losses)
+def _single_loss_config(settings: "MethodSettings", photometric: bool, depth: bool) -> PoseInversionConfig:
+    """gsloc's config with one loss term, no matching stage and the single-loss budget."""
+    base, budget = settings.gsloc, settings.single_loss
+    losses = dataclasses.replace(base.losses, photometric=photometric, matching=False, depth=depth)
+    schedule = dataclasses.replace(base.schedule, pyramid_iterations=tuple(budget.pyramid_iterations))
+    optim = dataclasses.replace(base.optim, rotation_lr=budget.rotation_lr, translation_lr=budget.translation_lr)
+    return dataclasses.replace(base, losses=losses, schedule=schedule, optim=optim)
 
 
-def depth_config(base: PoseInversionConfig) -> PoseInversionConfig:
-    """``base`` with only the depth loss (L1 + Sobel edges)."""
-    losses = dataclasses.replace(base.losses, photometric=False, matching=False, depth=True)
-    return dataclasses.replace(base, losses=losses)
+def photometric_config(settings: "MethodSettings") -> PoseInversionConfig:
+    """Photometric loss only (no matching stage, no depth): the iNeRF regime."""
+    return _single_loss_config(settings, photometric=True, depth=False)
+
+
+def depth_config(settings: "MethodSettings") -> PoseInversionConfig:
+    """Depth loss only (L1 + Sobel edges): the GSplatLoc regime."""
+    return _single_loss_config(settings, photometric=False, depth=True)
 
 
 def _run_pose_inversion(
@@ -212,9 +239,9 @@ def _run_pose_inversion(
     return out
 
 
-def _gradient_method(make_config: Callable[[PoseInversionConfig], PoseInversionConfig], needs_depth: bool = False):
+def _gradient_method(make_config: Callable[[MethodSettings], PoseInversionConfig], needs_depth: bool = False):
     def run(context: MethodContext, queries: Sequence[Query], trials: Sequence[Trial], on_trial: TrialCallback = None) -> List[TrialResult]:
-        config = make_config(context.settings.gsloc)
+        config = make_config(context.settings)
         results: Dict[int, TrialResult] = {}
         usable = []
         for p, trial in enumerate(trials):
@@ -230,7 +257,7 @@ def _gradient_method(make_config: Callable[[PoseInversionConfig], PoseInversionC
     return run
 
 
-run_gsloc = _gradient_method(lambda base: base)
+run_gsloc = _gradient_method(lambda settings: settings.gsloc)
 run_photometric = _gradient_method(photometric_config)
 run_depth = _gradient_method(depth_config, needs_depth=True)
 
@@ -476,13 +503,13 @@ METHODS: Dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("gsloc", run_gsloc, "ns-localize default: SIFT matching + PnP jumps, then photometric/depth pyramid"),
-        MethodSpec("photometric", run_photometric, "photometric L1 + D-SSIM only, same pyramid schedule (iNeRF regime)"),
+        MethodSpec("photometric", run_photometric, "photometric L1 + D-SSIM only down the same pyramid, iNeRF-sized budget (about 300 Adam steps, 0.01 rad at the coarsest level)"),
         MethodSpec(
             "icomma", run_icomma,
             "iComMa: 0.8 x matching (mean squared keypoint distance, gradient through the render keypoints) + 0.2 x MSE, "
             "matching switched off below 1e-3",
         ),
-        MethodSpec("depth", run_depth, "depth L1 + Sobel edges only (GSplatLoc), queries with depth"),
+        MethodSpec("depth", run_depth, "depth L1 + Sobel edges only (GSplatLoc), same budget as photometric, queries with depth"),
         MethodSpec(
             "pnp", run_pnp,
             "classical: SIFT (2x upsampled) matched to the 10 training images with most matches, 3D points from the "

@@ -128,6 +128,22 @@ def test_camera_distance_scale_is_the_median_distance_to_the_origin():
         camera_distance_scale(torch.zeros(0, 3, 4))
 
 
+def test_single_loss_baselines_get_one_loss_and_their_own_budget():
+    from nerfstudio_gsloc.evaluation.methods import depth_config, photometric_config
+
+    settings = MethodSettings()
+    settings.single_loss.pyramid_iterations = (7, 8, 9)
+    settings.single_loss.rotation_lr = 0.004
+    photo, depth = photometric_config(settings), depth_config(settings)
+    assert (photo.losses.photometric, photo.losses.matching, photo.losses.depth) == (True, False, False)
+    assert (depth.losses.photometric, depth.losses.matching, depth.losses.depth) == (False, False, True)
+    for config in (photo, depth):
+        assert config.schedule.pyramid_iterations == (7, 8, 9) and config.optim.rotation_lr == 0.004
+        assert config.schedule.pyramid_scales == settings.gsloc.schedule.pyramid_scales
+    # gsloc's own settings are untouched.
+    assert settings.gsloc.schedule.pyramid_iterations == (15, 15, 60) and settings.gsloc.losses.matching
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the report
 # ----------------------------------------------------------------------------------------------------------
@@ -197,6 +213,7 @@ def _fast_settings() -> MethodSettings:
     settings.gsloc.schedule.matching_iterations = 4
     settings.gsloc.schedule.rematch_every = 2
     settings.gsloc.schedule.pyramid_iterations = (2, 2, 3)
+    settings.single_loss.pyramid_iterations = (2, 2, 3)
     settings.icomma.max_iterations = 3
     settings.pnp.num_views = 4
     return settings
@@ -241,7 +258,7 @@ def test_bench_end_to_end_on_the_embedded_scene(small_gsloc_run, tmp_path):
     # A second run (another process would draw the same: seeds depend only on protocol seed, query, trial).
     out2 = tmp_path / "bench2"
     settings = _fast_settings()
-    settings.gsloc.schedule.pyramid_iterations = (1, 1, 1)
+    settings.single_loss.pyramid_iterations = (1, 1, 1)
     # Every other query (0 and 2): query 0's trials are the same as in the first run.
     bench_main(BenchCLI(load_config=small_gsloc_run, output_dir=out2, methods=("photometric",), trials=2,
                         max_queries=2, query_stride=2, method_settings=settings), ["test"])
