@@ -8,6 +8,11 @@ Examples::
     # train first (or reuse <output-dir>/run), then benchmark: a dataset folder and a training preset
     gsloc-bench --data data/gsloc-room --train-preset quick --output-dir outputs/bench/room
 
+    # methods run in parallel processes (one per core), then one table and one set of plots
+    gsloc-bench --load-config .../config.yml --methods gsloc pnp --output-dir outputs/bench/a &
+    gsloc-bench --load-config .../config.yml --methods icomma --output-dir outputs/bench/b
+    gsloc-bench --merge outputs/bench/a outputs/bench/b --output-dir outputs/bench/all
+
     # new images from a transforms.json, two methods, the rotation sweep, 10 queries
     gsloc-bench --load-config .../config.yml --queries new/transforms.json --methods gsloc pnp \\
         --protocol icomma-sweep --max-queries 10
@@ -44,7 +49,14 @@ from nerfstudio_gsloc.evaluation import report
 from nerfstudio_gsloc.evaluation.baselines import load_training_views, training_camera_poses
 from nerfstudio_gsloc.evaluation.methods import METHODS, STATUS_SKIPPED, MethodContext, MethodSettings, TrialResult, check_methods
 from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
-from nerfstudio_gsloc.evaluation.protocols import Protocol, Trial, camera_distance_scale, generate_trials, load_protocol
+from nerfstudio_gsloc.evaluation.protocols import (
+    Protocol,
+    Trial,
+    camera_distance_scale,
+    generate_trials,
+    load_protocol,
+    protocol_from_dict,
+)
 from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 
@@ -86,6 +98,10 @@ class BenchCLI:
     """Use every k-th query (a cheaper run that still spans the whole split, e.g. all viewing directions)."""
     threads: Optional[int] = None
     """torch intra-op threads (default: torch's own choice); written beside the timings."""
+    merge: Tuple[Path, ...] = ()
+    """Instead of running: combine the results folders of earlier gsloc-bench runs on the same run, queries and
+    protocol (for example methods run in parallel processes) into --output-dir. Checks that every folder's trials
+    started from the same initial poses."""
     gsloc_preset: Optional[str] = None
     """An ns-localize preset (configs/localize) or .yaml/.json file for gsloc (and photometric/depth), loaded
     before the --method-settings.gsloc.* options, which override it."""
@@ -93,8 +109,11 @@ class BenchCLI:
     """Settings of the methods (gsloc's also apply to photometric and depth, with one loss each)."""
 
     def main(self) -> None:
-        """Validate, load, run every method, write the results."""
-        bench_main(self)
+        """Validate, load, run every method, write the results (or merge earlier results)."""
+        if self.merge:
+            merge_results(self.merge, self.output_dir)
+        else:
+            bench_main(self)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,6 +213,7 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
         "to the scene origin)",
         f"- {SAME_POSES_NOTE}",
         f"- {meta['machine_line']}",
+        *[f"- merged from `{source['dir']}`: `{source['command']}`" for source in meta.get("merged_from", [])],
         "",
         report.markdown_table(rows),
         "",
@@ -319,6 +339,67 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     return rows
 
 
+def _read_results_folder(folder: Path) -> Tuple[Dict[str, Any], List[report.TrialRecord]]:
+    """bench.json and trials.jsonl of one finished gsloc-bench run. Raises :class:`GslocError`."""
+    folder = Path(folder)
+    if not (folder / "bench.json").is_file() or not (folder / "trials.jsonl").is_file():
+        raise GslocError(f"{folder} is not a finished gsloc-bench results folder (no bench.json and trials.jsonl)")
+    try:
+        return json.loads((folder / "bench.json").read_text()), report.read_trials_jsonl(folder / "trials.jsonl")
+    except (ValueError, TypeError) as err:
+        raise GslocError(f"{folder}: unreadable results ({err})") from err
+
+
+def merge_results(folders: Sequence[Path], output_dir: Path) -> List[Dict[str, Any]]:
+    """Combine gsloc-bench results folders with disjoint methods into one results folder.
+
+    The folders must come from the same run, queries, protocol and camera-distance scale, and every trial
+    ``(query index, trial)`` they share must have started from the same pose (same seed and initial errors);
+    otherwise the comparison would not be on the same trials. Returns the summary rows.
+    """
+    if len(folders) < 2:
+        raise GslocError("--merge needs at least two results folders")
+    metas, records, starts = [], [], {}
+    methods: List[str] = []
+    for folder in folders:
+        meta, folder_records = _read_results_folder(folder)
+        if metas:
+            for key in ("load_config", "queries", "num_queries", "protocol", "camera_scale"):
+                if meta.get(key) != metas[0].get(key):
+                    raise GslocError(f"cannot merge {folder} with {folders[0]}: different {key} "
+                                     f"({meta.get(key)!r} vs {metas[0].get(key)!r})")
+        for method in meta["methods"]:
+            if method in methods:
+                raise GslocError(f"method {method!r} is in more than one of the folders to merge")
+            methods.append(method)
+        for r in folder_records:
+            start = (r.seed, round(r.init_rot_deg, 9), round(r.init_trans, 9))
+            if starts.setdefault((r.query_index, r.trial), start) != start:
+                raise GslocError(f"cannot merge {folder}: trial {r.trial} of query {r.query} started from another pose")
+        metas.append(meta)
+        records.extend(folder_records)
+
+    merged = dict(metas[0])
+    for meta in metas[1:]:  # per-method notes and timings; the first folder's run description stays
+        merged.update({k: v for k, v in meta.items() if k not in merged or k in ("icomma_matcher", "pnp_map_seconds")})
+        merged["method_seconds"] = {**merged.get("method_seconds", {}), **meta.get("method_seconds", {})}
+    methods = sorted(methods, key=lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS))
+    merged["methods"] = methods
+    merged["merged_from"] = [{"dir": str(f), "command": m["command"]} for f, m in zip(folders, metas)]
+    merged["command"] = "gsloc-bench --merge " + " ".join(str(f) for f in folders) + f" --output-dir {output_dir}"
+    machine_lines = sorted({m["machine_line"] for m in metas})
+    merged["machine_line"] = "; ".join(machine_lines)
+    protocol = protocol_from_dict(merged["protocol"])
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = write_outputs(output_dir, methods, records, protocol, merged)
+    CONSOLE.print(report.rich_table(rows, title=f"{protocol.name}: merged from {len(folders)} folders"))
+    for line in report.skipped_notes(rows) + report.comparisons(rows):
+        CONSOLE.print(line)
+    CONSOLE.print(f"results in {output_dir}")
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------------------
@@ -343,7 +424,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         settings.gsloc = load_preset(preset)
     default = BenchCLI(method_settings=settings)
     cli = tyro.cli(BenchCLI, args=argv, default=default)
-    bench_main(cli, argv)
+    if cli.merge and (cli.load_config is not None or cli.data is not None):
+        raise GslocError("--merge combines finished results folders; it takes no --load-config or --data")
+    if cli.merge:
+        merge_results(cli.merge, cli.output_dir)
+    else:
+        bench_main(cli, argv)
 
 
 def entrypoint() -> None:

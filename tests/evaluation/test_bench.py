@@ -299,3 +299,59 @@ def test_bench_dataset_mode_bad_inputs(tmp_path, capsys):
     assert "dataset folder not found" in _cli_error(["--data", str(tmp_path / "none")], capsys)
     assert "neither transforms.json" in _cli_error(["--data", str(tmp_path)], capsys)
     assert "unknown preset 'huge'" in _cli_error(["--data", str(tmp_path), "--train-preset", "huge"], capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# merging results folders (methods run in separate processes)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _results_folder(folder: Path, method: str, errors, init_rot=(10.0, 20.0), load_config="run/config.yml"):
+    """A results folder as gsloc-bench writes it: one query, one trial per initial angle."""
+    from nerfstudio_gsloc.scripts.bench import write_outputs
+
+    protocol = load_protocol("inerf", trials=len(errors))
+    records = [report.TrialRecord(method, "q0", 0, t, 100 + t, init_rot[t], 0.1, init_rot[t], rot, trans, 2.0, 5,
+                                  "converged", "", False, False) for t, (rot, trans) in enumerate(errors)]
+    meta = {"load_config": load_config, "queries": "eval split", "num_queries": 1, "methods": [method],
+            "protocol": protocol.to_dict(), "protocol_summary": protocol.summary(1.0), "camera_scale": 1.0,
+            "machine_line": "test machine", "command": f"gsloc-bench --methods {method}",
+            "method_seconds": {method: 4.0}}
+    write_outputs(folder, [method], records, protocol, meta)
+
+
+def test_merge_combines_methods_run_apart_into_one_table(tmp_path, capsys):
+    from nerfstudio_gsloc.scripts.bench import merge_results
+
+    _results_folder(tmp_path / "a", "pnp", [(0.1, 0.002), (0.2, 0.004)])
+    _results_folder(tmp_path / "b", "gsloc", [(0.01, 0.0005), (9.0, 0.3)])
+    rows = merge_results([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    assert [r["method"] for r in rows] == ["gsloc", "pnp"]  # the harness's method order
+    assert rows[0]["success_5deg_0.05"] == pytest.approx(0.5) and rows[1]["success_5deg_0.05"] == 1.0
+    merged = report.read_trials_jsonl(tmp_path / "all" / "trials.jsonl")
+    assert sorted(r.method for r in merged) == ["gsloc", "gsloc", "pnp", "pnp"]
+    md = (tmp_path / "all" / "results.md").read_text()
+    assert "merged from" in md and "gsloc-bench --methods pnp" in md and "gsloc does NOT beat pnp" in md
+    meta = json.loads((tmp_path / "all" / "bench.json").read_text())
+    assert meta["methods"] == ["gsloc", "pnp"] and meta["method_seconds"] == {"pnp": 4.0, "gsloc": 4.0}
+    assert (tmp_path / "all" / "error_cdf.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_refuses_results_that_are_not_the_same_trials(tmp_path, capsys):
+    _results_folder(tmp_path / "a", "pnp", [(0.1, 0.002), (0.2, 0.004)])
+    _results_folder(tmp_path / "same-method", "pnp", [(0.1, 0.002), (0.2, 0.004)])
+    _results_folder(tmp_path / "other-start", "gsloc", [(0.1, 0.002), (0.2, 0.004)], init_rot=(10.0, 21.0))
+    _results_folder(tmp_path / "other-run", "gsloc", [(0.1, 0.002), (0.2, 0.004)], load_config="other/config.yml")
+    out = str(tmp_path / "all")
+
+    def merge_error(*folders) -> str:
+        return _cli_error(["--merge", *[str(tmp_path / f) for f in folders], "--output-dir", out], capsys)
+
+    assert "more than one of the folders" in merge_error("a", "same-method")
+    assert "started from another pose" in merge_error("a", "other-start")
+    assert "different load_config" in merge_error("a", "other-run")
+    assert "not a finished gsloc-bench results folder" in merge_error("a", "missing")
+    assert "at least two" in merge_error("a")
+    assert "takes no --load-config" in _cli_error(["--merge", str(tmp_path / "a"), str(tmp_path / "a"),
+                                                   "--load-config", "x.yml"], capsys)
+    assert not Path(out).exists()
