@@ -315,8 +315,13 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
         for method in methods:
             task = progress.add_task("", total=len(trials), method=method)
 
-            def on_trial(position: int, result: TrialResult, task=task) -> None:
+            finished = [0]
+
+            def on_trial(position: int, result: TrialResult, task=task, method=method, finished=finished) -> None:
                 progress.update(task, advance=1, description=f"{result.status} {result.seconds:.1f} s")
+                finished[0] += 1
+                if not CONSOLE.is_terminal:  # no live bar in a log file: one line per finished trial instead
+                    CONSOLE.print(f"{method} {finished[0]}/{len(trials)}: {result.status} {result.seconds:.1f} s")
 
             context = MethodContext(
                 model=model, settings=cli.method_settings, camera_scale=camera_scale, training_views=training_views,
