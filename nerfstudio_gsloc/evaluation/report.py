@@ -211,24 +211,43 @@ def read_results_csv(path: Path) -> List[Dict[str, Any]]:
     return [{k: (v if k == "method" else float(v)) for k, v in row.items()} for row in rows]
 
 
+def _success_comparison(ref: Dict[str, Any], row: Dict[str, Any]) -> Tuple[bool, str]:
+    """Whether ``ref`` succeeds on more trials than ``row``, and the words saying so.
+
+    Compared at the loosest threshold, (5°, 0.05); when both succeed on every trial there, a tie that cannot be
+    broken at that threshold, the tightest threshold decides (and the text says so).
+    """
+    loose, tight = SUCCESS_THRESHOLDS[-1], SUCCESS_THRESHOLDS[0]
+    key, tight_key = f"success_{threshold_key(*loose)}", f"success_{threshold_key(*tight)}"
+    text = f"success at {loose[0]:g}°/{loose[1]:g} {_fmt(ref[key], 'pct')} vs {_fmt(row[key], 'pct')}"
+    if ref[key] == row[key] == 1.0:
+        more = ref[tight_key] > row[tight_key]
+        return more, (f"{text} (tie: both succeed on every trial), at {tight[0]:g}°/{tight[1]:g} "
+                      f"{_fmt(ref[tight_key], 'pct')} vs {_fmt(row[tight_key], 'pct')} ({'more' if more else 'not more'})")
+    more = ref[key] > row[key]
+    return more, f"{text} ({'more' if more else 'not more'})"
+
+
 def comparisons(rows: Sequence[Dict[str, Any]], reference: str = "gsloc") -> List[str]:
-    """Plain-language comparison of ``reference`` with every other method (says where it does not win)."""
+    """Plain-language comparison of ``reference`` with every other method (says where it does not win).
+
+    ``reference`` beats a method when it succeeds on more trials (see :func:`_success_comparison`) and its median
+    rotation and translation errors are at most half of that method's.
+    """
     by_name = {r["method"]: r for r in rows}
     ref = by_name.get(reference)
     if ref is None or ref["trials"] == 0:
         return []
-    key = f"success_{threshold_key(*PLOT_THRESHOLD)}"
     lines = []
     for row in rows:
         if row["method"] == reference or row["trials"] == 0:
             continue
-        more = ref[key] > row[key]
+        more, success_text = _success_comparison(ref, row)
         rot_half = ref["rot_median_deg"] <= 0.5 * row["rot_median_deg"]
         trans_half = ref["trans_median"] <= 0.5 * row["trans_median"]
         verdict = "beats" if more and rot_half and trans_half else "does NOT beat"
         lines.append(
-            f"{reference} {verdict} {row['method']}: success at {PLOT_THRESHOLD[0]:g}°/{PLOT_THRESHOLD[1]:g} "
-            f"{_fmt(ref[key], 'pct')} vs {_fmt(row[key], 'pct')} ({'more' if more else 'not more'}); median rotation "
+            f"{reference} {verdict} {row['method']}: {success_text}; median rotation "
             f"{_fmt(ref['rot_median_deg'], 'deg')}° vs {_fmt(row['rot_median_deg'], 'deg')}° "
             f"({'at most half' if rot_half else 'more than half'}); median translation {_fmt(ref['trans_median'], 'dist')} "
             f"vs {_fmt(row['trans_median'], 'dist')} ({'at most half' if trans_half else 'more than half'})"

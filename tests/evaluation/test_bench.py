@@ -177,6 +177,19 @@ def test_comparison_says_when_gsloc_does_not_win():
     assert line.startswith("gsloc does NOT beat pnp")
 
 
+def test_comparison_breaks_a_tie_at_full_success_with_the_tightest_threshold():
+    # Both succeed on every trial at (5 deg, 0.05); at (1 deg, 0.01) gsloc has 2/2 and pnp 1/2.
+    gsloc = [_record("gsloc", 0.02, 0.001), _record("gsloc", 0.03, 0.002)]
+    pnp = [_record("pnp", 0.05, 0.004), _record("pnp", 1.5, 0.012)]
+    (line,) = report.comparisons([report.summarize_method("gsloc", gsloc), report.summarize_method("pnp", pnp)])
+    assert line.startswith("gsloc beats pnp") and "tie: both succeed on every trial" in line
+    assert "at 1°/0.01 100.0% vs 50.0% (more)" in line
+    # Same tie, but pnp also succeeds on every trial at (1 deg, 0.01): gsloc does not succeed on more trials.
+    pnp_tight = [_record("pnp", 0.05, 0.004), _record("pnp", 0.9, 0.009)]
+    (line,) = report.comparisons([report.summarize_method("gsloc", gsloc), report.summarize_method("pnp", pnp_tight)])
+    assert line.startswith("gsloc does NOT beat pnp") and "(not more)" in line
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CLI errors (before any model is loaded)
 # ----------------------------------------------------------------------------------------------------------
