@@ -334,7 +334,7 @@ def plot_success_vs_angle(path: Path, records: Sequence[TrialRecord], methods: S
     edges = _angle_bins(used, sweep_angles, max_angle)
     centres = (edges[1:] + edges[:-1]) / 2
     deg, dist = PLOT_THRESHOLD
-    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    fig, ax = plt.subplots(figsize=(7.0, 5.0))
     for number, method in enumerate(methods):
         mine = [r for r in used if r.method == method]
         if not mine:
@@ -352,7 +352,8 @@ def plot_success_vs_angle(path: Path, records: Sequence[TrialRecord], methods: S
     ax.set_ylabel(f"success rate ({deg:g}°, {dist:g} scene units)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    # Below the axes: curves at 0% and 100% fill both ends of the plot, where a legend inside would cover them.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=max(1, len(methods)), frameon=False)
     if title:
         ax.set_title(textwrap.fill(title, 90), fontsize=8)
     fig.tight_layout()
