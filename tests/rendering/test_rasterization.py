@@ -201,7 +201,10 @@ def test_several_cameras_equal_single_camera_calls(backend):
     batched, _, _ = render((means, quats, scales, opacities, colors, viewmats, Ks), backend)
     for c in range(3):
         single, _, _ = render((means, quats, scales, opacities, colors, viewmats[c : c + 1], Ks[c : c + 1]), backend)
-        torch.testing.assert_close(batched[c : c + 1], single)
+        # The batched einsum of the projection may take another BLAS kernel than a single camera's, so means2d
+        # differ by float32 rounding (~2e-6 px on some CPUs); compositing amplifies that to ~1e-5 relative.
+        # A wrong camera, order or background would differ by orders of magnitude more.
+        torch.testing.assert_close(batched[c : c + 1], single, rtol=1e-4, atol=1e-4)
 
 
 def test_sh_colors_and_bad_inputs():
