@@ -108,12 +108,14 @@ class BenchCLI:
     method_settings: MethodSettings = field(default_factory=MethodSettings)
     """Settings of the methods (gsloc's also apply to photometric and depth, with one loss each)."""
 
-    def main(self) -> None:
-        """Validate, load, run every method, write the results (or merge earlier results)."""
-        if self.merge:
-            merge_results(self.merge, self.output_dir)
-        else:
-            bench_main(self)
+    def main(self, argv: Optional[Sequence[str]] = None) -> None:
+        """Validate, load, run every method, write the results; or, with --merge, merge earlier results."""
+        if not self.merge:
+            bench_main(self, argv)
+            return
+        if self.load_config is not None or self.data is not None:
+            raise GslocError("--merge combines finished results folders; it takes no --load-config or --data")
+        merge_results(self.merge, self.output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,12 +338,22 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
             report.write_trials_jsonl(output_dir / "trials.jsonl", records)
 
     rows = write_outputs(output_dir, methods, records, protocol, meta)
-    CONSOLE.print(report.rich_table(rows, title=f"{protocol.name}: {len(queries)} queries x {protocol.trials_per_query} trials"))
+    print_results(rows, f"{protocol.name}: {len(queries)} queries x {protocol.trials_per_query} trials", machine_line, output_dir)
+    return rows
+
+
+def print_results(rows: Sequence[Dict[str, Any]], title: str, machine_line: str, output_dir: Path) -> None:
+    """The summary table, where the timings come from, notes and comparisons, and where the files are."""
+    CONSOLE.print(report.rich_table(rows, title=title))
     CONSOLE.print(machine_line)
     for line in report.skipped_notes(rows) + report.comparisons(rows):
         CONSOLE.print(line)
     CONSOLE.print(f"results in {output_dir}")
-    return rows
+
+
+#: bench.json fields a merge compares or reads.
+_MERGE_KEYS = ("load_config", "queries", "num_queries", "protocol", "protocol_summary", "camera_scale", "methods",
+               "machine_line", "command")
 
 
 def _read_results_folder(folder: Path) -> Tuple[Dict[str, Any], List[report.TrialRecord]]:
@@ -350,9 +362,14 @@ def _read_results_folder(folder: Path) -> Tuple[Dict[str, Any], List[report.Tria
     if not (folder / "bench.json").is_file() or not (folder / "trials.jsonl").is_file():
         raise GslocError(f"{folder} is not a finished gsloc-bench results folder (no bench.json and trials.jsonl)")
     try:
-        return json.loads((folder / "bench.json").read_text()), report.read_trials_jsonl(folder / "trials.jsonl")
+        meta = json.loads((folder / "bench.json").read_text())
+        records = report.read_trials_jsonl(folder / "trials.jsonl")
     except (ValueError, TypeError) as err:
         raise GslocError(f"{folder}: unreadable results ({err})") from err
+    missing = [key for key in _MERGE_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise GslocError(f"{folder}/bench.json lacks {', '.join(missing)} (not written by gsloc-bench?)")
+    return meta, records
 
 
 def merge_results(folders: Sequence[Path], output_dir: Path) -> List[Dict[str, Any]]:
@@ -392,16 +409,12 @@ def merge_results(folders: Sequence[Path], output_dir: Path) -> List[Dict[str, A
     merged["methods"] = methods
     merged["merged_from"] = [{"dir": str(f), "command": m["command"]} for f, m in zip(folders, metas)]
     merged["command"] = "gsloc-bench --merge " + " ".join(str(f) for f in folders) + f" --output-dir {output_dir}"
-    machine_lines = sorted({m["machine_line"] for m in metas})
-    merged["machine_line"] = "; ".join(machine_lines)
+    merged["machine_line"] = "; ".join(sorted({m["machine_line"] for m in metas}))
     protocol = protocol_from_dict(merged["protocol"])
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = write_outputs(output_dir, methods, records, protocol, merged)
-    CONSOLE.print(report.rich_table(rows, title=f"{protocol.name}: merged from {len(folders)} folders"))
-    for line in report.skipped_notes(rows) + report.comparisons(rows):
-        CONSOLE.print(line)
-    CONSOLE.print(f"results in {output_dir}")
+    print_results(rows, f"{protocol.name}: merged from {len(folders)} folders", merged["machine_line"], output_dir)
     return rows
 
 
@@ -428,13 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if preset not in (None, "None"):
         settings.gsloc = load_preset(preset)
     default = BenchCLI(method_settings=settings)
-    cli = tyro.cli(BenchCLI, args=argv, default=default)
-    if cli.merge and (cli.load_config is not None or cli.data is not None):
-        raise GslocError("--merge combines finished results folders; it takes no --load-config or --data")
-    if cli.merge:
-        merge_results(cli.merge, cli.output_dir)
-    else:
-        bench_main(cli, argv)
+    tyro.cli(BenchCLI, args=argv, default=default).main(argv)
 
 
 def entrypoint() -> None:

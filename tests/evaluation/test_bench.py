@@ -364,6 +364,10 @@ def test_merge_refuses_results_that_are_not_the_same_trials(tmp_path, capsys):
     assert "started from another pose" in merge_error("a", "other-start")
     assert "different load_config" in merge_error("a", "other-run")
     assert "not a finished gsloc-bench results folder" in merge_error("a", "missing")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "bench.json").write_text('{"methods": ["gsloc"]}')
+    (tmp_path / "foreign" / "trials.jsonl").write_text("")
+    assert "bench.json lacks load_config" in merge_error("a", "foreign")
     assert "at least two" in merge_error("a")
     assert "takes no --load-config" in _cli_error(["--merge", str(tmp_path / "a"), str(tmp_path / "a"),
                                                    "--load-config", "x.yml"], capsys)
