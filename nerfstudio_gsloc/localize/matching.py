@@ -95,7 +95,7 @@ def _to_bchw(image: Tensor, device: torch.device) -> Tensor:
     return image.detach().to(device=device, dtype=torch.float32).permute(2, 0, 1)[None].clamp(0.0, 1.0)
 
 
-def _resize(image: Tensor, factor: float) -> Tuple[Tensor, float, float]:
+def resize_image(image: Tensor, factor: float) -> Tuple[Tensor, float, float]:
     """Resize ``[1, C, H, W]`` by ``factor``; returns the image and the exact x/y scale factors used."""
     height, width = image.shape[-2:]
     new_h, new_w = max(1, int(round(height * factor))), max(1, int(round(width * factor)))
@@ -105,7 +105,7 @@ def _resize(image: Tensor, factor: float) -> Tuple[Tensor, float, float]:
     return resized, new_w / width, new_h / height
 
 
-def _integer_frame_to_ours(kpts: Tensor, scale_x: float, scale_y: float) -> Tensor:
+def keypoints_to_original(kpts: Tensor, scale_x: float, scale_y: float) -> Tensor:
     """kornia keypoints (integer pixel centres) in a resized image -> ``+0.5`` convention in the original image.
 
     With ``align_corners=False`` resizing, resized pixel ``i`` has its centre at ``(i + 0.5) / scale`` in the
@@ -142,10 +142,10 @@ class SiftMatcher:
     def _detect(self, image: Tensor) -> Tuple[Tensor, Tensor]:
         img = _to_bchw(image, self.device)
         gray = kornia.color.rgb_to_grayscale(img) if img.shape[1] == 3 else img
-        gray, sx, sy = _resize(gray, self.config.upsample)
+        gray, sx, sy = resize_image(gray, self.config.upsample)
         lafs, responses, descs = self.feature(gray)
         keep = responses[0] > 0  # drop padding entries of images with few extrema
-        kpts = _integer_frame_to_ours(KF.get_laf_center(lafs)[0], sx, sy)
+        kpts = keypoints_to_original(KF.get_laf_center(lafs)[0], sx, sy)
         return kpts[keep], descs[0][keep]
 
     @torch.inference_mode()
@@ -229,7 +229,7 @@ class DiskLightGlueMatcher:
         img = _to_bchw(image, self.device)
         if img.shape[1] == 1:
             img = img.expand(-1, 3, -1, -1)
-        img, sx, sy = _resize(img, self.config.upsample)
+        img, sx, sy = resize_image(img, self.config.upsample)
         feats = self.disk(img, n=self.config.max_keypoints, pad_if_not_divisible=True)[0]
         size = torch.tensor([[img.shape[-1], img.shape[-2]]], device=self.device)
         return feats.keypoints, feats.descriptors, size, sx, sy
@@ -249,8 +249,8 @@ class DiskLightGlueMatcher:
         )
         pairs, scores = out["matches"][0], out["scores"][0]
         return Matches(
-            kpts0=_integer_frame_to_ours(kp0[pairs[:, 0]], sx0, sy0).float().to(image0.device),
-            kpts1=_integer_frame_to_ours(kp1[pairs[:, 1]], sx1, sy1).float().to(image0.device),
+            kpts0=keypoints_to_original(kp0[pairs[:, 0]], sx0, sy0).float().to(image0.device),
+            kpts1=keypoints_to_original(kp1[pairs[:, 1]], sx1, sy1).float().to(image0.device),
             scores=scores.float().to(image0.device),
         )
 
@@ -275,7 +275,7 @@ class LoftrMatcher:
         for image in (image0, image1):
             img = _to_bchw(image, self.device)
             gray = kornia.color.rgb_to_grayscale(img) if img.shape[1] == 3 else img
-            gray, sx, sy = _resize(gray, self.config.upsample)
+            gray, sx, sy = resize_image(gray, self.config.upsample)
             grays.append(gray)
             scales.append(torch.tensor([sx, sy], device=self.device))
         out = self.loftr({"image0": grays[0], "image1": grays[1]})

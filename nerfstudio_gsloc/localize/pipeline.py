@@ -26,28 +26,25 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
 
 import yaml
-from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
 from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
-from nerfstudio_gsloc.localize.optimizer import (
-    LossConfig,
-    OptimConfig,
-    PoseOptimizer,
-    QueryResult,
-    ScheduleConfig,
-    build_stages,
-)
+from nerfstudio_gsloc.localize.objective import LossConfig
+from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
 from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.localize.result import LocalizationResult
+from nerfstudio_gsloc.localize.schedule import OptimConfig, ScheduleConfig, build_stages
 
 #: Folder of the named presets (``--preset NAME`` reads ``PRESET_DIR / NAME.yaml``).
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "localize"
 
 
 @dataclass
-class PoseInversionConfig(InstantiateConfig):
-    """Localization by inverting a Gaussian splatting model (render, compare, descend)."""
+class PoseInversionConfig(LocalizerConfig):
+    """Localization by inverting a Gaussian splatting model (render, compare, descend): the ``gsloc`` method,
+    and with one loss term each the ``photometric`` and ``depth`` methods."""
 
     _target: Type = field(default_factory=lambda: PoseInversion)
     losses: LossConfig = field(default_factory=LossConfig)
@@ -60,12 +57,13 @@ class PoseInversionConfig(InstantiateConfig):
     """Adam learning rates, decay, stopping tolerances, batching and divergence guards."""
 
 
-class PoseInversion:
-    """Localizes queries against a splatfacto-style model.
+class PoseInversion(Localizer):
+    """Localizes queries against a splatfacto-style model with :class:`PoseOptimizer`.
 
     Args:
         config: the configuration.
         model: a trained ``SplatfactoModel``/``GSLocModel`` (or any module :func:`render_splat_model` accepts).
+        pipeline: unused (accepted for the common localizer interface).
         seed: base seed of the RANSAC sampling.
         matcher: a prebuilt matcher (default: built from ``config.matcher`` when the schedule matches).
 
@@ -73,9 +71,11 @@ class PoseInversion:
         GslocError: the matcher cannot be built (e.g. learned-matcher weights missing) or the schedule is invalid.
     """
 
-    def __init__(self, config: PoseInversionConfig, model: nn.Module, seed: int = 0, matcher: Optional[Matcher] = None) -> None:
-        self.config = config
-        self.model = model
+    def __init__(self, config: PoseInversionConfig, model: nn.Module, pipeline: Any = None, seed: int = 0,
+                 matcher: Optional[Matcher] = None) -> None:
+        super().__init__(config, model, pipeline, seed)
+        # A method with only the depth term cannot do anything for a query without depth.
+        self.needs_depth = config.losses.depth and not (config.losses.photometric or config.losses.matching)
         self.matcher = matcher if matcher is not None else self.build_matcher(config)
         self.optimizer = PoseOptimizer(model, config.losses, config.schedule, config.optim, self.matcher, seed=seed)
 
@@ -97,30 +97,9 @@ class PoseInversion:
         """Largest number of steps one query can take."""
         return self.optimizer.max_iterations
 
-    def localize(
-        self,
-        queries: Sequence[Query],
-        initial_c2w: Optional[Sequence[Tensor]] = None,
-        progress: Optional[Callable[[QueryResult], None]] = None,
-        on_step: Optional[Callable[[int], None]] = None,
-    ) -> List[QueryResult]:
-        """Refine the poses of ``queries``.
-
-        Args:
-            queries: the queries (see :mod:`nerfstudio_gsloc.localize.queries`).
-            initial_c2w: one ``[3, 4]`` scene-frame OpenGL camera-to-world start pose per query; default: the
-                queries' priors (see :mod:`nerfstudio_gsloc.localize.initialization` for ``perturb``).
-            progress: called with each query's result as soon as its batch finishes (e.g. to save it).
-            on_step: called after every iteration with the number of queries still being optimised.
-
-        Returns:
-            one :class:`QueryResult` per query, in order (poses in the scene frame).
-        """
-        if initial_c2w is None:
-            from nerfstudio_gsloc.localize.initialization import initial_poses
-
-            initial_c2w = initial_poses(queries, "prior")
-        return self.optimizer.run(queries, initial_c2w, on_result=progress, on_step=on_step)
+    def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
+                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback) -> None:
+        self.optimizer.run(queries, initial_c2w, on_result=on_result, on_step=on_step)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -61,13 +61,28 @@ class PoseCorrection(nn.Module):
         Returns:
             ``[B, 3, 4]`` corrected poses, differentiable w.r.t. ``rotation`` and ``translation``.
         """
-        _check_c2w(c2w_init)
         if c2w_init.shape[0] != self.num_poses:
             raise ValueError(f"expected {self.num_poses} poses, got {c2w_init.shape[0]}")
-        delta = self.delta().to(dtype=c2w_init.dtype, device=c2w_init.device)
-        rot = c2w_init[:, :3, :3] @ delta[:, :, :3]
-        centre = c2w_init[:, :3, 3:4] + delta[:, :, 3:4]
-        return torch.cat([rot, centre], dim=-1)
+        return apply_correction(c2w_init, self.rotation, self.translation)
+
+
+def apply_correction(c2w_init: Tensor, rotation: Tensor, translation: Tensor) -> Tensor:
+    """The functional form of :class:`PoseCorrection`: ``R' = R exp(rotation)``, ``c' = c + translation``.
+
+    Args:
+        c2w_init: ``[B, 3|4, 4]`` OpenGL camera-to-world poses (scene frame).
+        rotation: ``[B, 3]`` axis-angle vectors (radians) in the camera's own axes.
+        translation: ``[B, 3]`` camera-centre offsets in world axes (scene units).
+
+    Returns:
+        ``[B, 3, 4]`` corrected poses, differentiable w.r.t. ``rotation`` and ``translation``.
+    """
+    _check_c2w(c2w_init)
+    # exp_map_SO3xR3 takes (translation, so3) stacked as [B, 6].
+    delta = exp_map_SO3xR3(torch.cat([translation, rotation], dim=-1)).to(dtype=c2w_init.dtype, device=c2w_init.device)
+    rot = c2w_init[:, :3, :3] @ delta[:, :, :3]
+    centre = c2w_init[:, :3, 3:4] + delta[:, :, 3:4]
+    return torch.cat([rot, centre], dim=-1)
 
 
 def axis_angle_to_matrix(axis_angle: Tensor) -> Tensor:

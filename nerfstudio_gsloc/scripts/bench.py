@@ -46,8 +46,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.evaluation import report
-from nerfstudio_gsloc.evaluation.baselines import load_training_views, training_camera_poses
-from nerfstudio_gsloc.evaluation.methods import METHODS, STATUS_SKIPPED, MethodContext, MethodSettings, TrialResult, check_methods
 from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.evaluation.protocols import (
     Protocol,
@@ -58,6 +56,9 @@ from nerfstudio_gsloc.evaluation.protocols import (
     protocol_from_dict,
 )
 from nerfstudio_gsloc.localize.pipeline import load_preset
+from nerfstudio_gsloc.localize.pnp import training_camera_poses
+from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, check_methods, make_localizer
+from nerfstudio_gsloc.localize.result import LocalizationResult
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 
 # Outside a terminal rich would wrap the results table at 80 columns; give it room.
@@ -84,7 +85,7 @@ class BenchCLI:
     queries: Optional[Path] = None
     """A nerfstudio transforms.json of query images with ground-truth poses (transform_matrix, dataset's original
     frame). Default: the run's held-out eval split."""
-    methods: Tuple[str, ...] = tuple(METHODS)
+    methods: Tuple[str, ...] = tuple(LOCALIZERS)
     """Methods to compare (gsloc, photometric, icomma, depth, pnp)."""
     protocol: str = "inerf"
     """A protocol preset of configs/protocols (inerf, icomma-sweep, tracking) or a .yaml file."""
@@ -105,7 +106,7 @@ class BenchCLI:
     gsloc_preset: Optional[str] = None
     """An ns-localize preset (configs/localize) or .yaml/.json file for gsloc (and photometric/depth), loaded
     before the --method-settings.gsloc.* options, which override it."""
-    method_settings: MethodSettings = field(default_factory=MethodSettings)
+    method_settings: LocalizerSettings = field(default_factory=LocalizerSettings)
     """Settings of the methods (gsloc's also apply to photometric and depth, with one loss each)."""
 
     def main(self, argv: Optional[Sequence[str]] = None) -> None:
@@ -175,13 +176,13 @@ def load_queries(cli: BenchCLI, pipeline, frame) -> List[Query]:
     return queries
 
 
-def trial_records(method: str, queries: Sequence[Query], trials: Sequence[Trial], results: Sequence[TrialResult]) -> List[report.TrialRecord]:
+def trial_records(method: str, queries: Sequence[Query], trials: Sequence[Trial], results: Sequence[LocalizationResult]) -> List[report.TrialRecord]:
     """Join trials and one method's results into records (errors against the ground truth, scene units)."""
     records = []
     for trial, result in zip(trials, results):
         query = queries[trial.query]
         rot = trans = None
-        if result.c2w is not None and query.gt_c2w is not None and bool(torch.isfinite(result.c2w).all()):
+        if not result.skipped and query.gt_c2w is not None and bool(torch.isfinite(result.c2w).all()):
             gt = query.gt_c2w[None, :3, :4].double()
             est = result.c2w[None, :3, :4].double().cpu()
             rot, trans = float(rotation_error_deg(est, gt)[0]), float(translation_error(est, gt)[0])
@@ -190,8 +191,7 @@ def trial_records(method: str, queries: Sequence[Query], trials: Sequence[Trial]
                 method=method, query=query.name, query_index=query.index, trial=trial.trial, seed=trial.seed,
                 init_rot_deg=trial.init_rot_deg, init_trans=trial.init_trans, nominal_angle_deg=trial.nominal_angle_deg,
                 final_rot_deg=rot, final_trans=trans, seconds=result.seconds, iterations=result.iterations,
-                status=result.status, reason=result.reason, failed=result.status != STATUS_SKIPPED and result.failed,
-                skipped=result.status == STATUS_SKIPPED,
+                status=result.status, reason=result.reason, failed=result.failed, skipped=result.skipped,
             )
         )
     return records
@@ -231,7 +231,7 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
         "",
     ]
     for m in methods:
-        line = f"- `{m}`: {METHODS[m].description}"
+        line = f"- `{m}`: {LOCALIZERS[m]}"
         if m == "icomma" and "icomma_matcher" in meta:
             line += f"; matcher: {meta['icomma_matcher']}"
             if "LoFTR" not in meta["icomma_matcher"]:
@@ -301,39 +301,32 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
         "method_settings": dataclasses.asdict(cli.method_settings),
         "command": "gsloc-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    views_cache: Dict[str, Any] = {}
-
-    def training_views():
-        if "views" not in views_cache:
-            views_cache["views"] = load_training_views(pipeline)
-        return views_cache["views"]
-
     progress = Progress(
         TextColumn("[bold]{task.fields[method]}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), console=CONSOLE, transient=False,
     )
     records: List[report.TrialRecord] = []
+    trial_queries = [queries[trial.query] for trial in trials]
+    trial_starts = [trial.c2w_init for trial in trials]
     with progress:
         for method in methods:
-            task = progress.add_task("", total=len(trials), method=method)
-
+            task = progress.add_task("setting up", total=len(trials), method=method)
             finished = [0]
 
-            def on_trial(position: int, result: TrialResult, task=task, method=method, finished=finished) -> None:
+            def on_result(position: int, result: LocalizationResult, task=task, method=method, finished=finished) -> None:
                 progress.update(task, advance=1, description=f"{result.status} {result.seconds:.1f} s")
                 finished[0] += 1
                 if not CONSOLE.is_terminal:  # no live bar in a log file: one line per finished trial instead
                     CONSOLE.print(f"{method} {finished[0]}/{len(trials)}: {result.status} {result.seconds:.1f} s")
 
-            context = MethodContext(
-                model=model, settings=cli.method_settings, camera_scale=camera_scale, training_views=training_views,
-                on_progress=lambda text, task=task: progress.update(task, description=text),
-            )
             started = time.perf_counter()
-            results = METHODS[method].run(context, queries, trials, on_trial)
+            # Every method through the one localizer call: same queries, same initial poses.
+            localizer = make_localizer(method, cli.method_settings, model, pipeline, seed=0)
+            results = localizer.localize(trial_queries, trial_starts, on_result=on_result)
             meta.setdefault("method_seconds", {})[method] = time.perf_counter() - started
-            meta.update(context.notes)
+            meta.update(localizer.notes)
             records.extend(trial_records(method, queries, trials, results))
+            write_trial_poses(output_dir, method, trials, trial_queries, results, frame, meta)
             # Write what is finished so far: an interrupted benchmark still leaves usable files.
             report.write_trials_jsonl(output_dir / "trials.jsonl", records)
 
@@ -405,7 +398,7 @@ def merge_results(folders: Sequence[Path], output_dir: Path) -> List[Dict[str, A
     for meta in metas[1:]:  # per-method notes and timings; the first folder's run description stays
         merged.update({k: v for k, v in meta.items() if k not in merged or k in ("icomma_matcher", "pnp_map_seconds")})
         merged["method_seconds"] = {**merged.get("method_seconds", {}), **meta.get("method_seconds", {})}
-    methods = sorted(methods, key=lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS))
+    methods = sorted(methods, key=lambda m: list(LOCALIZERS).index(m) if m in LOCALIZERS else len(LOCALIZERS))
     merged["methods"] = methods
     merged["merged_from"] = [{"dir": str(f), "command": m["command"]} for f, m in zip(folders, metas)]
     merged["command"] = "gsloc-bench --merge " + " ".join(str(f) for f in folders) + f" --output-dir {output_dir}"
@@ -437,7 +430,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run; ``--gsloc-preset`` fills in the gsloc defaults."""
     argv = list(sys.argv[1:] if argv is None else argv)
     preset = _peek_option(argv, "--gsloc-preset")
-    settings = MethodSettings()
+    settings = LocalizerSettings()
     if preset not in (None, "None"):
         settings.gsloc = load_preset(preset)
     default = BenchCLI(method_settings=settings)

@@ -5,6 +5,9 @@ Examples::
     # the run's held-out eval split, each view started from its ground truth moved by 10 deg / 0.1 units
     ns-localize --load-config outputs/scene/gsloc/<ts>/config.yml --output-dir outputs/loc --init perturb
 
+    # another registered method (gsloc, photometric, depth, icomma, pnp) through the same interface
+    ns-localize --load-config .../config.yml --method pnp --output-dir outputs/loc-pnp
+
     # new images (nerfstudio transforms.json, poses in the dataset's original frame), from their priors
     ns-localize --load-config .../config.yml --queries new/transforms.json --init prior --preset fast
 
@@ -48,8 +51,11 @@ from nerfstudio_gsloc.camera_conventions import to_homogeneous
 from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.evaluation.pose_errors import SUCCESS_THRESHOLDS, summarize_errors, threshold_key
 from nerfstudio_gsloc.localize.initialization import check_initialization, initial_poses
-from nerfstudio_gsloc.localize.optimizer import STATUS_FAILED, TRACE_FIELDS, QueryResult
+from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
+from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
+from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, SingleLossBudget, check_methods, make_localizer
+from nerfstudio_gsloc.localize.result import STATUS_FAILED, TRACE_FIELDS, LocalizationResult
 from nerfstudio_gsloc.localize.queries import FrameTransform, Query, load_eval_queries, load_transforms_queries, run_frame_transform
 
 CONSOLE = Console()
@@ -88,8 +94,21 @@ class LocalizeCLI:
     preset: Optional[str] = None
     """A preset from configs/localize (default, fast, rgbd, ...) or a .yaml/.json file; loaded before the
     other --localization.* options, which override it."""
+    method: Literal["gsloc", "photometric", "depth", "icomma", "pnp"] = "gsloc"
+    """The localizer: gsloc, photometric, depth, icomma or pnp (see nerfstudio_gsloc/localize/registry.py)."""
     localization: PoseInversionConfig = field(default_factory=PoseInversionConfig)
-    """The pose-inversion component (losses, matcher, schedule, optimiser)."""
+    """gsloc's pose-inversion settings (losses, matcher, schedule, optimiser); photometric and depth use them with
+    one loss term each and the --single-loss budget."""
+    single_loss: SingleLossBudget = field(default_factory=SingleLossBudget)
+    """Iterations and learning rates of --method photometric / depth."""
+    icomma: IComMaConfig = field(default_factory=IComMaConfig)
+    """Settings of --method icomma."""
+    pnp: PnPLocalizerConfig = field(default_factory=PnPLocalizerConfig)
+    """Settings of --method pnp."""
+
+    def settings(self) -> LocalizerSettings:
+        """The settings of every method, as the registry takes them."""
+        return LocalizerSettings(gsloc=self.localization, single_loss=self.single_loss, icomma=self.icomma, pnp=self.pnp)
 
     def main(self) -> None:
         """Validate everything, load the run, localize, write the outputs."""
@@ -145,6 +164,7 @@ def _settings(cli: LocalizeCLI, init: str) -> Dict[str, Any]:
         "perturb_deg": cli.perturb_deg if init == "perturb" else None,
         "perturb_trans": cli.perturb_trans if init == "perturb" else None,
         "seed": cli.seed,
+        "method": cli.method,
     }
 
 
@@ -165,7 +185,7 @@ def _load_previous(output_dir: Path, settings: Dict[str, Any]) -> Dict[str, Dict
     return {entry["image"]: entry for entry in entries}
 
 
-def _result_entry(result: QueryResult, query: Query, frame: FrameTransform) -> Dict[str, Any]:
+def _result_entry(result: LocalizationResult, query: Query, frame: FrameTransform) -> Dict[str, Any]:
     """One poses.json entry (poses in the original frame)."""
     entry: Dict[str, Any] = {
         "image": query.name,
@@ -177,7 +197,7 @@ def _result_entry(result: QueryResult, query: Query, frame: FrameTransform) -> D
         "initial_transform_matrix": _matrix(frame.to_original(result.c2w_init[None].double())[0]),
         "loss": _finite_or_none(result.loss),
         "iterations": result.iterations,
-        "match_inliers": result.match_inliers,
+        "match_inliers": result.inliers,
         "seconds": round(result.seconds, 3),
     }
     if query.gt_c2w is not None:
@@ -351,7 +371,12 @@ def localize_main(cli: LocalizeCLI) -> None:
     output_dir = Path(cli.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise GslocError(f"--output-dir {output_dir} is a file")
-    matcher = PoseInversion.build_matcher(cli.localization)
+    method = check_methods([cli.method])[0]
+    config = cli.settings().config(method)
+    if isinstance(config, PoseInversionConfig):
+        PoseInversion.build_matcher(config)  # schedule and matcher weights checked before loading the model
+    if method == "icomma" and cli.icomma.loftr_weights_path is not None and not Path(cli.icomma.loftr_weights_path).is_file():
+        raise GslocError(f"LoFTR weights file not found: {cli.icomma.loftr_weights_path}")
 
     # 2. The model (and the eval split, which needs the loaded datamanager).
     with CONSOLE.status("loading the run"):
@@ -359,7 +384,7 @@ def localize_main(cli: LocalizeCLI) -> None:
     if queries is None:
         queries = load_eval_queries(pipeline, cli.max_queries)
         check_initialization(queries, init)
-    inverter = PoseInversion(cli.localization, pipeline.model, seed=cli.seed, matcher=matcher)
+    localizer = make_localizer(method, cli.settings(), pipeline.model, pipeline, seed=cli.seed)
     settings = _settings(cli, init)
     previous = _load_previous(output_dir, settings) if cli.resume else {}
     todo = [q for q in queries if q.name not in previous]
@@ -374,11 +399,10 @@ def localize_main(cli: LocalizeCLI) -> None:
     entries: Dict[str, Dict[str, Any]] = dict(previous)
     trace_rows: List[Dict[str, Any]] = read_trace_csv(output_dir / TRACE_CSV) if cli.resume else []
     trace_rows = [r for r in trace_rows if r.get("query") in previous]
-    by_name = {q.name: q for q in todo}
     _write_poses(output_dir / POSES_FILE, settings, frame, list(entries.values()))
     CONSOLE.print(
-        f"localizing {len(todo)} queries ({len(previous)} already done) from {init} poses, "
-        f"at most {inverter.max_iterations} iterations each"
+        f"localizing {len(todo)} queries ({len(previous)} already done) with {method} from {init} poses"
+        + (f", at most {localizer.max_iterations} iterations each" if localizer.max_iterations else "")
     )
     progress = Progress(
         TextColumn("[bold]localizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -390,8 +414,8 @@ def localize_main(cli: LocalizeCLI) -> None:
         steps["count"] += 1
         progress.update(task, description=f"iteration {steps['count']}, {active} active")
 
-    def on_result(result: QueryResult) -> None:
-        entries[result.name] = _result_entry(result, by_name[result.name], frame)
+    def on_result(position: int, result: LocalizationResult) -> None:
+        entries[result.name] = _result_entry(result, todo[position], frame)
         trace_rows.extend(result.trace)
         _write_poses(output_dir / POSES_FILE, settings, frame, list(entries.values()))
         progress.advance(task)
@@ -400,7 +424,7 @@ def localize_main(cli: LocalizeCLI) -> None:
     try:
         with progress:
             task = progress.add_task("", total=len(todo))
-            inverter.localize(todo, starts, progress=on_result, on_step=on_step)
+            localizer.localize(todo, starts, on_result=on_result, on_step=on_step)
     except KeyboardInterrupt:
         write_trace_csv(output_dir / TRACE_CSV, trace_rows)
         CONSOLE.print(

@@ -1,4 +1,4 @@
-"""The classical structure-based localization baseline (``pnp``) and the SIFT feature helper it shares.
+"""The ``pnp`` localizer: classical structure-based localization against the training views (no gradient step).
 
 What a user would pick instead of pose refinement through a Gaussian scene (hloc-style, no gradient step):
 
@@ -24,114 +24,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Literal, Optional, Sequence, Tuple, Type
 
 import cv2
-import kornia
-import kornia.feature as KF
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from nerfstudio_gsloc.camera_conventions import opencv_w2c_to_opengl_c2w, opengl_c2w_to_opencv_w2c
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.matching import (
-    MatcherConfig,
-    SiftMatcher,
-    _integer_frame_to_ours,
-    _resize,
-    lift_keypoints,
-    pnp_ransac,
-)
+from nerfstudio_gsloc.localize.features import Features, SiftFeatures
+from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
+from nerfstudio_gsloc.localize.matching import MatcherConfig, lift_keypoints, pnp_ransac
+from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
+from nerfstudio_gsloc.localize.result import STATUS_CONVERGED, STATUS_FAILED, LocalizationResult
 from nerfstudio_gsloc.rendering import render_splat_model
-
-# ----------------------------------------------------------------------------------------------------------
-# SIFT features (detection separate from matching, so a map can be cached; optionally differentiable)
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Features:
-    """Keypoints and descriptors of one image.
-
-    Attributes:
-        kpts: ``[N, 2]`` ``(x, y)`` pixel positions (centres at ``+0.5``), in the original image's pixels.
-        desc: ``[N, D]`` descriptors (RootSIFT, ``D = 128``).
-        response: ``[N]`` detector response (absolute DoG), ``None`` when unknown.
-    """
-
-    kpts: Tensor
-    desc: Tensor
-    response: Optional[Tensor] = None
-
-    def __len__(self) -> int:
-        return int(self.kpts.shape[0])
-
-
-class SiftFeatures:
-    """kornia SIFT with the same settings and keypoint convention as :class:`~nerfstudio_gsloc.localize.matching.SiftMatcher`.
-
-    Unlike the matcher, detection and matching are separate calls, and :meth:`detect` can keep the autograd graph
-    from the image to the keypoint positions (kornia refines each DoG extremum to sub-pixel accuracy by a
-    quadratic fit of the response, which is differentiable in the image).
-    """
-
-    def __init__(self, config: MatcherConfig) -> None:
-        if config.kind != "sift":
-            raise GslocError(f"SiftFeatures needs a sift matcher config, got {config.kind!r}")
-        self.config = config
-        self._matcher = SiftMatcher(config)  # owns the kornia SIFT module configured like the matcher
-
-    def detect(self, image: Tensor, differentiable: bool = False) -> Features:
-        """Detect and describe.
-
-        Args:
-            image: ``[H, W, 3]`` float image in ``[0, 1]``.
-            differentiable: keep the graph from ``image`` to the keypoint positions (descriptors are detached).
-
-        Returns:
-            :class:`Features` on ``image``'s device.
-        """
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"expected an image [H, W, 3], got {tuple(image.shape)}")
-        context = torch.enable_grad() if differentiable else torch.inference_mode()
-        with context:
-            img = image.to(self._matcher.device, torch.float32).permute(2, 0, 1)[None]
-            if not differentiable:
-                img = img.detach()
-            gray = kornia.color.rgb_to_grayscale(img.clamp(0.0, 1.0))
-            gray, sx, sy = _resize(gray, self.config.upsample)
-            lafs, responses, descs = self._matcher.feature(gray)
-            keep = responses[0] > 0  # kornia pads with zero-response entries when it finds few extrema
-            kpts = _integer_frame_to_ours(KF.get_laf_center(lafs)[0], sx, sy)[keep]
-            desc = descs[0][keep].detach()
-            response = responses[0][keep].detach()
-        if not differentiable:
-            kpts, desc, response = kpts.clone(), desc.clone(), response.clone()
-        return Features(kpts=kpts.to(image.device), desc=desc.to(image.device), response=response.to(image.device))
-
-    @staticmethod
-    def strongest(features: Features, count: int) -> Features:
-        """The ``count`` keypoints with the highest response (all when ``count <= 0`` or there are fewer)."""
-        if count <= 0 or len(features) <= count:
-            return features
-        order = torch.argsort(features.response, descending=True)[:count] if features.response is not None else torch.arange(count)
-        return Features(features.kpts[order], features.desc[order], None if features.response is None else features.response[order])
-
-    @torch.no_grad()
-    def match(self, feats0: Features, feats1: Features) -> Tuple[Tensor, Tensor]:
-        """Symmetric mutual nearest neighbours with Lowe's ratio test.
-
-        Returns:
-            ``(idx [M, 2] long, score [M])``: index pairs into ``feats0`` / ``feats1`` and ``1 - distance ratio``.
-        """
-        device = feats0.desc.device
-        if len(feats0) < 2 or len(feats1) < 2:
-            return torch.zeros(0, 2, dtype=torch.long, device=device), torch.zeros(0, device=device)
-        dists, idxs = KF.match_smnn(feats0.desc, feats1.desc.to(device), th=self.config.ratio_threshold)
-        return idxs.long(), (1.0 - dists[:, 0]).clamp(0.0, 1.0)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # training views and the map
@@ -233,7 +142,7 @@ def build_map_view(model, view: TrainingView, features: SiftFeatures, depth_edge
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the baseline
+# the localizer
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -243,8 +152,10 @@ def _pnp_matcher_default() -> MatcherConfig:
 
 
 @dataclass
-class PnPBaselineConfig:
-    """Settings of the ``pnp`` baseline."""
+class PnPLocalizerConfig(LocalizerConfig):
+    """Settings of the ``pnp`` localizer."""
+
+    _target: Type = field(default_factory=lambda: PnPLocalizer)
 
     matcher: MatcherConfig = field(default_factory=_pnp_matcher_default)
     """SIFT settings (query and training images alike)."""
@@ -301,7 +212,7 @@ class PnPBaseline:
         on_view: called after each training view is mapped (progress).
     """
 
-    def __init__(self, model, views: Sequence[TrainingView], config: PnPBaselineConfig, on_view=None) -> None:
+    def __init__(self, model, views: Sequence[TrainingView], config: PnPLocalizerConfig, on_view=None) -> None:
         if config.num_views < 1:
             raise GslocError("pnp: num_views must be >= 1")
         self.config = config
@@ -418,3 +329,63 @@ def refine_on_tight_inliers(
         refined[:3, :3], refined[:3, 3] = rot, tvec.reshape(3)
         best = (opencv_w2c_to_opengl_c2w(torch.from_numpy(refined)), int(mask.sum()))
     return best
+
+
+class PnPLocalizer(Localizer):
+    """The ``pnp`` method behind the common interface.
+
+    The map of the training views is built on the first call (its time is reported in ``notes`` and not charged
+    to the queries). Each query is localized independently; its initial pose is used only with
+    ``selection="prior"`` (to choose the training views) and is returned as the pose of a failed query.
+
+    Args:
+        config, model, pipeline, seed: see :class:`~nerfstudio_gsloc.localize.localizer.Localizer`; the training
+            views come from ``pipeline`` unless ``training_views`` are given.
+        training_views: the training views to map (instead of the pipeline's).
+    """
+
+    def __init__(self, config: PnPLocalizerConfig, model: nn.Module, pipeline: Any = None, seed: int = 0,
+                 training_views: Optional[Sequence[TrainingView]] = None) -> None:
+        super().__init__(config, model, pipeline, seed)
+        if config.num_views < 1:
+            raise GslocError("pnp: num_views must be >= 1")
+        self.training_views = None if training_views is None else list(training_views)
+        self.baseline: Optional[PnPBaseline] = None
+        self.camera_scale = 1.0
+
+    def build_map(self) -> PnPBaseline:
+        """Map the training views once (SIFT + rendered depth)."""
+        if self.baseline is None:
+            views = self.training_views if self.training_views is not None else load_training_views(self.pipeline)
+            self.baseline = PnPBaseline(self.model, views, self.config)
+            if views:
+                # The scene's camera-distance scale: distances of selection="prior" are in its units.
+                self.camera_scale = float(torch.linalg.norm(self.baseline.centres.double(), dim=-1).median())
+            self.notes["pnp_map_seconds"] = round(self.baseline.map_seconds, 2)
+            self.notes["pnp_map_points"] = sum(len(view.features) for view in self.baseline.map)
+        return self.baseline
+
+    def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
+                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback) -> None:
+        baseline = self.build_map()
+        with torch.no_grad():
+            for k, (query, start) in enumerate(zip(queries, initial_c2w)):
+                start = start[:3, :4].float().cpu()
+                outcome = baseline.localize(query.image, query.K, prior_c2w=start, scale=self.camera_scale,
+                                            seed=self.seed + query.index)
+                if outcome.c2w is None:
+                    c2w, status, reason = start.clone(), STATUS_FAILED, outcome.reason
+                else:
+                    c2w, status = outcome.c2w.float().cpu(), STATUS_CONVERGED
+                    reason = f"{outcome.num_inliers} inliers of {outcome.num_matches} matches"
+                rot = trans = None
+                if query.gt_c2w is not None and status != STATUS_FAILED:
+                    gt = query.gt_c2w[None, :3, :4].double()
+                    rot = float(rotation_error_deg(c2w[None].double(), gt)[0])
+                    trans = float(translation_error(c2w[None].double(), gt)[0])
+                on_result(k, LocalizationResult(
+                    name=query.name, index=query.index, c2w=c2w, c2w_init=start.clone(), status=status, reason=reason,
+                    seconds=outcome.seconds, inliers=outcome.num_inliers, rot_err_deg=rot, trans_err=trans,
+                ))
+                if on_step is not None:
+                    on_step(len(queries) - k - 1)

@@ -1,0 +1,116 @@
+"""The one interface every localization method implements.
+
+A localizer is a config dataclass deriving nerfstudio's ``InstantiateConfig`` (``_target`` + ``setup()``) whose
+instance takes a loaded model, a batch of queries and their initial poses, and returns one
+:class:`~nerfstudio_gsloc.localize.result.LocalizationResult` per query::
+
+    localizer = config.setup(model=pipeline.model, pipeline=pipeline, seed=0)
+    results = localizer.localize(queries, initial_c2w)   # initial_c2w=None: the queries' priors
+
+``ns-localize --method NAME``, ``gsloc-bench`` and any later caller (sequences, workers) make exactly this call;
+the methods are listed in :mod:`nerfstudio_gsloc.localize.registry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type
+
+from nerfstudio.configs.base_config import InstantiateConfig
+from torch import Tensor, nn
+
+from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.localize.result import STATUS_SKIPPED, LocalizationResult
+
+ResultCallback = Optional[Callable[[int, LocalizationResult], None]]
+"""Called with ``(position in the input, result)`` as soon as a query is finished (e.g. to save it)."""
+StepCallback = Optional[Callable[[int], None]]
+"""Called after every optimisation iteration with the number of queries still being optimised."""
+
+
+@dataclass
+class LocalizerConfig(InstantiateConfig):
+    """Base config of a localizer; ``setup(model=..., pipeline=..., seed=...)`` builds the :class:`Localizer`."""
+
+    _target: Type = field(default_factory=lambda: Localizer)
+
+
+class Localizer:
+    """Base class of localizers.
+
+    Args:
+        config: the localizer's config.
+        model: the trained scene model (splatfacto-style parameters; :func:`render_splat_model` accepts it).
+        pipeline: the loaded nerfstudio pipeline, for methods that need more than the model (pnp reads the training
+            views from its datamanager); ``None`` when only a model is at hand.
+        seed: base seed of the method's randomness (per query: ``seed + query.index``).
+
+    Attributes:
+        notes: facts a method reports about its run (e.g. the time to build a map), for benchmark metadata.
+    """
+
+    #: Queries without depth get status ``skipped`` when this is set (depth-only methods).
+    needs_depth: bool = False
+
+    def __init__(self, config: LocalizerConfig, model: nn.Module, pipeline: Any = None, seed: int = 0) -> None:
+        self.config = config
+        self.model = model
+        self.pipeline = pipeline
+        self.seed = int(seed)
+        self.notes: Dict[str, object] = {}
+
+    @property
+    def max_iterations(self) -> int:
+        """Largest number of optimisation steps one query can take (0 for closed-form methods)."""
+        return 0
+
+    def localize(
+        self,
+        queries: Sequence[Query],
+        initial_c2w: Optional[Sequence[Tensor]] = None,
+        on_result: ResultCallback = None,
+        on_step: StepCallback = None,
+    ) -> List[LocalizationResult]:
+        """Localize ``queries``.
+
+        Args:
+            queries: the queries (see :mod:`nerfstudio_gsloc.localize.queries`).
+            initial_c2w: one ``[3, 4]`` OpenGL camera-to-world start pose per query (scene frame); ``None``: the
+                queries' priors (see :mod:`nerfstudio_gsloc.localize.initialization`).
+            on_result: called with ``(position, result)`` as soon as a query is finished.
+            on_step: called after every iteration with the number of queries still active.
+
+        Returns:
+            one result per query, in order.
+        """
+        if initial_c2w is None:
+            from nerfstudio_gsloc.localize.initialization import initial_poses
+
+            initial_c2w = initial_poses(queries, "prior")
+        if len(queries) != len(initial_c2w):
+            raise ValueError(f"{len(queries)} queries but {len(initial_c2w)} initial poses")
+        results: List[Optional[LocalizationResult]] = [None] * len(queries)
+        todo = []
+        for p, (query, c2w) in enumerate(zip(queries, initial_c2w)):
+            if self.needs_depth and query.depth is None:
+                start = c2w[:3, :4].float().cpu().clone()
+                results[p] = LocalizationResult(query.name, query.index, start, start.clone(), STATUS_SKIPPED,
+                                                "query has no depth")
+                if on_result is not None:
+                    on_result(p, results[p])
+            else:
+                todo.append(p)
+
+        def forward(k: int, result: LocalizationResult) -> None:
+            results[todo[k]] = result
+            if on_result is not None:
+                on_result(todo[k], result)
+
+        if todo:
+            self._localize([queries[p] for p in todo], [initial_c2w[p] for p in todo], forward, on_step)
+        return [r for r in results if r is not None]
+
+    def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor], on_result: Callable[[int, LocalizationResult], None],
+                  on_step: StepCallback) -> None:
+        """The method itself: call ``on_result(k, result)`` for every query ``k`` (subclasses implement it)."""
+        raise NotImplementedError
