@@ -11,7 +11,7 @@ import torch
 
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.evaluation import report
-from nerfstudio_gsloc.evaluation.methods import METHODS, MethodSettings
+from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings
 from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.evaluation.protocols import (
     available_protocols,
@@ -129,12 +129,10 @@ def test_camera_distance_scale_is_the_median_distance_to_the_origin():
 
 
 def test_single_loss_baselines_get_one_loss_and_their_own_budget():
-    from nerfstudio_gsloc.evaluation.methods import depth_config, photometric_config
-
-    settings = MethodSettings()
+    settings = LocalizerSettings()
     settings.single_loss.pyramid_iterations = (7, 8, 9)
     settings.single_loss.rotation_lr = 0.004
-    photo, depth = photometric_config(settings), depth_config(settings)
+    photo, depth = settings.config("photometric"), settings.config("depth")
     assert (photo.losses.photometric, photo.losses.matching, photo.losses.depth) == (True, False, False)
     assert (depth.losses.photometric, depth.losses.matching, depth.losses.depth) == (False, False, True)
     for config in (photo, depth):
@@ -220,9 +218,9 @@ def test_cli_bad_inputs(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fast_settings() -> MethodSettings:
+def _fast_settings() -> LocalizerSettings:
     """Few iterations everywhere: the test checks the harness, not accuracy."""
-    settings = MethodSettings()
+    settings = LocalizerSettings()
     settings.gsloc.schedule.matching_iterations = 4
     settings.gsloc.schedule.rematch_every = 2
     settings.gsloc.schedule.pyramid_iterations = (2, 2, 3)
@@ -234,14 +232,14 @@ def _fast_settings() -> MethodSettings:
 
 def test_bench_end_to_end_on_the_embedded_scene(small_gsloc_run, tmp_path):
     out = tmp_path / "bench"
-    cli = BenchCLI(load_config=small_gsloc_run, output_dir=out, methods=tuple(METHODS), protocol="inerf", trials=2,
+    cli = BenchCLI(load_config=small_gsloc_run, output_dir=out, methods=tuple(LOCALIZERS), protocol="inerf", trials=2,
                    max_queries=2, method_settings=_fast_settings())
     rows = bench_main(cli, ["test"])
-    assert [r["method"] for r in rows] == list(METHODS)
+    assert [r["method"] for r in rows] == list(LOCALIZERS)
 
     # results.csv parses: one row per method with rates in [0, 1] and 2 queries x 2 trials each.
     parsed = report.read_results_csv(out / "results.csv")
-    assert [r["method"] for r in parsed] == list(METHODS)
+    assert [r["method"] for r in parsed] == list(LOCALIZERS)
     for row in parsed:
         assert row["trials"] == 4  # the embedded scene has depth, so depth runs too
         for key in ("success_1deg_0.01", "success_2deg_0.02", "success_5deg_0.05"):
@@ -253,7 +251,7 @@ def test_bench_end_to_end_on_the_embedded_scene(small_gsloc_run, tmp_path):
 
     # trials.jsonl: every method saw the same four initial poses (same seeds and initial errors).
     records = report.read_trials_jsonl(out / "trials.jsonl")
-    assert len(records) == 4 * len(METHODS)
+    assert len(records) == 4 * len(LOCALIZERS)
     starts = {}
     for r in records:
         key = (r.query_index, r.trial)

@@ -94,11 +94,16 @@ def embedded_scene(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def point_splat(embedded_scene):
-    """A :class:`PointSplat` of the scene's training views (original frame)."""
+def point_splat_views(embedded_scene):
+    """The training views the point splat is made of: RGB ``[V,H,W,3]``, depth ``[V,H,W]``, ``K``, ``c2w``."""
     meta = json.loads(Path(embedded_scene.dataset).read_text())
-    rgb, depth, K, c2w = read_views(embedded_scene.dataset, set(meta["train_filenames"][::2]))
-    return point_splat_from_views(rgb, depth, K, c2w)
+    return read_views(embedded_scene.dataset, set(meta["train_filenames"][::2]))
+
+
+@pytest.fixture(scope="session")
+def point_splat(point_splat_views):
+    """A :class:`PointSplat` of the scene's training views (original frame)."""
+    return point_splat_from_views(*point_splat_views)
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,15 @@ import torch
 
 from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.initialization import initial_poses
-from nerfstudio_gsloc.localize.optimizer import (
-    STATUS_FAILED,
-    LossConfig,
+from nerfstudio_gsloc.localize.objective import LossConfig
+from nerfstudio_gsloc.localize.optimizer import group_queries
+from nerfstudio_gsloc.localize.result import STATUS_FAILED
+from nerfstudio_gsloc.localize.schedule import (
     OptimConfig,
     ScheduleConfig,
     build_stages,
     downsample,
     downsample_depth,
-    group_queries,
     scale_intrinsics,
 )
 from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig, load_preset
@@ -189,7 +189,7 @@ def test_recovers_perturbed_eval_views_of_a_trained_model(small_gsloc_run):
     assert (rot < 1.0).all() and (trans < 0.025).all(), (rot, trans)
     assert rot.median() < 0.5 and trans.median() < 0.01, (rot, trans)
     for result in results:
-        assert result.status in ("converged", "max_iterations") and result.match_inliers >= 12
+        assert result.status in ("converged", "max_iterations") and result.inliers >= 12
         assert result.trace[1]["event"] == "pnp_jump"  # the matching stage starts with a PnP jump
     torch.testing.assert_close(torch.tensor([r.rot_err_deg for r in results]), rot, atol=1e-4, rtol=0)
     print("end-to-end errors (deg, scene units):", rot.tolist(), trans.tolist())
@@ -198,9 +198,9 @@ def test_recovers_perturbed_eval_views_of_a_trained_model(small_gsloc_run):
 
 def test_nan_loss_mid_run_fails_only_that_query(point_splat, novel_queries, monkeypatch):
     """A loss that turns NaN at the third iteration fails its query with the reason; the other one goes on."""
-    from nerfstudio_gsloc.localize import optimizer as optimizer_module
+    from nerfstudio_gsloc.localize import objective as objective_module
 
-    real_loss = optimizer_module.photometric_loss
+    real_loss = objective_module.photometric_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -211,7 +211,7 @@ def test_nan_loss_mid_run_fails_only_that_query(point_splat, novel_queries, monk
             loss[0] = float("nan")
         return loss
 
-    monkeypatch.setattr(optimizer_module, "photometric_loss", poisoned)
+    monkeypatch.setattr(objective_module, "photometric_loss", poisoned)
     queries = novel_queries[:2]
     starts = initial_poses(queries, "perturb", angle_deg=1.0, translation=0.02, seed=3)
     results = _refine_only(iterations=5, batch_size=2).setup(model=point_splat).localize(queries, starts)

@@ -1,11 +1,11 @@
-"""The pnp baseline's geometric pieces on synthetic data (the full baseline runs in test_bench's end-to-end test)."""
+"""The pnp localizer's geometric pieces on synthetic data (the whole method runs in test_localizers and test_bench)."""
 
 from __future__ import annotations
 
 import torch
 
 from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
-from nerfstudio_gsloc.evaluation.baselines import _depth_edge_mask, refine_on_tight_inliers
+from nerfstudio_gsloc.localize.pnp import _depth_edge_mask, refine_on_tight_inliers
 from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.pose import perturb_pose
 
