@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from nerfstudio_gsloc.camera_conventions import original_to_scene_frame, rigid_inverse, scene_to_original_frame, to_homogeneous
+from nerfstudio_gsloc.camera_conventions import FrameTransform, rigid_inverse, to_homogeneous
 from nerfstudio_gsloc.errors import GslocError
 
 #: nerfstudio's default unit of 16-bit depth images (millimetres).
@@ -84,43 +84,6 @@ class Query:
     gt_c2w: Optional[Tensor] = None
     background: Optional[Tensor] = None
     index: int = 0
-
-
-@dataclass
-class FrameTransform:
-    """Map between the dataset's original frame and nerfstudio's scene frame.
-
-    ``c2w_scene = scale * (transform @ c2w_original)`` (translation scaled), with ``transform`` the ``[3, 4]``
-    rigid map of ``dataparser_transforms.json`` composed with the inverse of the dataset's
-    ``applied_transform`` when it has one (so "original" is the frame of the dataset's transforms.json).
-
-    Attributes:
-        transform: ``[3, 4]`` float64 rigid transform, original -> scene (before scaling).
-        scale: dataparser scale (scene units per original unit).
-    """
-
-    transform: Tensor
-    scale: float
-    source: str = ""
-
-    def to_scene(self, c2w_original: Tensor) -> Tensor:
-        """``[..., 3|4, 4]`` original-frame c2w -> ``[..., 3, 4]`` scene-frame c2w (same dtype)."""
-        out = original_to_scene_frame(c2w_original.double(), self.transform.double(), self.scale)
-        return out.to(c2w_original.dtype)
-
-    def to_original(self, c2w_scene: Tensor) -> Tensor:
-        """``[..., 3|4, 4]`` scene-frame c2w -> ``[..., 3, 4]`` original-frame c2w (same dtype)."""
-        out = scene_to_original_frame(c2w_scene.double(), self.transform.double(), self.scale)
-        return out.to(c2w_scene.dtype)
-
-    @staticmethod
-    def identity() -> "FrameTransform":
-        """The identity map (scene frame = original frame)."""
-        return FrameTransform(torch.eye(4, dtype=torch.float64)[:3], 1.0, "identity")
-
-    def to_json(self) -> Dict[str, Any]:
-        """JSON description written next to the poses."""
-        return {"transform": self.transform.tolist(), "scale": self.scale, "source": self.source}
 
 
 def dataset_applied_transform(data_path: Optional[Path]) -> Optional[Tensor]:

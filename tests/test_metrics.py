@@ -1,15 +1,19 @@
-"""Tests of pose error metrics and success rates."""
+"""Pose errors, success rates and the one summary convention (failures are infinite errors everywhere)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from nerfstudio_gsloc.evaluation.pose_errors import (
+from nerfstudio_gsloc.metrics import (
+    FAILURE_STATUSES,
     SUCCESS_THRESHOLDS,
+    failure_errors,
+    is_failure,
     rotation_error_deg,
     success_rates,
-    summarize_errors,
+    summarize,
     threshold_key,
     translation_error,
 )
@@ -62,8 +66,9 @@ def test_shape_errors():
 
 def test_success_rates_bounds_are_inclusive_and_nan_fails():
     assert threshold_key(1.0, 0.01) == "1deg_0.01"
-    rot = torch.tensor([1.0, 1.0, 0.5, 2.0, 5.0, float("nan")])
-    trans = torch.tensor([0.01, 0.0100001, 0.001, 0.02, 0.05, 0.0])
+    # Compared in float64 (a float32 0.05 is slightly above the float64 threshold 0.05).
+    rot = torch.tensor([1.0, 1.0, 0.5, 2.0, 5.0, float("nan")], dtype=torch.float64)
+    trans = torch.tensor([0.01, 0.0100001, 0.001, 0.02, 0.05, 0.0], dtype=torch.float64)
     rates = success_rates(rot, trans)
     assert set(rates) == {"1deg_0.01", "2deg_0.02", "5deg_0.05"}
     # Exactly on both bounds counts (index 0, 3, 4); just above the translation bound does not (index 1).
@@ -80,15 +85,39 @@ def test_success_rates_empty_is_nan():
     assert len(rates) == len(SUCCESS_THRESHOLDS)
 
 
-def test_summarize_errors_converts_units_and_ignores_nan_in_stats():
-    rot = torch.tensor([0.5, 1.5, 3.0, float("nan")])
-    trans_scene = torch.tensor([0.01, 0.02, 0.04, float("nan")])
-    summary = summarize_errors(rot, trans_scene, trans_scale_to_original=10.0)
-    assert summary["num_queries"] == 4
-    assert summary["rot_deg_mean"] == pytest.approx(5.0 / 3.0)
-    assert summary["rot_deg_median"] == pytest.approx(1.5)
-    assert summary["trans_scene_median"] == pytest.approx(0.02)
-    assert summary["trans_original_mean"] == pytest.approx(0.7 / 3.0)
-    assert summary["trans_original_median"] == pytest.approx(0.2)
-    # Rates use the scene-unit translations (original units 0.1-0.4 would all fail) and count NaN as a failure.
-    assert summary["success_rates"] == pytest.approx({"1deg_0.01": 0.25, "2deg_0.02": 0.5, "5deg_0.05": 0.75})
+def test_failures_are_infinite_errors_in_rates_means_and_medians():
+    rot = [0.5, 1.5, 3.0, 0.1, None, float("nan")]
+    trans = [0.01, 0.02, 0.04, 0.001, None, 0.0]
+    # Query 3 reports a failure although its pose is close: it still counts as a failure.
+    failed = [False, False, False, True, False, False]
+    r, t = failure_errors(rot, trans, failed)
+    assert list(r[:3]) == [0.5, 1.5, 3.0] and np.isinf(r[3:]).all() and np.isinf(t[3:]).all()
+    summary = summarize(rot, trans, failed, seconds=[1, 2, 3, 4, 5, 6], iterations=[10, 20, 30, 40, 50, 60])
+    assert summary["num_queries"] == 6 and summary["num_failed"] == 3
+    assert math.isinf(summary["rot_deg_mean"]) and math.isinf(summary["trans_mean"])
+    # Median of [0.5, 1.5, 3, inf, inf, inf]: the two middle values 3 and inf -> inf.
+    assert math.isinf(summary["rot_deg_median"])
+    assert summary["success_rates"] == pytest.approx({"1deg_0.01": 1 / 6, "2deg_0.02": 2 / 6, "5deg_0.05": 3 / 6})
+    assert summary["seconds_mean"] == pytest.approx(3.5) and summary["iterations_median"] == pytest.approx(35.0)
+
+
+def test_summary_without_failures_is_plain_statistics():
+    summary = summarize(torch.tensor([0.5, 1.5, 3.0, 0.2]), torch.tensor([0.01, 0.02, 0.04, 0.002]))
+    assert summary["num_failed"] == 0
+    assert summary["rot_deg_mean"] == pytest.approx(5.2 / 4)
+    assert summary["rot_deg_median"] == pytest.approx(1.0)  # average of the two middle values
+    assert summary["trans_median"] == pytest.approx(0.015)
+    assert math.isnan(summary["seconds_mean"])
+    # One failure among the four: finite median (3 of 5 finite), infinite mean.
+    with_failure = summarize([0.5, 1.5, 3.0, 0.2, 0.1], [0.01, 0.02, 0.04, 0.002, 0.0], [False] * 4 + [True])
+    assert with_failure["rot_deg_median"] == pytest.approx(1.5) and math.isinf(with_failure["rot_deg_mean"])
+    empty = summarize([], [])
+    assert empty["num_queries"] == 0 and math.isnan(empty["rot_deg_median"])
+    with pytest.raises(ValueError):
+        summarize([1.0], [1.0, 2.0])
+
+
+def test_failure_statuses():
+    assert FAILURE_STATUSES == ("failed", "rejected")
+    assert is_failure("failed") and is_failure("rejected")
+    assert not is_failure("converged") and not is_failure("max_iterations")
