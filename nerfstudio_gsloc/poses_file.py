@@ -7,14 +7,15 @@ Schema (``version`` 2)::
       "version": 2,
       "convention": "OpenGL camera-to-world 4x4 (nerfstudio transforms.json), dataset's original frame",
       "frame": {"transform": <3x4>, "scale": <float>, "source": <str>},
-      "queries": {"kind": "eval_split"} | {"kind": "transforms", "path": <absolute path of a transforms.json>},
+      "queries": {"kind": "eval_split"} | {"kind": "transforms", "path": <absolute path of a transforms.json>} | null,
       "settings": {...},
       "results": [<record>, ...]
     }
 
 * ``frame``: the run's map original -> scene frame (``c2w_scene = scale * transform @ c2w_original``, see
   :class:`~nerfstudio_gsloc.camera_conventions.FrameTransform`); the viewer checks it against the run it draws.
-* ``queries``: where the query images came from: the run's held-out eval split, or a query transforms.json.
+* ``queries``: where the query images came from: the run's held-out eval split, or a query transforms.json
+  (``null``: not known).
 * ``settings``: free-form description of what produced the file (``ns-localize``: what ``--resume`` must match;
   ``gsloc-bench``: protocol and methods).
 * every record (one per localized query, or per benchmark trial)::
@@ -197,7 +198,8 @@ class PosesDocument:
     """A whole ``poses.json``."""
 
     frame: FrameTransform
-    queries: QuerySource
+    queries: Optional[QuerySource]
+    """Where the queries came from (``None``: not known)."""
     records: List[PoseRecord] = field(default_factory=list)
     settings: Dict[str, Any] = field(default_factory=dict)
     version: int = POSES_VERSION
@@ -209,7 +211,7 @@ class PosesDocument:
             "version": POSES_VERSION,
             "convention": CONVENTION,
             "frame": self.frame.to_json(),
-            "queries": self.queries.to_json(),
+            "queries": None if self.queries is None else self.queries.to_json(),
             "settings": self.settings,
             "results": [r.to_json() for r in sorted(self.records, key=_order)],
         }
@@ -263,6 +265,14 @@ def _optional_number(entry: Dict[str, Any], key: str, where: str, kind: type = f
         raise GslocError(f"{where}: {key} must be a number, got {value!r}") from None
 
 
+def _finite_matrix(value: Any) -> bool:
+    """Whether a JSON matrix holds only finite numbers (malformed ones count as finite: the parser reports them)."""
+    try:
+        return bool(torch.isfinite(torch.tensor(value, dtype=torch.float64)).all())
+    except (TypeError, ValueError, RuntimeError):
+        return True
+
+
 def record_from_json(entry: Any, where: str) -> PoseRecord:
     """One record (version 1 or 2). Raises :class:`GslocError` naming ``where``."""
     if not isinstance(entry, dict) or not all(k in entry for k in ("image", "status", "transform_matrix")):
@@ -270,7 +280,7 @@ def record_from_json(entry: Any, where: str) -> PoseRecord:
     status = str(entry["status"])
     raw = entry["transform_matrix"]
     # Version 1 wrote a failed query's non-finite pose as NaN; version 2 writes null. Both mean "no pose".
-    no_pose = raw is None or (is_failure(status) and not bool(torch.isfinite(torch.tensor(raw, dtype=torch.float64)).all()))
+    no_pose = raw is None or (is_failure(status) and not _finite_matrix(raw))
     if no_pose and not is_failure(status):
         raise GslocError(f"{where}: transform_matrix is null but the status is {status!r}")
     trial = _optional_number(entry, "trial", where, int)
@@ -320,8 +330,9 @@ def read_poses(path: Path) -> PosesDocument:
         raise GslocError(f"{path}: 'frame': {err}") from None
     settings = dict(document.get("settings") or {})
     try:
-        queries = QuerySource.from_json(document["queries"] if version >= 2 else settings.pop("queries", None))
-    except (KeyError, ValueError) as err:
+        source = document.get("queries") if version >= 2 else settings.pop("queries", None)
+        queries = None if source is None else QuerySource.from_json(source)
+    except ValueError as err:
         raise GslocError(f"{path}: 'queries': {err}") from None
     records = [record_from_json(entry, f"{path} result {i}") for i, entry in enumerate(document["results"])]
     seen = set()

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
 from nerfstudio_gsloc.camera_conventions import FrameTransform, to_homogeneous
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.files import atomic_output, atomic_write_text
-from nerfstudio_gsloc.localize.pose import axis_angle_to_matrix
 from nerfstudio_gsloc.poses_file import (
     POSES_VERSION,
     PoseRecord,
@@ -28,7 +28,7 @@ from nerfstudio_gsloc.poses_file import (
 
 def _pose(axis_angle, translation) -> torch.Tensor:
     """``[4, 4]`` float64 rigid pose."""
-    rot = axis_angle_to_matrix(torch.tensor(axis_angle, dtype=torch.float64))
+    rot = axis_angle_to_rotation_matrix(torch.tensor(axis_angle, dtype=torch.float64))
     return to_homogeneous(torch.cat([rot, torch.tensor(translation, dtype=torch.float64)[:, None]], dim=1))
 
 

@@ -42,13 +42,13 @@ from nerfstudio_gsloc.evaluation.baselines import (
     SiftFeatures,
     TrainingView,
 )
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.evaluation.protocols import Trial
 from nerfstudio_gsloc.localize.matching import LoftrMatcher, MatcherConfig, _resize
 from nerfstudio_gsloc.localize.optimizer import STATUS_CONVERGED, STATUS_FAILED, STATUS_MAX_ITERATIONS, frozen_parameters
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig
 from nerfstudio_gsloc.localize.pose import PoseCorrection
 from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.rendering import render_splat_model
 
 STATUS_SKIPPED = "skipped"

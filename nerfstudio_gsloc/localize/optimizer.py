@@ -37,13 +37,14 @@ from typing import Callable, Dict, Iterator, List, Literal, Optional, Sequence, 
 import cv2
 import torch
 import torch.nn.functional as F
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from torch import Tensor, nn
 
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.losses import depth_loss, photometric_loss, reprojection_loss
 from nerfstudio_gsloc.localize.matching import Matcher, PnPResult, lift_keypoints, pnp_ransac
-from nerfstudio_gsloc.localize.pose import PoseCorrection, axis_angle_to_matrix
+from nerfstudio_gsloc.localize.pose import PoseCorrection
 from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.rendering import RenderedViews, render_splat_model
 
 STATUS_CONVERGED = "converged"
@@ -571,7 +572,7 @@ class _BatchRun:
         if not offsets:
             return None
         vectors = torch.tensor([[pitch, yaw, 0.0] for pitch, yaw in offsets], dtype=torch.float64)
-        rots = c2w[None, :, :3].double() @ axis_angle_to_matrix(vectors)
+        rots = c2w[None, :, :3].double() @ axis_angle_to_rotation_matrix(vectors)
         candidates = torch.cat([rots, c2w[None, :, 3:4].double().expand(len(offsets), 3, 1)], dim=-1).float()
         best: Optional[Tuple[Tensor, Tensor, PnPResult]] = None
         chunk = max(1, self.o.optim.batch_size)
