@@ -15,6 +15,9 @@ Every other module calls these functions instead of flipping axes itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping
+
 import torch
 from torch import Tensor
 
@@ -77,3 +80,59 @@ def scene_to_original_frame(c2w_scene: Tensor, transform: Tensor, scale: float) 
     unscaled = torch.cat([c2w[..., :3, :3], c2w[..., :3, 3:4] / scale], dim=-1)
     inv_t = rigid_inverse(transform.to(c2w))
     return (inv_t @ to_homogeneous(unscaled))[..., :3, :]
+
+
+@dataclass
+class FrameTransform:
+    """Map between the dataset's original frame and nerfstudio's scene frame.
+
+    ``c2w_scene = scale * (transform @ c2w_original)`` (translation scaled), with ``transform`` the ``[3, 4]``
+    rigid map of ``dataparser_transforms.json`` composed with the inverse of the dataset's
+    ``applied_transform`` when it has one (so "original" is the frame of the dataset's transforms.json).
+
+    Attributes:
+        transform: ``[3, 4]`` float64 rigid transform, original -> scene (before scaling).
+        scale: dataparser scale (scene units per original unit).
+        source: where the map was read from (for messages and the outputs' metadata).
+    """
+
+    transform: Tensor
+    scale: float
+    source: str = ""
+
+    def to_scene(self, c2w_original: Tensor) -> Tensor:
+        """``[..., 3|4, 4]`` original-frame c2w -> ``[..., 3, 4]`` scene-frame c2w (same dtype)."""
+        out = original_to_scene_frame(c2w_original.double(), self.transform.double(), self.scale)
+        return out.to(c2w_original.dtype)
+
+    def to_original(self, c2w_scene: Tensor) -> Tensor:
+        """``[..., 3|4, 4]`` scene-frame c2w -> ``[..., 3, 4]`` original-frame c2w (same dtype)."""
+        out = scene_to_original_frame(c2w_scene.double(), self.transform.double(), self.scale)
+        return out.to(c2w_scene.dtype)
+
+    @staticmethod
+    def identity() -> "FrameTransform":
+        """The identity map (scene frame = original frame)."""
+        return FrameTransform(torch.eye(4, dtype=torch.float64)[:3], 1.0, "identity")
+
+    def to_json(self) -> Dict[str, Any]:
+        """JSON description written next to the poses (``transform`` as a nested 3x4 list)."""
+        return {"transform": self.transform.tolist(), "scale": self.scale, "source": self.source}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> "FrameTransform":
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            ValueError: no finite ``[3, 4]`` (or ``[4, 4]``) ``transform`` or no positive finite ``scale``.
+        """
+        try:
+            transform = torch.tensor(data["transform"], dtype=torch.float64)[:3]
+            scale = float(data["scale"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ValueError("a frame needs a 3x4 'transform' and a 'scale'") from None
+        if transform.shape != (3, 4) or not bool(torch.isfinite(transform).all()):
+            raise ValueError("the frame's 'transform' must be a finite 3x4 matrix")
+        if not (scale > 0 and scale != float("inf")):
+            raise ValueError("the frame's 'scale' must be a positive finite number")
+        return FrameTransform(transform, scale, str(data.get("source", "")))

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import torch
 import yaml
 
 from nerfstudio_gsloc import compat
@@ -17,25 +13,22 @@ from nerfstudio_gsloc.errors import GslocError
 SUPPORTED_METHODS = ("gsloc", "splatfacto", "splatfacto-big", "splatfacto-w-light")
 
 
-@dataclass
-class DataparserTransform:
-    """The dataparser's normalisation of a run (``dataparser_transforms.json``).
+def read_run_config(config_path: Path) -> Any:
+    """The nerfstudio ``TrainerConfig`` stored in a run's ``config.yml`` (the one reader of that file).
 
-    ``c2w_scene = [R | s * t]`` of ``transform @ c2w_original`` (see :mod:`nerfstudio_gsloc.camera_conventions`).
+    nerfstudio writes the config with ``yaml.dump`` of its dataclasses, which only the full (unsafe) loader can
+    rebuild, as nerfstudio's own ``eval_setup`` does: load only configs you trust.
+
+    Raises:
+        GslocError: the file is missing or does not parse.
     """
-
-    transform: torch.Tensor  # [3, 4]
-    scale: float
-
-    @classmethod
-    def from_pipeline(cls, pipeline) -> "DataparserTransform":
-        outputs = pipeline.datamanager.train_dataparser_outputs
-        return cls(transform=outputs.dataparser_transform.detach().cpu().float(), scale=float(outputs.dataparser_scale))
-
-    @classmethod
-    def from_file(cls, path: Path) -> "DataparserTransform":
-        data = json.loads(Path(path).read_text())
-        return cls(transform=torch.tensor(data["transform"], dtype=torch.float32), scale=float(data["scale"]))
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise GslocError(f"config not found: {config_path} (pass the config.yml that ns-train wrote)")
+    try:
+        return yaml.load(config_path.read_text(), Loader=yaml.Loader)
+    except Exception as err:  # yaml raises many types
+        raise GslocError(f"cannot read {config_path} as a nerfstudio config: {type(err).__name__}") from None
 
 
 def check_run(config_path: Path) -> Path:
@@ -45,12 +38,7 @@ def check_run(config_path: Path) -> Path:
         The checkpoint directory. Raises :class:`GslocError` with a one-line reason otherwise.
     """
     config_path = Path(config_path)
-    if not config_path.is_file():
-        raise GslocError(f"config not found: {config_path} (pass the config.yml that ns-train wrote)")
-    try:
-        config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
-    except Exception as err:  # yaml raises many types
-        raise GslocError(f"cannot read {config_path} as a nerfstudio config: {type(err).__name__}") from err
+    config = read_run_config(config_path)
     method = getattr(config, "method_name", None)
     if method is None or not hasattr(config, "pipeline"):
         raise GslocError(f"{config_path} is not a nerfstudio training config")
@@ -107,11 +95,3 @@ def load_run(config_path: Path, test_mode: Literal["test", "val", "inference"] =
     if not hasattr(pipeline.model, "means"):
         raise GslocError(f"{config_path}: the model has no Gaussians to render")
     return config, pipeline
-
-
-def find_latest_config(output_dir: Path) -> Path:
-    """The newest ``config.yml`` under an outputs folder (by modification time)."""
-    configs = sorted(Path(output_dir).rglob("config.yml"), key=os.path.getmtime)
-    if not configs:
-        raise GslocError(f"no config.yml under {output_dir}")
-    return configs[-1]

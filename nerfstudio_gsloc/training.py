@@ -21,9 +21,8 @@ import torch
 import yaml
 
 from nerfstudio_gsloc.errors import GslocError
-
-TRAIN_PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
-
+from nerfstudio_gsloc.presets import available_presets, load_dataclass_preset
+from nerfstudio_gsloc.runs import read_run_config
 
 @dataclass
 class TrainPreset:
@@ -45,18 +44,15 @@ class TrainPreset:
 
 
 def available_train_presets() -> List[str]:
-    """Names of the presets shipped in :data:`TRAIN_PRESET_DIR`."""
-    return sorted(p.stem for p in TRAIN_PRESET_DIR.glob("*.yaml")) if TRAIN_PRESET_DIR.is_dir() else []
+    """Names of the shipped training presets (``configs/train``)."""
+    return available_presets("train")
 
 
 def load_train_preset(name_or_path: Union[str, Path]) -> TrainPreset:
     """A :class:`TrainPreset` from a preset name of ``configs/train`` or a YAML/JSON file. Raises :class:`GslocError`."""
-    from nerfstudio_gsloc.localize.pipeline import apply_settings, read_preset_values, resolve_preset
-
-    path = resolve_preset(name_or_path, TRAIN_PRESET_DIR)
-    preset = apply_settings(TrainPreset(), read_preset_values(path), f"training preset {path.name}")
+    preset = load_dataclass_preset("train", name_or_path, TrainPreset())
     if preset.iterations < 1:
-        raise GslocError(f"training preset {path.name}: iterations must be at least 1")
+        raise GslocError(f"training preset {name_or_path}: iterations must be at least 1")
     return preset
 
 
@@ -147,8 +143,8 @@ def train_or_reuse(data: Path, output_dir: Path, preset: TrainPreset, experiment
     config_path = config.get_base_dir() / "config.yml"
     if final_checkpoint(config).is_file() and config_path.is_file():
         try:
-            previous = yaml.load(config_path.read_text(), Loader=yaml.Loader)
-        except Exception:  # an unreadable config is a run to redo, not an error
+            previous = read_run_config(config_path)
+        except GslocError:  # an unreadable config is a run to redo, not an error
             previous = None
         if previous is not None and _training_signature(previous) == _training_signature(config):
             return config_path

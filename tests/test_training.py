@@ -26,7 +26,7 @@ def test_shipped_presets_load():
 
 
 def test_bad_presets_are_one_line_errors(tmp_path):
-    with pytest.raises(GslocError, match="unknown preset 'nope'"):
+    with pytest.raises(GslocError, match="unknown training preset .nope."):
         load_train_preset("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("iteration: 10\n")

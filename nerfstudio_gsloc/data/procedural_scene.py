@@ -25,7 +25,7 @@ The depth stored for a pixel is that of the ray through its centre; its colour i
 ``supersample x supersample`` rays spread over the pixel (anti-aliasing).
 
 Public API: :func:`build_scene`, :func:`render_views`, :func:`generate_scene`, :func:`write_query_set`,
-:func:`read_frames`, :func:`load_depth_png`, :func:`focal_from_hfov`.
+:func:`load_depth_png`, :func:`focal_from_hfov`.
 """
 
 from __future__ import annotations
@@ -1082,59 +1082,3 @@ def write_query_set(
     path = output_dir / "transforms.json"
     path.write_text(json.dumps(meta, indent=2))
     return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FrameSet:
-    """Frames of a ``transforms.json`` in file order, poses in its original frame (no nerfstudio normalisation).
-
-    Attributes:
-        c2w_opengl: ``[N, 4, 4]`` OpenGL camera-to-world.
-        K: ``[N, 3, 3]`` intrinsics in pixels (pixel centres at +0.5).
-        widths, heights: ``[N]`` image sizes.
-        image_paths, depth_paths: absolute paths (``depth_paths`` entries are None without depth).
-    """
-
-    c2w_opengl: np.ndarray
-    K: np.ndarray
-    widths: np.ndarray
-    heights: np.ndarray
-    image_paths: List[Path]
-    depth_paths: List[Optional[Path]]
-
-
-def read_frames(transforms_path: Path) -> FrameSet:
-    """Read a pinhole (no distortion) nerfstudio ``transforms.json`` with global or per-frame intrinsics.
-
-    Raises:
-        GslocError: when the file is missing or not a readable transforms.json.
-    """
-    transforms_path = Path(transforms_path)
-    if transforms_path.is_dir():
-        transforms_path = transforms_path / "transforms.json"
-    if not transforms_path.is_file():
-        raise GslocError(f"transforms file {transforms_path} does not exist")
-    try:
-        meta = json.loads(transforms_path.read_text())
-        frames = meta["frames"]
-        root = transforms_path.parent
-        keys = ("fl_x", "fl_y", "cx", "cy", "w", "h")
-        values = np.array([[float(frame.get(k, meta.get(k))) for k in keys] for frame in frames])
-        c2w = np.array([frame["transform_matrix"] for frame in frames], dtype=np.float64).reshape(-1, 4, 4)
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
-        raise GslocError(f"{transforms_path} is not a valid transforms.json ({type(err).__name__}: {err})") from err
-    K = np.zeros((len(frames), 3, 3))
-    K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = values[:, 0], values[:, 1], values[:, 2], values[:, 3], 1.0
-    return FrameSet(
-        c2w_opengl=c2w,
-        K=K,
-        widths=values[:, 4].astype(np.int64),
-        heights=values[:, 5].astype(np.int64),
-        image_paths=[root / frame["file_path"] for frame in frames],
-        depth_paths=[root / frame["depth_file_path"] if "depth_file_path" in frame else None for frame in frames],
-    )

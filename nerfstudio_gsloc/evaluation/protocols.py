@@ -22,27 +22,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
 from nerfstudio_gsloc.camera_conventions import to_homogeneous
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.pose import perturb_pose
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
+from nerfstudio_gsloc.presets import available_presets, read_preset
 from nerfstudio_gsloc.localize.queries import Query
 
 RotationMode = Literal["uniform", "sweep"]
 TranslationMode = Literal["uniform_per_axis", "fixed_length", "uniform_length"]
 TranslationReference = Literal["camera_distance", "scene"]
-
-#: Folder of the protocol presets (``configs/protocols`` at the repository root).
-PROTOCOLS_DIR = Path(__file__).resolve().parents[2] / "configs" / "protocols"
-
 
 @dataclass
 class RotationSpec:
@@ -156,10 +151,8 @@ class Protocol:
 
 
 def available_protocols() -> List[str]:
-    """Names of the presets in :data:`PROTOCOLS_DIR`."""
-    if not PROTOCOLS_DIR.is_dir():
-        return []
-    return sorted(p.stem for p in PROTOCOLS_DIR.glob("*.yaml"))
+    """Names of the shipped protocol presets (``configs/protocols``)."""
+    return available_presets("protocols")
 
 
 def _pair(value: Any, key: str, where: str) -> Tuple[float, float]:
@@ -218,26 +211,15 @@ def load_protocol(name_or_path: str, trials: Optional[int] = None, seed: Optiona
     """Load a preset by name (``inerf``, ``icomma-sweep``, ``tracking``) or a protocol YAML by path.
 
     Args:
-        name_or_path: preset name in :data:`PROTOCOLS_DIR` or a path to a ``.yaml`` file.
+        name_or_path: preset name of ``configs/protocols`` or a path to a ``.yaml`` file.
         trials: overrides the protocol's trial count when given.
         seed: overrides the protocol's seed when given.
 
     Raises:
         GslocError: unknown preset, unreadable or invalid file.
     """
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PROTOCOLS_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            names = ", ".join(available_protocols()) or "none found"
-            raise GslocError(f"unknown protocol {name_or_path!r} (presets: {names}; or pass a .yaml file)")
-    if not path.is_file():
-        raise GslocError(f"protocol file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise GslocError(f"cannot read protocol {path}: {type(err).__name__}") from None
-    protocol = protocol_from_dict(data, where=str(path))
+    data, name = read_preset("protocols", name_or_path)
+    protocol = protocol_from_dict(data, where=f"protocol {name}")
     if trials is not None:
         protocol.trials = int(trials)
     if seed is not None:

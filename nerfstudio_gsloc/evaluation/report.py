@@ -1,10 +1,10 @@
 """Benchmark outputs: per-trial records, the per-method summary (markdown, CSV, rich table) and the plots.
 
-Conventions of the summary (stated in every results.md):
+Conventions of the summary (stated in every results.md, :data:`SUMMARY_NOTE`), those of
+:mod:`nerfstudio_gsloc.metrics`, which ``ns-localize``'s metrics.json follows too:
 
-* a trial *fails* when the method reports a failure or returns no pose; failures count against the success
-  rates and enter the medians as an infinite error (so a method failing on more than half the trials has an
-  infinite median); means are over the trials that did not fail;
+* a trial *fails* when the method reports a failure or returns no pose; a failure is an infinite error in the
+  success rates, the means and the medians (one failure makes the mean infinite; more than half, the median);
 * skipped trials (a method that does not apply, e.g. ``depth`` on queries without depth) are left out entirely;
 * success at ``(deg, dist)``: rotation error <= deg and translation error <= dist, distances in scene units.
 """
@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from nerfstudio_gsloc.evaluation.pose_errors import SUCCESS_THRESHOLDS, threshold_key
+from nerfstudio_gsloc.files import atomic_output, atomic_write_text
+from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, failure_errors, summarize, threshold_key
 
 #: Columns of results.csv, in order.
 CSV_FIELDS = (
@@ -36,6 +36,12 @@ CSV_FIELDS = (
 )
 #: The threshold the success-vs-angle plot uses.
 PLOT_THRESHOLD = SUCCESS_THRESHOLDS[-1]
+#: How the table counts failures (printed under every results table).
+SUMMARY_NOTE = (
+    "Success at (deg, dist): rotation error <= deg and translation error <= dist (scene units). A failed trial is a "
+    "failure with infinite error in the success rates, means and medians (`inf`: at least one failure in a mean, "
+    "more than half failed in a median), as in ns-localize's metrics.json."
+)
 
 
 @dataclass
@@ -63,22 +69,6 @@ class TrialRecord:
         return dict(self.__dict__)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_trials_jsonl(path: Path, records: Sequence[TrialRecord]) -> None:
     """All trial records as JSON lines."""
     atomic_write_text(path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
@@ -96,34 +86,27 @@ def read_trials_jsonl(path: Path) -> List[TrialRecord]:
 
 def _errors(records: Sequence[TrialRecord]) -> Tuple[np.ndarray, np.ndarray]:
     """``[N]`` rotation and translation errors with failures as ``inf`` (skipped records excluded by the caller)."""
-    rot = np.array([math.inf if r.failed or r.final_rot_deg is None else r.final_rot_deg for r in records], dtype=float)
-    trans = np.array([math.inf if r.failed or r.final_trans is None else r.final_trans for r in records], dtype=float)
-    rot[~np.isfinite(rot)] = math.inf
-    trans[~np.isfinite(trans)] = math.inf
-    return rot, trans
+    return failure_errors([r.final_rot_deg for r in records], [r.final_trans for r in records],
+                          [r.failed for r in records])
 
 
 def summarize_method(method: str, records: Sequence[TrialRecord]) -> Dict[str, Any]:
-    """The summary row of one method (see the module docstring for how failures count).
+    """The summary row of one method: :func:`nerfstudio_gsloc.metrics.summarize` of its trials.
 
     Returns:
         a dict with the :data:`CSV_FIELDS` keys (NaN where undefined, e.g. no usable trial) and ``skipped``.
     """
     used = [r for r in records if not r.skipped and r.method == method]
     skipped = [r for r in records if r.skipped and r.method == method]
-    row: Dict[str, Any] = {"method": method, "trials": len(used), "failed": sum(r.failed for r in used),
+    summary = summarize([r.final_rot_deg for r in used], [r.final_trans for r in used], [r.failed for r in used],
+                        seconds=[r.seconds for r in used], iterations=[r.iterations for r in used])
+    row: Dict[str, Any] = {"method": method, "trials": len(used), "failed": summary["num_failed"],
                            "skipped": len(skipped), "skip_reason": skipped[0].reason if skipped else ""}
-    rot, trans = _errors(used)
-    for deg, dist in SUCCESS_THRESHOLDS:
-        key = f"success_{threshold_key(deg, dist)}"
-        row[key] = float(np.mean((rot <= deg) & (trans <= dist))) if used else math.nan
-    ok = np.isfinite(rot) & np.isfinite(trans)
-    row["rot_median_deg"] = float(np.median(rot)) if used else math.nan
-    row["trans_median"] = float(np.median(trans)) if used else math.nan
-    row["rot_mean_deg"] = float(np.mean(rot[ok])) if ok.any() else math.nan
-    row["trans_mean"] = float(np.mean(trans[ok])) if ok.any() else math.nan
-    row["seconds_median"] = float(np.median([r.seconds for r in used])) if used else math.nan
-    row["iterations_median"] = float(np.median([r.iterations for r in used])) if used else math.nan
+    for key, rate in summary["success_rates"].items():
+        row[f"success_{key}"] = rate
+    row.update(rot_median_deg=summary["rot_deg_median"], rot_mean_deg=summary["rot_deg_mean"],
+               trans_median=summary["trans_median"], trans_mean=summary["trans_mean"],
+               seconds_median=summary["seconds_median"], iterations_median=summary["iterations_median"])
     return row
 
 
@@ -132,7 +115,7 @@ def _fmt(value: Any, kind: str) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "n/a"
     if isinstance(value, float) and math.isinf(value):
-        return "fail"
+        return "inf"
     if kind == "pct":
         return f"{100.0 * value:.1f}%"
     if kind == "deg":
@@ -357,8 +340,11 @@ def plot_success_vs_angle(path: Path, records: Sequence[TrialRecord], methods: S
     if title:
         ax.set_title(textwrap.fill(title, 90), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def plot_error_cdf(path: Path, records: Sequence[TrialRecord], methods: Sequence[str], title: str = "") -> None:
@@ -394,5 +380,8 @@ def plot_error_cdf(path: Path, records: Sequence[TrialRecord], methods: Sequence
     if title:
         fig.suptitle(textwrap.fill(title, 140), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from nerfstudio_gsloc.localize.losses import reprojection_loss
 from nerfstudio_gsloc.localize.matching import Matcher, PnPResult, lift_keypoints, pnp_ransac
 from nerfstudio_gsloc.localize.objective import LossConfig
-from nerfstudio_gsloc.localize.pose import axis_angle_to_matrix
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from nerfstudio_gsloc.localize.schedule import OptimConfig, ScheduleConfig, Stage
 from nerfstudio_gsloc.localize.state import BatchState, MatchState, pose_change
 from nerfstudio_gsloc.rendering import RenderedViews, render_splat_model
@@ -86,7 +86,7 @@ class MatchingTerm:
         if not offsets:
             return None
         vectors = torch.tensor([[pitch, yaw, 0.0] for pitch, yaw in offsets], dtype=torch.float64)
-        rots = c2w[None, :, :3].double() @ axis_angle_to_matrix(vectors)
+        rots = c2w[None, :, :3].double() @ axis_angle_to_rotation_matrix(vectors)
         candidates = torch.cat([rots, c2w[None, :, 3:4].double().expand(len(offsets), 3, 1)], dim=-1).float()
         best: Optional[Tuple[Tensor, Tensor, PnPResult]] = None
         chunk = max(1, self.optim.batch_size)

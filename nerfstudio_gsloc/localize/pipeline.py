@@ -14,18 +14,15 @@ From Python::
 
 ``PoseInversionConfig`` follows nerfstudio's ``InstantiateConfig`` convention (``_target`` + ``setup()``), so the
 whole tree (losses, matcher, schedule, optimiser) is exposed by one tyro CLI (``ns-localize``) and can be
-loaded from the presets in ``configs/localize/*.yaml`` with :func:`load_preset`.
+loaded from the presets in ``configs/localize/*.yaml`` with :func:`load_preset` (see :mod:`nerfstudio_gsloc.presets`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
+from typing import Any, Callable, Optional, Sequence, Type, Union
 
-import yaml
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError
@@ -36,9 +33,7 @@ from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.result import LocalizationResult
 from nerfstudio_gsloc.localize.schedule import OptimConfig, ScheduleConfig, build_stages
-
-#: Folder of the named presets (``--preset NAME`` reads ``PRESET_DIR / NAME.yaml``).
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "localize"
+from nerfstudio_gsloc.presets import load_dataclass_preset
 
 
 @dataclass
@@ -107,63 +102,8 @@ class PoseInversion(Localizer):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def available_presets() -> List[str]:
-    """Names of the presets shipped in :data:`PRESET_DIR`."""
-    if not PRESET_DIR.is_dir():
-        return []
-    return sorted(p.stem for p in PRESET_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
-
-
-def resolve_preset(name_or_path: Union[str, Path], directory: Path = PRESET_DIR) -> Path:
-    """A preset file from a name in ``directory`` (default :data:`PRESET_DIR`) or a path to a ``.yaml``/``.json`` file."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for suffix in (".yaml", ".yml", ".json"):
-        candidate = directory / f"{name_or_path}{suffix}"
-        if candidate.is_file():
-            return candidate
-    names = sorted(p.stem for p in directory.iterdir() if p.suffix in (".yaml", ".yml", ".json")) if directory.is_dir() else []
-    raise GslocError(f"unknown preset {name_or_path!r} (a file path or one of: {', '.join(names) or 'none found'})")
-
-
-def read_preset_values(path: Path) -> Dict[str, Any]:
-    """The mapping stored in a YAML or JSON preset file. Raises :class:`GslocError` if it cannot be read."""
-    try:
-        text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise GslocError(f"cannot read preset {path}: {type(err).__name__}") from None
-    return values or {}
-
-
-def apply_settings(instance: Any, values: Dict[str, Any], where: str) -> Any:
-    """Recursively replace dataclass fields of ``instance`` with ``values`` (nested dicts for nested configs)."""
-    if not isinstance(values, dict):
-        raise GslocError(f"{where} must be a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(instance) if not f.name.startswith("_")}
-    updates = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise GslocError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(fields))})")
-        current = getattr(instance, key)
-        if dataclasses.is_dataclass(current):
-            updates[key] = apply_settings(current, value, f"{where}.{key}")
-        elif isinstance(current, tuple):
-            updates[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        elif isinstance(current, Path) or (key.endswith("_path") and value is not None):
-            updates[key] = None if value is None else Path(value)
-        elif isinstance(current, bool) and not isinstance(value, bool):
-            raise GslocError(f"{where}.{key} must be true or false, got {value!r}")
-        elif isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            updates[key] = float(value)
-        else:
-            updates[key] = value
-    return dataclasses.replace(instance, **updates)
-
-
 def load_preset(name_or_path: Union[str, Path], base: Optional[PoseInversionConfig] = None) -> PoseInversionConfig:
-    """Read a preset (YAML or JSON mapping of :class:`PoseInversionConfig` fields) on top of ``base``.
+    """Read a ``configs/localize`` preset (YAML or JSON mapping of :class:`PoseInversionConfig` fields) on top of ``base``.
 
     Example ``configs/localize/fast.yaml``::
 
@@ -175,6 +115,4 @@ def load_preset(name_or_path: Union[str, Path], base: Optional[PoseInversionConf
     Raises:
         GslocError: unknown preset, unreadable file or unknown keys.
     """
-    path = resolve_preset(name_or_path)
-    config = base if base is not None else PoseInversionConfig()
-    return apply_settings(config, read_preset_values(path), f"preset {path.name}")
+    return load_dataclass_preset("localize", name_or_path, base if base is not None else PoseInversionConfig())

@@ -38,7 +38,7 @@ from nerfstudio_gsloc.localize.features import Features, SiftFeatures
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
 from nerfstudio_gsloc.localize.matching import MatcherConfig, lift_keypoints, pnp_ransac
 from nerfstudio_gsloc.localize.queries import Query
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.result import STATUS_CONVERGED, STATUS_FAILED, LocalizationResult
 from nerfstudio_gsloc.rendering import render_splat_model
 

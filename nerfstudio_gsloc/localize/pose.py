@@ -16,6 +16,7 @@ import math
 from typing import Optional
 
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from nerfstudio.cameras.lie_groups import exp_map_SO3xR3
 from torch import Tensor, nn
 
@@ -85,26 +86,6 @@ def apply_correction(c2w_init: Tensor, rotation: Tensor, translation: Tensor) ->
     return torch.cat([rot, centre], dim=-1)
 
 
-def axis_angle_to_matrix(axis_angle: Tensor) -> Tensor:
-    """Exact Rodrigues formula (no small-angle clamping), for building test/perturbation rotations.
-
-    Args:
-        axis_angle: ``[..., 3]`` rotation vectors in radians.
-
-    Returns:
-        ``[..., 3, 3]`` rotation matrices.
-    """
-    angle = torch.linalg.norm(axis_angle, dim=-1, keepdim=True)
-    axis = axis_angle / angle.clamp_min(1e-12)
-    x, y, z = axis.unbind(-1)
-    zero = torch.zeros_like(x)
-    skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(*axis.shape[:-1], 3, 3)
-    eye = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device).expand_as(skew)
-    sin = torch.sin(angle)[..., None]
-    cos = torch.cos(angle)[..., None]
-    return eye + sin * skew + (1.0 - cos) * (skew @ skew)
-
-
 def _random_unit_vectors(num: int, generator: Optional[torch.Generator]) -> Tensor:
     """``[num, 3]`` float64 directions uniform on the sphere (normalised Gaussians), drawn on the CPU."""
     while True:
@@ -139,7 +120,7 @@ def perturb_pose(
     num = c2w.shape[0]
     axes = _random_unit_vectors(num, generator)
     directions = _random_unit_vectors(num, generator)
-    delta_rot = axis_angle_to_matrix(axes * math.radians(angle_deg))
+    delta_rot = axis_angle_to_rotation_matrix(axes * math.radians(angle_deg))
     c2w64 = c2w[:, :3, :].double().cpu()
     rot = c2w64[:, :, :3] @ delta_rot
     centre = c2w64[:, :, 3] + directions * float(translation)

@@ -41,8 +41,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from nerfstudio_gsloc.camera_conventions import original_to_scene_frame, rigid_inverse, scene_to_original_frame, to_homogeneous
+from nerfstudio_gsloc.camera_conventions import FrameTransform, rigid_inverse, to_homogeneous
 from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.poses_file import parse_pose_matrix
+from nerfstudio_gsloc.runs import read_run_config
 
 #: nerfstudio's default unit of 16-bit depth images (millimetres).
 DEFAULT_DEPTH_UNIT_SCALE = 1e-3
@@ -84,43 +86,6 @@ class Query:
     gt_c2w: Optional[Tensor] = None
     background: Optional[Tensor] = None
     index: int = 0
-
-
-@dataclass
-class FrameTransform:
-    """Map between the dataset's original frame and nerfstudio's scene frame.
-
-    ``c2w_scene = scale * (transform @ c2w_original)`` (translation scaled), with ``transform`` the ``[3, 4]``
-    rigid map of ``dataparser_transforms.json`` composed with the inverse of the dataset's
-    ``applied_transform`` when it has one (so "original" is the frame of the dataset's transforms.json).
-
-    Attributes:
-        transform: ``[3, 4]`` float64 rigid transform, original -> scene (before scaling).
-        scale: dataparser scale (scene units per original unit).
-    """
-
-    transform: Tensor
-    scale: float
-    source: str = ""
-
-    def to_scene(self, c2w_original: Tensor) -> Tensor:
-        """``[..., 3|4, 4]`` original-frame c2w -> ``[..., 3, 4]`` scene-frame c2w (same dtype)."""
-        out = original_to_scene_frame(c2w_original.double(), self.transform.double(), self.scale)
-        return out.to(c2w_original.dtype)
-
-    def to_original(self, c2w_scene: Tensor) -> Tensor:
-        """``[..., 3|4, 4]`` scene-frame c2w -> ``[..., 3, 4]`` original-frame c2w (same dtype)."""
-        out = scene_to_original_frame(c2w_scene.double(), self.transform.double(), self.scale)
-        return out.to(c2w_scene.dtype)
-
-    @staticmethod
-    def identity() -> "FrameTransform":
-        """The identity map (scene frame = original frame)."""
-        return FrameTransform(torch.eye(4, dtype=torch.float64)[:3], 1.0, "identity")
-
-    def to_json(self) -> Dict[str, Any]:
-        """JSON description written next to the poses."""
-        return {"transform": self.transform.tolist(), "scale": self.scale, "source": self.source}
 
 
 def dataset_applied_transform(data_path: Optional[Path]) -> Optional[Tensor]:
@@ -194,9 +159,7 @@ def load_frame_transform(
 def run_frame_transform(config_path: Path) -> FrameTransform:
     """Original <-> scene frame of a trained run: its ``dataparser_transforms.json`` (beside ``config.yml``)
     composed with its dataset's ``applied_transform``. Raises :class:`GslocError` as :func:`load_frame_transform`."""
-    import yaml
-
-    config = yaml.load(Path(config_path).read_text(), Loader=yaml.Loader)
+    config = read_run_config(config_path)
     datamanager = config.pipeline.datamanager
     data = datamanager.data or getattr(datamanager.dataparser, "data", None)
     return load_frame_transform(Path(config_path).parent / "dataparser_transforms.json", data)
@@ -249,20 +212,6 @@ def _read_mask(path: Path, where: str) -> np.ndarray:
     except Exception as err:
         raise GslocError(f"{where}: cannot read mask {path}: {type(err).__name__}: {err}") from None
     return mask
-
-
-def parse_pose_matrix(value: Any, key: str, where: str) -> Tensor:
-    """A ``4x4``/``3x4`` JSON matrix -> finite ``[3, 4]`` float64 with an orthonormal rotation."""
-    try:
-        mat = torch.tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError):
-        raise GslocError(f"{where}: {key} is not a numeric matrix") from None
-    if mat.shape not in ((4, 4), (3, 4)) or not torch.isfinite(mat).all():
-        raise GslocError(f"{where}: {key} must be a finite 4x4 or 3x4 matrix, got shape {tuple(mat.shape)}")
-    rot = mat[:3, :3]
-    if (rot.T @ rot - torch.eye(3, dtype=torch.float64)).abs().max() > 1e-3 or torch.det(rot) < 0:
-        raise GslocError(f"{where}: {key} has no proper rotation (not orthonormal with det +1)")
-    return mat[:3]
 
 
 def _number(meta: Dict[str, Any], frame: Dict[str, Any], key: str, where: str, default: Any = None) -> Any:
@@ -462,14 +411,7 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
             if not depth_path.is_file():
                 raise GslocError(f"{where}: depth file not found: {depth_path}")
             depth = get_depth_image_from_path(depth_path, height, width, depth_scale)[..., 0].float()
-        K = torch.tensor(
-            [
-                [float(camera.fx.item()), 0.0, float(camera.cx.item())],
-                [0.0, float(camera.fy.item()), float(camera.cy.item())],
-                [0.0, 0.0, 1.0],
-            ],
-            dtype=torch.float32,
-        )
+        K = camera.get_intrinsics_matrices().detach().cpu().float().reshape(3, 3)
         queries.append(
             Query(
                 name=str(image_path),

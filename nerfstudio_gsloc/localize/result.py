@@ -8,23 +8,31 @@ Poses are OpenGL camera-to-world ``[3, 4]`` matrices in the scene (dataparser) f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional
 
+import torch
 from torch import Tensor
 
-STATUS_CONVERGED = "converged"
-"""The method finished normally: the pose update fell below tolerance (gradient methods) or a pose was solved (pnp)."""
-STATUS_MAX_ITERATIONS = "max_iterations"
-"""A gradient method ran out of iterations before its update fell below tolerance (the pose is still its best)."""
-STATUS_FAILED = "failed"
-"""No usable pose (non-finite values, divergence, lost the scene, too few matches, ...): counts as a failure."""
-STATUS_REJECTED = "rejected"
-"""Reserved: a pose that a later confidence check refuses (counts as a failure)."""
+from nerfstudio_gsloc.camera_conventions import FrameTransform
+
+from nerfstudio_gsloc.metrics import (  # noqa: F401  (re-exported: the statuses a localizer reports)
+    FAILURE_STATUSES,
+    STATUS_CONVERGED,
+    STATUS_FAILED,
+    STATUS_MAX_ITERATIONS,
+    STATUS_REJECTED,
+    is_failure,
+)
+from nerfstudio_gsloc.poses_file import PoseRecord
+
+if TYPE_CHECKING:
+    from nerfstudio_gsloc.localize.queries import Query
+
+# The statuses and the failure convention live with the metrics (the bottom of the package), so that every
+# summary counts a result the same way; ``skipped`` is a localizer's own: the method does not apply to the query.
 STATUS_SKIPPED = "skipped"
 """The method does not apply to this query (e.g. the depth method on a query without depth); not a trial."""
-
-#: Statuses that count as a failure with infinite error in every summary.
-FAILURE_STATUSES = (STATUS_FAILED, STATUS_REJECTED)
 
 #: Columns of a trace row (one row per iteration; row 0 is the initial pose).
 TRACE_FIELDS = (
@@ -72,9 +80,29 @@ class LocalizationResult:
     @property
     def failed(self) -> bool:
         """True when the result counts as a failure whatever its pose."""
-        return self.status in FAILURE_STATUSES
+        return is_failure(self.status)
 
     @property
     def skipped(self) -> bool:
         """True when the method did not apply to the query."""
         return self.status == STATUS_SKIPPED
+
+
+def pose_record(result: LocalizationResult, query: "Query", frame: FrameTransform, method: str,
+                trial: Optional[int] = None) -> PoseRecord:
+    """The poses.json record of a result (poses moved to the dataset's original frame with ``frame``).
+
+    A non-finite pose becomes "no pose"; a ``skipped`` result is written as a failure without a pose (the method
+    produced nothing for that query). ``trial`` is the benchmark trial id (``None`` for ``ns-localize``).
+    """
+
+    def original(c2w: Optional[Tensor]) -> Optional[Tensor]:
+        return None if c2w is None or not bool(torch.isfinite(c2w).all()) else frame.to_original(c2w[None].double())[0]
+
+    return PoseRecord(
+        image=query.name, image_path=Path(query.image_path), index=query.index, method=method, trial=trial,
+        status=STATUS_FAILED if result.skipped else result.status, reason=result.reason,
+        c2w=None if result.skipped else original(result.c2w), c2w_init=original(result.c2w_init),
+        c2w_gt=original(query.gt_c2w), loss=result.loss, confidence=result.confidence, iterations=result.iterations,
+        inliers=result.inliers, seconds=result.seconds,
+    )

@@ -9,7 +9,6 @@ near the image border from exploding).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -213,8 +212,3 @@ def evaluate_sh_colors(degree: int, sh_coeffs: Tensor, means: Tensor, camera_cen
     basis = spherical_harmonics_basis(degree, means[None] - camera_centers[:, None])  # [C,N,B]
     colors = torch.einsum("cnb,nbd->cnd", basis, sh_coeffs[:, :num_bases])
     return torch.clamp_min(colors + 0.5, 0.0)
-
-
-def sh_degree_for(num_coeffs: int) -> int:
-    """Largest SH degree that ``num_coeffs`` coefficients support."""
-    return int(math.isqrt(num_coeffs)) - 1

@@ -24,6 +24,8 @@ Outputs in ``--output-dir``:
 * ``trials.jsonl``: one record per (method, query, trial): seed, initial and final errors, time, status;
 * ``success_vs_angle.png`` and ``error_cdf.png``;
 * ``bench.json``: the protocol, camera-distance scale, machine and settings of the run.
+* ``poses.json``: the initial, final and ground-truth pose of every (method, query, trial), in the format
+  ``ns-localize`` writes (:mod:`nerfstudio_gsloc.poses_file`), so a benchmark opens in ``gsloc-view``.
 
 Every method starts trial ``t`` of query ``q`` from the same initial pose, drawn from a generator seeded by
 ``(protocol seed, query index, t)``, so reruns and methods are comparable.
@@ -46,7 +48,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.evaluation import report
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.evaluation.protocols import (
     Protocol,
     Trial,
@@ -56,13 +57,17 @@ from nerfstudio_gsloc.evaluation.protocols import (
     protocol_from_dict,
 )
 from nerfstudio_gsloc.localize.pipeline import load_preset
+from nerfstudio_gsloc.files import atomic_write_text
 from nerfstudio_gsloc.localize.pnp import training_camera_poses
 from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, check_methods, make_localizer
-from nerfstudio_gsloc.localize.result import LocalizationResult
+from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
+from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, write_poses
 
 # Outside a terminal rich would wrap the results table at 80 columns; give it room.
 CONSOLE = Console(width=None if sys.stdout.isatty() else 160)
+POSES_FILE = "poses.json"
 SAME_POSES_NOTE = (
     "every method starts from the same initial poses: trial t of query q is drawn from a generator seeded by "
     "(protocol seed, query index, t)"
@@ -209,7 +214,7 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
         f"- run: `{meta['load_config']}`" + (
             f" (trained by gsloc-bench on `{meta['trained_from']['data']}` with preset `{meta['trained_from']['train_preset']}`)"
             if meta.get("trained_from") else ""),
-        f"- queries: {meta['queries']} ({meta['num_queries']} queries x {protocol.trials_per_query} trials)",
+        f"- queries: {QuerySource.from_json(meta['queries']).describe()} ({meta['num_queries']} queries x {protocol.trials_per_query} trials)",
         f"- protocol: {meta['protocol_summary']}",
         f"- camera-distance scale: {meta['camera_scale']:.4g} scene units (median distance of the training cameras "
         "to the scene origin)",
@@ -221,9 +226,7 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
         "",
         *[f"{line}  " for line in report.skipped_notes(rows)],
         "",
-        "Success at (deg, dist): rotation error <= deg and translation error <= dist (scene units). Failed trials count "
-        "as failures and as infinite errors in the medians (`fail` = more than half failed); means are over trials "
-        "that did not fail. Seconds: wall clock per trial measured inside the run; gsloc, photometric and depth "
+        f"{report.SUMMARY_NOTE} Seconds: wall clock per trial measured inside the run; gsloc, photometric and depth "
         "optimise several trials in one batched rasterization call and share the batch's time among them; pnp "
         f"excludes the one-off map of the training views ({meta.get('pnp_map_seconds', 'n/a')} s).",
         "",
@@ -241,8 +244,8 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
     if notes:
         lines += ["", "Comparison:", ""] + [f"- {n}" for n in notes]
     lines += ["", f"Command: `{meta['command']}`", ""]
-    report.atomic_write_text(output_dir / "results.md", "\n".join(lines))
-    report.atomic_write_text(output_dir / "bench.json", json.dumps(meta, indent=2, default=str))
+    atomic_write_text(output_dir / "results.md", "\n".join(lines))
+    atomic_write_text(output_dir / "bench.json", json.dumps(meta, indent=2, default=str))
     sweep = protocol.rotation.angles_deg if protocol.rotation.mode == "sweep" else None
     max_angle = max(abs(a) for a in protocol.rotation.range_deg) if sweep is None else None
     report.plot_success_vs_angle(output_dir / "success_vs_angle.png", records, methods, sweep,
@@ -289,7 +292,7 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     meta: Dict[str, Any] = {
         "load_config": str(cli.load_config),
         "trained_from": None if cli.data is None else {"data": str(cli.data), "train_preset": cli.train_preset},
-        "queries": "eval split" if cli.queries is None else str(cli.queries),
+        "queries": (QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)).to_json(),
         "num_queries": len(queries),
         "methods": methods,
         "protocol": protocol.to_dict(),
@@ -307,6 +310,8 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     )
     records: List[report.TrialRecord] = []
     trial_queries = [queries[trial.query] for trial in trials]
+    source = QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)
+    pose_records: List[PoseRecord] = []
     trial_starts = [trial.c2w_init for trial in trials]
     with progress:
         for method in methods:
@@ -326,7 +331,12 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
             meta.setdefault("method_seconds", {})[method] = time.perf_counter() - started
             meta.update(localizer.notes)
             records.extend(trial_records(method, queries, trials, results))
-            write_trial_poses(output_dir, method, trials, trial_queries, results, frame, meta)
+            pose_records.extend(
+                pose_record(result, query, frame, method, trial=trial.trial)
+                for trial, query, result in zip(trials, trial_queries, results) if not result.skipped
+            )
+            write_poses(output_dir / POSES_FILE, PosesDocument(frame=frame, queries=source, records=pose_records,
+                                                              settings={"protocol": protocol.name, "command": meta["command"]}))
             # Write what is finished so far: an interrupted benchmark still leaves usable files.
             report.write_trials_jsonl(output_dir / "trials.jsonl", records)
 

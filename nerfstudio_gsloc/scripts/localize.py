@@ -13,13 +13,15 @@ Examples::
 
 Outputs in ``--output-dir``:
 
-* ``poses.json``: per query the image, the refined and initial OpenGL camera-to-world 4x4 in the dataset's
-  original frame (``dataparser_transforms.json`` undone), status (converged / max_iterations / failed) with
-  the reason, final loss, iterations, match inliers and seconds; rewritten atomically after every finished
-  batch, so an interrupted run leaves a valid file and ``--resume`` skips what it holds.
+* ``poses.json`` (schema: :mod:`nerfstudio_gsloc.poses_file`): per query the image, the refined, initial and
+  ground-truth OpenGL camera-to-world 4x4 in the dataset's original frame (``dataparser_transforms.json`` undone),
+  status (converged / max_iterations / failed) with the reason, final loss, iterations, match inliers and seconds;
+  rewritten atomically after every finished batch, so an interrupted run leaves a valid file and ``--resume``
+  skips what it holds.
 * ``metrics.json`` (and a printed table) when ground truth is known: rotation error (geodesic degrees),
   translation error (scene and original units), mean/median, success rates at (1deg, 0.01), (2deg, 0.02),
-  (5deg, 0.05) scene units. Failed queries count as failures.
+  (5deg, 0.05) scene units, by :mod:`nerfstudio_gsloc.metrics`, as gsloc-bench's results.md: failed queries are
+  failures with infinite error (an infinite mean once one fails).
 * ``trace.csv`` (loss and errors per iteration) and ``trace.png`` (error against iteration).
 
 Every bad input (config, checkpoint, query file, images, intrinsics, preset, matcher weights) is reported as one
@@ -32,9 +34,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,21 +42,22 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import torch
 import tyro
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from nerfstudio_gsloc.camera_conventions import to_homogeneous
+from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.errors import GslocError, run_cli
-from nerfstudio_gsloc.evaluation.pose_errors import SUCCESS_THRESHOLDS, summarize_errors, threshold_key
+from nerfstudio_gsloc.files import atomic_output, atomic_write_text
 from nerfstudio_gsloc.localize.initialization import check_initialization, initial_poses
 from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
 from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
-from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, SingleLossBudget, check_methods, make_localizer
-from nerfstudio_gsloc.localize.result import STATUS_FAILED, TRACE_FIELDS, LocalizationResult
-from nerfstudio_gsloc.localize.queries import FrameTransform, Query, load_eval_queries, load_transforms_queries, run_frame_transform
+from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
+from nerfstudio_gsloc.localize.registry import LocalizerSettings, SingleLossBudget, check_methods, make_localizer
+from nerfstudio_gsloc.localize.result import TRACE_FIELDS, LocalizationResult, pose_record
+from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, threshold_key
+from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, read_poses, summarize_records, write_poses
 
 CONSOLE = Console()
 POSES_FILE = "poses.json"
@@ -94,7 +95,7 @@ class LocalizeCLI:
     preset: Optional[str] = None
     """A preset from configs/localize (default, fast, rgbd, ...) or a .yaml/.json file; loaded before the
     other --localization.* options, which override it."""
-    method: Literal["gsloc", "photometric", "depth", "icomma", "pnp"] = "gsloc"
+    method: str = "gsloc"
     """The localizer: gsloc, photometric, depth, icomma or pnp (see nerfstudio_gsloc/localize/registry.py)."""
     localization: PoseInversionConfig = field(default_factory=PoseInversionConfig)
     """gsloc's pose-inversion settings (losses, matcher, schedule, optimiser); photometric and depth use them with
@@ -116,50 +117,18 @@ class LocalizeCLI:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# file helpers
-# ----------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _matrix(c2w: torch.Tensor) -> List[List[float]]:
-    """``[3|4, 4]`` pose -> nested 4x4 list (nerfstudio's transform_matrix layout)."""
-    return to_homogeneous(c2w.double()).tolist()
-
-
-def _finite_or_none(value: Optional[float]) -> Optional[float]:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_run_config(config_path: Path) -> Any:
-    """The nerfstudio ``TrainerConfig`` stored in ``config.yml`` (already validated by ``check_run``)."""
-    return yaml.load(Path(config_path).read_text(), Loader=yaml.Loader)
+def _query_source(cli: LocalizeCLI) -> QuerySource:
+    return QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)
 
 
 def _settings(cli: LocalizeCLI, init: str) -> Dict[str, Any]:
-    """What a resumed run must share with the run that wrote poses.json."""
+    """What a resumed run must share with the run that wrote poses.json (besides the query source)."""
     return {
         "config": str(Path(cli.load_config).resolve()),
-        "queries": "eval split" if cli.queries is None else str(Path(cli.queries).resolve()),
         "init": init,
         "perturb_deg": cli.perturb_deg if init == "perturb" else None,
         "perturb_trans": cli.perturb_trans if init == "perturb" else None,
@@ -168,85 +137,55 @@ def _settings(cli: LocalizeCLI, init: str) -> Dict[str, Any]:
     }
 
 
-def _load_previous(output_dir: Path, settings: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Finished entries of an earlier run's poses.json, keyed by query name (for --resume)."""
+def _load_previous(output_dir: Path, queries: QuerySource, settings: Dict[str, Any]) -> Dict[str, PoseRecord]:
+    """Finished records of an earlier run's poses.json, keyed by query name (for --resume)."""
     path = output_dir / POSES_FILE
     if not path.is_file():
         return {}
     try:
-        previous = json.loads(path.read_text())
-        entries = previous["results"]
-        old_settings = previous["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise GslocError(f"cannot resume: {path} is not a poses.json written by ns-localize") from None
+        previous = read_poses(path)
+    except GslocError as err:
+        raise GslocError(f"cannot resume: {err}") from None
+    if previous.queries != queries:
+        raise GslocError(f"cannot resume: {path} holds queries of {previous.queries.describe()}, now {queries.describe()}")
     for key, value in settings.items():
-        if old_settings.get(key) != value:
-            raise GslocError(f"cannot resume: {path} was written with {key}={old_settings.get(key)!r}, now {value!r}")
-    return {entry["image"]: entry for entry in entries}
+        # Files from before --method existed were written by gsloc.
+        old = previous.settings.get(key, "gsloc" if key == "method" else None)
+        if old != value:
+            raise GslocError(f"cannot resume: {path} was written with {key}={old!r}, now {value!r}")
+    return {record.image: record for record in previous.records}
 
 
-def _result_entry(result: LocalizationResult, query: Query, frame: FrameTransform) -> Dict[str, Any]:
-    """One poses.json entry (poses in the original frame)."""
-    entry: Dict[str, Any] = {
-        "image": query.name,
-        "image_path": str(query.image_path),
-        "index": query.index,
-        "status": result.status,
-        "reason": result.reason,
-        "transform_matrix": _matrix(frame.to_original(result.c2w[None].double())[0]),
-        "initial_transform_matrix": _matrix(frame.to_original(result.c2w_init[None].double())[0]),
-        "loss": _finite_or_none(result.loss),
-        "iterations": result.iterations,
-        "match_inliers": result.inliers,
-        "seconds": round(result.seconds, 3),
-    }
-    if query.gt_c2w is not None:
-        entry["gt_transform_matrix"] = _matrix(frame.to_original(query.gt_c2w[None].double())[0])
-        entry["rot_err_deg"] = _finite_or_none(result.rot_err_deg)
-        entry["trans_err_scene"] = _finite_or_none(result.trans_err)
-        entry["trans_err_original"] = _finite_or_none(
-            None if result.trans_err is None else result.trans_err / frame.scale
-        )
-    return entry
+def compute_metrics(records: Sequence[PoseRecord], frame: FrameTransform) -> Optional[Dict[str, Any]]:
+    """metrics.json: the :mod:`nerfstudio_gsloc.metrics` summary of the records with ground truth (``None``: none).
 
-
-def compute_metrics(entries: Sequence[Dict[str, Any]], frame: FrameTransform) -> Optional[Dict[str, Any]]:
-    """Error summary of the entries with ground truth; failed queries count with NaN errors (never successes).
-
-    Success thresholds are in scene units (like the errors' ``trans_scene``), as the issue's protocol asks.
+    Failed (or rejected) queries are failures with infinite error in the success rates, means and medians, as in
+    gsloc-bench's results.md. Success thresholds are in scene units, as the errors' ``trans_scene``.
     """
-    with_gt = [e for e in entries if "rot_err_deg" in e]
-    if not with_gt:
+    summary = summarize_records(records, frame.scale)
+    if summary is None:
         return None
-
-    def value(entry: Dict[str, Any], key: str) -> float:
-        if entry["status"] == STATUS_FAILED or entry.get(key) is None:
-            return math.nan
-        return float(entry[key])
-
-    rot = torch.tensor([value(e, "rot_err_deg") for e in with_gt], dtype=torch.float64)
-    trans = torch.tensor([value(e, "trans_err_scene") for e in with_gt], dtype=torch.float64)
-    # summarize_errors rates against the translation it is given times the factor: factor 1 = scene units.
-    scene_summary = summarize_errors(rot, trans, 1.0)
-    original_summary = summarize_errors(rot, trans, 1.0 / frame.scale)
     return {
-        "num_queries": len(with_gt),
-        "num_failed": sum(e["status"] == STATUS_FAILED for e in with_gt),
-        "rot_deg_mean": scene_summary["rot_deg_mean"],
-        "rot_deg_median": scene_summary["rot_deg_median"],
-        "trans_scene_mean": scene_summary["trans_scene_mean"],
-        "trans_scene_median": scene_summary["trans_scene_median"],
-        "trans_original_mean": original_summary["trans_original_mean"],
-        "trans_original_median": original_summary["trans_original_median"],
-        "success_rates_scene_units": scene_summary["success_rates"],
-        "seconds_per_query_mean": sum(e["seconds"] for e in with_gt) / len(with_gt),
+        "num_queries": summary["num_queries"],
+        "num_failed": summary["num_failed"],
+        "rot_deg_mean": summary["rot_deg_mean"],
+        "rot_deg_median": summary["rot_deg_median"],
+        "trans_scene_mean": summary["trans_mean"],
+        "trans_scene_median": summary["trans_median"],
+        "trans_original_mean": summary["trans_mean"] / frame.scale,
+        "trans_original_median": summary["trans_median"] / frame.scale,
+        "success_rates_scene_units": summary["success_rates"],
+        "seconds_per_query_mean": summary["seconds_mean"],
+        "seconds_per_query_median": summary["seconds_median"],
+        "iterations_median": summary["iterations_median"],
         "dataparser_scale": frame.scale,
     }
 
 
 def metrics_table(metrics: Dict[str, Any]) -> Table:
     """Rich table of :func:`compute_metrics` output."""
-    table = Table(title=f"Localization of {metrics['num_queries']} queries ({metrics['num_failed']} failed)")
+    title = f"Localization of {metrics['num_queries']} queries ({metrics['num_failed']} failed"
+    table = Table(title=title + (": infinite errors in means and medians)" if metrics["num_failed"] else ")"))
     table.add_column("metric")
     table.add_column("mean", justify="right")
     table.add_column("median", justify="right")
@@ -315,25 +254,16 @@ def plot_trace(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=str(path.parent))
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
-def _write_poses(path: Path, settings: Dict[str, Any], frame: FrameTransform, entries: Sequence[Dict[str, Any]]) -> None:
-    document = {
-        "convention": "OpenGL camera-to-world 4x4 (nerfstudio transforms.json), dataset's original frame",
-        "frame": frame.to_json(),
-        "settings": settings,
-        "results": sorted(entries, key=lambda e: e["index"]),
-    }
-    atomic_write_text(path, json.dumps(document, indent=2))
+def _write_poses(path: Path, queries: QuerySource, settings: Dict[str, Any], frame: FrameTransform,
+                 records: Sequence[PoseRecord]) -> None:
+    write_poses(path, PosesDocument(frame=frame, queries=queries, records=list(records), settings=settings))
 
 
 def _resolve_init(queries: Sequence[Query], init: str) -> str:
@@ -385,8 +315,8 @@ def localize_main(cli: LocalizeCLI) -> None:
         queries = load_eval_queries(pipeline, cli.max_queries)
         check_initialization(queries, init)
     localizer = make_localizer(method, cli.settings(), pipeline.model, pipeline, seed=cli.seed)
-    settings = _settings(cli, init)
-    previous = _load_previous(output_dir, settings) if cli.resume else {}
+    source, settings = _query_source(cli), _settings(cli, init)
+    previous = _load_previous(output_dir, source, settings) if cli.resume else {}
     todo = [q for q in queries if q.name not in previous]
     starts = initial_poses(todo, init, cli.perturb_deg, cli.perturb_trans, cli.seed) if todo else []
 
@@ -396,10 +326,10 @@ def localize_main(cli: LocalizeCLI) -> None:
         # Summaries of an earlier run in this folder would not describe this one.
         for stale in (METRICS_FILE, TRACE_CSV, TRACE_PNG):
             (output_dir / stale).unlink(missing_ok=True)
-    entries: Dict[str, Dict[str, Any]] = dict(previous)
+    records: Dict[str, PoseRecord] = dict(previous)
     trace_rows: List[Dict[str, Any]] = read_trace_csv(output_dir / TRACE_CSV) if cli.resume else []
     trace_rows = [r for r in trace_rows if r.get("query") in previous]
-    _write_poses(output_dir / POSES_FILE, settings, frame, list(entries.values()))
+    _write_poses(output_dir / POSES_FILE, source, settings, frame, list(records.values()))
     CONSOLE.print(
         f"localizing {len(todo)} queries ({len(previous)} already done) with {method} from {init} poses"
         + (f", at most {localizer.max_iterations} iterations each" if localizer.max_iterations else "")
@@ -415,9 +345,9 @@ def localize_main(cli: LocalizeCLI) -> None:
         progress.update(task, description=f"iteration {steps['count']}, {active} active")
 
     def on_result(position: int, result: LocalizationResult) -> None:
-        entries[result.name] = _result_entry(result, todo[position], frame)
+        records[result.name] = pose_record(result, todo[position], frame, method)
         trace_rows.extend(result.trace)
-        _write_poses(output_dir / POSES_FILE, settings, frame, list(entries.values()))
+        _write_poses(output_dir / POSES_FILE, source, settings, frame, list(records.values()))
         progress.advance(task)
 
     started = time.perf_counter()
@@ -428,7 +358,7 @@ def localize_main(cli: LocalizeCLI) -> None:
     except KeyboardInterrupt:
         write_trace_csv(output_dir / TRACE_CSV, trace_rows)
         CONSOLE.print(
-            f"[yellow]interrupted:[/yellow] {len(entries)} finished queries are in {output_dir / POSES_FILE}; "
+            f"[yellow]interrupted:[/yellow] {len(records)} finished queries are in {output_dir / POSES_FILE}; "
             "rerun with --resume to continue"
         )
         sys.exit(130)
@@ -438,11 +368,12 @@ def localize_main(cli: LocalizeCLI) -> None:
     write_trace_csv(output_dir / TRACE_CSV, trace_rows)
     if trace_rows:
         plot_trace(output_dir / TRACE_PNG, trace_rows)
-    failed = [e for e in entries.values() if e["status"] == STATUS_FAILED]
-    for entry in failed:
-        CONSOLE.print(f"[yellow]failed:[/yellow] {entry['image']}: {entry['reason']}")
-    metrics = compute_metrics(list(entries.values()), frame)
+    for record in records.values():
+        if record.failed:
+            CONSOLE.print(f"[yellow]{record.status}:[/yellow] {record.image}: {record.reason}")
+    metrics = compute_metrics(list(records.values()), frame)
     if metrics is not None:
+        # Infinite means/medians (failures) are written as JSON's Infinity (Python's json and JavaScript's eval read it).
         atomic_write_text(output_dir / METRICS_FILE, json.dumps(metrics, indent=2))
         CONSOLE.print(metrics_table(metrics))
     CONSOLE.print(f"{len(todo)} queries in {elapsed:.1f} s; results in {output_dir}")

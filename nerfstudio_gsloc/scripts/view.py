@@ -24,7 +24,8 @@ from rich.console import Console
 
 from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.localize.queries import run_frame_transform
-from nerfstudio_gsloc.viewer.overlay import FrustumShape, add_localization_overlay, check_same_frame, read_poses_file
+from nerfstudio_gsloc.poses_file import QuerySource, read_poses
+from nerfstudio_gsloc.viewer.overlay import FrustumShape, add_localization_overlay, check_same_frame
 
 CONSOLE = Console()
 
@@ -36,7 +37,7 @@ class ViewCLI:
     load_config: Path
     """The run's config.yml (the one ns-localize used)."""
     poses: Path
-    """The poses.json written by ns-localize."""
+    """The poses.json written by ns-localize or gsloc-bench."""
     port: Optional[int] = None
     """Websocket port of the viewer (default: 7007, or the next free port, like ns-viewer)."""
     thumbnails: bool = True
@@ -46,14 +47,15 @@ class ViewCLI:
         """Validate the inputs, load the run, start the viewer, draw the overlay, wait for Ctrl-C."""
         view_main(self)
 
-def query_shapes(pipeline: Any, settings: Dict[str, Any]) -> Dict[str, FrustumShape]:
+def query_shapes(pipeline: Any, source: Optional[QuerySource]) -> Dict[str, FrustumShape]:
     """Frustum shapes of the queries by name, from the eval split or the query transforms.json (best effort).
 
     Queries whose intrinsics cannot be found are left out (they get the training cameras' shape).
     """
-    source = settings.get("queries")
     shapes: Dict[str, FrustumShape] = {}
-    if source == "eval split":
+    if source is None:
+        return shapes
+    if source.is_eval_split:
         dataset = getattr(pipeline.datamanager, "eval_dataset", None)
         if dataset is not None:
             cams = dataset.cameras
@@ -61,7 +63,7 @@ def query_shapes(pipeline: Any, settings: Dict[str, Any]) -> Dict[str, FrustumSh
                 shapes[str(name)] = FrustumShape.from_intrinsics(float(cams.fx[i]), float(cams.cx[i]), float(cams.cy[i]))
         return shapes
     try:
-        meta = json.loads(Path(str(source)).read_text())
+        meta = json.loads(Path(str(source.path)).read_text())
         for frame in meta["frames"]:
             value = {k: frame.get(k, meta.get(k)) for k in ("fl_x", "cx", "cy")}
             if all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
@@ -109,7 +111,7 @@ def view_main(cli: ViewCLI) -> None:
     """The body of ``gsloc-view`` (raises :class:`GslocError` for bad input, before the viewer starts)."""
     from nerfstudio_gsloc.runs import check_run, load_run
 
-    poses = read_poses_file(cli.poses)
+    poses = read_poses(cli.poses)
     if cli.port is not None and not 0 < cli.port < 65536:
         raise GslocError(f"--port must be between 1 and 65535, got {cli.port}")
     checkpoint_dir = check_run(cli.load_config)
@@ -125,13 +127,13 @@ def view_main(cli: ViewCLI) -> None:
         viewer_state.viser_server,
         poses,
         frame,
-        shapes=query_shapes(pipeline, poses.settings),
+        shapes=query_shapes(pipeline, poses.queries),
         default_shape=default_shape,
         frustum_scale=config.viewer.camera_frustum_scale,
         thumbnails=cli.thumbnails,
     )
-    failed = sum(q.status == "failed" for q in poses.queries)
-    CONSOLE.print(f"showing {len(poses.queries)} localized queries ({failed} failed) under /localization; Ctrl-C to stop")
+    failed = sum(r.failed for r in poses.records)
+    CONSOLE.print(f"showing {len(poses.records)} localized queries ({failed} failed) under /localization; Ctrl-C to stop")
     try:
         while True:
             time.sleep(0.5)

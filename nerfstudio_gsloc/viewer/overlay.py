@@ -1,17 +1,20 @@
-"""Draw ``ns-localize`` results (``poses.json``) into nerfstudio's viser viewer.
+"""Draw localization results (``poses.json`` of ``ns-localize`` or ``gsloc-bench``) into nerfstudio's viser viewer.
 
 Frames and conventions
 ----------------------
-``poses.json`` stores OpenGL camera-to-world 4x4 matrices in the dataset's **original** frame. nerfstudio's
+``poses.json`` (:mod:`nerfstudio_gsloc.poses_file`) stores OpenGL camera-to-world 4x4 matrices in the dataset's
+**original** frame. nerfstudio's
 viewer draws the model in the **scene** (dataparser) frame, multiplied by ``VISER_NERFSTUDIO_SCALE_RATIO``,
 and its training-camera frustums use viser's OpenCV camera axes (+z forward, +y down): position
 ``t_scene * ratio``, orientation ``R_scene @ Rx(pi)``. Poses go original -> scene with
 :meth:`FrameTransform.to_scene` and OpenGL -> OpenCV with :mod:`nerfstudio_gsloc.camera_conventions`, so a
 query at a training camera's pose lands exactly on that camera's frustum.
 
-Scene tree, per query (``<q>`` = the image's file name, made unique)::
+Scene tree, per record (``<q>`` = the image's file name, with ``_t<trial>`` for benchmark trials, under
+``<method>/`` when the file holds several methods, made unique)::
 
-    /localization/<q>/refined   frustum, green = converged, yellow = max_iterations, red = failed (thumbnail)
+    /localization/<q>/refined   frustum, green = converged, yellow = max_iterations, red = failed, purple = rejected
+                                (thumbnail; absent when a failed query has no pose)
     /localization/<q>/initial   frustum, grey
     /localization/<q>/gt        frustum, blue (only when the entry has ground truth)
     /localization/<q>/path      orange line from the initial to the refined camera centre
@@ -19,10 +22,9 @@ Scene tree, per query (``<q>`` = the image's file name, made unique)::
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -30,56 +32,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c, rigid_inverse, to_homogeneous
+from nerfstudio_gsloc.camera_conventions import FrameTransform, opengl_c2w_to_opencv_w2c, rigid_inverse
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.queries import FrameTransform, parse_pose_matrix
+from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument
 
 #: nerfstudio's viewer draws scene coordinates times this (``nerfstudio.viewer.viewer``; copied so that
 #: drawing does not import the whole viewer; a test checks the two agree).
 VISER_NERFSTUDIO_SCALE_RATIO = 10.0
 
 Rgb = Tuple[int, int, int]
-STATUS_COLORS: Dict[str, Rgb] = {"converged": (30, 200, 60), "max_iterations": (235, 180, 0), "failed": (220, 30, 30)}
+STATUS_COLORS: Dict[str, Rgb] = {
+    "converged": (30, 200, 60), "max_iterations": (235, 180, 0), "failed": (220, 30, 30), "rejected": (150, 50, 200),
+}
 INITIAL_COLOR: Rgb = (150, 150, 150)
 GT_COLOR: Rgb = (40, 90, 255)
 PATH_COLOR: Rgb = (255, 140, 0)
 THUMBNAIL_SIZE = 100  # shorter image side in pixels, as nerfstudio's training-camera thumbnails
-
-
-@dataclass
-class LocalizedQuery:
-    """One entry of ``poses.json``.
-
-    Attributes:
-        name: the query's identifier (``image``).
-        image_path: the query image (may no longer exist).
-        status: ``converged`` / ``max_iterations`` / ``failed``.
-        c2w, c2w_init: ``[4, 4]`` float64 refined / initial OpenGL camera-to-world, original frame.
-        c2w_gt: optional ``[4, 4]`` ground truth, original frame.
-        rot_err_deg, trans_err_scene: errors against the ground truth (``None`` without it).
-        reason, iterations: why it stopped and after how many iterations.
-    """
-
-    name: str
-    image_path: Path
-    status: str
-    c2w: Tensor
-    c2w_init: Tensor
-    c2w_gt: Optional[Tensor] = None
-    rot_err_deg: Optional[float] = None
-    trans_err_scene: Optional[float] = None
-    reason: str = ""
-    iterations: Optional[int] = None
-
-
-@dataclass
-class PosesFile:
-    """A parsed ``poses.json``: its entries and the original <-> scene frame it was written with."""
-
-    path: Path
-    queries: List[LocalizedQuery]
-    frame: FrameTransform
-    settings: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,71 +65,11 @@ class FrustumShape:
 
 @dataclass
 class LocalizationOverlay:
-    """What :func:`add_localization_overlay` drew: scene-node handles by query name and node kind."""
+    """What :func:`add_localization_overlay` drew: scene-node handles by record label (:func:`record_label`) and kind."""
 
     nodes: Dict[str, Dict[str, Any]]
     node_paths: Dict[str, str]
     markdown: Any = None
-
-
-def _matrix(value: Any, key: str, where: str) -> Tensor:
-    """A finite ``[4, 4]`` (or ``[3, 4]``) rigid pose -> ``[4, 4]`` float64 (one-line error otherwise)."""
-    return to_homogeneous(parse_pose_matrix(value, key, where))
-
-
-def _optional_float(value: Any) -> Optional[float]:
-    return None if value is None else float(value)
-
-
-def read_poses_file(path: Path) -> PosesFile:
-    """Read and validate a ``poses.json`` written by ``ns-localize``.
-
-    Raises:
-        GslocError: the file is missing, not JSON, or not a poses.json (keys, matrices, frame).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise GslocError(f"poses file not found: {path} (pass the poses.json that ns-localize wrote)")
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise GslocError(f"cannot read {path} as JSON: {err}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("results"), list) or "frame" not in document:
-        raise GslocError(f"{path} is not a poses.json written by ns-localize (needs 'results' and 'frame')")
-    try:
-        frame_meta = document["frame"]
-        transform = torch.tensor(frame_meta["transform"], dtype=torch.float64)[:3]
-        scale = float(frame_meta["scale"])
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise GslocError(f"{path}: 'frame' must hold a 3x4 'transform' and a 'scale'") from None
-    if transform.shape != (3, 4) or not torch.isfinite(transform).all() or not (math.isfinite(scale) and scale > 0):
-        raise GslocError(f"{path}: 'frame' must hold a finite 3x4 'transform' and a positive 'scale'")
-    queries = []
-    for i, entry in enumerate(document["results"]):
-        where = f"{path} result {i}"
-        if not isinstance(entry, dict) or not all(k in entry for k in ("image", "status", "transform_matrix")):
-            raise GslocError(f"{where}: needs 'image', 'status' and 'transform_matrix'")
-        c2w = _matrix(entry["transform_matrix"], "transform_matrix", where)
-        queries.append(
-            LocalizedQuery(
-                name=str(entry["image"]),
-                image_path=Path(entry.get("image_path") or entry["image"]),
-                status=str(entry["status"]),
-                c2w=c2w,
-                c2w_init=_matrix(entry["initial_transform_matrix"], "initial_transform_matrix", where)
-                if entry.get("initial_transform_matrix") is not None
-                else c2w,
-                c2w_gt=_matrix(entry["gt_transform_matrix"], "gt_transform_matrix", where)
-                if entry.get("gt_transform_matrix") is not None
-                else None,
-                rot_err_deg=_optional_float(entry.get("rot_err_deg")),
-                trans_err_scene=_optional_float(entry.get("trans_err_scene")),
-                reason=str(entry.get("reason") or ""),
-                iterations=entry.get("iterations"),
-            )
-        )
-    frame = FrameTransform(transform, scale, str(frame_meta.get("source", "")))
-    return PosesFile(path, queries, frame, dict(document.get("settings") or {}))
 
 
 def check_same_frame(run_frame: FrameTransform, poses_frame: FrameTransform, poses_path: Path) -> None:
@@ -202,14 +110,29 @@ def load_thumbnail(image_path: Path, size: int = THUMBNAIL_SIZE) -> Optional[np.
         return None
 
 
-def _node_names(queries: List[LocalizedQuery], root: str) -> List[str]:
-    """``root/<file name>`` per query; characters viser treats specially become ``_``, duplicates get ``_<i>``."""
+def record_label(record: PoseRecord, several_methods: bool) -> str:
+    """The key of a record in the overlay: its image, with ``[method]`` when the file holds several methods and
+    ``trial <t>`` for benchmark trials (an ``ns-localize`` file: just the image)."""
+    label = record.image
+    if several_methods:
+        label += f" [{record.method}]"
+    if record.trial is not None:
+        label += f" trial {record.trial}"
+    return label
+
+
+def _node_names(records: List[PoseRecord], several_methods: bool, root: str) -> List[str]:
+    """``root/[<method>/]<file name>[_t<trial>]`` per record; characters viser treats specially become ``_``,
+    duplicates get ``_<i>``."""
     names: List[str] = []
-    for i, query in enumerate(queries):
-        base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(query.name).name) or f"query_{i}"
-        name = f"{root}/{base}"
+    for i, record in enumerate(records):
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(record.image).name) or f"query_{i}"
+        if record.trial is not None:
+            base += f"_t{record.trial}"
+        folder = f"{root}/{re.sub(r'[^A-Za-z0-9._-]', '_', record.method)}" if several_methods else root
+        name = f"{folder}/{base}"
         if name in names:
-            name = f"{root}/{base}_{i}"
+            name = f"{folder}/{base}_{i}"
         names.append(name)
     return names
 
@@ -218,26 +141,31 @@ def _error_text(value: Optional[float], digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def errors_markdown(queries: List[LocalizedQuery]) -> str:
-    """A markdown table: per query its status, rotation error (deg), translation error (scene units), iterations."""
-    counts = {s: sum(q.status == s for q in queries) for s in STATUS_COLORS}
+def errors_markdown(records: List[PoseRecord], labels: List[str], scale: float) -> str:
+    """A markdown table: per record its status, rotation error (deg), translation error (scene units), iterations.
+
+    Errors are those of the refined pose against the ground truth (``-`` without either); ``scale`` is the frame's
+    dataparser scale (scene units per original unit).
+    """
+    counts = {s: sum(r.status == s for r in records) for s in STATUS_COLORS}
     lines = [
-        f"**{len(queries)} queries**: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
+        f"**{len(records)} queries**: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
         "",
         "| image | status | rot (deg) | trans (scene) | iters |",
         "|---|---|---|---|---|",
     ]
-    for q in queries:
+    for record, label in zip(records, labels):
+        rot, trans = record.errors(scale)
+        name = Path(record.image).name + label[len(record.image):]
         lines.append(
-            f"| {Path(q.name).name} | {q.status} | {_error_text(q.rot_err_deg, 3)} | "
-            f"{_error_text(q.trans_err_scene, 4)} | {'-' if q.iterations is None else q.iterations} |"
+            f"| {name} | {record.status} | {_error_text(rot, 3)} | {_error_text(trans, 4)} | {record.iterations} |"
         )
     return "\n".join(lines)
 
 
 def add_localization_overlay(
     server: Any,
-    poses: PosesFile,
+    poses: PosesDocument,
     frame: Optional[FrameTransform] = None,
     shapes: Optional[Mapping[str, FrustumShape]] = None,
     default_shape: FrustumShape = FrustumShape(fov=math.radians(60.0), aspect=4.0 / 3.0),
@@ -246,57 +174,62 @@ def add_localization_overlay(
     root: str = "/localization",
     gui: bool = True,
 ) -> LocalizationOverlay:
-    """Add the frustums of every query in ``poses`` (and a GUI panel with their errors) to a viser server.
+    """Add the frustums of every record in ``poses`` (and a GUI panel with their errors) to a viser server.
 
     Args:
         server: a ``viser.ViserServer`` (e.g. ``nerfstudio.viewer.viewer.Viewer.viser_server``).
-        poses: the parsed ``poses.json``.
+        poses: the parsed ``poses.json`` (:func:`nerfstudio_gsloc.poses_file.read_poses`).
         frame: original -> scene map of the model drawn in the viewer (default: the one stored in ``poses``).
-        shapes: frustum shape per query name (from its intrinsics); others use ``default_shape``.
+        shapes: frustum shape per query image name (from its intrinsics); others use ``default_shape``.
         frustum_scale: frustum size, as nerfstudio's ``ViewerConfig.camera_frustum_scale``.
         thumbnails: show the query image on the refined frustum.
         root: scene-tree folder of the overlay.
         gui: add a "Localization" GUI folder with the error table and visibility toggles.
 
     Returns:
-        The scene-node handles, by query name then ``refined`` / ``initial`` / ``gt`` / ``path``.
+        The scene-node handles, by :func:`record_label` (the image name for ``ns-localize`` files) then
+        ``refined`` / ``initial`` / ``gt`` / ``path``; kinds whose pose is missing are absent.
     """
     frame = poses.frame if frame is None else frame
     shapes = shapes or {}
+    records = poses.records
+    several_methods = len({r.method for r in records}) > 1
+    labels = [record_label(r, several_methods) for r in records]
     nodes: Dict[str, Dict[str, Any]] = {}
     node_paths: Dict[str, str] = {}
-    for query, node in zip(poses.queries, _node_names(poses.queries, root)):
-        shape = shapes.get(query.name, default_shape)
-        # Original frame -> scene frame (the model's), for all three poses at once: [3, 4, 4] -> [3, 3, 4].
-        stacked = torch.stack([query.c2w, query.c2w_init, query.c2w if query.c2w_gt is None else query.c2w_gt])
-        scene = frame.to_scene(stacked)
+    for record, label, node in zip(records, labels, _node_names(records, several_methods, root)):
+        shape = shapes.get(record.image, default_shape)
         handles: Dict[str, Any] = {}
 
-        def frustum(kind: str, c2w_scene: Tensor, color: Rgb, image: Optional[np.ndarray] = None) -> Any:
-            wxyz, position = viewer_pose(c2w_scene)
-            return server.scene.add_camera_frustum(
+        def frustum(kind: str, c2w_original: Tensor, color: Rgb, image: Optional[np.ndarray] = None) -> Any:
+            # Original frame -> scene frame (the model's) -> viser's node pose.
+            wxyz, position = viewer_pose(frame.to_scene(c2w_original.double()))
+            handles[kind] = server.scene.add_camera_frustum(
                 name=f"{node}/{kind}", fov=shape.fov, aspect=shape.aspect, scale=frustum_scale, color=color,
                 image=image, wxyz=wxyz, position=position,
             )
+            return position
 
-        image = load_thumbnail(query.image_path) if thumbnails else None
-        handles["refined"] = frustum("refined", scene[0], STATUS_COLORS.get(query.status, STATUS_COLORS["failed"]), image)
-        handles["initial"] = frustum("initial", scene[1], INITIAL_COLOR)
-        if query.c2w_gt is not None:
-            handles["gt"] = frustum("gt", scene[2], GT_COLOR)
-        centres = np.stack([viewer_pose(scene[1])[1], viewer_pose(scene[0])[1]])  # [2, 3] initial -> refined
-        handles["path"] = server.scene.add_spline_catmull_rom(
-            name=f"{node}/path", positions=centres, line_width=2.0, color=PATH_COLOR
-        )
-        nodes[query.name] = handles
-        node_paths[query.name] = node
+        if record.c2w is not None:
+            image = load_thumbnail(record.image_path or Path(record.image)) if thumbnails else None
+            refined = frustum("refined", record.c2w, STATUS_COLORS.get(record.status, STATUS_COLORS["failed"]), image)
+        if record.c2w_init is not None:
+            initial = frustum("initial", record.c2w_init, INITIAL_COLOR)
+        if record.c2w_gt is not None:
+            frustum("gt", record.c2w_gt, GT_COLOR)
+        if record.c2w is not None and record.c2w_init is not None:
+            handles["path"] = server.scene.add_spline_catmull_rom(
+                name=f"{node}/path", positions=np.stack([initial, refined]), line_width=2.0, color=PATH_COLOR
+            )
+        nodes[label] = handles
+        node_paths[label] = node
 
-    markdown = _add_gui(server, poses.queries, nodes) if gui else None
+    markdown = _add_gui(server, errors_markdown(records, labels, frame.scale), nodes) if gui else None
     return LocalizationOverlay(nodes=nodes, node_paths=node_paths, markdown=markdown)
 
 
-def _add_gui(server: Any, queries: List[LocalizedQuery], nodes: Dict[str, Dict[str, Any]]) -> Any:
-    """GUI folder with visibility toggles and the per-query error table; returns the markdown handle."""
+def _add_gui(server: Any, table: str, nodes: Dict[str, Dict[str, Any]]) -> Any:
+    """GUI folder with visibility toggles and the per-record error table; returns the markdown handle."""
     with server.gui.add_folder("Localization"):
         for kind, label in (("refined", "Refined poses"), ("initial", "Initial poses + paths"), ("gt", "Ground truth")):
             checkbox = server.gui.add_checkbox(label, initial_value=True)
@@ -309,4 +242,4 @@ def _add_gui(server: Any, queries: List[LocalizedQuery], nodes: Dict[str, Dict[s
                             handles[k].visible = checkbox.value
 
             checkbox.on_update(toggle)
-        return server.gui.add_markdown(errors_markdown(queries))
+        return server.gui.add_markdown(table)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 import pytest
@@ -19,7 +21,6 @@ from nerfstudio_gsloc.data.procedural_scene import (
     eval_indices,
     generate_scene,
     load_depth_png,
-    read_frames,
     render_views,
     write_query_set,
 )
@@ -43,6 +44,42 @@ def queries(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("queries")
     write_query_set(out, seed=5, num_views=3, width=56, height=40, scene_seed=0, show_progress=False)
     return out
+
+
+@dataclass
+class FrameSet:
+    """Frames of a ``transforms.json`` in file order, poses in its original frame (no nerfstudio normalisation).
+
+    Attributes:
+        c2w_opengl: ``[N, 4, 4]`` OpenGL camera-to-world.
+        K: ``[N, 3, 3]`` intrinsics in pixels (pixel centres at +0.5).
+        widths, heights: ``[N]`` image sizes.
+        image_paths, depth_paths: absolute paths (``depth_paths`` entries are None without depth).
+    """
+
+    c2w_opengl: np.ndarray
+    K: np.ndarray
+    widths: np.ndarray
+    heights: np.ndarray
+    image_paths: List[Path]
+    depth_paths: List[Optional[Path]]
+
+
+def read_frames(folder: Path) -> FrameSet:
+    """The frames of ``folder/transforms.json`` (pinhole, global or per-frame intrinsics) as written by the generator."""
+    meta = json.loads((Path(folder) / "transforms.json").read_text())
+    frames = meta["frames"]
+    values = np.array([[float(f.get(k, meta.get(k))) for k in ("fl_x", "fl_y", "cx", "cy", "w", "h")] for f in frames])
+    K = np.zeros((len(frames), 3, 3))
+    K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = values[:, 0], values[:, 1], values[:, 2], values[:, 3], 1.0
+    return FrameSet(
+        c2w_opengl=np.array([f["transform_matrix"] for f in frames], dtype=np.float64).reshape(-1, 4, 4),
+        K=K,
+        widths=values[:, 4].astype(np.int64),
+        heights=values[:, 5].astype(np.int64),
+        image_paths=[Path(folder) / f["file_path"] for f in frames],
+        depth_paths=[Path(folder) / f["depth_file_path"] if "depth_file_path" in f else None for f in frames],
+    )
 
 
 def _read_rgb(path: Path) -> np.ndarray:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.evaluation import report
 from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.evaluation.protocols import (
     available_protocols,
     camera_distance_scale,
@@ -20,8 +20,9 @@ from nerfstudio_gsloc.evaluation.protocols import (
     load_protocol,
     translate_pose,
 )
-from nerfstudio_gsloc.localize.pose import axis_angle_to_matrix
 from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
+from nerfstudio_gsloc.poses_file import QuerySource, read_poses
 from nerfstudio_gsloc.scripts.bench import BenchCLI, bench_main, main
 
 
@@ -30,7 +31,7 @@ def _queries(count: int, seed: int = 0) -> list[Query]:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(count):
-        rot = axis_angle_to_matrix(torch.randn(3, generator=gen, dtype=torch.float64))
+        rot = axis_angle_to_rotation_matrix(torch.randn(3, generator=gen, dtype=torch.float64))
         c2w = torch.cat([rot, torch.randn(3, 1, generator=gen, dtype=torch.float64)], dim=1).float()
         out.append(Query(f"q{i}", Path(f"q{i}.png"), torch.zeros(4, 4, 3), torch.eye(3), 4, 4, gt_c2w=c2w, index=i))
     return out
@@ -162,10 +163,12 @@ def test_summary_counts_failures_as_infinite_errors_and_drops_skipped_trials():
     assert row["success_1deg_0.01"] == pytest.approx(1 / 3)
     assert row["success_5deg_0.05"] == pytest.approx(2 / 3)  # the failed trial's small error does not count
     assert row["rot_median_deg"] == pytest.approx(3.0)  # median of (0.5, 3.0, inf)
-    assert row["rot_mean_deg"] == pytest.approx(1.75)  # mean over the trials that did not fail
+    assert math.isinf(row["rot_mean_deg"]) and math.isinf(row["trans_mean"])  # one failure: an infinite mean
     most_failed = report.summarize_method("f", [_record("f", 1.0, 0.01, failed=True)] * 2 + [_record("f", 1.0, 0.01)])
     assert math.isinf(most_failed["rot_median_deg"])
-    assert "fail" in report.markdown_table([most_failed])
+    assert "| inf | inf |" in report.markdown_table([most_failed])
+    no_failure = report.summarize_method("m", records[:2])
+    assert no_failure["rot_mean_deg"] == pytest.approx(1.75) and no_failure["rot_median_deg"] == pytest.approx(1.75)
 
 
 def test_comparison_says_when_gsloc_does_not_win():
@@ -265,6 +268,17 @@ def test_bench_end_to_end_on_the_embedded_scene(small_gsloc_run, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = json.loads((out / "bench.json").read_text())
     assert meta["machine"]["torch_threads"] >= 1 and meta["image_sizes"] == [[80, 60]]
+    # poses.json: every (method, query, trial) with the trial's start, in the format gsloc-view reads.
+    document = read_poses(out / "poses.json")
+    assert sorted({r.method for r in document.records}) == sorted(LOCALIZERS) and len(document.records) == 4 * len(LOCALIZERS)
+    assert document.queries.is_eval_split and {r.trial for r in document.records} == {0, 1}
+    by_key = {(r.method, r.index, r.trial): r for r in document.records}
+    for record in records:
+        pose = by_key[(record.method, record.query_index, record.trial)]
+        init_rot = rotation_error_deg(pose.c2w_init[None], pose.c2w_gt[None]).item()
+        assert init_rot == pytest.approx(record.init_rot_deg, abs=1e-3)
+        if not record.failed:
+            assert pose.errors(document.frame.scale)[0] == pytest.approx(record.final_rot_deg, abs=1e-4)
 
     # A second run (another process would draw the same: seeds depend only on protocol seed, query, trial).
     out2 = tmp_path / "bench2"
@@ -309,7 +323,7 @@ def test_bench_dataset_mode_bad_inputs(tmp_path, capsys):
     assert "either --load-config" in _cli_error([], capsys)
     assert "dataset folder not found" in _cli_error(["--data", str(tmp_path / "none")], capsys)
     assert "neither transforms.json" in _cli_error(["--data", str(tmp_path)], capsys)
-    assert "unknown preset 'huge'" in _cli_error(["--data", str(tmp_path), "--train-preset", "huge"], capsys)
+    assert "unknown training preset 'huge'" in _cli_error(["--data", str(tmp_path), "--train-preset", "huge"], capsys)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,7 +338,7 @@ def _results_folder(folder: Path, method: str, errors, init_rot=(10.0, 20.0), lo
     protocol = load_protocol("inerf", trials=len(errors))
     records = [report.TrialRecord(method, "q0", 0, t, 100 + t, init_rot[t], 0.1, init_rot[t], rot, trans, 2.0, 5,
                                   "converged", "", False, False) for t, (rot, trans) in enumerate(errors)]
-    meta = {"load_config": load_config, "queries": "eval split", "num_queries": 1, "methods": [method],
+    meta = {"load_config": load_config, "queries": QuerySource.eval_split().to_json(), "num_queries": 1, "methods": [method],
             "protocol": protocol.to_dict(), "protocol_summary": protocol.summary(1.0), "camera_scale": 1.0,
             "machine_line": "test machine", "command": f"gsloc-bench --methods {method}",
             "method_seconds": {method: 4.0}}

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from nerfstudio_gsloc.errors import run_cli
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.pose import perturb_pose
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
+from nerfstudio_gsloc.poses_file import read_poses
 from nerfstudio_gsloc.scripts import localize as localize_cli
 
 # A short schedule so that the tests stay fast (the default schedule is for accuracy).
@@ -161,7 +162,9 @@ def test_new_images_from_a_transforms_json_are_localized(tmp_path, capsys, small
     poses = json.loads((out_dir / "poses.json").read_text())
     meta = json.loads(queries.read_text())
     assert poses["settings"]["init"] == "prior" and len(poses["results"]) == len(meta["frames"])
-    for entry, frame in zip(poses["results"], meta["frames"]):
+    assert poses["queries"] == {"kind": "transforms", "path": str(queries.resolve())}
+    document = read_poses(out_dir / "poses.json")
+    for entry, record, frame in zip(poses["results"], document.records, meta["frames"]):
         assert entry["image"] == frame["file_path"] and entry["status"] in ("converged", "max_iterations")
         refined = torch.tensor(entry["transform_matrix"], dtype=torch.float64)[None]
         start = torch.tensor(entry["initial_transform_matrix"], dtype=torch.float64)[None]
@@ -171,7 +174,8 @@ def test_new_images_from_a_transforms_json_are_localized(tmp_path, capsys, small
         torch.testing.assert_close(start, prior, atol=1e-5, rtol=0)
         rot, trans = rotation_error_deg(refined, truth).item(), translation_error(refined, truth).item()
         assert rot < 1.5 and trans < 0.05, (rot, trans)  # from 5 deg / 0.1 m
-        assert entry["rot_err_deg"] == pytest.approx(rot, abs=1e-3)
+        assert record.errors(document.frame.scale)[0] == pytest.approx(rot, abs=1e-6)
+        torch.testing.assert_close(record.c2w_gt[None], truth)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["num_queries"] == len(meta["frames"]) and metrics["success_rates_scene_units"]["5deg_0.05"] == 1.0
     assert (out_dir / "trace.csv").read_text().startswith("query,index,iteration")
@@ -186,15 +190,17 @@ def test_eval_split_resume_and_interrupt(tmp_path, capsys, monkeypatch, small_gs
     code, _, err = _run([*base, "--max-queries", "1"], capsys)
     assert code == 0, err
     first = json.loads((out_dir / "poses.json").read_text())["results"]
-    assert len(first) == 1 and first[0]["rot_err_deg"] < 2.0
+    document = read_poses(out_dir / "poses.json")
+    assert len(first) == 1 and document.queries.is_eval_split
+    assert document.records[0].errors(document.frame.scale)[0] < 2.0
 
     # Interrupt after the first new query is saved: poses.json stays valid and holds what finished.
     from nerfstudio_gsloc.localize import pipeline as pipeline_module
 
     real_localize = pipeline_module.PoseInversion.localize
 
-    def interrupted(self, queries, initial_c2w=None, progress=None, on_step=None):
-        real_localize(self, queries[:1], initial_c2w[:1], progress=progress, on_step=on_step)
+    def interrupted(self, queries, initial_c2w=None, on_result=None, on_step=None):
+        real_localize(self, queries[:1], initial_c2w[:1], on_result=on_result, on_step=on_step)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline_module.PoseInversion, "localize", interrupted)
@@ -215,3 +221,38 @@ def test_eval_split_resume_and_interrupt(tmp_path, capsys, monkeypatch, small_gs
     # A resume with other settings is refused rather than mixing two protocols in one file.
     code, _, err = _run([*base[:-len(FAST)], "--seed", "3", "--resume", *FAST], capsys)
     assert code == 1 and "cannot resume" in err
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("pnp", ["--pnp.num-views", "4"]),
+        ("photometric", ["--localization.schedule.pyramid-scales", "2", "1", "--localization.schedule.refine-matching-weight",
+                         "--single-loss.pyramid-iterations", "15", "15"]),
+    ],
+)
+def test_method_option_runs_any_registered_localizer(tmp_path, capsys, small_gsloc_run, method, options):
+    """``--method`` runs another localizer through the same call; its poses.json says which method wrote it."""
+    out_dir = tmp_path / method
+    argv = ["--load-config", small_gsloc_run, "--output-dir", out_dir, "--max-queries", "1", "--perturb-deg", "3",
+            "--perturb-trans", "0.03", "--num-threads", "1", "--method", method, *options]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    assert f"with {method} from perturb poses" in out
+    document = read_poses(out_dir / "poses.json")
+    assert len(document.records) == 1 and document.settings["method"] == method
+    record = document.records[0]
+    assert record.method == method and not record.failed and record.c2w is not None
+    rot, _ = record.errors(document.frame.scale)
+    start = rotation_error_deg(record.c2w_init[None], record.c2w_gt[None]).item()
+    assert start == pytest.approx(3.0, abs=1e-3) and rot < start, (rot, start)
+    if method == "pnp":
+        assert record.iterations == 0 and record.inliers >= 12
+    else:
+        assert 0 < record.iterations <= 30
+    assert json.loads((out_dir / "metrics.json").read_text())["num_queries"] == 1
+
+
+def test_unknown_method_is_one_error_line(tmp_path, capsys, fake_run):
+    code, _, err = _run(["--load-config", fake_run, "--output-dir", tmp_path / "o", "--method", "magic"], capsys)
+    assert code == 1 and err.startswith("error:") and "unknown method 'magic'" in err and len(err.strip().splitlines()) == 1

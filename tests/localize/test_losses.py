@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.losses import apply_color_affine, depth_loss, photometric_loss, reprojection_loss
-from nerfstudio_gsloc.localize.pose import PoseCorrection, axis_angle_to_matrix, perturb_pose
+from nerfstudio_gsloc.localize.pose import PoseCorrection, perturb_pose
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 H, W = 40, 48
 
@@ -170,7 +171,7 @@ def _synthetic_correspondences(c2w_gl: torch.Tensor, K: torch.Tensor, num: int, 
 def test_reprojection_loss_gradient_moves_pose_to_ground_truth():
     K = torch.tensor([[100.0, 0.0, 50.0], [0.0, 100.0, 40.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
     gt = torch.cat(
-        [axis_angle_to_matrix(torch.tensor([[0.2, 0.5, -0.1], [-0.3, 0.1, 0.4]], dtype=torch.float64)),
+        [axis_angle_to_rotation_matrix(torch.tensor([[0.2, 0.5, -0.1], [-0.3, 0.1, 0.4]], dtype=torch.float64)),
          torch.tensor([[[0.5], [0.2], [1.0]], [[-1.0], [0.3], [0.0]]], dtype=torch.float64)],
         dim=-1,
     )

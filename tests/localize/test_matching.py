@@ -7,7 +7,6 @@ import torch
 import kornia.feature as KF
 
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.matching import (
     Matcher,
     MatcherConfig,
@@ -15,6 +14,7 @@ from nerfstudio_gsloc.localize.matching import (
     make_matcher,
     pnp_ransac,
 )
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 
 def _textured_image(size: int, seed: int = 0) -> np.ndarray:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.initialization import initial_poses
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.optimizer import group_queries
@@ -24,6 +24,7 @@ from nerfstudio_gsloc.localize.schedule import (
 from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig, load_preset
 from nerfstudio_gsloc.localize.queries import FrameTransform, Query, load_transforms_queries
 from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 
 def _project(K: torch.Tensor, point_cam: torch.Tensor) -> torch.Tensor:
@@ -240,10 +241,8 @@ def test_colour_correction_absorbs_an_exposure_change(point_splat, novel_queries
 def test_look_around_search_widens_the_basin(point_splat, novel_queries):
     """Turned 35 deg away, the first render shares too little with the query for PnP; the pitch/yaw search
     finds a view that does, and the query is localized from there."""
-    from nerfstudio_gsloc.localize.pose import axis_angle_to_matrix
-
     query = novel_queries[2]
-    yaw = axis_angle_to_matrix(torch.tensor([0.0, math.radians(35.0), 0.0]))
+    yaw = axis_angle_to_rotation_matrix(torch.tensor([0.0, math.radians(35.0), 0.0]))
     start = [torch.cat([query.gt_c2w[:, :3] @ yaw, query.gt_c2w[:, 3:]], dim=1)]
 
     def run(search_deg: float):

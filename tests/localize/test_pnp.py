@@ -6,8 +6,8 @@ import torch
 
 from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
 from nerfstudio_gsloc.localize.pnp import _depth_edge_mask, refine_on_tight_inliers
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.pose import perturb_pose
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 
 def _project(points: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:

@@ -4,14 +4,15 @@ import math
 
 import pytest
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
-from nerfstudio_gsloc.localize.pose import PoseCorrection, axis_angle_to_matrix, perturb_pose
+from nerfstudio_gsloc.localize.pose import PoseCorrection, perturb_pose
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 
 def _random_c2w(num: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    rot = axis_angle_to_matrix(torch.randn(num, 3, generator=gen, dtype=torch.float64))
+    rot = axis_angle_to_rotation_matrix(torch.randn(num, 3, generator=gen, dtype=torch.float64))
     centre = torch.randn(num, 3, 1, generator=gen, dtype=torch.float64) * 2.0
     return torch.cat([rot, centre], dim=-1).to(dtype)
 
@@ -36,7 +37,7 @@ def test_rotation_acts_about_camera_centre():
     expected_deg = torch.rad2deg(corr.rotation.detach().norm(dim=-1))
     torch.testing.assert_close(rotation_error_deg(out.detach(), c2w), expected_deg, atol=1e-4, rtol=1e-4)
     # The rotation is in camera axes: R' = R exp(w).
-    torch.testing.assert_close(out[:, :, :3].detach(), c2w[:, :, :3] @ axis_angle_to_matrix(corr.rotation.detach()))
+    torch.testing.assert_close(out[:, :, :3].detach(), c2w[:, :, :3] @ axis_angle_to_rotation_matrix(corr.rotation.detach()))
 
 
 def test_translation_moves_centre_by_exactly_the_vector():

@@ -10,13 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from PIL import Image
 
 from nerfstudio_gsloc.camera_conventions import to_homogeneous
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.initialization import check_initialization, initial_poses
-from nerfstudio_gsloc.localize.pose import axis_angle_to_matrix
 from nerfstudio_gsloc.localize.queries import (
     FrameTransform,
     Query,
@@ -24,11 +23,12 @@ from nerfstudio_gsloc.localize.queries import (
     load_frame_transform,
     load_transforms_queries,
 )
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 
 def _pose(seed: int) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
-    rot = axis_angle_to_matrix(torch.randn(3, generator=gen, dtype=torch.float64))
+    rot = axis_angle_to_rotation_matrix(torch.randn(3, generator=gen, dtype=torch.float64))
     pose = np.eye(4)
     pose[:3, :3] = rot.numpy()
     pose[:3, 3] = torch.randn(3, generator=gen, dtype=torch.float64).numpy()
@@ -44,7 +44,7 @@ def _write_image(path: Path, width: int, height: int, mode: str = "RGB", seed: i
 
 
 def _frame_transform() -> FrameTransform:
-    rot = axis_angle_to_matrix(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64))
+    rot = axis_angle_to_rotation_matrix(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64))
     transform = torch.cat([rot, torch.tensor([[0.1], [-0.4], [0.2]], dtype=torch.float64)], dim=1)
     return FrameTransform(transform, 0.5, "test")
 

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from PIL import Image
 
-from nerfstudio_gsloc.camera_conventions import to_homogeneous
+from nerfstudio_gsloc.camera_conventions import FrameTransform, to_homogeneous
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.pose import axis_angle_to_matrix
-from nerfstudio_gsloc.localize.queries import FrameTransform
+from nerfstudio_gsloc.poses_file import read_poses
 from nerfstudio_gsloc.scripts import view
 from nerfstudio_gsloc.viewer import overlay
 from nerfstudio_gsloc.viewer.overlay import (
@@ -25,7 +25,6 @@ from nerfstudio_gsloc.viewer.overlay import (
     FrustumShape,
     add_localization_overlay,
     check_same_frame,
-    read_poses_file,
 )
 
 FX, CX, CY, W, H = 70.0, 40.0, 30.0, 80, 60
@@ -33,7 +32,7 @@ FX, CX, CY, W, H = 70.0, 40.0, 30.0, 80, 60
 
 def _pose(axis_angle, translation) -> torch.Tensor:
     """``[3, 4]`` float64 rigid pose."""
-    rot = axis_angle_to_matrix(torch.tensor(axis_angle, dtype=torch.float64))
+    rot = axis_angle_to_rotation_matrix(torch.tensor(axis_angle, dtype=torch.float64))
     return torch.cat([rot, torch.tensor(translation, dtype=torch.float64)[:, None]], dim=1)
 
 
@@ -152,7 +151,7 @@ def test_scale_ratio_matches_nerfstudio():
 def test_query_at_training_pose_lands_on_nerfstudio_frustum(server, poses_path):
     _nerfstudio_training_frustum(server)
     shape = FrustumShape.from_intrinsics(FX, CX, CY)
-    result = add_localization_overlay(server, read_poses_file(poses_path), FRAME, shapes={"images/query_a.png": shape})
+    result = add_localization_overlay(server, read_poses(poses_path), FRAME, shapes={"images/query_a.png": shape})
     sent = _sent(server)
     node = result.node_paths["images/query_a.png"]
     assert node == "/localization/query_a.png"
@@ -177,7 +176,7 @@ def test_query_at_training_pose_lands_on_nerfstudio_frustum(server, poses_path):
 
 
 def test_colours_thumbnails_and_ground_truth_only_when_present(server, poses_path):
-    result = add_localization_overlay(server, read_poses_file(poses_path))
+    result = add_localization_overlay(server, read_poses(poses_path))
     sent = _sent(server)
     a, b = "/localization/query_a.png", "/localization/query_b.png"
     keys = (f"{a}/refined", f"{b}/refined", f"{a}/initial", f"{a}/gt")
@@ -196,7 +195,7 @@ def test_colours_thumbnails_and_ground_truth_only_when_present(server, poses_pat
 
 def test_positions_follow_the_frame_scale(server, poses_path):
     """Without a frame argument the poses.json frame is used: centre = scale * (T c) * ratio."""
-    add_localization_overlay(server, read_poses_file(poses_path), gui=False)
+    add_localization_overlay(server, read_poses(poses_path), gui=False)
     document = json.loads(poses_path.read_text())
     centre = torch.tensor(document["results"][1]["transform_matrix"], dtype=torch.float64)[:3, 3]
     expected = (FRAME.transform[:, :3] @ centre + FRAME.transform[:, 3]) * FRAME.scale * 10.0
@@ -206,20 +205,20 @@ def test_positions_follow_the_frame_scale(server, poses_path):
 
 def test_bad_poses_files(tmp_path, poses_path):
     with pytest.raises(GslocError, match="poses file not found"):
-        read_poses_file(tmp_path / "nope.json")
+        read_poses(tmp_path / "nope.json")
     transforms = tmp_path / "transforms.json"
     transforms.write_text(json.dumps({"frames": [{"file_path": "a.png", "transform_matrix": np.eye(4).tolist()}]}))
     with pytest.raises(GslocError, match="not a poses.json"):
-        read_poses_file(transforms)
+        read_poses(transforms)
     broken = json.loads(poses_path.read_text())
     broken["results"][0]["transform_matrix"] = [[1.0, 0.0], [0.0, 1.0]]
     (tmp_path / "broken.json").write_text(json.dumps(broken))
     with pytest.raises(GslocError, match="transform_matrix must be a finite 4x4 or 3x4 matrix"):
-        read_poses_file(tmp_path / "broken.json")
+        read_poses(tmp_path / "broken.json")
 
 
 def test_frame_of_another_run_is_rejected(poses_path):
-    poses = read_poses_file(poses_path)
+    poses = read_poses(poses_path)
     check_same_frame(FRAME, poses.frame, poses_path)  # same run: fine
     with pytest.raises(GslocError, match="another run"):
         check_same_frame(FrameTransform(FRAME.transform, 0.5), poses.frame, poses_path)
@@ -267,3 +266,30 @@ def test_cli_checks_the_poses_belong_to_the_run(tmp_path, poses_path, capsys, mo
             view.entrypoint()
         assert message in capsys.readouterr().err
     assert loaded == [same]
+
+
+def test_benchmark_file_with_methods_trials_and_a_query_without_pose(server, tmp_path):
+    """A version-2 poses.json as gsloc-bench writes it: several methods and trials per image, a failure without pose."""
+    from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, write_poses
+
+    gt = to_homogeneous(TRAIN_C2W_SCENE)
+    records = [
+        PoseRecord("images/q.png", "converged", gt, c2w_init=gt, c2w_gt=gt, method="gsloc", trial=0),
+        PoseRecord("images/q.png", "converged", gt, c2w_init=gt, c2w_gt=gt, method="gsloc", trial=1),
+        PoseRecord("images/q.png", "failed", None, c2w_init=gt, c2w_gt=gt, method="pnp", trial=0, reason="no inliers"),
+        PoseRecord("images/q.png", "rejected", gt, c2w_init=gt, method="pnp", trial=1),
+    ]
+    write_poses(tmp_path / "poses.json", PosesDocument(FRAME, QuerySource.eval_split(), records))
+    result = add_localization_overlay(server, read_poses(tmp_path / "poses.json"), thumbnails=False)
+    assert result.node_paths == {
+        "images/q.png [gsloc] trial 0": "/localization/gsloc/q.png_t0",
+        "images/q.png [gsloc] trial 1": "/localization/gsloc/q.png_t1",
+        "images/q.png [pnp] trial 0": "/localization/pnp/q.png_t0",
+        "images/q.png [pnp] trial 1": "/localization/pnp/q.png_t1",
+    }
+    # No refined frustum and no path for the failure without a pose; its initial pose and ground truth are drawn.
+    assert set(result.nodes["images/q.png [pnp] trial 0"]) == {"initial", "gt"}
+    sent = _sent(server)
+    assert _rgb(sent[("CameraFrustumMessage", "/localization/pnp/q.png_t1/refined")].color) == STATUS_COLORS["rejected"]
+    table = result.markdown.content
+    assert "q.png [pnp] trial 0 | failed | - | - |" in table and "q.png [gsloc] trial 1 | converged | 0.000 | 0.0000 |" in table
