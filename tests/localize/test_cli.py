@@ -235,7 +235,7 @@ def test_method_option_runs_any_registered_localizer(tmp_path, capsys, small_gsl
     """``--method`` runs another localizer through the same call; its poses.json says which method wrote it."""
     out_dir = tmp_path / method
     argv = ["--load-config", small_gsloc_run, "--output-dir", out_dir, "--max-queries", "1", "--perturb-deg", "3",
-            "--perturb-trans", "0.03", "--num-threads", "1", "--method", method, *options]
+            "--perturb-trans", "0.03", "--seed", "5", "--num-threads", "1", "--method", method, *options]
     code, out, err = _run(argv, capsys)
     assert code == 0, err
     assert f"with {method} from perturb poses" in out
