@@ -1,8 +1,8 @@
 """Distorted query photos: undistorted like nerfstudio's training images, then localized like pinhole ones.
 
-The distorted query is made from the procedural scene: a pinhole view rendered wider and at twice the pixel
-density than the distorted camera needs, then resampled with ``cv2.remap`` at the inverse (undistorted) position of
-every distorted pixel. Its "undistorted copy" is a pinhole render of the same pose at the intrinsics that the
+The distorted query is made from the procedural scene: a pinhole view, rendered with a wider field of view than
+the distorted camera needs and at twice its pixel density, is resampled with ``cv2.remap`` at the undistorted
+position of every distorted pixel (the inverse mapping). Its "undistorted copy" is a pinhole render of the same pose at the intrinsics that the
 loader reports for the undistorted query.
 """
 
@@ -228,3 +228,18 @@ def test_eval_split_and_query_file_are_undistorted_like_nerfstudio_training_imag
         assert np.allclose(depth_mm_out[known], np.round(depth_mm_out[known]), atol=1e-2)
         assert np.isin(np.round(depth_mm_out[known]).astype(int), depth_mm[0].astype(int)).all()
         assert (np.diff(depth_mm_out[height // 2][known[height // 2]]) >= 0).all()
+
+
+def test_pixels_without_a_source_are_masked_out_and_lose_their_depth():
+    """A strong barrel lens leaves a few undistorted pixels with no source pixel: they are not part of the scene."""
+    white = np.full((30, 40, 3), 255, dtype=np.uint8)
+    K = np.array([[30.0, 0.0, 20.3], [0.0, 31.0, 14.8], [0.0, 0.0, 1.0]])
+    params = np.array([-0.3, 0.1, 0.0, 0.0, 0.01, 0.0])  # [k1, k2, k3, k4, p1, p2]
+    view = undistort_view(white, K, params, fisheye=False, mask=np.ones((30, 40), bool), depth=np.ones((30, 40), np.float32))
+    invalid = ~view.valid
+    assert invalid.any() and invalid.mean() < 0.05
+    assert not view.mask[invalid].any() and view.mask[view.valid].all()
+    assert (view.depth[invalid] == 0).all() and (view.depth[view.valid] == 1).all()
+    assert (view.image[view.valid] == 255).all()  # valid pixels never blend in the black border
+    fisheye = undistort_view(white, K, np.array([0.3, 0.1, -0.05, 0.01, 0.0, 0.0]), fisheye=True)
+    assert fisheye.image.shape == white.shape and fisheye.mask.shape == (30, 40)  # fisheye: same size, no crop
