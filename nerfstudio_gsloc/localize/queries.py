@@ -15,8 +15,10 @@ the training dataset's own transforms.json. They are converted to the scene fram
 ``dataparser_transforms.json`` (see :class:`FrameTransform`). Other keys, global or per frame (per frame wins):
 
 * intrinsics, required: ``fl_x``, ``fl_y``, ``cx``, ``cy`` (pixels, pixel centres at +0.5 like nerfstudio) and
-  ``w``, ``h``; the image must have exactly that size. ``camera_model`` may be ``PINHOLE``/``SIMPLE_PINHOLE``/
-  ``OPENCV`` with zero distortion; distorted images must be undistorted first.
+  ``w``, ``h``; the image must have exactly that size.
+* lens distortion, optional: ``camera_model`` ``OPENCV`` (also ``PINHOLE``, ``SIMPLE_PINHOLE``, ``SIMPLE_RADIAL``,
+  ``RADIAL``) with ``k1``, ``k2``, ``k3``, ``p1``, ``p2``, or ``OPENCV_FISHEYE`` with ``k1``..``k4``; or
+  nerfstudio's ``distortion_params`` list ``[k1, k2, k3, k4, p1, p2]``, which wins over the single keys.
 * ``file_path`` (required, per frame): the image, relative to the file's folder. RGBA images are composited
   onto white and their alpha (``> 0.5``) becomes part of the mask.
 * ``depth_file_path`` (optional): 16-bit PNG or ``.npy`` z-depth, times ``depth_unit_scale_factor``
@@ -26,10 +28,19 @@ the training dataset's own transforms.json. They are converted to the scene fram
 
 Every frame is validated (files present and decodable, intrinsics complete, sizes consistent, matrices finite)
 before anything is returned, so a bad file stops the program before any work with one :class:`GslocError`.
+
+Distorted queries
+-----------------
+Queries with non-zero distortion (a transforms.json as above, or an eval split whose cameras have
+``distortion_params``) are undistorted exactly like nerfstudio undistorts the training images (its own
+``_undistort_image``, see :mod:`nerfstudio_gsloc.localize.undistort`): the query's ``K``, ``width`` and ``height``
+are then those of the undistorted (for ``OPENCV``: cropped) image, masks and depth follow the same pixel mapping,
+pixels with no source in the distorted image are masked out, and the poses are unchanged.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass
@@ -45,12 +56,18 @@ from nerfstudio_gsloc.camera_conventions import FrameTransform, rigid_inverse, t
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.poses_file import parse_pose_matrix
 from nerfstudio_gsloc.runs import read_run_config
+from nerfstudio_gsloc.localize.undistort import (
+    DISTORTION_KEYS,
+    FISHEYE_MODELS,
+    PERSPECTIVE_MODELS,
+    check_distortion,
+    is_distorted,
+    undistort_view,
+)
 
 #: nerfstudio's default unit of 16-bit depth images (millimetres).
 DEFAULT_DEPTH_UNIT_SCALE = 1e-3
 _INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
-_DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
-_PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV")
 # nerfstudio's value of applied_transform for colmap datasets written before the key existed.
 _LEGACY_COLMAP_APPLIED = [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0]]
 
@@ -270,12 +287,7 @@ def load_transforms_queries(
         missing = [key for key, value in values.items() if value is None]
         if missing:
             raise GslocError(f"{where}: missing intrinsics {', '.join(missing)} (need fl_x, fl_y, cx, cy, w, h)")
-        camera_model = str(frame.get("camera_model", meta.get("camera_model", "OPENCV"))).upper()
-        if camera_model not in _PINHOLE_MODELS:
-            raise GslocError(f"{where}: camera_model {camera_model} is not supported; undistort to PINHOLE first")
-        distortion = [_number(meta, frame, key, where, 0.0) for key in _DISTORTION_KEYS]
-        if any(abs(value) > 1e-12 for value in distortion):
-            raise GslocError(f"{where}: distortion coefficients are not supported; undistort the images first")
+        distortion = _file_distortion(meta, frame, where)
         width, height = int(round(values["w"])), int(round(values["h"]))
         if width <= 0 or height <= 0 or values["fl_x"] <= 0 or values["fl_y"] <= 0:
             raise GslocError(f"{where}: w, h, fl_x and fl_y must be positive")
@@ -285,21 +297,12 @@ def load_transforms_queries(
             raise GslocError(
                 f"{where}: image is {rgb.shape[1]}x{rgb.shape[0]} but its intrinsics say w={width}, h={height}"
             )
-        image = torch.from_numpy(rgb.astype(np.float32) / 255.0)
-        mask: Optional[Tensor] = None
-        background: Optional[Tensor] = None
-        if alpha is not None:
-            alpha_f = torch.from_numpy(alpha.astype(np.float32) / 255.0)[..., None]
-            background = torch.ones(3)
-            image = image * alpha_f + background * (1.0 - alpha_f)
-            mask = alpha_f[..., 0] > 0.5
+        file_mask: Optional[np.ndarray] = None
         if frame.get("mask_path") is not None:
             file_mask = _read_mask(root / str(frame["mask_path"]), where)
             if file_mask.shape != (height, width):
                 raise GslocError(f"{where}: mask is {file_mask.shape[1]}x{file_mask.shape[0]}, image is {width}x{height}")
-            file_mask_t = torch.from_numpy(file_mask)
-            mask = file_mask_t if mask is None else mask & file_mask_t
-        depth: Optional[Tensor] = None
+        depth: Optional[np.ndarray] = None
         if frame.get("depth_file_path") is not None:
             raw = _read_depth(root / str(frame["depth_file_path"]), where)
             unit = _number(meta, frame, "depth_unit_scale_factor", where, DEFAULT_DEPTH_UNIT_SCALE)
@@ -307,33 +310,18 @@ def load_transforms_queries(
                 # Same rule as nerfstudio's depth loader: nearest-neighbour resize to the image size.
                 raw_t = torch.from_numpy(raw)[None, None]
                 raw = torch.nn.functional.interpolate(raw_t, size=(height, width), mode="nearest")[0, 0].numpy()
-            depth = torch.from_numpy(raw * float(unit) * frame_transform.scale).float()
-            depth = torch.where(torch.isfinite(depth), depth, torch.zeros_like(depth))
+            depth = raw * float(unit) * frame_transform.scale
+            depth = np.where(np.isfinite(depth), depth, 0.0).astype(np.float32)
+        K = np.array([[values["fl_x"], 0.0, values["cx"]], [0.0, values["fl_y"], values["cy"]], [0.0, 0.0, 1.0]])
+        view = _make_view(rgb, alpha, K, file_mask, depth, distortion, torch.ones(3), alpha_as_mask=True)
         gt = prior = None
         if frame.get("transform_matrix") is not None:
             gt = frame_transform.to_scene(parse_pose_matrix(frame["transform_matrix"], "transform_matrix", where)).float()
         if frame.get("prior_transform_matrix") is not None:
             prior_orig = parse_pose_matrix(frame["prior_transform_matrix"], "prior_transform_matrix", where)
             prior = frame_transform.to_scene(prior_orig).float()
-        K = torch.tensor(
-            [[values["fl_x"], 0.0, values["cx"]], [0.0, values["fl_y"], values["cy"]], [0.0, 0.0, 1.0]],
-            dtype=torch.float32,
-        )
         queries.append(
-            Query(
-                name=str(frame["file_path"]),
-                image_path=image_path,
-                image=image,
-                K=K,
-                width=width,
-                height=height,
-                depth=depth,
-                mask=mask,
-                prior_c2w=prior,
-                gt_c2w=gt,
-                background=background,
-                index=index,
-            )
+            Query(name=str(frame["file_path"]), image_path=image_path, prior_c2w=prior, gt_c2w=gt, index=index, **view)
         )
     return queries
 
@@ -356,7 +344,7 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
         max_queries: keep only the first ``max_queries`` images.
 
     Raises:
-        GslocError: no eval dataset, an empty split, distorted or non-perspective cameras, unreadable files.
+        GslocError: no eval dataset, an empty split, unsupported camera types or distortion, unreadable files.
     """
     from nerfstudio.cameras.cameras import CameraType
     from nerfstudio.data.utils.data_utils import get_depth_image_from_path
@@ -365,7 +353,10 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
     if dataset is None or len(dataset) == 0:
         raise GslocError("the run has no eval split to localize; pass --queries path/to/transforms.json")
     outputs = dataset._dataparser_outputs
-    cameras = dataset.cameras
+    # The dataparser's cameras rescaled like the dataset's own: nerfstudio's image cache overwrites
+    # dataset.cameras with undistorted intrinsics (keeping distortion_params) once it has been filled.
+    cameras = copy.deepcopy(outputs.cameras)
+    cameras.rescale_output_resolution(scaling_factor=float(getattr(dataset, "scale_factor", 1.0)))
     count = len(dataset) if max_queries is None else min(len(dataset), max(0, int(max_queries)))
     depth_files: Optional[Sequence[Path]] = dataset.metadata.get("depth_filenames")
     depth_scale = float(dataset.metadata.get("depth_unit_scale_factor", DEFAULT_DEPTH_UNIT_SCALE)) * float(
@@ -377,54 +368,119 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
         image_path = Path(outputs.image_filenames[index])
         where = f"eval image {index} ({image_path.name})"
         camera = cameras[index]
-        if int(camera.camera_type.reshape(-1)[0]) != CameraType.PERSPECTIVE.value:
-            raise GslocError(f"{where}: only perspective cameras can be localized")
-        if camera.distortion_params is not None and camera.distortion_params.abs().max() > 1e-12:
-            raise GslocError(f"{where}: distorted cameras are not supported")
+        camera_type = int(camera.camera_type.reshape(-1)[0])
+        if camera_type not in (CameraType.PERSPECTIVE.value, CameraType.FISHEYE.value):
+            raise GslocError(f"{where}: only perspective and OPENCV_FISHEYE cameras can be localized")
+        distortion = None
+        if camera.distortion_params is not None and is_distorted(camera.distortion_params.numpy()):
+            distortion = (camera.distortion_params.numpy().astype(np.float64), camera_type == CameraType.FISHEYE.value)
+            check_distortion(distortion[0], distortion[1], where)
         width, height = int(camera.width.item()), int(camera.height.item())
         try:
-            rgb = dataset.get_numpy_image(index)
+            pixels = dataset.get_numpy_image(index)
         except Exception as err:
             raise GslocError(f"{where}: cannot read image {image_path}: {type(err).__name__}: {err}") from None
-        if rgb.shape[:2] != (height, width):
-            raise GslocError(f"{where}: image is {rgb.shape[1]}x{rgb.shape[0]} but its camera says {width}x{height}")
-        image = torch.from_numpy(rgb.astype(np.float32) / 255.0)
-        mask: Optional[Tensor] = None
-        background: Optional[Tensor] = None
-        if image.shape[-1] == 4:
-            alpha = image[..., 3:]
-            background = alpha_color.float() if alpha_color is not None else torch.ones(3)
-            image = image[..., :3] * alpha + background * (1.0 - alpha)
-            if alpha_color is None:
-                mask = alpha[..., 0] > 0.5
+        if pixels.shape[:2] != (height, width):
+            raise GslocError(f"{where}: image is {pixels.shape[1]}x{pixels.shape[0]} but its camera says {width}x{height}")
+        file_mask: Optional[np.ndarray] = None
         if outputs.mask_filenames is not None:
             file_mask = _read_mask(Path(outputs.mask_filenames[index]), where)
-            file_mask_t = torch.from_numpy(file_mask)
-            if file_mask_t.shape != (height, width):
-                file_mask_t = torch.nn.functional.interpolate(
-                    file_mask_t[None, None].float(), size=(height, width), mode="nearest"
-                )[0, 0] > 0.5
-            mask = file_mask_t if mask is None else mask & file_mask_t
-        depth: Optional[Tensor] = None
+            if file_mask.shape != (height, width):
+                resized = torch.nn.functional.interpolate(
+                    torch.from_numpy(file_mask)[None, None].float(), size=(height, width), mode="nearest"
+                )
+                file_mask = resized[0, 0].numpy() > 0.5
+        depth: Optional[np.ndarray] = None
         if depth_files is not None:
             depth_path = Path(depth_files[index])
             if not depth_path.is_file():
                 raise GslocError(f"{where}: depth file not found: {depth_path}")
-            depth = get_depth_image_from_path(depth_path, height, width, depth_scale)[..., 0].float()
-        K = camera.get_intrinsics_matrices().detach().cpu().float().reshape(3, 3)
+            depth = get_depth_image_from_path(depth_path, height, width, depth_scale)[..., 0].float().numpy()
+        K = camera.get_intrinsics_matrices().double().numpy()
+        alpha = pixels[..., 3] if pixels.shape[-1] == 4 else None
+        background = alpha_color.float() if alpha_color is not None else torch.ones(3)
+        view = _make_view(pixels[..., :3], alpha, K, file_mask, depth, distortion, background, alpha_color is None)
         queries.append(
             Query(
                 name=str(image_path),
                 image_path=image_path,
-                image=image.contiguous(),
-                K=K,
-                width=width,
-                height=height,
-                depth=depth,
-                mask=mask,
                 gt_c2w=camera.camera_to_worlds.detach().cpu().float()[:3, :4].clone(),
-                background=background,
                 index=index,
+                **view,
             )
         )
     return queries
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shared by both sources
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _file_distortion(meta: Dict[str, Any], frame: Dict[str, Any], where: str) -> Optional[tuple]:
+    """A query file's lens model (per frame, else global): ``None`` without distortion, else
+    ``(params [6] float64 [k1, k2, k3, k4, p1, p2], fisheye)``. Raises :class:`GslocError` on unsupported input."""
+    camera_model = str(frame.get("camera_model", meta.get("camera_model", "OPENCV"))).upper()
+    if camera_model not in PERSPECTIVE_MODELS + FISHEYE_MODELS:
+        supported = ", ".join(PERSPECTIVE_MODELS + FISHEYE_MODELS)
+        raise GslocError(f"{where}: camera_model {camera_model} is not supported (use one of {supported})")
+    listed = frame.get("distortion_params", meta.get("distortion_params"))
+    if listed is not None:
+        try:
+            params = np.asarray(listed, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise GslocError(f"{where}: distortion_params must be a list of 6 numbers [k1, k2, k3, k4, p1, p2]") from None
+    else:
+        params = np.array([_number(meta, frame, key, where, 0.0) for key in DISTORTION_KEYS])
+    fisheye = camera_model in FISHEYE_MODELS
+    check_distortion(params, fisheye, where)
+    return (params, fisheye) if is_distorted(params) else None
+
+
+def _make_view(
+    rgb: np.ndarray,
+    alpha: Optional[np.ndarray],
+    K: np.ndarray,
+    mask: Optional[np.ndarray],
+    depth: Optional[np.ndarray],
+    distortion: Optional[tuple],
+    background: Tensor,
+    alpha_as_mask: bool,
+) -> Dict[str, Any]:
+    """The image fields of a :class:`Query`: undistorted when ``distortion`` is given, alpha composited after.
+
+    Args:
+        rgb: ``[H, W, 3]`` uint8; alpha: ``[H, W]`` uint8 or ``None``; K: ``[3, 3]`` intrinsics of ``rgb``.
+        mask: ``[H, W]`` bool or ``None``; depth: ``[H, W]`` float32 scene units (0 = missing) or ``None``.
+        distortion: ``None`` or ``(params [6], fisheye)`` from :func:`_file_distortion` / the eval cameras.
+        background: ``[3]`` colour that alpha is composited onto.
+        alpha_as_mask: alpha ``> 0.5`` joins the mask (when transparency means "not part of the scene").
+
+    Returns:
+        keyword arguments ``image, K, width, height, mask, depth, background`` of :class:`Query`.
+    """
+    if distortion is not None:
+        # Colour and alpha go through nerfstudio's remap together (uint8, like gsloc's training image cache).
+        pixels = rgb if alpha is None else np.concatenate([rgb, alpha[..., None]], axis=-1)
+        view = undistort_view(pixels, K, distortion[0], distortion[1], mask, depth)
+        rgb, alpha = view.image[..., :3], (None if alpha is None else view.image[..., 3])
+        K, depth = view.K, view.depth
+        mask = None if mask is None and view.valid.all() else view.mask
+    image = torch.from_numpy(rgb.astype(np.float32) / 255.0)
+    mask_t = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
+    used_background: Optional[Tensor] = None
+    if alpha is not None:
+        alpha_t = torch.from_numpy(alpha.astype(np.float32) / 255.0)[..., None]
+        used_background = background
+        image = image * alpha_t + background * (1.0 - alpha_t)
+        if alpha_as_mask:
+            mask_t = alpha_t[..., 0] > 0.5 if mask_t is None else mask_t & (alpha_t[..., 0] > 0.5)
+    return {
+        "image": image.contiguous(),
+        "K": torch.from_numpy(np.asarray(K, dtype=np.float32)),
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
+        "mask": mask_t,
+        "depth": None if depth is None else torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32)),
+        "background": used_background,
+    }

@@ -89,7 +89,8 @@ class BenchCLI:
     """Where results.md, results.csv, trials.jsonl and the plots go."""
     queries: Optional[Path] = None
     """A nerfstudio transforms.json of query images with ground-truth poses (transform_matrix, dataset's original
-    frame). Default: the run's held-out eval split."""
+    frame). Default: the run's held-out eval split. Distorted photos (OPENCV, OPENCV_FISHEYE) are undistorted like
+    nerfstudio's training images."""
     methods: Tuple[str, ...] = tuple(LOCALIZERS)
     """Methods to compare (gsloc, photometric, icomma, depth, pnp)."""
     protocol: str = "inerf"

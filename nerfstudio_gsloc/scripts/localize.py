@@ -24,6 +24,9 @@ Outputs in ``--output-dir``:
   failures with infinite error (an infinite mean once one fails).
 * ``trace.csv`` (loss and errors per iteration) and ``trace.png`` (error against iteration).
 
+Distorted queries (the eval split of a dataset with OPENCV / OPENCV_FISHEYE distortion, or such a query file) are
+undistorted exactly like nerfstudio undistorts the training images; poses are unchanged.
+
 Every bad input (config, checkpoint, query file, images, intrinsics, preset, matcher weights) is reported as one
 ``error:`` line with exit code 1 before any work starts and before anything is written.
 """
@@ -76,7 +79,9 @@ class LocalizeCLI:
     """Where poses.json, metrics.json, trace.csv and trace.png go."""
     queries: Optional[Path] = None
     """A nerfstudio transforms.json of query images (transform_matrix = ground truth, prior_transform_matrix =
-    prior, both in the dataset's original frame). Default: the run's held-out eval split."""
+    prior, both in the dataset's original frame). Default: the run's held-out eval split. Photos with lens
+    distortion (OPENCV k1..p2, OPENCV_FISHEYE k1..k4, global or per frame) are undistorted like nerfstudio's
+    training images."""
     init: Literal["auto", "prior", "perturb"] = "auto"
     """Initial poses: the query file's priors, or the ground truth perturbed by --perturb-deg/--perturb-trans.
     auto: prior when every query has one, otherwise perturb."""

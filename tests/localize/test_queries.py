@@ -113,7 +113,10 @@ def test_transforms_queries_intrinsics_poses_depth_and_masks(tmp_path):
         ("unreadable_image", "cannot read image"),
         ("missing_intrinsics", "missing intrinsics fl_y"),
         ("size_mismatch", "image is 8x6 but its intrinsics say w=9, h=6"),
-        ("distortion", "distortion"),
+        ("distortion_k4", "k4 is not supported for perspective cameras"),
+        ("fisheye_p1", "OPENCV_FISHEYE takes k1..k4 only"),
+        ("distortion_list", "distortion parameters must be 6 finite numbers"),
+        ("camera_model", "camera_model EQUIRECTANGULAR is not supported"),
         ("bad_matrix", "transform_matrix"),
         ("missing_depth", "depth file not found"),
         ("mask_size", "mask is"),
@@ -133,8 +136,14 @@ def test_bad_query_files_raise_one_line_errors(tmp_path, case, message):
         del intr["fl_y"]
     elif case == "size_mismatch":
         intr["w"] = 9
-    elif case == "distortion":
-        intr["k1"] = 0.1
+    elif case == "distortion_k4":
+        intr["k4"] = 0.1
+    elif case == "fisheye_p1":
+        intr.update(camera_model="OPENCV_FISHEYE", k1=0.1, p1=0.01)
+    elif case == "distortion_list":
+        frame["distortion_params"] = [0.1, 0.0, 0.0]
+    elif case == "camera_model":
+        intr["camera_model"] = "EQUIRECTANGULAR"
     elif case == "bad_matrix":
         frame["transform_matrix"] = [[1, 2], [3, 4]]
     elif case == "missing_depth":
