@@ -3,6 +3,12 @@
 The default schedule is splatfacto's, shortened and retuned for CPU training of small scenes (a few
 hundred pixels): no resolution schedule, plain-gradient densification (absgrad is CUDA-only) with the
 matching threshold, and the viewer quits when training finishes so scripted runs end.
+
+The first Gaussians come from :class:`~nerfstudio_gsloc.data.seeding.GSLocDatamanager`, with whatever dataparser
+the user names: the dataset's point cloud, else back-projected depth, else points triangulated from the training
+images with their poses (cached as ``seed_points.npz`` beside config.yml), else random points in the cameras' frusta.
+Note that ``--max-num-iterations`` alone does not shorten the means' learning-rate decay
+(``--optimizers.means.scheduler.max-steps``) or densification (``--pipeline.model.stop-split-at``).
 """
 
 from __future__ import annotations

@@ -166,4 +166,5 @@ def test_triangulated_seeding_trains_far_better_than_random_init(forward_scene, 
     print(f"held-out PSNR after {preset.iterations} iterations: {psnr}")
     assert (tmp_path / "forward" / "gsloc" / "auto" / "seed_points.npz").is_file()
     assert not (tmp_path / "forward" / "gsloc" / "off" / "seed_points.npz").exists()
-    assert psnr["auto"] > psnr["off"] + 3.0, psnr
+    # measured: about 23 dB seeded against 14 dB from the random cube after 300 steps
+    assert psnr["auto"] > 20.0 and psnr["auto"] > psnr["off"] + 5.0, psnr
