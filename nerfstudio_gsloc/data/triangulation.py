@@ -7,7 +7,7 @@ that seeds a Gaussian-splatting model when a dataset ships neither a point cloud
    frame still yields several hundred features);
 2. image pairs chosen from the poses: each image is matched with its nearest cameras whose optical axes point
    the same way (within ``max_pair_angle_deg``);
-3. mutual nearest-neighbour matching with Lowe's ratio test, verified with the epipolar geometry that the known
+3. mutual nearest-neighbour matching of RootSIFT descriptors with Lowe's ratio test, verified with the epipolar geometry that the known
    poses imply (no RANSAC: the poses are trusted);
 4. tracks: connected components of the matches, dropped where a track holds two keypoints of one image;
 5. linear multi-view triangulation (DLT on normalised image coordinates) of each track, then outlier
@@ -116,7 +116,11 @@ def _features(images: Sequence[np.ndarray], settings: TriangulationSettings):
         # OpenCV's pixel centres are integers at either resolution: map to the original image, centres at +0.5
         uv = np.array([k.pt for k in kps], dtype=np.float64).reshape(-1, 2)
         keypoints.append((uv + 0.5) / factor)
-        descriptors.append(desc if desc is not None else np.zeros((0, 128), np.float32))
+        if desc is None:
+            desc = np.zeros((0, 128), np.float32)
+        # RootSIFT (L1-normalise, square root): unit L2 norm, and matches better than raw SIFT
+        desc = np.sqrt(desc / np.clip(desc.sum(axis=1, keepdims=True), 1e-12, None))
+        descriptors.append(desc.astype(np.float32))
     return keypoints, descriptors
 
 
@@ -150,21 +154,25 @@ def _fundamental(K1, w2c1, K2, w2c2) -> np.ndarray:
 
 
 def _match_pair(desc1, desc2, uv1, uv2, F, settings: TriangulationSettings) -> np.ndarray:
-    """Mutual ratio-test matches that agree with the epipolar geometry: ``[M, 2]`` keypoint indices."""
+    """Mutual ratio-test matches that agree with the epipolar geometry: ``[M, 2]`` keypoint indices.
+
+    Descriptors are unit-norm (RootSIFT), so one matrix product gives all distances (``d^2 = 2 - 2 a.b``); that
+    is far faster on a CPU than OpenCV's brute-force k-NN matcher run both ways.
+    """
     if len(desc1) < 2 or len(desc2) < 2:
         return np.zeros((0, 2), np.int64)
-    matcher = cv2.BFMatcher(cv2.NORM_L2)
-    forward = matcher.knnMatch(desc1, desc2, k=2)
-    backward = matcher.knnMatch(desc2, desc1, k=1)
-    best_back = np.array([m[0].trainIdx if m else -1 for m in backward])
-    pairs = [
-        (m[0].queryIdx, m[0].trainIdx)
-        for m in forward
-        if len(m) == 2 and m[0].distance < settings.ratio * m[1].distance and best_back[m[0].trainIdx] == m[0].queryIdx
-    ]
-    if not pairs:
+    sim = desc1 @ desc2.T  # [K1, K2]
+    top2 = np.argpartition(-sim, 1, axis=1)[:, :2]
+    rows = np.arange(len(desc1))
+    s_a, s_b = sim[rows, top2[:, 0]], sim[rows, top2[:, 1]]
+    best = np.where(s_a >= s_b, top2[:, 0], top2[:, 1])
+    d_best = np.sqrt(np.clip(2.0 - 2.0 * np.maximum(s_a, s_b), 0.0, None))
+    d_second = np.sqrt(np.clip(2.0 - 2.0 * np.minimum(s_a, s_b), 0.0, None))
+    mutual = np.argmax(sim, axis=0)[best] == rows
+    keep = mutual & (d_best < settings.ratio * d_second)
+    if not keep.any():
         return np.zeros((0, 2), np.int64)
-    pairs = np.array(pairs, dtype=np.int64)
+    pairs = np.stack([rows[keep], best[keep]], axis=1)
     x1 = np.c_[uv1[pairs[:, 0]], np.ones(len(pairs))]
     x2 = np.c_[uv2[pairs[:, 1]], np.ones(len(pairs))]
     line2 = x1 @ F.T  # epipolar lines in image 2
