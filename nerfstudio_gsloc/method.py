@@ -3,20 +3,28 @@
 The default schedule is splatfacto's, shortened and retuned for CPU training of small scenes (a few
 hundred pixels): no resolution schedule, plain-gradient densification (absgrad is CUDA-only) with the
 matching threshold, and the viewer quits when training finishes so scripted runs end.
+
+The first Gaussians come from :class:`~nerfstudio_gsloc.data.seeding.GSLocDatamanager`, with whatever dataparser
+the user names: the dataset's point cloud, else back-projected depth, else points triangulated from the training
+images with their poses (cached as ``seed_points.npz`` beside config.yml), else random points in the cameras' frusta.
+Note that ``--max-num-iterations`` alone does not shorten the means' learning-rate decay
+(``--optimizers.means.scheduler.max-steps``) or densification (``--pipeline.model.stop-split-at``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
-from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
-from nerfstudio.engine.trainer import TrainerConfig
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from nerfstudio_gsloc import compat
-from nerfstudio_gsloc.data.depth import GSLocDataParserConfig, GSLocDataset
+from nerfstudio_gsloc.data.depth import GSLocDataParserConfig
+from nerfstudio_gsloc.data.seeding import GSLocDatamanagerConfig
 from nerfstudio_gsloc.model import GSLocModelConfig
 
 compat.allow_nerfstudio_checkpoints()
@@ -25,9 +33,24 @@ compat.install_gsloc_excepthook()
 DEFAULT_ITERATIONS = 7000
 
 
+class GSLocTrainer(Trainer):
+    """nerfstudio's trainer, telling the datamanager where the run's seed-point cache lives before it seeds."""
+
+    def setup(self, test_mode="val") -> None:
+        datamanager = self.config.pipeline.datamanager
+        if hasattr(datamanager, "seed_cache_dirs"):
+            # a new cache goes into this run's folder; a resumed run (--load-dir) also finds its source run's
+            dirs = [self.base_dir]
+            if self.config.load_dir is not None:
+                dirs.append(Path(self.config.load_dir).parent)
+            datamanager.seed_cache_dirs = tuple(dirs)
+        super().setup(test_mode=test_mode)
+
+
 def gsloc_trainer_config(max_iterations: int = DEFAULT_ITERATIONS) -> TrainerConfig:
     """The `gsloc` training schedule for ``max_iterations`` steps (learning-rate decay follows it)."""
     return TrainerConfig(
+        _target=GSLocTrainer,
         method_name="gsloc",
         steps_per_eval_image=250,
         steps_per_eval_batch=0,
@@ -36,8 +59,7 @@ def gsloc_trainer_config(max_iterations: int = DEFAULT_ITERATIONS) -> TrainerCon
         max_num_iterations=max_iterations,
         mixed_precision=False,
         pipeline=VanillaPipelineConfig(
-            datamanager=FullImageDatamanagerConfig(
-                _target=FullImageDatamanager[GSLocDataset],
+            datamanager=GSLocDatamanagerConfig(
                 dataparser=GSLocDataParserConfig(load_3D_points=True),
                 cache_images_type="uint8",
             ),

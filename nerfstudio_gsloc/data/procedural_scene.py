@@ -826,6 +826,33 @@ def dataset_poses(scene: ProceduralScene, num_views: int) -> np.ndarray:
     return np.stack(poses)
 
 
+def forward_facing_poses(scene: ProceduralScene, num_views: int) -> np.ndarray:
+    """A forward-facing capture (LLFF-style): cameras on a small vertical rectangle near the +x wall, all looking
+    towards -x at the objects and the far wall, optical axes within a few degrees of each other.
+
+    Frames go row by row (serpentine) so that evenly spaced eval frames lie between training neighbours.
+
+    Returns:
+        ``[num_views, 4, 4]`` OpenGL camera-to-world poses (metres).
+    """
+    rng = np.random.default_rng([scene.seed, 13])
+    cols = max(2, int(math.ceil(math.sqrt(num_views * 1.5))))
+    rows = int(math.ceil(num_views / cols))
+    poses = []
+    for i in range(num_views):
+        row, col = divmod(i, cols)
+        col = col if row % 2 == 0 else cols - 1 - col
+        y = -0.6 + 1.2 * (col + 0.5) / cols + rng.uniform(-0.03, 0.03)
+        z = 1.05 + 0.45 * (row + 0.5) / rows + rng.uniform(-0.03, 0.03)
+        position = np.array([scene.room_max[0] - 0.6, y, z])
+        # all cameras look at points of the far wall near its centre: nearly parallel axes
+        target = np.array([scene.room_min[0], 0.3 * y + rng.uniform(-0.1, 0.1), 0.9 + 0.3 * (z - 1.3)])
+        if not camera_is_valid(scene, position, clearance=0.15):
+            raise RuntimeError(f"forward-facing camera {i} collides with the scene (generator bug)")
+        poses.append(look_at_opengl(position, target - position))
+    return np.stack(poses)
+
+
 def query_poses(scene: ProceduralScene, num_views: int, seed: int) -> np.ndarray:
     """Random novel poses inside the band the dataset cameras cover (so the splat model has seen the view).
 
@@ -915,8 +942,9 @@ def _render_and_write(
     focal: float,
     description: str,
     show_progress: bool,
+    with_depth: bool = True,
 ) -> List[str]:
-    """Render ``poses [N, 4, 4]`` and write ``images/frame_XXXXX.png`` and ``depth/frame_XXXXX.png``.
+    """Render ``poses [N, 4, 4]`` and write ``images/frame_XXXXX.png`` and (``with_depth``) ``depth/frame_XXXXX.png``.
 
     Returns:
         The ``N`` frame names ``frame_XXXXX.png``.
@@ -928,7 +956,8 @@ def _render_and_write(
 
         def write(index: int, rgb: np.ndarray, depth: np.ndarray) -> None:
             Image.fromarray(rgb).save(output_dir / "images" / names[index])
-            cv2.imwrite(str(output_dir / "depth" / names[index]), depth_to_png_units(depth))
+            if with_depth:
+                cv2.imwrite(str(output_dir / "depth" / names[index]), depth_to_png_units(depth))
             progress.advance(task)
 
         render_views(scene, poses, focal, focal, width / 2.0, height / 2.0, width, height, on_view=write)
@@ -951,6 +980,8 @@ def generate_scene(
     eval_fraction: float = 1.0 / 8.0,
     hfov_deg: float = DEFAULT_HFOV_DEG,
     show_progress: bool = True,
+    layout: str = "ring",
+    with_depth: bool = True,
 ) -> Path:
     """Write the procedural room as a nerfstudio dataset.
 
@@ -965,17 +996,25 @@ def generate_scene(
         eval_fraction: fraction of frames held out for eval (evenly spaced along the trajectory).
         hfov_deg: horizontal field of view.
         show_progress: show a rich progress bar on stderr.
+        layout: ``ring`` (a loop around the objects, looking inwards: :func:`dataset_poses`) or ``forward``
+            (a forward-facing capture: :func:`forward_facing_poses`).
+        with_depth: write depth images (without them the dataset is RGB-only, like most real captures).
 
     Returns:
         Path of the written ``transforms.json``.
     """
+    if layout not in ("ring", "forward"):
+        raise GslocError(f"layout must be 'ring' or 'forward', got {layout!r}")
     if not 0.0 < eval_fraction < 1.0:
         raise GslocError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     output_dir = _validate(output_dir, num_views, width, height, hfov_deg, min_views=2)
     scene = build_scene(seed)
-    poses = dataset_poses(scene, num_views)
+    poses = dataset_poses(scene, num_views) if layout == "ring" else forward_facing_poses(scene, num_views)
     focal = focal_from_hfov(width, hfov_deg)
-    names = _render_and_write(scene, output_dir, poses, width, height, focal, f"rendering scene {seed}", show_progress)
+    names = _render_and_write(scene, output_dir, poses, width, height, focal, f"rendering scene {seed}", show_progress,
+                              with_depth)
+    if not with_depth and not any((output_dir / "depth").iterdir()):
+        (output_dir / "depth").rmdir()  # an RGB-only dataset has no depth folder
 
     eval_set = set(eval_indices(num_views, eval_fraction).tolist())
     train = [f"images/{n}" for i, n in enumerate(names) if i not in eval_set]
@@ -993,7 +1032,8 @@ def generate_scene(
         "p1": 0.0,
         "p2": 0.0,
         "frames": [
-            {"file_path": f"images/{n}", "depth_file_path": f"depth/{n}", "transform_matrix": pose.tolist()}
+            {"file_path": f"images/{n}", **({"depth_file_path": f"depth/{n}"} if with_depth else {}),
+             "transform_matrix": pose.tolist()}
             for n, pose in zip(names, poses)
         ],
         "train_filenames": train,

@@ -4,6 +4,7 @@ Examples::
 
     gsloc-make-scene --output-dir data/gsloc_room                     # the default scene (80 views, 128x96)
     gsloc-make-scene --output-dir data/gsloc_queries --queries --seed 1 --num-views 10 --width 160 --height 120
+    gsloc-make-scene --output-dir data/gsloc_forward --layout forward --no-depth   # RGB-only forward-facing capture
 
 With ``--queries`` it writes novel views (poses not in the dataset) of scene ``--scene-seed`` in the dataset's
 original frame; ``--seed`` then picks the query poses.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 from rich.console import Console
@@ -43,6 +45,10 @@ class MakeScene:
     """Write a query set (novel views of scene --scene-seed) instead of a dataset."""
     scene_seed: int = 0
     """With --queries: the scene the query views show (the dataset's --seed)."""
+    layout: Literal["ring", "forward"] = "ring"
+    """Dataset cameras: a loop around the objects looking inwards, or a forward-facing capture (ignored with --queries)."""
+    depth: bool = True
+    """Write depth images (--no-depth: an RGB-only dataset, trained from triangulated seed points; ignored with --queries)."""
 
     def main(self) -> Path:
         """Generate the files and print where they are."""
@@ -66,6 +72,8 @@ class MakeScene:
                 height=self.height,
                 eval_fraction=self.eval_fraction,
                 hfov_deg=self.hfov_deg,
+                layout=self.layout,
+                with_depth=self.depth,
             )
             what = f"scene {self.seed} with {self.num_views} views"
         Console().print(f"[bold green]wrote[/bold green] {what}: {path}", highlight=False)

@@ -290,6 +290,12 @@ def test_cli_writes_dataset_and_reports_errors(tmp_path: Path, monkeypatch, caps
     make_scene.entrypoint()
     assert len(json.loads((out / "transforms.json").read_text())["frames"]) == 3
 
+    forward = tmp_path / "forward"
+    monkeypatch.setattr(sys, "argv", [*argv[:2], str(forward), *argv[3:], "--layout", "forward", "--no-depth"])
+    make_scene.entrypoint()
+    frames = json.loads((forward / "transforms.json").read_text())["frames"]
+    assert len(frames) == 3 and all("depth_file_path" not in f for f in frames) and not (forward / "depth").exists()
+
     monkeypatch.setattr(sys, "argv", argv + ["--queries", "--scene-seed", "2"])
     make_scene.entrypoint()
     assert json.loads((out / "transforms.json").read_text())["gsloc_scene"]["scene_seed"] == 2
