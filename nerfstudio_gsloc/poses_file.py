@@ -1,4 +1,4 @@
-"""``poses.json``: the localization results file that ``ns-localize`` and ``gsloc-bench`` write and ``gsloc-view`` reads.
+"""``poses.json``: the localization results that ``ns-localize`` and ``gsloc-bench`` write and ``gsloc-view`` reads.
 
 Schema (``version`` 2)::
 
@@ -321,7 +321,8 @@ def read_poses(path: Path) -> PosesDocument:
         raise GslocError(f"{path} is not a poses.json (needs 'results' and 'frame')")
     version = document.get("version", 1)
     if not isinstance(version, int) or not 1 <= version <= POSES_VERSION:
-        raise GslocError(f"{path}: poses.json version {version!r} is not supported (this program reads 1 to {POSES_VERSION})")
+        raise GslocError(f"{path}: poses.json version {version!r} is not supported (this program reads 1 to "
+                         f"{POSES_VERSION})")
     if version >= 2 and document.get("format") != POSES_FORMAT:
         raise GslocError(f"{path}: format is {document.get('format')!r}, expected {POSES_FORMAT!r}")
     try:

@@ -27,7 +27,6 @@ from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.presets import load_dataclass_preset
 from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
 from nerfstudio_gsloc.localize.optimizer import (
     LossConfig,
@@ -38,6 +37,8 @@ from nerfstudio_gsloc.localize.optimizer import (
     build_stages,
 )
 from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.presets import load_dataclass_preset
+
 
 @dataclass
 class PoseInversionConfig(InstantiateConfig):

@@ -56,8 +56,8 @@ from nerfstudio_gsloc.evaluation.protocols import (
     load_protocol,
     protocol_from_dict,
 )
-from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.files import atomic_write_text
+from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.poses_file import QuerySource
