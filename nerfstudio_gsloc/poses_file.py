@@ -217,6 +217,16 @@ class PosesDocument:
         }
 
 
+def pose_to_original(frame: FrameTransform, c2w_scene: Optional[Tensor]) -> Optional[Tensor]:
+    """A localizer's scene-frame OpenGL c2w ``[3|4, 4]`` -> the record's original-frame ``[4, 4]`` float64.
+
+    ``None`` (no pose) for ``None`` or a non-finite pose, e.g. the last iterate of a diverged query.
+    """
+    if c2w_scene is None or not bool(torch.isfinite(c2w_scene).all()):
+        return None
+    return to_homogeneous(frame.to_original(c2w_scene.detach().cpu().double()[None])[0])
+
+
 def _order(record: PoseRecord) -> Tuple[str, int, int]:
     return (record.method, record.index, -1 if record.trial is None else record.trial)
 

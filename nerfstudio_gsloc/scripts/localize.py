@@ -51,7 +51,15 @@ from nerfstudio_gsloc.localize.optimizer import TRACE_FIELDS, QueryResult
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, threshold_key
-from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, read_poses, summarize_records, write_poses
+from nerfstudio_gsloc.poses_file import (
+    PoseRecord,
+    PosesDocument,
+    QuerySource,
+    pose_to_original,
+    read_poses,
+    summarize_records,
+    write_poses,
+)
 
 CONSOLE = Console()
 POSES_FILE = "poses.json"
@@ -136,11 +144,6 @@ def _load_previous(output_dir: Path, queries: QuerySource, settings: Dict[str, A
 
 def _record(result: QueryResult, query: Query, frame: FrameTransform) -> PoseRecord:
     """One poses.json record (poses in the original frame)."""
-
-    def original(c2w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        # A failed query may end with a non-finite pose: no pose.
-        return None if c2w is None or not bool(torch.isfinite(c2w).all()) else frame.to_original(c2w[None].double())[0]
-
     return PoseRecord(
         image=query.name,
         image_path=Path(query.image_path),
@@ -148,9 +151,9 @@ def _record(result: QueryResult, query: Query, frame: FrameTransform) -> PoseRec
         method="gsloc",
         status=result.status,
         reason=result.reason,
-        c2w=original(result.c2w),
-        c2w_init=original(result.c2w_init),
-        c2w_gt=original(query.gt_c2w),
+        c2w=pose_to_original(frame, result.c2w),
+        c2w_init=pose_to_original(frame, result.c2w_init),
+        c2w_gt=pose_to_original(frame, query.gt_c2w),
         loss=result.loss,
         iterations=result.iterations,
         inliers=result.match_inliers,
