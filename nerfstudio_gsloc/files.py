@@ -16,7 +16,7 @@ from typing import Iterator, Union
 
 @contextmanager
 def atomic_output(path: Union[str, Path]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on a clean exit it replaces ``path`` (``os.replace``), else it is removed.
+    """Yield a temporary path beside ``path``; a clean exit moves it onto ``path`` (``os.replace``), an error removes it.
 
     The temporary file already exists (empty, normal permissions) and keeps ``path``'s suffix, so writers that
     infer the format from the name (e.g. matplotlib's ``savefig``) work unchanged. The parent folder is created.

@@ -133,7 +133,8 @@ def success_rates(
 ) -> Dict[str, float]:
     """Fraction of queries within each (rotation, translation) threshold pair.
 
-    A query succeeds at ``(deg, dist)`` when ``rot_deg <= deg and trans <= dist`` (inclusive); non-finite errors fail; compared in float64.
+    A query succeeds at ``(deg, dist)`` when ``rot_deg <= deg and trans <= dist`` (inclusive, compared in float64);
+    non-finite errors fail.
 
     Args:
         rot_deg: ``[B]`` rotation errors in degrees.

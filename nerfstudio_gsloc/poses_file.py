@@ -1,4 +1,4 @@
-"""``poses.json``: the localization results file that ``ns-localize`` and ``gsloc-bench`` write and ``gsloc-view`` reads.
+"""``poses.json``: the localization results that ``ns-localize`` and ``gsloc-bench`` write and ``gsloc-view`` reads.
 
 Schema (``version`` 2)::
 
@@ -217,6 +217,16 @@ class PosesDocument:
         }
 
 
+def pose_to_original(frame: FrameTransform, c2w_scene: Optional[Tensor]) -> Optional[Tensor]:
+    """A localizer's scene-frame OpenGL c2w ``[3|4, 4]`` -> the record's original-frame ``[4, 4]`` float64.
+
+    ``None`` (no pose) for ``None`` or a non-finite pose, e.g. the last iterate of a diverged query.
+    """
+    if c2w_scene is None or not bool(torch.isfinite(c2w_scene).all()):
+        return None
+    return to_homogeneous(frame.to_original(c2w_scene.detach().cpu().double()[None])[0])
+
+
 def _order(record: PoseRecord) -> Tuple[str, int, int]:
     return (record.method, record.index, -1 if record.trial is None else record.trial)
 
@@ -321,7 +331,8 @@ def read_poses(path: Path) -> PosesDocument:
         raise GslocError(f"{path} is not a poses.json (needs 'results' and 'frame')")
     version = document.get("version", 1)
     if not isinstance(version, int) or not 1 <= version <= POSES_VERSION:
-        raise GslocError(f"{path}: poses.json version {version!r} is not supported (this program reads 1 to {POSES_VERSION})")
+        raise GslocError(f"{path}: poses.json version {version!r} is not supported (this program reads 1 to "
+                         f"{POSES_VERSION})")
     if version >= 2 and document.get("format") != POSES_FORMAT:
         raise GslocError(f"{path}: format is {document.get('format')!r}, expected {POSES_FORMAT!r}")
     try:

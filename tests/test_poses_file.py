@@ -20,6 +20,7 @@ from nerfstudio_gsloc.poses_file import (
     PoseRecord,
     PosesDocument,
     QuerySource,
+    pose_to_original,
     read_poses,
     summarize_records,
     write_poses,
@@ -89,6 +90,15 @@ def test_errors_and_summary_use_scene_units_and_count_failures(tmp_path):
     assert math.isinf(summary["rot_deg_mean"]) and math.isinf(summary["rot_deg_median"])
     assert summary["success_rates"]["5deg_0.05"] == 0.5
     assert summarize_records(records[2:], FRAME.scale) is None
+
+
+def test_scene_poses_become_original_frame_records():
+    scene = FRAME.to_scene(GT).float()  # [3, 4] float32, as a localizer returns it
+    original = pose_to_original(FRAME, scene)
+    assert original.shape == (4, 4) and original.dtype == torch.float64
+    torch.testing.assert_close(original, GT, atol=1e-5, rtol=0)
+    assert pose_to_original(FRAME, None) is None
+    assert pose_to_original(FRAME, torch.full((3, 4), float("nan"))) is None  # a diverged query: no pose
 
 
 def test_version_1_file_of_the_earlier_ns_localize_loads(tmp_path):

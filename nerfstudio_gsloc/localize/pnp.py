@@ -16,7 +16,8 @@ What a user would pick instead of pose refinement through a Gaussian scene (hloc
    on the inliers (:func:`~nerfstudio_gsloc.localize.matching.pnp_ransac`, OpenCV; pycolmap is not installable
    here).
 
-It never reads the query's ground truth. Keypoints are ``(x, y)`` with pixel centres at ``+0.5`` (the
+The method never uses the query's ground truth (it only reports errors against it). RANSAC is seeded per query
+with ``seed + query.index``, like gsloc's matching rounds. Keypoints are ``(x, y)`` with pixel centres at ``+0.5`` (the
 project's convention, see :mod:`nerfstudio_gsloc.localize.matching`).
 """
 

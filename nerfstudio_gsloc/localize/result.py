@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-import torch
 from torch import Tensor
 
 from nerfstudio_gsloc.camera_conventions import FrameTransform
@@ -24,7 +23,7 @@ from nerfstudio_gsloc.metrics import (  # noqa: F401  (re-exported: the statuses
     STATUS_REJECTED,
     is_failure,
 )
-from nerfstudio_gsloc.poses_file import PoseRecord
+from nerfstudio_gsloc.poses_file import PoseRecord, pose_to_original
 
 if TYPE_CHECKING:
     from nerfstudio_gsloc.localize.queries import Query
@@ -95,9 +94,8 @@ def pose_record(result: LocalizationResult, query: "Query", frame: FrameTransfor
     A non-finite pose becomes "no pose"; a ``skipped`` result is written as a failure without a pose (the method
     produced nothing for that query). ``trial`` is the benchmark trial id (``None`` for ``ns-localize``).
     """
-
     def original(c2w: Optional[Tensor]) -> Optional[Tensor]:
-        return None if c2w is None or not bool(torch.isfinite(c2w).all()) else frame.to_original(c2w[None].double())[0]
+        return pose_to_original(frame, c2w)
 
     return PoseRecord(
         image=query.name, image_path=Path(query.image_path), index=query.index, method=method, trial=trial,

@@ -56,8 +56,8 @@ from nerfstudio_gsloc.evaluation.protocols import (
     load_protocol,
     protocol_from_dict,
 )
-from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.files import atomic_write_text
+from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.pnp import training_camera_poses
 from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, check_methods, make_localizer
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record

@@ -60,7 +60,14 @@ from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_tra
 from nerfstudio_gsloc.localize.registry import LocalizerSettings, SingleLossBudget, check_methods, make_localizer
 from nerfstudio_gsloc.localize.result import TRACE_FIELDS, LocalizationResult, pose_record
 from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, threshold_key
-from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, read_poses, summarize_records, write_poses
+from nerfstudio_gsloc.poses_file import (
+    PoseRecord,
+    PosesDocument,
+    QuerySource,
+    read_poses,
+    summarize_records,
+    write_poses,
+)
 
 CONSOLE = Console()
 POSES_FILE = "poses.json"
