@@ -243,3 +243,19 @@ def test_pixels_without_a_source_are_masked_out_and_lose_their_depth():
     assert (view.image[view.valid] == 255).all()  # valid pixels never blend in the black border
     fisheye = undistort_view(white, K, np.array([0.3, 0.1, -0.05, 0.01, 0.0, 0.0]), fisheye=True)
     assert fisheye.image.shape == white.shape and fisheye.mask.shape == (30, 40)  # fisheye: same size, no crop
+
+
+@pytest.mark.parametrize("fisheye, params", [(False, [-0.2, 0.05, 0.01, 0.0, 0.002, -0.001]), (True, [0.2, -0.05, 0.02, -0.01, 0.0, 0.0])])
+def test_depth_and_mask_follow_the_same_pixel_map_as_nerfstudios_image_remap(fisheye, params):
+    """An image holding each pixel's own column/row (bilinear, nerfstudio) and depth/mask holding them too
+    (nearest, ours) agree to within half a pixel everywhere valid: the same mapping moves all of them."""
+    height, width = 30, 40
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    coords = np.stack([cols, rows, np.zeros_like(cols)], axis=-1)
+    K = np.array([[30.0, 0.0, 20.3], [0.0, 31.0, 14.8], [0.0, 0.0, 1.0]])
+    view = undistort_view(coords, K, np.array(params), fisheye, mask=(cols % 2 == 0), depth=cols + 1.0)
+    valid = view.valid
+    assert valid.mean() > 0.95 and not np.allclose(view.image[..., 0], np.mgrid[0:view.image.shape[0], 0:view.image.shape[1]][1])
+    assert np.abs(view.image[..., 0][valid] - (view.depth[valid] - 1.0)).max() <= 0.5 + 1e-3
+    # The mask keeps even source columns: exactly where the nearest depth says the column is even.
+    assert np.array_equal(view.mask, valid & ((view.depth - 1.0).round().astype(int) % 2 == 0))
