@@ -175,8 +175,8 @@ class GSLocDatamanager(FullImageDatamanager[GSLocDataset]):
                 _save(sparse, self.config.seed_cache_dirs)
             s = sparse.stats
             CONSOLE.log(
-                f"gsloc: triangulated {s['points']:,} seed points (mean track length {s['mean_track_length']:.2f}, "
-                f"mean reprojection error {s['mean_reproj_error_px']:.2f} px, {s['seconds']:.1f} s)"
+                f"gsloc: {s['points']:,} triangulated seed points (mean track length {s['mean_track_length']:.2f}, "
+                f"mean reprojection error {s['mean_reproj_error_px']:.2f} px, built in {s['seconds']:.1f} s)"
             )
             if len(sparse) >= self.config.min_triangulated_points:
                 return sparse.xyz, sparse.rgb
