@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nerfstudio_gsloc.evaluation.pose_errors import rotation_error_deg, translation_error
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.initialization import initial_poses
 from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
 from nerfstudio_gsloc.localize.queries import FrameTransform, load_eval_queries, load_transforms_queries
