@@ -32,6 +32,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
 from nerfstudio_gsloc.data.depth import GSLocDataset, backproject_depth_points
 from nerfstudio_gsloc.data.triangulation import SparseMap, TriangulationSettings, triangulate_views
+from nerfstudio_gsloc.files import atomic_output, atomic_write_text
 
 SEED_FILE = "seed_points.npz"
 SEED_REPORT = "seed_points.json"
@@ -210,5 +211,6 @@ def _save(sparse: SparseMap, dirs) -> None:
         return
     folder = Path(dirs[0])
     folder.mkdir(parents=True, exist_ok=True)
-    sparse.save(folder / SEED_FILE)
-    (folder / SEED_REPORT).write_text(json.dumps(sparse.stats, indent=2) + "\n")
+    with atomic_output(folder / SEED_FILE) as tmp:  # an interrupted run leaves no half-written cache
+        sparse.save(tmp)
+    atomic_write_text(folder / SEED_REPORT, json.dumps(sparse.stats, indent=2) + "\n")

@@ -18,19 +18,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import kornia
 import torch
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.localize.features import Features, SiftFeatures
-from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
+from nerfstudio_gsloc.localize.localizer import LocalizerConfig, OptimizingLocalizer
 from nerfstudio_gsloc.localize.matching import LoftrMatcher, MatcherConfig, resize_image
 from nerfstudio_gsloc.localize.objective import LossConfig, LossTerms
 from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
-from nerfstudio_gsloc.localize.queries import Query
-from nerfstudio_gsloc.localize.result import LocalizationResult
 from nerfstudio_gsloc.localize.schedule import OptimConfig, ScheduleConfig, Stage
 from nerfstudio_gsloc.localize.state import BatchState
 from nerfstudio_gsloc.rendering import RenderedViews
@@ -184,7 +182,7 @@ class IComMaObjective:
                          score=compare, converging=converging)
 
 
-class IComMaLocalizer(Localizer):
+class IComMaLocalizer(OptimizingLocalizer):
     """``icomma`` behind the common interface (see the module docstring)."""
 
     def __init__(self, config: IComMaConfig, model: nn.Module, pipeline: Any = None, seed: int = 0) -> None:
@@ -207,11 +205,3 @@ class IComMaLocalizer(Localizer):
             "matching never switched off" if s.switched_off_at is None else f"matching switched off at iteration {s.switched_off_at}"
             for s in batch.states
         ]
-
-    @property
-    def max_iterations(self) -> int:
-        return self.optimizer.max_iterations
-
-    def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
-                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback) -> None:
-        self.optimizer.run(queries, initial_c2w, on_result=on_result, on_step=on_step)

@@ -14,13 +14,16 @@ the methods are listed in :mod:`nerfstudio_gsloc.localize.registry`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Type
 
 from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.result import STATUS_SKIPPED, LocalizationResult
+
+if TYPE_CHECKING:
+    from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
 
 ResultCallback = Optional[Callable[[int, LocalizationResult], None]]
 """Called with ``(position in the input, result)`` as soon as a query is finished (e.g. to save it)."""
@@ -114,3 +117,23 @@ class Localizer:
                   on_step: StepCallback) -> None:
         """The method itself: call ``on_result(k, result)`` for every query ``k`` (subclasses implement it)."""
         raise NotImplementedError
+
+
+class OptimizingLocalizer(Localizer):
+    """A localizer whose work is one run of the shared optimisation loop.
+
+    Subclasses (gsloc/photometric/depth, icomma) build ``self.optimizer``, a
+    :class:`~nerfstudio_gsloc.localize.optimizer.PoseOptimizer`, in ``__init__``; they differ only in its
+    objective and schedule.
+    """
+
+    optimizer: "PoseOptimizer"
+
+    @property
+    def max_iterations(self) -> int:
+        """Largest number of steps one query can take."""
+        return self.optimizer.max_iterations
+
+    def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
+                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback) -> None:
+        self.optimizer.run(queries, initial_c2w, on_result=on_result, on_step=on_step)

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Type, Union
+from typing import Any, Optional, Type, Union
 
-from torch import Tensor, nn
+from torch import nn
 
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
+from nerfstudio_gsloc.localize.localizer import LocalizerConfig, OptimizingLocalizer
 from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
-from nerfstudio_gsloc.localize.queries import Query
-from nerfstudio_gsloc.localize.result import LocalizationResult
 from nerfstudio_gsloc.localize.schedule import OptimConfig, ScheduleConfig, build_stages
 from nerfstudio_gsloc.presets import load_dataclass_preset
 
@@ -52,7 +50,7 @@ class PoseInversionConfig(LocalizerConfig):
     """Adam learning rates, decay, stopping tolerances, batching and divergence guards."""
 
 
-class PoseInversion(Localizer):
+class PoseInversion(OptimizingLocalizer):
     """Localizes queries against a splatfacto-style model with :class:`PoseOptimizer`.
 
     Args:
@@ -86,15 +84,6 @@ class PoseInversion(Localizer):
         except ValueError as err:
             raise GslocError(f"invalid localization schedule: {err}") from None
         return make_matcher(config.matcher) if any(stage.matching_weight > 0 for stage in stages) else None
-
-    @property
-    def max_iterations(self) -> int:
-        """Largest number of steps one query can take."""
-        return self.optimizer.max_iterations
-
-    def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
-                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback) -> None:
-        self.optimizer.run(queries, initial_c2w, on_result=on_result, on_step=on_step)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -280,7 +280,6 @@ class PnPBaseline:
             points.double(), kpts_query.double(), K.double(), reproj_px=cfg.reproj_px, min_inliers=cfg.min_inliers,
             iterations=cfg.ransac_iterations, confidence=cfg.ransac_confidence,
         )
-        seconds = time.perf_counter() - started
         if result.c2w is None:
             return PnPOutcome(None, f"RANSAC PnP found no pose with {cfg.min_inliers} inliers among {len(points)} matches",
                               len(points), 0, chosen, time.perf_counter() - started)
