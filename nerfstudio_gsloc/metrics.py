@@ -198,3 +198,29 @@ def summarize(
         "seconds_median": optional(seconds, np.median),
         "iterations_median": optional(iterations, np.median),
     }
+
+
+#: The success threshold the confidence is judged against (precision and recall of accepted poses).
+CONFIDENCE_THRESHOLD_KEY: Tuple[float, float] = (5.0, 0.05)
+
+
+def precision_recall(rot_deg: Any, trans: Any, accepted: Any, success: Tuple[float, float] = CONFIDENCE_THRESHOLD_KEY
+                     ) -> Tuple[float, float]:
+    """Precision and recall of the accepted poses against a success threshold.
+
+    Args:
+        rot_deg, trans: ``[B]`` errors of each result's pose whatever its status (``None``/NaN: no pose).
+        accepted: ``[B]`` bools, the result was accepted (a pose, and neither failed nor rejected).
+        success: ``(deg, dist)`` threshold of a correct pose.
+
+    Returns:
+        ``(precision, recall)``: of the accepted poses, the share that is correct; of the correct poses, the share
+        accepted (NaN when the denominator is empty).
+    """
+    rot, tr = _as_array(rot_deg), _as_array(trans)
+    acc = np.asarray(accepted, dtype=bool).reshape(-1)
+    with np.errstate(invalid="ignore"):
+        correct = np.isfinite(rot) & np.isfinite(tr) & (rot <= success[0]) & (tr <= success[1])
+    precision = float(np.mean(correct[acc])) if acc.any() else math.nan
+    recall = float(np.mean(acc[correct])) if correct.any() else math.nan
+    return precision, recall

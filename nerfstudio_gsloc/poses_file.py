@@ -61,7 +61,7 @@ from torch import Tensor
 from nerfstudio_gsloc.camera_conventions import FrameTransform, to_homogeneous
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.files import atomic_write_text
-from nerfstudio_gsloc.metrics import is_failure, rotation_error_deg, summarize, translation_error
+from nerfstudio_gsloc.metrics import is_failure, precision_recall, rotation_error_deg, summarize, translation_error
 
 POSES_FORMAT = "gsloc-poses"
 POSES_VERSION = 2
@@ -369,10 +369,14 @@ def summarize_records(records: Sequence[PoseRecord], scale: float) -> Optional[D
     if not with_gt:
         return None
     errors = [r.errors(scale) for r in with_gt]
-    return summarize(
+    summary = summarize(
         [e[0] for e in errors],
         [e[1] for e in errors],
         failed=[r.failed for r in with_gt],
         seconds=[r.seconds for r in with_gt],
         iterations=[r.iterations for r in with_gt],
     )
+    # The confidence's precision and recall at (5 deg, 0.05), over every pose (rejected ones included).
+    summary["precision"], summary["recall"] = precision_recall(
+        [e[0] for e in errors], [e[1] for e in errors], [not r.failed for r in with_gt])
+    return summary

@@ -27,12 +27,13 @@ import torch
 from rich.table import Table
 
 from nerfstudio_gsloc.files import atomic_output, atomic_write_text
-from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, failure_errors, summarize, threshold_key
+from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, failure_errors, precision_recall, summarize, threshold_key
 
 #: Columns of results.csv, in order.
 CSV_FIELDS = (
     "method", "trials", "failed", "success_1deg_0.01", "success_2deg_0.02", "success_5deg_0.05",
-    "rot_median_deg", "rot_mean_deg", "trans_median", "trans_mean", "seconds_median", "iterations_median",
+    "rot_median_deg", "rot_mean_deg", "trans_median", "trans_mean", "precision", "recall", "seconds_median",
+    "iterations_median",
 )
 #: The threshold the success-vs-angle plot uses.
 PLOT_THRESHOLD = SUCCESS_THRESHOLDS[-1]
@@ -40,7 +41,9 @@ PLOT_THRESHOLD = SUCCESS_THRESHOLDS[-1]
 SUMMARY_NOTE = (
     "Success at (deg, dist): rotation error <= deg and translation error <= dist (scene units). A failed trial is a "
     "failure with infinite error in the success rates, means and medians (`inf`: at least one failure in a mean, "
-    "more than half failed in a median), as in ns-localize's metrics.json."
+    "more than half failed in a median), as in ns-localize's metrics.json. A `rejected` trial (confidence under the "
+    "threshold) is a failure too; `prec` is the share of accepted poses within (5°, 0.05), `recall` the share of "
+    "poses within (5°, 0.05) that were accepted."
 )
 
 
@@ -64,6 +67,7 @@ class TrialRecord:
     reason: str
     failed: bool
     skipped: bool
+    confidence: Optional[float] = None
 
     def to_json(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -107,6 +111,10 @@ def summarize_method(method: str, records: Sequence[TrialRecord]) -> Dict[str, A
     row.update(rot_median_deg=summary["rot_deg_median"], rot_mean_deg=summary["rot_deg_mean"],
                trans_median=summary["trans_median"], trans_mean=summary["trans_mean"],
                seconds_median=summary["seconds_median"], iterations_median=summary["iterations_median"])
+    # The confidence's precision and recall at (5 deg, 0.05): errors of every pose, rejected ones included.
+    precision, recall = precision_recall([r.final_rot_deg for r in used], [r.final_trans for r in used],
+                                         [not r.failed for r in used])
+    row.update(precision=precision, recall=recall)
     return row
 
 
@@ -141,6 +149,8 @@ TABLE_COLUMNS = (
     ("rot mean °", "rot_mean_deg", "deg"),
     ("trans med", "trans_median", "dist"),
     ("trans mean", "trans_mean", "dist"),
+    ("prec", "precision", "pct"),
+    ("recall", "recall", "pct"),
     ("s/query med", "seconds_median", "sec"),
     ("iters med", "iterations_median", "int"),
 )
@@ -379,6 +389,49 @@ def plot_error_cdf(path: Path, records: Sequence[TrialRecord], methods: Sequence
     axes[0].legend()
     if title:
         fig.suptitle(textwrap.fill(title, 140), fontsize=8)
+    fig.tight_layout()
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_precision_recall(path: Path, records: Sequence[TrialRecord], methods: Sequence[str], title: str = "",
+                          default_threshold: Optional[float] = None) -> None:
+    """precision_recall.png: precision and recall of the accepted poses at (5 deg, 0.05) as the confidence
+    threshold sweeps ``[0, 1]`` (methods without a confidence are left out); the default threshold is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    thresholds = np.linspace(0.0, 1.0, 101)
+    for method in methods:
+        mine = [r for r in records if not r.skipped and r.method == method and r.confidence is not None]
+        if not mine:
+            continue
+        rot = [r.final_rot_deg for r in mine]
+        trans = [r.final_trans for r in mine]
+        # A pose a method itself failed has no confidence to threshold (rejected ones do).
+        has_pose = np.array([r.status != "failed" for r in mine])
+        conf = np.array([r.confidence for r in mine], dtype=np.float64)
+        curve = np.array([precision_recall(rot, trans, has_pose & (conf >= t)) for t in thresholds])
+        axes[0].plot(thresholds, curve[:, 0], label=f"{method} precision")
+        axes[0].plot(thresholds, curve[:, 1], ls="--", label=f"{method} recall")
+        axes[1].plot(curve[:, 1], curve[:, 0], marker=".", ms=3, label=method)
+    axes[0].set_xlabel("confidence threshold")
+    axes[0].set_ylabel("share")
+    axes[1].set_xlabel("recall")
+    axes[1].set_ylabel("precision")
+    for ax in axes:
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if default_threshold is not None:
+        axes[0].axvline(default_threshold, color="grey", lw=0.6, ls="--")
+    fig.suptitle(textwrap.fill((title + " " if title else "") + "(correct: within 5 deg and 0.05 units)", 140), fontsize=8)
     fig.tight_layout()
     try:
         with atomic_output(path) as tmp:

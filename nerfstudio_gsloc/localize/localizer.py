@@ -24,6 +24,7 @@ from nerfstudio_gsloc.localize.result import STATUS_SKIPPED, LocalizationResult
 
 if TYPE_CHECKING:
     from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
+    from nerfstudio_gsloc.localize.verification import PoseVerifier
 
 ResultCallback = Optional[Callable[[int, LocalizationResult], None]]
 """Called with ``(position in the input, result)`` as soon as a query is finished (e.g. to save it)."""
@@ -50,6 +51,8 @@ class Localizer:
 
     Attributes:
         notes: facts a method reports about its run (e.g. the time to build a map), for benchmark metadata.
+        verifier: the ground-truth-free check that gives every result its confidence and rejects doubtful poses
+            (set by :func:`~nerfstudio_gsloc.localize.registry.make_localizer`; ``None``: no confidence).
     """
 
     #: Queries without depth get status ``skipped`` when this is set (depth-only methods).
@@ -61,6 +64,7 @@ class Localizer:
         self.pipeline = pipeline
         self.seed = int(seed)
         self.notes: Dict[str, object] = {}
+        self.verifier: Optional["PoseVerifier"] = None
 
     @property
     def max_iterations(self) -> int:
@@ -93,6 +97,8 @@ class Localizer:
         if len(queries) != len(initial_c2w):
             raise ValueError(f"{len(queries)} queries but {len(initial_c2w)} initial poses")
         results: List[Optional[LocalizationResult]] = [None] * len(queries)
+        if self.verifier is not None:
+            self.verifier.forget()
         todo = []
         for p, (query, c2w) in enumerate(zip(queries, initial_c2w)):
             if self.needs_depth and query.depth is None:
@@ -105,6 +111,8 @@ class Localizer:
                 todo.append(p)
 
         def forward(k: int, result: LocalizationResult) -> None:
+            if self.verifier is not None:
+                result = self.verifier.review(queries[todo[k]], result)
             results[todo[k]] = result
             if on_result is not None:
                 on_result(todo[k], result)

@@ -148,6 +148,7 @@ class MatchingTerm:
                         if stage.pnp_jump and self.jump_allowed(batch, i, pnp.c2w.to(batch.device)):
                             batch.rebase(i, pnp.c2w.to(batch.device), stage)
                             event = "search_jump" if event == "search" else "pnp_jump"
+                            state.candidates.append((f"render PnP {len(state.candidates) + 1}", pnp.c2w.detach().cpu()))
                     else:
                         state.inliers = int(points.shape[0])
                     state.matches = MatchState(points, kq, state.inliers)

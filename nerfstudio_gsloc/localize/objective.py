@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from nerfstudio_gsloc.localize.losses import depth_loss, photometric_loss
+from nerfstudio_gsloc.localize.losses import depth_loss, photometric_loss, reprojection_loss
 from nerfstudio_gsloc.rendering import RenderedViews
 
 if TYPE_CHECKING:  # only for annotations: the state and schedule modules import this one
@@ -44,6 +44,10 @@ class LossConfig:
     """Weight of the reprojection term (its stage weights scale it further)."""
     huber_delta_px: float = 2.0
     """Huber threshold of the reprojection loss, full-resolution pixels."""
+    anchor_weight: float = 0.01
+    """Weight of the anchor in refinement stages: the Huber reprojection error of the map's PnP inliers (query
+    keypoints matched to training photos), for queries that start at that PnP pose. It keeps the photometric
+    refinement within the geometric consensus where the model's photometric optimum is off."""
     depth: bool = True
     """L1 depth + Sobel depth-edge loss, for queries that have depth."""
     depth_weight: float = 0.1
@@ -61,7 +65,8 @@ class LossTerms:
 
     Attributes:
         total: ``[n]`` loss to descend (differentiable w.r.t. the poses).
-        matching, photometric, depth: ``[n]`` unweighted parts, for the trace (zeros when a term is off).
+        matching, photometric, depth: ``[n]`` unweighted parts, for the trace (zeros when a term is off;
+            ``matching`` includes the anchor's reprojection error).
         counts: matches used per query position in the batch (for the trace).
         coverage: ``[n]`` fraction of pixels the render covers (``None`` without a render).
         score: ``[n]`` loss that ranks poses of one query for the best-pose choice (default: ``total``).
@@ -102,6 +107,9 @@ class PoseObjective:
         counts: Dict[int, int] = {i: 0 for i in ids}
         if stage.matching_weight > 0 and self.matching is not None:
             loss_match, counts = self.matching.loss(batch, ids, c2w)
+        loss_anchor = zero
+        if stage.scale is not None and cfg.anchor_weight > 0:
+            loss_anchor = anchor_loss(batch, ids, c2w, cfg.huber_delta_px)
         coverage = None
         if views is not None:
             query_rgb, masks = batch.level_images(ids, width, height)
@@ -121,5 +129,22 @@ class PoseObjective:
                     views.depth, query_depth, views.alpha, edge_weight=cfg.depth_edge_weight,
                     alpha_threshold=cfg.alpha_threshold,
                 )
-        total = stage.matching_weight * loss_match + stage.photometric_weight * loss_photo + stage.depth_weight * loss_depth
-        return LossTerms(total, loss_match, loss_photo, loss_depth, counts, coverage)
+        total = (stage.matching_weight * loss_match + cfg.anchor_weight * loss_anchor
+                 + stage.photometric_weight * loss_photo + stage.depth_weight * loss_depth)
+        # The trace's matching column holds both reprojection terms (render matches and anchor), unweighted.
+        return LossTerms(total, loss_match + loss_anchor, loss_photo, loss_depth, counts, coverage)
+
+
+def anchor_loss(batch: "BatchState", ids: List[int], c2w: Tensor, huber_delta_px: float) -> Tensor:
+    """``[n]`` mean Huber reprojection error of each query's anchor matches through ``c2w [n, 3, 4]`` (0 without)."""
+    points, kpts, index = [], [], []
+    for j, i in enumerate(ids):
+        anchor = batch.states[i].anchor
+        if anchor is not None and anchor.points_world.shape[0] > 0:
+            points.append(anchor.points_world)
+            kpts.append(anchor.kpts_query)
+            index.append(torch.full((anchor.points_world.shape[0],), j, dtype=torch.long, device=batch.device))
+    if not points:
+        return torch.zeros(len(ids), device=batch.device) + 0.0 * c2w.sum()
+    return reprojection_loss(torch.cat(points), torch.cat(kpts), torch.cat(index), c2w, batch.Ks[ids],
+                             num_queries=len(ids), huber_delta_px=huber_delta_px)

@@ -39,7 +39,7 @@ from nerfstudio_gsloc.localize.objective import LossConfig, LossTerms, PoseObjec
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.result import LocalizationResult
 from nerfstudio_gsloc.localize.schedule import INIT_STAGE, OptimConfig, ScheduleConfig, Stage, build_stages, scale_intrinsics
-from nerfstudio_gsloc.localize.state import BatchState, pose_change
+from nerfstudio_gsloc.localize.state import BatchState, MatchState, pose_change
 from nerfstudio_gsloc.rendering import RenderedViews, render_splat_model
 
 #: An objective: ``(batch, stage, ids, c2w [n, 3, 4], views or None, w, h) -> LossTerms``.
@@ -131,8 +131,12 @@ class PoseOptimizer:
         return self.model.means.device
 
     def run(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor], on_result: ResultCallback = None,
-            on_step: StepCallback = None) -> List[LocalizationResult]:
+            on_step: StepCallback = None, anchors: Optional[Sequence[Optional[MatchState]]] = None) -> List[LocalizationResult]:
         """Localize ``queries`` from ``initial_c2w`` (one ``[3, 4]`` scene-frame OpenGL camera-to-world pose each).
+
+        ``anchors`` (one per query or ``None``) are fixed 2D-3D matches whose reprojection error joins the
+        refinement objective (weight ``losses.anchor_weight``); an anchored query starts localized (it skips the
+        matching stage and the coarse levels).
 
         Returns:
             results in the order of ``queries``.
@@ -143,7 +147,8 @@ class PoseOptimizer:
         with frozen_parameters(self.model):
             for members in group_queries(queries, self.optim.batch_size):
                 color = self.losses.color_correction and self.losses.photometric
-                batch = BatchState([queries[i] for i in members], [initial_c2w[i] for i in members], self.device, color)
+                batch = BatchState([queries[i] for i in members], [initial_c2w[i] for i in members], self.device, color,
+                                   None if anchors is None else [anchors[i] for i in members])
                 for i, result in zip(members, _BatchLoop(self, batch).run(on_step)):
                     results[i] = result
                     if on_result is not None:
@@ -192,7 +197,7 @@ class _BatchLoop:
         every = max(1, sched.rematch_every)
         self.new_optimizers(stage)
         for state in self.states:
-            state.settled = False
+            state.settled = state.anchor is not None  # already at a PnP pose of the map's matches
         for start in range(0, stage.iterations, every):
             ids = [i for i in batch.active_ids() if not self.states[i].settled]
             if not ids:

@@ -21,15 +21,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Type, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Type, Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.localizer import LocalizerConfig, OptimizingLocalizer
+from nerfstudio_gsloc.localize.localizer import LocalizerConfig, OptimizingLocalizer, StepCallback
 from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
+from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.localize.result import LocalizationResult
+from nerfstudio_gsloc.localize.state import MatchState
+from nerfstudio_gsloc.localize.verification import measure_support, reprojection_errors, select_pose
 from nerfstudio_gsloc.localize.schedule import OptimConfig, ScheduleConfig, build_stages
 from nerfstudio_gsloc.presets import load_dataclass_preset
 
@@ -48,6 +53,11 @@ class PoseInversionConfig(LocalizerConfig):
     """Matching stage, PnP jumps, and the coarse-to-fine refinement pyramid."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Adam learning rates, decay, stopping tolerances, batching and divergence guards."""
+    hypotheses: bool = True
+    """With the run's training views (a verifier): start each query from the PnP pose of its map matches (query
+    matched to the training photos) when that has more geometric support than the initial pose, anchor the
+    refinement on those PnP inliers, and choose at the end between every hypothesis (initial, each PnP, refined)
+    by geometric support (:mod:`~nerfstudio_gsloc.localize.verification`)."""
 
 
 class PoseInversion(OptimizingLocalizer):
@@ -71,6 +81,53 @@ class PoseInversion(OptimizingLocalizer):
         self.needs_depth = config.losses.depth and not (config.losses.photometric or config.losses.matching)
         self.matcher = matcher if matcher is not None else self.build_matcher(config)
         self.optimizer = PoseOptimizer(model, config.losses, config.schedule, config.optim, self.matcher, seed=seed)
+
+    def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
+                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback) -> None:
+        if self.verifier is None or not self.config.hypotheses:
+            return super()._localize(queries, initial_c2w, on_result, on_step)
+        starts, anchors, hypotheses = [], [], []
+        for query, init in zip(queries, initial_c2w):
+            start, anchor, candidates = self.first_hypotheses(query, init[:3, :4].float().cpu())
+            starts.append(start)
+            anchors.append(anchor)
+            hypotheses.append(candidates)
+
+        def finish(k: int, result: LocalizationResult) -> None:
+            query = queries[k]
+            result.c2w_init = initial_c2w[k][:3, :4].float().cpu().clone()
+            if not result.failed:
+                choice = select_pose(result.c2w, hypotheses[k] + result.candidates, query.K,
+                                     self.verifier.matches(query), self.verifier.config)
+                if choice.name != "refined":
+                    result.c2w = choice.c2w
+                    result.reason = f"{choice.reason}; {result.reason}" if result.reason else choice.reason
+            on_result(k, result)
+
+        self.optimizer.run(queries, starts, on_result=finish, on_step=on_step, anchors=anchors)
+
+    def first_hypotheses(self, query: Query, init: Tensor) -> Tuple[Tensor, Optional[MatchState], List[Tuple[str, Tensor]]]:
+        """The start of one query: the PnP pose of its map matches or the initial pose, whichever has more support.
+
+        Returns:
+            ``(start [3, 4], anchor, hypotheses)``: the anchor holds the map matches supporting a PnP start
+            (``None`` when the query starts from its initial pose); ``hypotheses`` lists ``(name, pose)`` of the
+            initial and PnP poses for the final choice.
+        """
+        verifier = self.verifier
+        cfg = verifier.config
+        hypotheses: List[Tuple[str, Tensor]] = [("initial", init)]
+        outcome = verifier.pnp(query, seed=self.seed + query.index)
+        if outcome.c2w is None:
+            return init, None, hypotheses
+        pnp_c2w = outcome.c2w[:3, :4].float().cpu()
+        hypotheses.insert(0, ("map PnP", pnp_c2w))
+        matches = verifier.matches(query)
+        support_pnp = measure_support(pnp_c2w, query.K, matches, cfg.support_px)
+        if support_pnp.inliers < measure_support(init, query.K, matches, cfg.support_px).inliers:
+            return init, None, hypotheses
+        inl = reprojection_errors(pnp_c2w, query.K, matches.kpts, matches.points) <= cfg.support_px
+        return pnp_c2w, MatchState(matches.points[inl].float(), matches.kpts[inl].float(), int(inl.sum())), hypotheses
 
     @staticmethod
     def build_matcher(config: PoseInversionConfig) -> Optional[Matcher]:

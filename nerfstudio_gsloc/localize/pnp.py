@@ -183,6 +183,26 @@ class PnPLocalizerConfig(LocalizerConfig):
 
 
 @dataclass
+class MapMatches:
+    """A query's 2D-3D matches against the map: its keypoints matched to training-view features and their points.
+
+    Attributes:
+        kpts: ``[M, 2]`` query pixels ``(x, y)``, centres at ``+0.5``.
+        points: ``[M, 3]`` world points (scene frame) of the matched training-view keypoints.
+        views: indices of the training views matched.
+        num_keypoints: SIFT keypoints detected in the query.
+    """
+
+    kpts: Tensor
+    points: Tensor
+    views: List[int]
+    num_keypoints: int
+
+    def __len__(self) -> int:
+        return int(self.kpts.shape[0])
+
+
+@dataclass
 class PnPOutcome:
     """Result of localizing one query with the baseline.
 
@@ -193,6 +213,7 @@ class PnPOutcome:
         num_inliers: RANSAC inliers of the final pose.
         views: indices of the training views used.
         seconds: wall time of the whole query (detection, retrieval, matching, PnP).
+        matches: the pooled 2D-3D matches given to PnP (kept to score other poses of the query).
     """
 
     c2w: Optional[Tensor]
@@ -201,6 +222,7 @@ class PnPOutcome:
     num_inliers: int
     views: List[int]
     seconds: float
+    matches: Optional[MapMatches] = None
 
 
 class PnPBaseline:
@@ -239,6 +261,40 @@ class PnPBaseline:
         order = torch.argsort(dist + angle)
         return order[: self.config.num_views].tolist()
 
+    def correspondences(self, image: Tensor, prior_c2w: Optional[Tensor] = None, scale: float = 1.0) -> MapMatches:
+        """Match one image against its ``num_views`` most similar training views and pool the 2D-3D matches.
+
+        Args:
+            image: ``[H, W, 3]`` query image in ``[0, 1]``.
+            prior_c2w: ``[3, 4]`` initial pose; used only with ``selection="prior"`` to choose training views.
+            scale: camera-distance scale (``selection="prior"`` distance units).
+
+        Returns:
+            :class:`MapMatches` (``kpts`` and ``points`` empty when the query has too few keypoints).
+        """
+        cfg = self.config
+        query = self.features.detect(image)
+        empty = MapMatches(torch.zeros(0, 2), torch.zeros(0, 3), [], len(query))
+        if len(query) < cfg.min_inliers:
+            return empty
+        if cfg.selection == "prior":
+            if prior_c2w is None:
+                raise GslocError("pnp with selection=prior needs an initial pose")
+            chosen = self.nearest_views(prior_c2w, scale)
+        else:
+            strongest = SiftFeatures.strongest(query, cfg.retrieval_keypoints)
+            counts = torch.tensor([len(self.features.match(strongest, view.features)[0]) for view in self.map])
+            chosen = torch.argsort(counts, descending=True, stable=True)[: cfg.num_views].tolist()
+            chosen = [i for i in chosen if counts[i] > 0]
+        kq, pts = [], []
+        for i in chosen:
+            idx, _ = self.features.match(query, self.map[i].features)
+            kq.append(query.kpts[idx[:, 0]])
+            pts.append(self.map[i].points[idx[:, 1]])
+        if not kq:
+            return MapMatches(empty.kpts, empty.points, chosen, len(query))
+        return MapMatches(torch.cat(kq), torch.cat(pts), chosen, len(query))
+
     def localize(self, image: Tensor, K: Tensor, prior_c2w: Optional[Tensor] = None, scale: float = 1.0, seed: int = 0) -> PnPOutcome:
         """Localize one image.
 
@@ -250,44 +306,38 @@ class PnPBaseline:
             seed: OpenCV RNG seed of RANSAC.
 
         Returns:
-            :class:`PnPOutcome`.
+            :class:`PnPOutcome` (with the pooled matches, also when it failed).
         """
         started = time.perf_counter()
+        return self.solve(self.correspondences(image, prior_c2w, scale), K, seed, started)
+
+    def solve(self, matches: MapMatches, K: Tensor, seed: int = 0, started: Optional[float] = None) -> PnPOutcome:
+        """RANSAC PnP (+ LM on the tight inliers) on a query's pooled matches (see :meth:`correspondences`).
+
+        ``started`` is the ``time.perf_counter()`` the query's clock started at (default: now).
+        """
+        started = time.perf_counter() if started is None else started
         cfg = self.config
-        query = self.features.detect(image)
-        if len(query) < cfg.min_inliers:
-            return PnPOutcome(None, f"only {len(query)} SIFT keypoints in the query", 0, 0, [], time.perf_counter() - started)
-        if cfg.selection == "prior":
-            if prior_c2w is None:
-                raise GslocError("pnp with selection=prior needs an initial pose")
-            chosen = self.nearest_views(prior_c2w, scale)
-        else:
-            strongest = SiftFeatures.strongest(query, cfg.retrieval_keypoints)
-            counts = torch.tensor([len(self.features.match(strongest, view.features)[0]) for view in self.map])
-            chosen = torch.argsort(counts, descending=True, stable=True)[: cfg.num_views].tolist()
-            chosen = [i for i in chosen if counts[i] > 0]
-        matches_chosen = [self.features.match(query, self.map[i].features) for i in chosen]
-        kq, pts = [], []
-        for i, (idx, _) in zip(chosen, matches_chosen):
-            kq.append(query.kpts[idx[:, 0]])
-            pts.append(self.map[i].points[idx[:, 1]])
-        if not kq or sum(len(k) for k in kq) < cfg.min_inliers:
-            total = sum(len(k) for k in kq)
-            return PnPOutcome(None, f"only {total} 2D-3D matches", total, 0, chosen, time.perf_counter() - started)
-        kpts_query, points = torch.cat(kq), torch.cat(pts)
+
+        def outcome(c2w, reason, inliers=0):
+            return PnPOutcome(c2w, reason, len(matches), inliers, matches.views, time.perf_counter() - started, matches)
+
+        if matches.num_keypoints < cfg.min_inliers:
+            return outcome(None, f"only {matches.num_keypoints} SIFT keypoints in the query")
+        if len(matches) < cfg.min_inliers:
+            return outcome(None, f"only {len(matches)} 2D-3D matches")
         cv2.setRNGSeed(int(seed) & 0x7FFFFFFF)
         result = pnp_ransac(
-            points.double(), kpts_query.double(), K.double(), reproj_px=cfg.reproj_px, min_inliers=cfg.min_inliers,
-            iterations=cfg.ransac_iterations, confidence=cfg.ransac_confidence,
+            matches.points.double(), matches.kpts.double(), K.double(), reproj_px=cfg.reproj_px,
+            min_inliers=cfg.min_inliers, iterations=cfg.ransac_iterations, confidence=cfg.ransac_confidence,
         )
         if result.c2w is None:
-            return PnPOutcome(None, f"RANSAC PnP found no pose with {cfg.min_inliers} inliers among {len(points)} matches",
-                              len(points), 0, chosen, time.perf_counter() - started)
+            return outcome(None, f"RANSAC PnP found no pose with {cfg.min_inliers} inliers among {len(matches)} matches")
         c2w, inliers = result.c2w.double(), result.num_inliers
         if cfg.refine_px > 0:
-            c2w, inliers = refine_on_tight_inliers(points.double(), kpts_query.double(), K.double(), c2w, cfg.refine_px,
-                                                   cfg.min_inliers, fallback_inliers=inliers)
-        return PnPOutcome(c2w.float(), "", len(points), inliers, chosen, time.perf_counter() - started)
+            c2w, inliers = refine_on_tight_inliers(matches.points.double(), matches.kpts.double(), K.double(), c2w,
+                                                   cfg.refine_px, cfg.min_inliers, fallback_inliers=inliers)
+        return outcome(c2w.float(), "", inliers)
 
 
 def refine_on_tight_inliers(
@@ -353,11 +403,21 @@ class PnPLocalizer(Localizer):
         self.baseline: Optional[PnPBaseline] = None
         self.camera_scale = 1.0
 
+    @property
+    def shares_verifier_map(self) -> bool:
+        """The verifier's map and matches are this method's own (same settings, pose-free view selection)."""
+        return (self.verifier is not None and self.training_views is None and self.config.selection == "matches"
+                and self.verifier.map_config == self.config)
+
     def build_map(self) -> PnPBaseline:
         """Map the training views once (SIFT + rendered depth)."""
         if self.baseline is None:
-            views = self.training_views if self.training_views is not None else load_training_views(self.pipeline)
-            self.baseline = PnPBaseline(self.model, views, self.config)
+            if self.shares_verifier_map:
+                self.baseline = self.verifier.baseline  # one map for the method and the check of its results
+                views = self.baseline.map
+            else:
+                views = self.training_views if self.training_views is not None else load_training_views(self.pipeline)
+                self.baseline = PnPBaseline(self.model, views, self.config)
             if views:
                 # The scene's camera-distance scale: distances of selection="prior" are in its units.
                 self.camera_scale = float(torch.linalg.norm(self.baseline.centres.double(), dim=-1).median())
@@ -371,8 +431,11 @@ class PnPLocalizer(Localizer):
         with torch.no_grad():
             for k, (query, start) in enumerate(zip(queries, initial_c2w)):
                 start = start[:3, :4].float().cpu()
-                outcome = baseline.localize(query.image, query.K, prior_c2w=start, scale=self.camera_scale,
-                                            seed=self.seed + query.index)
+                if self.shares_verifier_map:
+                    outcome = self.verifier.pnp(query, seed=self.seed + query.index)
+                else:
+                    outcome = baseline.localize(query.image, query.K, prior_c2w=start, scale=self.camera_scale,
+                                                seed=self.seed + query.index)
                 if outcome.c2w is None:
                     c2w, status, reason = start.clone(), STATUS_FAILED, outcome.reason
                 else:

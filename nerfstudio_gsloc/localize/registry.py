@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -26,6 +26,7 @@ from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
 from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
+from nerfstudio_gsloc.localize.verification import PoseVerifier, VerificationConfig
 
 
 @dataclass
@@ -50,7 +51,8 @@ def single_loss_config(base: PoseInversionConfig, budget: SingleLossBudget, phot
     losses = dataclasses.replace(base.losses, photometric=photometric, matching=False, depth=depth)
     schedule = dataclasses.replace(base.schedule, pyramid_iterations=tuple(budget.pyramid_iterations))
     optim = dataclasses.replace(base.optim, rotation_lr=budget.rotation_lr, translation_lr=budget.translation_lr)
-    return dataclasses.replace(base, losses=losses, schedule=schedule, optim=optim)
+    # The iNeRF/GSplatLoc baselines refine from the given start only (no PnP start, no choice of hypotheses).
+    return dataclasses.replace(base, losses=losses, schedule=schedule, optim=optim, hypotheses=False)
 
 
 @dataclass
@@ -64,6 +66,9 @@ class LocalizerSettings:
     """Iterations and learning rates of ``photometric`` and ``depth``."""
     icomma: IComMaConfig = field(default_factory=IComMaConfig)
     pnp: PnPLocalizerConfig = field(default_factory=PnPLocalizerConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    """The ground-truth-free check of every method's results (confidence, rejection) against the map matches of
+    ``pnp``'s map; gsloc also chooses between its hypotheses with it."""
 
     def config(self, method: str) -> LocalizerConfig:
         """The config of ``method`` (raises :class:`GslocError` for an unknown name)."""
@@ -105,6 +110,18 @@ def check_methods(names: Sequence[str]) -> List[str]:
     return out
 
 
-def make_localizer(method: str, settings: LocalizerSettings, model: nn.Module, pipeline: Any = None, seed: int = 0) -> Localizer:
-    """``settings.config(method).setup(model=model, pipeline=pipeline, seed=seed)``."""
-    return settings.config(method).setup(model=model, pipeline=pipeline, seed=seed)
+def make_verifier(settings: LocalizerSettings, model: nn.Module, pipeline: Any) -> Optional[PoseVerifier]:
+    """The check of results against the map of the run's training views (``None`` without a pipeline or when
+    ``settings.verification.enabled`` is off). One verifier can serve several localizers (one map)."""
+    if pipeline is None or not settings.verification.enabled:
+        return None
+    return PoseVerifier(model, pipeline, settings.pnp, settings.verification)
+
+
+def make_localizer(method: str, settings: LocalizerSettings, model: nn.Module, pipeline: Any = None, seed: int = 0,
+                   verifier: Optional[PoseVerifier] = None) -> Localizer:
+    """``settings.config(method).setup(model=model, pipeline=pipeline, seed=seed)`` with its verifier (``verifier``,
+    else a new one from :func:`make_verifier`)."""
+    localizer = settings.config(method).setup(model=model, pipeline=pipeline, seed=seed)
+    localizer.verifier = verifier if verifier is not None else make_verifier(settings, model, pipeline)
+    return localizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from torch import Tensor
 
@@ -59,6 +59,8 @@ class LocalizationResult:
         confidence: how much the pose can be trusted, in ``[0, 1]``; ``None`` until a confidence estimator fills it.
         rot_err_deg, trans_err: errors against the query's ground truth (scene units) when it is known.
         trace: one dict per iteration with the keys of :data:`TRACE_FIELDS` (empty for methods without iterations).
+        candidates: other poses the method reached on the way, ``(name, [3, 4] c2w)`` (e.g. each PnP jump), for the
+            final choice between hypotheses (:func:`~nerfstudio_gsloc.localize.verification.select_pose`).
     """
 
     name: str
@@ -75,6 +77,7 @@ class LocalizationResult:
     rot_err_deg: Optional[float] = None
     trans_err: Optional[float] = None
     trace: List[Dict[str, object]] = field(default_factory=list)
+    candidates: List[Tuple[str, Tensor]] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:

@@ -69,6 +69,10 @@ class QueryState:
         pnp_localized: the last matching-stage round found a PnP pose; searched: the look-around was tried;
         settled: skips the remaining matching rounds; still: consecutive iterations with a small update;
         matching_on: the matching term is on (iComMa switches it off for good); switched_off_at: when.
+        anchor: fixed 2D-3D matches (e.g. the map's PnP inliers) whose reprojection error joins the refinement
+            objective, so the pose cannot drift from the geometric consensus; a query with an anchor starts at
+            its PnP pose and skips the matching stage.
+        candidates: poses reached on the way (``(name, c2w)``), kept for the final choice between hypotheses.
         trace: one dict per iteration.
     """
 
@@ -96,6 +100,8 @@ class QueryState:
     still: int = 0
     matching_on: bool = True
     switched_off_at: Optional[int] = None
+    anchor: Optional[MatchState] = None
+    candidates: List[Tuple[str, Tensor]] = field(default_factory=list)
     trace: List[Dict[str, object]] = field(default_factory=list)
 
     def fail(self, reason: str) -> None:
@@ -128,10 +134,11 @@ class BatchState:
         initial_c2w: one ``[3, 4]`` scene-frame start pose each.
         device: the model's device.
         color_correction: give each query an affine colour correction.
+        anchors: per query, fixed matches for the reprojection anchor (see :class:`QueryState`) or ``None``.
     """
 
     def __init__(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor], device: torch.device,
-                 color_correction: bool = False) -> None:
+                 color_correction: bool = False, anchors: Optional[Sequence[Optional[MatchState]]] = None) -> None:
         self.B = len(queries)
         self.device = device
         self.width, self.height = queries[0].width, queries[0].height
@@ -159,6 +166,11 @@ class BatchState:
             )
             if not bool(torch.isfinite(base).all()):
                 state.fail("non-finite initial pose")
+            anchor = None if anchors is None else anchors[len(self.states)]
+            if anchor is not None:
+                state.anchor = MatchState(anchor.points_world.float().to(device), anchor.kpts_query.float().to(device),
+                                          anchor.num_inliers)
+                state.pnp_localized, state.inliers = True, anchor.num_inliers
             self.states.append(state)
 
     # -- poses -----------------------------------------------------------------------------------------------
@@ -289,7 +301,7 @@ class BatchState:
                     c2w_init=state.c2w_init.cpu().clone(), status=state.status, reason=reason,
                     iterations=state.iterations, seconds=state.seconds, inliers=int(state.inliers),
                     loss=state.best_loss if reached_final else float("nan"), rot_err_deg=rot, trans_err=trans,
-                    trace=state.trace,
+                    trace=state.trace, candidates=[(name, pose.detach().cpu().clone()) for name, pose in state.candidates],
                 )
             )
         return out

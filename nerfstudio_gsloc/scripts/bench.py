@@ -59,7 +59,7 @@ from nerfstudio_gsloc.evaluation.protocols import (
 from nerfstudio_gsloc.files import atomic_write_text
 from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.pnp import training_camera_poses
-from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, check_methods, make_localizer
+from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, check_methods, make_localizer, make_verifier
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
@@ -198,6 +198,7 @@ def trial_records(method: str, queries: Sequence[Query], trials: Sequence[Trial]
                 init_rot_deg=trial.init_rot_deg, init_trans=trial.init_trans, nominal_angle_deg=trial.nominal_angle_deg,
                 final_rot_deg=rot, final_trans=trans, seconds=result.seconds, iterations=result.iterations,
                 status=result.status, reason=result.reason, failed=result.failed, skipped=result.skipped,
+                confidence=result.confidence,
             )
         )
     return records
@@ -205,7 +206,7 @@ def trial_records(method: str, queries: Sequence[Query], trials: Sequence[Trial]
 
 def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[report.TrialRecord], protocol: Protocol,
                   meta: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """results.md, results.csv, trials.jsonl, bench.json and the two plots. Returns the summary rows."""
+    """results.md, results.csv, trials.jsonl, bench.json and the three plots. Returns the summary rows."""
     rows = [report.summarize_method(m, records) for m in methods]
     report.write_trials_jsonl(output_dir / "trials.jsonl", records)
     report.write_results_csv(output_dir / "results.csv", rows)
@@ -252,6 +253,8 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
     report.plot_success_vs_angle(output_dir / "success_vs_angle.png", records, methods, sweep,
                                  title=meta["protocol_summary"], max_angle=max_angle)
     report.plot_error_cdf(output_dir / "error_cdf.png", records, methods, title=meta["protocol_summary"])
+    report.plot_precision_recall(output_dir / "precision_recall.png", records, methods, title=meta["protocol_summary"],
+                                 default_threshold=meta.get("confidence_threshold"))
     return rows
 
 
@@ -303,6 +306,7 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
         "machine_line": machine_line,
         "image_sizes": [list(s) for s in sizes],
         "method_settings": dataclasses.asdict(cli.method_settings),
+        "confidence_threshold": cli.method_settings.verification.threshold if cli.method_settings.verification.enabled else None,
         "command": "gsloc-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     progress = Progress(
@@ -314,6 +318,8 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     source = QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)
     pose_records: List[PoseRecord] = []
     trial_starts = [trial.c2w_init for trial in trials]
+    # One map of the training views checks every method's results (confidence) and serves gsloc and pnp.
+    verifier = make_verifier(cli.method_settings, model, pipeline)
     with progress:
         for method in methods:
             task = progress.add_task("setting up", total=len(trials), method=method)
@@ -327,7 +333,7 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
 
             started = time.perf_counter()
             # Every method through the one localizer call: same queries, same initial poses.
-            localizer = make_localizer(method, cli.method_settings, model, pipeline, seed=0)
+            localizer = make_localizer(method, cli.method_settings, model, pipeline, seed=0, verifier=verifier)
             results = localizer.localize(trial_queries, trial_starts, on_result=on_result)
             meta.setdefault("method_seconds", {})[method] = time.perf_counter() - started
             meta.update(localizer.notes)

@@ -57,6 +57,7 @@ from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
 from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
+from nerfstudio_gsloc.localize.verification import VerificationConfig
 from nerfstudio_gsloc.localize.registry import LocalizerSettings, SingleLossBudget, check_methods, make_localizer
 from nerfstudio_gsloc.localize.result import TRACE_FIELDS, LocalizationResult, pose_record
 from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, threshold_key
@@ -117,11 +118,15 @@ class LocalizeCLI:
     icomma: IComMaConfig = field(default_factory=IComMaConfig)
     """Settings of --method icomma."""
     pnp: PnPLocalizerConfig = field(default_factory=PnPLocalizerConfig)
-    """Settings of --method pnp."""
+    """Settings of --method pnp (its map of the training views also serves the confidence check)."""
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    """The ground-truth-free check of every result: confidence in [0, 1] from the support of the pose among the
+    query's matches to the training photos; under --verification.threshold the result is 'rejected'."""
 
     def settings(self) -> LocalizerSettings:
         """The settings of every method, as the registry takes them."""
-        return LocalizerSettings(gsloc=self.localization, single_loss=self.single_loss, icomma=self.icomma, pnp=self.pnp)
+        return LocalizerSettings(gsloc=self.localization, single_loss=self.single_loss, icomma=self.icomma, pnp=self.pnp,
+                                 verification=self.verification)
 
     def main(self) -> None:
         """Validate everything, load the run, localize, write the outputs."""

@@ -1,0 +1,226 @@
+"""Ground-truth-free checks of a pose: geometric support, hypothesis selection, confidence.
+
+A query's **map matches** are its SIFT keypoints matched against the training photos most similar to it, each
+lifted to 3D with the depth the trained scene renders at that training pose
+(:meth:`~nerfstudio_gsloc.localize.pnp.PnPBaseline.correspondences`). They do not depend on any pose of the
+query, so they can judge every candidate pose the same way:
+
+* the **support** of a pose is the number of map matches that reproject within ``support_px`` pixels of their
+  query keypoint (an inlier count, as RANSAC's), with the median residual of those inliers;
+* **selection** keeps every hypothesis a localizer produced (the initial pose, each PnP pose, the refined pose)
+  and returns the refined pose unless it lost more than ``refine_tolerance`` of the support of the best
+  hypothesis: the photometric optimum of an imperfect model can sit away from the true pose, and the geometric
+  consensus of independent matches is what catches it;
+* the **confidence** in ``[0, 1]`` grows with the support (more inliers than chance can produce) and its share
+  of the matches; under ``threshold`` the result is ``rejected``.
+
+Shapes: ``M`` map matches; poses are ``[3, 4]`` OpenGL camera-to-world in the scene frame; pixels ``(x, y)`` with
+centres at ``+0.5``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
+from nerfstudio_gsloc.localize.pnp import MapMatches, PnPBaseline, PnPLocalizerConfig, PnPOutcome, load_training_views
+from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.localize.result import STATUS_REJECTED, LocalizationResult
+
+
+@dataclass
+class VerificationConfig:
+    """Settings of the geometric check, the hypothesis selection and the confidence."""
+
+    enabled: bool = True
+    """Check every result against the map matches (needs the run's training views); off: no confidence."""
+    support_px: float = 2.0
+    """A map match supports a pose when it reprojects within this many pixels of its query keypoint."""
+    refine_tolerance: float = 0.1
+    """Selection: the refined pose is kept unless its support is below ``(1 - tolerance)`` of the best other
+    hypothesis's (a refinement that moves the pose within the matches' noise keeps nearly all of them)."""
+    min_support: int = 12
+    """Supports at or below this are what chance alignments of wrong matches reach: confidence 0."""
+    full_support: int = 60
+    """Support at which the inlier factor of the confidence reaches 1."""
+    full_ratio: float = 0.15
+    """Share of the map matches supporting the pose at which the ratio factor of the confidence reaches 1."""
+    threshold: float = 0.5
+    """Results with a lower confidence get status ``rejected`` (they count as failures in every metric)."""
+
+
+@dataclass
+class Support:
+    """Geometric support of one pose.
+
+    Attributes:
+        inliers: map matches within ``support_px``.
+        matches: all map matches of the query.
+        median_px: median residual of the inliers (``inf`` without inliers).
+    """
+
+    inliers: int
+    matches: int
+    median_px: float
+
+    @property
+    def ratio(self) -> float:
+        return self.inliers / self.matches if self.matches else 0.0
+
+
+def reprojection_errors(c2w: Tensor, K: Tensor, kpts: Tensor, points: Tensor) -> Tensor:
+    """``[M]`` pixel distance between each point projected through ``c2w`` and its keypoint (``inf`` behind the
+    camera). ``c2w [3, 4]`` OpenGL camera-to-world, ``K [3, 3]``, ``kpts [M, 2]``, ``points [M, 3]``."""
+    w2c = opengl_c2w_to_opencv_w2c(c2w[:3, :4].double().cpu())
+    cam = points.double().cpu() @ w2c[:3, :3].T + w2c[:3, 3]
+    z = cam[:, 2]
+    uv = (cam @ K.double().cpu().T)[:, :2] / z.clamp_min(1e-9)[:, None]
+    err = torch.linalg.norm(uv - kpts.double().cpu(), dim=-1)
+    return torch.where(z > 1e-6, err, torch.full_like(err, math.inf))
+
+
+def measure_support(c2w: Tensor, K: Tensor, matches: MapMatches, px: float) -> Support:
+    """The :class:`Support` of pose ``c2w`` among a query's map matches."""
+    if len(matches) == 0 or not bool(torch.isfinite(c2w).all()):
+        return Support(0, len(matches), math.inf)
+    err = reprojection_errors(c2w, K, matches.kpts, matches.points)
+    inl = err[err <= px]
+    return Support(int(inl.numel()), len(matches), float(inl.median()) if inl.numel() else math.inf)
+
+
+def confidence_of(support: Support, config: VerificationConfig) -> float:
+    """Confidence in ``[0, 1]``: ``inlier factor x ratio factor``, each a clamped linear ramp (see the config)."""
+    span = max(1, config.full_support - config.min_support)
+    inlier_factor = min(1.0, max(0.0, (support.inliers - config.min_support) / span))
+    ratio_factor = min(1.0, support.ratio / max(config.full_ratio, 1e-9))
+    return float(inlier_factor * ratio_factor)
+
+
+@dataclass
+class Choice:
+    """Outcome of :func:`select_pose`: the chosen pose, which hypothesis it is, every support, and why."""
+
+    c2w: Tensor
+    name: str
+    support: Support
+    supports: Dict[str, Support]
+    reason: str
+
+
+def select_pose(refined: Tensor, hypotheses: Sequence[Tuple[str, Tensor]], K: Tensor, matches: MapMatches,
+                config: VerificationConfig) -> Choice:
+    """Choose between the refined pose and the other hypotheses of a query by their geometric support.
+
+    The refined pose wins unless the best hypothesis (most inliers; ties go to the earlier one) has support
+    ``s`` and the refined pose less than ``(1 - refine_tolerance) s``. With too few map matches to judge
+    (``<= min_support``) the refined pose is kept.
+
+    Args:
+        refined: ``[3, 4]`` the localizer's final pose.
+        hypotheses: ``(name, [3, 4] pose)`` of the other candidates, in order of preference.
+        K: ``[3, 3]`` query intrinsics.
+        matches: the query's map matches.
+        config: thresholds.
+    """
+    px = config.support_px
+    refined_support = measure_support(refined, K, matches, px)
+    supports = {"refined": refined_support}
+    best: Optional[Tuple[str, Tensor, Support]] = None
+    for name, c2w in hypotheses:
+        support = measure_support(c2w, K, matches, px)
+        supports[name] = support
+        if best is None or support.inliers > best[2].inliers:
+            best = (name, c2w, support)
+    keep = Choice(refined, "refined", refined_support, supports, "")
+    if best is None or len(matches) <= config.min_support or best[2].inliers <= config.min_support:
+        return keep
+    if refined_support.inliers >= (1.0 - config.refine_tolerance) * best[2].inliers:
+        return keep
+    name, c2w, support = best
+    reason = (f"refinement lost geometric support ({refined_support.inliers} of {len(matches)} map matches within "
+              f"{px:g} px, the {name} pose has {support.inliers}): returned the {name} pose")
+    return Choice(c2w[:3, :4].float().cpu().clone(), name, support, supports, reason)
+
+
+class PoseVerifier:
+    """Map matches of queries against a run's training views, their support and the confidence of poses.
+
+    The map (SIFT on every training photo, lifted with the depth rendered at the training poses) is the one of
+    the ``pnp`` method and is built on first use; a query's matches are kept until :meth:`forget` so that a
+    localizer and the final check share them.
+
+    Args:
+        model: the trained scene.
+        pipeline: the loaded pipeline (training views), unless ``training_views`` are given.
+        map_config: SIFT, retrieval and PnP settings (``selection`` is forced to ``matches``: the check must not
+            depend on any pose of the query).
+        config: the check's thresholds.
+    """
+
+    def __init__(self, model: nn.Module, pipeline: Any, map_config: PnPLocalizerConfig, config: VerificationConfig,
+                 training_views=None) -> None:
+        self.model = model
+        self.pipeline = pipeline
+        self.map_config = dataclasses.replace(map_config, selection="matches")
+        self.config = config
+        self.training_views = training_views
+        self._baseline: Optional[PnPBaseline] = None
+        self._matches: Dict[Tuple[int, str], MapMatches] = {}
+        self.seconds: Dict[Tuple[int, str], float] = {}
+
+    @property
+    def baseline(self) -> PnPBaseline:
+        """The map (built on first use)."""
+        if self._baseline is None:
+            views = self.training_views if self.training_views is not None else load_training_views(self.pipeline)
+            self._baseline = PnPBaseline(self.model, views, self.map_config)
+        return self._baseline
+
+    def matches(self, query: Query) -> MapMatches:
+        """The query's map matches (computed once until :meth:`forget`; the time is kept in ``seconds``)."""
+        key = (query.index, query.name)
+        if key not in self._matches:
+            started = time.perf_counter()
+            with torch.no_grad():
+                self._matches[key] = self.baseline.correspondences(query.image)
+            self.seconds[key] = time.perf_counter() - started
+        return self._matches[key]
+
+    def pnp(self, query: Query, seed: int) -> PnPOutcome:
+        """The PnP pose of the query's map matches (RANSAC seeded with ``seed``)."""
+        return self.baseline.solve(self.matches(query), query.K, seed=seed)
+
+    def support(self, query: Query, c2w: Tensor) -> Support:
+        return measure_support(c2w, query.K, self.matches(query), self.config.support_px)
+
+    def forget(self) -> None:
+        """Drop the cached matches (each localize call matches its queries afresh, so its time is honest)."""
+        self._matches.clear()
+        self.seconds.clear()
+
+    def review(self, query: Query, result: LocalizationResult) -> LocalizationResult:
+        """Give ``result`` its confidence (0 for a failure) and reject it under the threshold, with the reason.
+
+        The time spent matching the query against the map is added to the result's seconds (once).
+        """
+        result.seconds += self.seconds.pop((query.index, query.name), 0.0)
+        if result.skipped:
+            return result
+        if result.failed:
+            result.confidence = 0.0
+            return result
+        support = self.support(query, result.c2w)
+        result.confidence = confidence_of(support, self.config)
+        if result.confidence < self.config.threshold:
+            note = (f"rejected: confidence {result.confidence:.2f} < {self.config.threshold:g} ({support.inliers} of "
+                    f"{support.matches} map matches within {self.config.support_px:g} px)")
+            result.reason = f"{note}; {result.reason}" if result.reason else note
+            result.status = STATUS_REJECTED
+        return result
