@@ -25,7 +25,8 @@ _MIN_POINT_DEPTH = 1e-6
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values [B, ...]`` over ``mask [B, ...]`` (same shape, bool) per batch item; 0 for empty masks."""
+    """Mean of ``values [B, ...]`` over ``mask [B, ...]`` (same shape, bool, or float weights) per batch item; 0 for
+    empty masks."""
     mask_f = mask.to(values.dtype)
     dims = tuple(range(1, values.ndim))
     total = (values * mask_f).sum(dim=dims)
@@ -58,8 +59,14 @@ def photometric_loss(
     ssim_weight: float = 0.2,
     alpha_threshold: float = 0.5,
     color_affine: Optional[Tensor] = None,
+    robust_scale: float = 0.0,
 ) -> Tensor:
     """Masked ``(1 - w) * L1 + w * D-SSIM`` between render and query (3DGS-style photometric loss).
+
+    With ``robust_scale > 0`` each pixel is weighted by the Cauchy weight ``1 / (1 + (r / c)^2)`` of its L1
+    residual ``r``, ``c = robust_scale x`` the query's median residual (weights held constant within the step, as
+    in iteratively reweighted least squares): pixels the model gets badly wrong (a floater, a reflection, a moved
+    object) stop pulling the pose, while the bulk of the image keeps its full weight.
 
     D-SSIM is ``(1 - SSIM) / 2`` with an 11x11 Gaussian window, averaged over the mask. It is computed on the
     full image after replacing masked-out render pixels by the query's, so whatever the render shows outside
@@ -73,6 +80,7 @@ def photometric_loss(
         ssim_weight: weight ``w`` of the D-SSIM term.
         alpha_threshold: minimum rendered alpha of a pixel that counts.
         color_affine: optional ``[B, 3, 4]`` per-query colour correction ``[A | b]`` applied to the render.
+        robust_scale: scale of the Cauchy weighting in units of the median residual (0 = plain means).
 
     Returns:
         ``[B]`` per-query losses (0 where no pixel is valid).
@@ -88,7 +96,13 @@ def photometric_loss(
         mask = mask & (query_mask[..., 0].to(device=mask.device, dtype=render_rgb.dtype) > 0.5)
     query_rgb = query_rgb.to(render_rgb.dtype)
     l1 = (render_rgb - query_rgb).abs().mean(dim=-1)
-    loss = (1.0 - ssim_weight) * _masked_mean(l1, mask)
+    weight = mask.to(l1.dtype)
+    if robust_scale > 0:
+        with torch.no_grad():
+            median = torch.where(mask, l1, torch.full_like(l1, float("nan"))).flatten(1).nanmedian(dim=1).values
+            scale = (robust_scale * torch.nan_to_num(median, nan=1.0)).clamp_min(1e-3)[:, None, None]
+            weight = weight / (1.0 + (l1 / scale) ** 2)
+    loss = (1.0 - ssim_weight) * _masked_mean(l1, weight)
     if ssim_weight > 0:
         # Outside the mask the render is replaced by the query, so SSIM windows that straddle the mask border
         # only see discrepancies of valid pixels (and masked-out render pixels get no gradient).
@@ -97,7 +111,7 @@ def photometric_loss(
             render_for_ssim.permute(0, 3, 1, 2), query_rgb.permute(0, 3, 1, 2), window_size=11, max_val=1.0
         )
         dssim = ((1.0 - ssim_map) / 2.0).mean(dim=1)
-        loss = loss + ssim_weight * _masked_mean(dssim, mask)
+        loss = loss + ssim_weight * _masked_mean(dssim, weight)
     return loss
 
 

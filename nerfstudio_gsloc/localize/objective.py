@@ -36,6 +36,9 @@ class LossConfig:
     """Weight of the photometric term."""
     ssim_weight: float = 0.5
     """Share of D-SSIM in the photometric term (structure is less sensitive than L1 to a model's colour errors)."""
+    robust_photometric: float = 0.0
+    """Cauchy weighting of the photometric residuals at this many median residuals (0 = off): pixels the model
+    renders badly wrong (floaters, reflections) stop pulling the pose (see :func:`photometric_loss`)."""
     color_correction: bool = False
     """Optimise a per-query affine colour transform of the render (exposure/white-balance differences)."""
     matching: bool = True
@@ -121,7 +124,7 @@ class PoseObjective:
                 color = batch.colors(ids)
                 loss_photo = photometric_loss(
                     views.rgb, query_rgb, views.alpha, masks, ssim_weight=cfg.ssim_weight,
-                    alpha_threshold=cfg.alpha_threshold, color_affine=color,
+                    alpha_threshold=cfg.alpha_threshold, color_affine=color, robust_scale=cfg.robust_photometric,
                 )
             if stage.depth_weight > 0 and batch.depths is not None:
                 query_depth = batch.level_depths(ids, width, height, masks)

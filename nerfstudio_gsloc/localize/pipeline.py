@@ -126,7 +126,11 @@ class PoseInversion(OptimizingLocalizer):
         support_pnp = measure_support(pnp_c2w, query.K, matches, cfg.support_px)
         if support_pnp.inliers < measure_support(init, query.K, matches, cfg.support_px).inliers:
             return init, None, hypotheses
-        inl = reprojection_errors(pnp_c2w, query.K, matches.kpts, matches.points) <= cfg.support_px
+        # The anchor is what PnP's own least squares fitted: the matches within its tight refinement threshold.
+        errors = reprojection_errors(pnp_c2w, query.K, matches.kpts, matches.points)
+        inl = errors <= verifier.map_config.refine_px
+        if int(inl.sum()) < cfg.min_support:
+            inl = errors <= cfg.support_px
         return pnp_c2w, MatchState(matches.points[inl].float(), matches.kpts[inl].float(), int(inl.sum())), hypotheses
 
     @staticmethod

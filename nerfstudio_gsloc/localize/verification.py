@@ -44,8 +44,11 @@ class VerificationConfig:
     support_px: float = 2.0
     """A map match supports a pose when it reprojects within this many pixels of its query keypoint."""
     refine_tolerance: float = 0.1
-    """Selection: the refined pose is kept unless its support is below ``(1 - tolerance)`` of the best other
-    hypothesis's (a refinement that moves the pose within the matches' noise keeps nearly all of them)."""
+    """Selection: the refined pose is rejected when its support is below ``(1 - tolerance)`` of the best other
+    hypothesis's (a refinement that moves the pose within the matches' noise keeps nearly all of them) ..."""
+    residual_growth: float = 0.5
+    """... or when it fits that hypothesis's inliers worse: their median residual grows by more than this fraction
+    (a pose that moves the projections by about the matches' own noise makes it grow by ~40%)."""
     min_support: int = 12
     """Supports at or below this are what chance alignments of wrong matches reach: confidence 0."""
     full_support: int = 60
@@ -118,9 +121,10 @@ def select_pose(refined: Tensor, hypotheses: Sequence[Tuple[str, Tensor]], K: Te
                 config: VerificationConfig) -> Choice:
     """Choose between the refined pose and the other hypotheses of a query by their geometric support.
 
-    The refined pose wins unless the best hypothesis (most inliers; ties go to the earlier one) has support
-    ``s`` and the refined pose less than ``(1 - refine_tolerance) s``. With too few map matches to judge
-    (``<= min_support``) the refined pose is kept.
+    The refined pose wins unless, against the best hypothesis (most inliers; ties go to the earlier one), it has
+    less than ``(1 - refine_tolerance)`` of its support or fits its inliers with a median residual more than
+    ``1 + residual_growth`` times larger. With too few map matches to judge (``<= min_support``) the refined
+    pose is kept.
 
     Args:
         refined: ``[3, 4]`` the localizer's final pose.
@@ -141,11 +145,18 @@ def select_pose(refined: Tensor, hypotheses: Sequence[Tuple[str, Tensor]], K: Te
     keep = Choice(refined, "refined", refined_support, supports, "")
     if best is None or len(matches) <= config.min_support or best[2].inliers <= config.min_support:
         return keep
-    if refined_support.inliers >= (1.0 - config.refine_tolerance) * best[2].inliers:
-        return keep
     name, c2w, support = best
-    reason = (f"refinement lost geometric support ({refined_support.inliers} of {len(matches)} map matches within "
-              f"{px:g} px, the {name} pose has {support.inliers}): returned the {name} pose")
+    if refined_support.inliers < (1.0 - config.refine_tolerance) * support.inliers:
+        why = (f"{refined_support.inliers} of {len(matches)} map matches within {px:g} px, the {name} pose has "
+               f"{support.inliers}")
+    else:
+        inl = reprojection_errors(c2w, K, matches.kpts, matches.points) <= px
+        own = float(reprojection_errors(c2w, K, matches.kpts[inl], matches.points[inl]).median())
+        moved = float(reprojection_errors(refined, K, matches.kpts[inl], matches.points[inl]).median())
+        if moved <= (1.0 + config.residual_growth) * own:
+            return keep
+        why = f"median residual of the {name} pose's {int(inl.sum())} inliers {moved:.2f} px against its {own:.2f} px"
+    reason = f"refinement lost geometric support ({why}): returned the {name} pose"
     return Choice(c2w[:3, :4].float().cpu().clone(), name, support, supports, reason)
 
 
