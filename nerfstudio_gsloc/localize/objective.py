@@ -47,7 +47,7 @@ class LossConfig:
     """Weight of the reprojection term (its stage weights scale it further)."""
     huber_delta_px: float = 2.0
     """Huber threshold of the reprojection loss, full-resolution pixels."""
-    anchor_weight: float = 0.01
+    anchor_weight: float = 0.3
     """Weight of the anchor in refinement stages: the Huber reprojection error of the map's PnP inliers (query
     keypoints matched to training photos), for queries that start at that PnP pose. It keeps the photometric
     refinement within the geometric consensus where the model's photometric optimum is off."""
