@@ -24,7 +24,7 @@ from torch import nn
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig
-from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
+from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig
 from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
 
 
@@ -103,6 +103,19 @@ def check_methods(names: Sequence[str]) -> List[str]:
         if name not in out:
             out.append(name)
     return out
+
+
+def check_queries_suit(method: str, config: LocalizerConfig, queries: Sequence[Any]) -> None:
+    """Refuse a run in which ``method`` cannot localize any of ``queries`` (a depth-only method on RGB queries).
+
+    Raises:
+        GslocError: one line naming the method and what the queries lack.
+    """
+    if isinstance(config, PoseInversionConfig) and PoseInversion.depth_only(config) and queries and all(
+        getattr(q, "depth", None) is None for q in queries
+    ):
+        raise GslocError(f"--method {method} needs query depth images (depth_file_path), and none of the "
+                         f"{len(queries)} queries has one: use another method (gsloc, photometric, icomma, pnp)")
 
 
 def make_localizer(method: str, settings: LocalizerSettings, model: nn.Module, pipeline: Any = None, seed: int = 0) -> Localizer:

@@ -20,7 +20,7 @@ import tyro
 from rich.console import Console
 
 from nerfstudio_gsloc.data.procedural_scene import DEFAULT_HFOV_DEG, generate_scene, write_query_set
-from nerfstudio_gsloc.errors import run_cli
+from nerfstudio_gsloc.errors import Interrupted, run_cli
 
 
 @dataclass
@@ -51,7 +51,15 @@ class MakeScene:
     """Write depth images (--no-depth: an RGB-only dataset, trained from triangulated seed points; ignored with --queries)."""
 
     def main(self) -> Path:
-        """Generate the files and print where they are."""
+        """Generate the files and print where they are (Ctrl-C: one line saying the folder is incomplete)."""
+        try:
+            return self._generate()
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"{self.output_dir} is incomplete (transforms.json is written only after every view); run the command again"
+            ) from None
+
+    def _generate(self) -> Path:
         if self.queries:
             path = write_query_set(
                 self.output_dir,
