@@ -36,7 +36,7 @@ def run_cli(main: Callable[[], T]) -> T:
         print_interrupted(str(err))
         sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
-        print_interrupted("stopped by Ctrl-C before any result was written")
+        print_interrupted("stopped by Ctrl-C; no file was left half-written")
         sys.exit(EXIT_INTERRUPTED)
 
 
