@@ -84,7 +84,10 @@ def check_writable(folder: Union[str, Path], what: str = "output folder") -> Pat
     except OSError as err:
         raise OutputError(f"cannot write to {what} {folder}: {_reason(err, folder)}", folder, _reason(err, folder)) from None
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # the probe was never made (a file in the way, no permission)
+            pass
         for path in created:  # deepest first
             try:
                 path.rmdir()
