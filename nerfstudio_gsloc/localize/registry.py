@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -105,17 +105,27 @@ def check_methods(names: Sequence[str]) -> List[str]:
     return out
 
 
-def check_queries_suit(method: str, config: LocalizerConfig, queries: Sequence[Any]) -> None:
+def check_queries_suit(method: str, config: LocalizerConfig, queries: Sequence[Any], source: Optional[str] = None) -> None:
     """Refuse a run in which ``method`` cannot localize any of ``queries`` (a depth-only method on RGB queries).
+
+    Args:
+        method, config: the method and its config.
+        queries: the queries (``depth`` ``None`` when a query has none); empty when only ``source`` is known.
+        source: instead of ``queries``, a description of a query set known to have no depth at all.
 
     Raises:
         GslocError: one line naming the method and what the queries lack.
     """
-    if isinstance(config, PoseInversionConfig) and PoseInversion.depth_only(config) and queries and all(
-        getattr(q, "depth", None) is None for q in queries
-    ):
-        raise GslocError(f"--method {method} needs query depth images (depth_file_path), and none of the "
-                         f"{len(queries)} queries has one: use another method (gsloc, photometric, icomma, pnp)")
+    if not (isinstance(config, PoseInversionConfig) and PoseInversion.depth_only(config)):
+        return
+    if source is not None:
+        lacking = f"{source} has none"
+    elif queries and all(getattr(q, "depth", None) is None for q in queries):
+        lacking = f"none of the {len(queries)} queries has one"
+    else:
+        return
+    raise GslocError(f"--method {method} needs query depth images (depth_file_path), and {lacking}: use another "
+                     "method (gsloc, photometric, icomma, pnp)")
 
 
 def make_localizer(method: str, settings: LocalizerSettings, model: nn.Module, pipeline: Any = None, seed: int = 0) -> Localizer:

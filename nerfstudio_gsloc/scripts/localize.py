@@ -233,7 +233,7 @@ def _resolve_init(queries: Sequence[Query], init: str) -> str:
 
 def localize_main(cli: LocalizeCLI) -> None:
     """The body of ``ns-localize`` (raises :class:`GslocError` for bad input)."""
-    from nerfstudio_gsloc.runs import check_run, load_run
+    from nerfstudio_gsloc.runs import check_run, eval_split_has_depth, load_run
 
     if cli.num_threads is not None:
         if cli.num_threads < 1:
@@ -263,6 +263,8 @@ def localize_main(cli: LocalizeCLI) -> None:
         raise GslocError(f"LoFTR weights file not found: {cli.icomma.loftr_weights_path}")
     if queries is not None:
         check_queries_suit(method, config, queries)
+    elif eval_split_has_depth(cli.load_config) is False:
+        check_queries_suit(method, config, [], source="the run's eval split")  # no depth in the dataset at all
     output_dir = check_writable(cli.output_dir, "--output-dir")
 
     # 2. The model (and the eval split, which needs the loaded datamanager).

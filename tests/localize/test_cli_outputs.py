@@ -88,6 +88,22 @@ def test_depth_method_on_queries_without_depth_is_one_line_upfront(tmp_path, cap
     assert not out_dir.exists()
 
 
+def test_depth_method_on_an_rgb_only_run_is_one_line_before_loading(tmp_path, capsys, embedded_scene, write_fake_run,
+                                                                    no_model_load):
+    meta = json.loads(Path(embedded_scene.dataset).read_text())
+    for frame in meta["frames"]:
+        frame.pop("depth_file_path", None)
+    rgb_only = tmp_path / "rgb_only"
+    rgb_only.mkdir()
+    (rgb_only / "transforms.json").write_text(json.dumps(meta))
+    run = write_fake_run(tmp_path / "run", rgb_only, {"transform": np.eye(4)[:3].tolist(), "scale": 1.0})
+    code, _, err = _run(["--load-config", run, "--output-dir", tmp_path / "out", "--method", "depth"], capsys)
+    assert code == 1 and err == [
+        "error: --method depth needs query depth images (depth_file_path), and the run's eval split has none: use "
+        "another method (gsloc, photometric, icomma, pnp)"
+    ]
+
+
 def test_ctrl_c_while_loading_is_one_line_and_writes_nothing(tmp_path, capsys, fake_run, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
