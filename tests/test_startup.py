@@ -110,10 +110,9 @@ def test_sigint_while_make_scene_writes_leaves_whole_images_and_one_line(tmp_pat
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    # The progress bar's last state may precede it (it is drawn on stderr); the outcome is one line, no traceback.
-    assert _lines(err)[-1] == (
+    assert _lines(err) == [
         f"interrupted: {out} is incomplete (transforms.json is written only after every view); run the command again"
-    ), err
+    ], err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert not (out / "transforms.json").exists()
     written = list((out / "images").iterdir())
@@ -121,3 +120,29 @@ def test_sigint_while_make_scene_writes_leaves_whole_images_and_one_line(tmp_pat
     for path in written:
         with Image.open(path) as image:
             image.load()  # every image that exists is whole
+
+
+def test_make_scene_on_a_full_disk_is_one_line_and_no_partial_image(tmp_path, capsys, monkeypatch):
+    from nerfstudio_gsloc import files
+    from nerfstudio_gsloc.scripts import make_scene
+
+    real_replace = files.os.replace
+    moved = {"n": 0}
+
+    def replace_until_full(src, dst):
+        moved["n"] += 1
+        if moved["n"] > 3:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace_until_full)
+    out = tmp_path / "scene"
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: make_scene.MakeScene(output_dir=out, num_views=8, width=24, height=16, depth=False).main())
+    assert info.value.code == 1
+    assert _lines(capsys.readouterr().err) == [
+        f"error: cannot write {out / 'images' / 'frame_00003.png'}: no space left on the device; {out} is incomplete "
+        "(no transforms.json), the views already written are whole"
+    ]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["frame_00000.png", "frame_00001.png", "frame_00002.png"]
+    assert not (out / "transforms.json").exists()

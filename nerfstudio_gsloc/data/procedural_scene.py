@@ -914,6 +914,7 @@ def _progress(console: Optional[Console]) -> Progress:
         TimeRemainingColumn(),
         console=console,
         disable=console is None,
+        transient=True,  # gone when done, so an error or an interruption is the one line left on stderr
     )
 
 

@@ -20,7 +20,8 @@ import tyro
 from rich.console import Console
 
 from nerfstudio_gsloc.data.procedural_scene import DEFAULT_HFOV_DEG, generate_scene, write_query_set
-from nerfstudio_gsloc.errors import Interrupted, run_cli
+from nerfstudio_gsloc.errors import GslocError, Interrupted, run_cli
+from nerfstudio_gsloc.files import OutputError
 
 
 @dataclass
@@ -54,6 +55,9 @@ class MakeScene:
         """Generate the files and print where they are (Ctrl-C: one line saying the folder is incomplete)."""
         try:
             return self._generate()
+        except OutputError as err:
+            raise GslocError(f"{err}; {self.output_dir} is incomplete (no transforms.json), the views already "
+                             "written are whole") from None
         except KeyboardInterrupt:
             raise Interrupted(
                 f"{self.output_dir} is incomplete (transforms.json is written only after every view); run the command again"
