@@ -40,6 +40,11 @@ def run_cli(main: Callable[[], T]) -> T:
         sys.exit(EXIT_INTERRUPTED)
 
 
+def count(number: int, noun: str, plural: str = "") -> str:
+    """``"1 query"``, ``"3 queries"``: a number with its noun, for messages."""
+    return f"{number} {noun if number == 1 else (plural or noun + 's')}"
+
+
 def print_error(message: str) -> None:
     """Print ``error: message`` in red on stderr."""
     Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)

@@ -46,7 +46,7 @@ import tyro
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from nerfstudio_gsloc.errors import GslocError, Interrupted, run_cli
+from nerfstudio_gsloc.errors import GslocError, Interrupted, count, run_cli
 from nerfstudio_gsloc.evaluation import report
 from nerfstudio_gsloc.evaluation.protocols import (
     Protocol,
@@ -335,8 +335,8 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
                 frame=frame, queries=source, records=pose_records + [method_poses[k] for k in sorted(method_poses)],
                 settings={"protocol": protocol.name, "command": meta["command"]}))
         except OutputError as err:
-            raise GslocError(f"{err}; {output_dir} keeps the {saved[0]} trials saved before, {total - saved[0]} trials "
-                             "and the summaries (results.md, plots) are lost") from None
+            raise GslocError(f"{err}; {output_dir} keeps {count(saved[0], 'trial')} saved before; lost: "
+                             f"{count(total - saved[0], 'trial')} and the summaries (results.md, plots)") from None
         saved[0] = len(done)
 
     saved = [0]
@@ -372,8 +372,8 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
             save({}, {})
         rows = write_summaries(output_dir, methods, records, protocol, meta)
     except KeyboardInterrupt:
-        raise Interrupted(f"{saved[0]} of {total} trials are saved in {output_dir / 'trials.jsonl'} and "
-                          f"{output_dir / POSES_FILE}; the summaries (results.md, plots) are not complete") from None
+        raise Interrupted(f"{output_dir / 'trials.jsonl'} and {output_dir / POSES_FILE} hold "
+                          f"{count(saved[0], 'trial')} of {total}; the summaries (results.md, plots) are not complete") from None
     print_results(rows, f"{protocol.name}: {len(queries)} queries x {protocol.trials_per_query} trials", machine_line, output_dir)
     return rows
 

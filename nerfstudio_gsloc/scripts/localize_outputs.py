@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from nerfstudio_gsloc.camera_conventions import FrameTransform
-from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.errors import GslocError, count
 from nerfstudio_gsloc.files import OutputError, atomic_output, atomic_write_text
 from nerfstudio_gsloc.localize.result import TRACE_FIELDS
 from nerfstudio_gsloc.metrics import from_strict_json, to_strict_json
@@ -156,15 +156,17 @@ class LocalizeOutputs:
             write_poses(self.poses_path, PosesDocument(frame=self.frame, queries=self.source,
                                                        records=list(self.records.values()), settings=self.settings))
         except OutputError as err:
-            raise GslocError(f"{err}; {self._kept()}, the result of {lost_now} finished query is lost and "
-                             f"{self.total - len(self.records)} were not localized (rerun with --resume once "
-                             "the folder can be written)" if lost_now else f"{err}; nothing was localized") from None
+            if not lost_now:
+                raise GslocError(f"{err}; nothing was localized") from None
+            left = self.total - len(self.records)
+            raise GslocError(f"{err}; {self._kept()}; lost: the query just finished and {count(left, 'query', 'queries')} "
+                             "not yet localized (rerun with --resume once the folder can be written)") from None
         self.saved = len(self.records)
 
     def _kept(self) -> str:
         if not self.poses_path.is_file():
             return f"{self.poses_path} was not written"
-        return f"{self.poses_path} keeps the {self.saved} queries saved before"
+        return f"{self.poses_path} keeps {count(self.saved, 'query', 'queries')} saved before"
 
     def write_summaries(self, metrics: Optional[Dict[str, Any]]) -> None:
         """metrics.json (when there is ground truth), then trace.png; a failed write names what is kept and lost."""
@@ -182,14 +184,16 @@ class LocalizeOutputs:
             self.summaries_written.append(name)
 
     def _kept_files(self) -> str:
-        names = [f"{POSES_FILE} (all {self.saved} queries)", TRACE_CSV] + self.summaries_written
+        names = [f"{POSES_FILE} (every query)", TRACE_CSV] + self.summaries_written
         return ", ".join(names)
 
     def interrupted_message(self) -> str:
         """What is saved when Ctrl-C stops the run now (one line, for ``interrupted: ...``)."""
         if self.saved < self.total:
-            return (f"{self.saved} of {self.total} queries are saved in {self.poses_path}; rerun with --resume to "
-                    "continue")
+            return (f"{self.poses_path} holds {count(self.saved, 'query', 'queries')} of {self.total}; rerun with "
+                    "--resume to continue")
         missing = [n for n in (METRICS_FILE, TRACE_PNG) if n not in self.summaries_written]
-        return (f"all {self.total} queries are saved in {self.poses_path}; rerun with --resume to write "
-                f"{' and '.join(missing)}")
+        if not missing:
+            return f"{self.poses_path} holds every query ({count(self.total, 'query', 'queries')}); every file is written"
+        return (f"{self.poses_path} holds every query ({count(self.total, 'query', 'queries')}); rerun with --resume "
+                f"to write {' and '.join(missing)}")

@@ -73,8 +73,8 @@ def test_a_full_disk_keeps_every_trial_saved_before(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(files, "open", open_until_full, raising=False)
     code, _, err = _run(_bench_args(small_gsloc_run, out), capsys)
     assert code == 1 and err == [
-        f"error: cannot write {out / 'trials.jsonl'}: no space left on the device; {out} keeps the 2 trials saved "
-        "before, 2 trials and the summaries (results.md, plots) are lost"
+        f"error: cannot write {out / 'trials.jsonl'}: no space left on the device; {out} keeps 2 trials saved "
+        "before; lost: 2 trials and the summaries (results.md, plots)"
     ]
     assert len(report.read_trials_jsonl(out / "trials.jsonl")) == 2
     assert not (out / "results.md").exists() and not any(p.name.startswith(".") for p in out.iterdir())
@@ -94,7 +94,7 @@ def test_ctrl_c_mid_benchmark_is_one_line_and_keeps_finished_trials(tmp_path, ca
     monkeypatch.setattr(report, "write_trials_jsonl", interrupted_after_one)
     code, _, err = _run(_bench_args(small_gsloc_run, out), capsys)
     assert code == 130 and err == [
-        f"interrupted: 1 of 4 trials are saved in {out / 'trials.jsonl'} and {out / 'poses.json'}; the summaries "
+        f"interrupted: {out / 'trials.jsonl'} and {out / 'poses.json'} hold 1 trial of 4; the summaries "
         "(results.md, plots) are not complete"
     ]
     assert len(report.read_trials_jsonl(out / "trials.jsonl")) == 1

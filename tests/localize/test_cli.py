@@ -206,7 +206,7 @@ def test_eval_split_resume_and_interrupt(tmp_path, capsys, monkeypatch, small_gs
 
     monkeypatch.setattr(pipeline_module.PoseInversion, "localize", interrupted)
     code, out, err = _run([*base, "--resume"], capsys)
-    assert code == 130 and err.strip().splitlines() == [f"interrupted: 2 of 3 queries are saved in {out_dir / 'poses.json'}; "
+    assert code == 130 and err.strip().splitlines() == [f"interrupted: {out_dir / 'poses.json'} holds 2 queries of 3; "
                                                         "rerun with --resume to continue"]
     partial = json.loads((out_dir / "poses.json").read_text())["results"]
     assert len(partial) == 2 and partial[0] == first[0]

@@ -149,9 +149,8 @@ def test_a_full_disk_mid_run_keeps_the_finished_queries_and_resume_continues(tmp
     code, _, err = _run(base, capsys)
     poses = out_dir / "poses.json"
     assert code == 1 and err == [
-        f"error: cannot write {poses}: no space left on the device; {poses} keeps the 1 queries saved before, the "
-        "result of 1 finished query is lost and 1 were not localized (rerun with --resume once the folder can be "
-        "written)"
+        f"error: cannot write {poses}: no space left on the device; {poses} keeps 1 query saved before; lost: the "
+        "query just finished and 1 query not yet localized (rerun with --resume once the folder can be written)"
     ]
     assert len(read_poses(poses).records) == 1 and _no_partial_files(out_dir)
     assert not (out_dir / "metrics.json").exists()
@@ -178,7 +177,7 @@ def test_ctrl_c_while_writing_the_summaries_keeps_whole_files_and_resume_writes_
     monkeypatch.setattr(localize_outputs, "plot_trace", interrupted_plot)
     code, _, err = _run(base, capsys)
     assert code == 130 and err == [
-        f"interrupted: all 1 queries are saved in {out_dir / 'poses.json'}; rerun with --resume to write trace.png"
+        f"interrupted: {out_dir / 'poses.json'} holds every query (1 query); rerun with --resume to write trace.png"
     ]
     assert not (out_dir / "trace.png").exists() and _no_partial_files(out_dir)
     assert read_metrics(out_dir / "metrics.json")["num_queries"] == 1  # written before, complete
