@@ -21,7 +21,7 @@ from rich.console import Console
 
 from nerfstudio_gsloc.data.procedural_scene import DEFAULT_HFOV_DEG, generate_scene, write_query_set
 from nerfstudio_gsloc.errors import GslocError, Interrupted, run_cli
-from nerfstudio_gsloc.files import OutputError
+from nerfstudio_gsloc.files import OutputError, check_writable
 
 
 @dataclass
@@ -53,6 +53,7 @@ class MakeScene:
 
     def main(self) -> Path:
         """Generate the files and print where they are (Ctrl-C: one line saying the folder is incomplete)."""
+        check_writable(self.output_dir, "output directory")  # before any work; later failures are mid-write
         try:
             return self._generate()
         except OutputError as err:
