@@ -1,17 +1,99 @@
-"""Atomic file output: every result file (poses.json, metrics.json, results.md, plots) is replaced in one step.
+"""Output files: checked before any work, replaced atomically, and a failed write is one clear error.
 
-A reader never sees a half-written file, and an interrupted run leaves the previous complete file. Files get the
-normal permissions of a newly created file (``0o666`` minus the umask), unlike ``tempfile.mkstemp``'s ``0600``:
-results are meant to be shared.
+* :func:`check_writable` is what every command runs on its output locations before it loads anything: it creates
+  the folder, writes and removes a probe file, then removes again the folders it created (a run that later stops on
+  bad input leaves nothing behind). A read-only folder, a path under a regular file or a full disk becomes one
+  :class:`OutputError` naming the path.
+* :func:`atomic_output` / :func:`atomic_write_text`: every result file (poses.json, metrics.json, trace.csv,
+  trace.png, results.md, trials.jsonl, ...) is replaced in one step. A reader never sees a half-written file, and
+  an interrupted or failed write (Ctrl-C, disk full) leaves the previous complete file. Failures are raised as
+  :class:`OutputError` (a :class:`~nerfstudio_gsloc.errors.GslocError`) naming the file, so callers can say what
+  was kept and what was lost.
+
+Files get the normal permissions of a newly created file (``0o666`` minus the umask), unlike
+``tempfile.mkstemp``'s ``0600``: results are meant to be shared.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, List, Optional, Union
+
+from nerfstudio_gsloc.errors import GslocError
+
+
+class OutputError(GslocError):
+    """An output file or folder cannot be written. ``path`` is the file or folder, ``reason`` the system's words."""
+
+    def __init__(self, message: str, path: Path, reason: str) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+        self.reason = reason
+
+
+def _reason(err: OSError, path: Path) -> str:
+    """A short cause of ``err`` for a message: names the regular file a folder path runs into."""
+    if isinstance(err, NotADirectoryError) or err.errno == errno.ENOTDIR or (
+        isinstance(err, FileExistsError) and path.is_file()
+    ):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return f"{blocker} is a file, not a folder"
+    if err.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if err.errno == errno.EROFS:
+        return "read-only file system"
+    return err.strerror or str(err) or type(err).__name__
+
+
+def check_writable(folder: Union[str, Path], what: str = "output folder") -> Path:
+    """Make sure files can be written into ``folder`` before any work: create it, write and remove a probe file.
+
+    Folders this call created are removed again, so a command that stops later on bad input leaves nothing behind
+    (the real writes create them again).
+
+    Args:
+        folder: the output folder.
+        what: how the message names it (e.g. ``--output-dir``).
+
+    Returns:
+        ``folder`` as a :class:`Path`.
+
+    Raises:
+        OutputError: one line naming the folder and why (permission denied, a file in the way, no space, ...).
+    """
+    folder = Path(folder)
+    created: List[Path] = [p for p in [folder, *folder.parents] if not p.exists()]
+    probe = folder / f".gsloc-write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(folder))
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, b"gsloc")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise OutputError(f"cannot write to {what} {folder}: {_reason(err, folder)}", folder, _reason(err, folder)) from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # the probe was never made (a file in the way, no permission)
+            pass
+        for path in created:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+    return folder
 
 
 @contextmanager
@@ -20,17 +102,24 @@ def atomic_output(path: Union[str, Path]) -> Iterator[Path]:
 
     The temporary file already exists (empty, normal permissions) and keeps ``path``'s suffix, so writers that
     infer the format from the name (e.g. matplotlib's ``savefig``) work unchanged. The parent folder is created.
+    An ``OSError`` (disk full, permission denied, ...) while creating, writing or moving becomes an
+    :class:`OutputError` naming ``path``; ``path`` itself then still holds its previous content (or does not exist).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}"
-    # os.open with 0o666 applies the process umask, as open() would for a new file.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    tmp: Optional[Path] = None
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}"
+            # os.open with 0o666 applies the process umask, as open() would for a new file.
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            yield tmp
+            os.replace(tmp, path)
+        except OSError as err:
+            reason = _reason(err, path.parent)
+            raise OutputError(f"cannot write {path}: {reason}", path, reason) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 

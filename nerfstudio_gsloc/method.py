@@ -33,8 +33,43 @@ compat.install_gsloc_excepthook()
 DEFAULT_ITERATIONS = 7000
 
 
+#: What a run folder holds before its first checkpoint (nerfstudio's config, logs and viewer log, our seed cache).
+_UNFINISHED_RUN_FILES = ("config.yml", "dataparser_transforms.json", "seed_points.npz", "seed_points.json",
+                         "viewer_log_filename.txt", "nerfstudio_models")
+
+
+def remove_unfinished_run(base_dir: Path, output_dir: Path) -> bool:
+    """Remove a run folder that holds nothing but what a run writes before training (no checkpoint).
+
+    ``ns-train`` writes config.yml before the data is loaded, so a run that stops on a data error would leave
+    ``<output>/<dataset>/gsloc/<timestamp>/config.yml`` behind, which looks like a run but cannot be loaded. The
+    folder is removed only when every entry in it is a known pre-training file (or a tensorboard log) and
+    ``nerfstudio_models`` holds no checkpoint; then its parents are removed while they are empty, up to (not
+    including) ``output_dir``. Returns whether the folder was removed.
+    """
+    import shutil
+
+    base_dir, output_dir = Path(base_dir), Path(output_dir)
+    if not base_dir.is_dir():
+        return False
+    for entry in base_dir.iterdir():
+        known = entry.name in _UNFINISHED_RUN_FILES or entry.name.startswith("events.out.tfevents")
+        if not known or (entry.is_dir() and any(entry.iterdir())):
+            return False
+    shutil.rmtree(base_dir)
+    for parent in base_dir.parents:
+        if parent == output_dir or output_dir not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: other runs
+            break
+    return True
+
+
 class GSLocTrainer(Trainer):
-    """nerfstudio's trainer, telling the datamanager where the run's seed-point cache lives before it seeds."""
+    """nerfstudio's trainer, telling the datamanager where the run's seed-point cache lives before it seeds, and
+    removing the run folder again when set-up fails (bad data, Ctrl-C) before anything was trained."""
 
     def setup(self, test_mode="val") -> None:
         datamanager = self.config.pipeline.datamanager
@@ -44,7 +79,11 @@ class GSLocTrainer(Trainer):
             if self.config.load_dir is not None:
                 dirs.append(Path(self.config.load_dir).parent)
             datamanager.seed_cache_dirs = tuple(dirs)
-        super().setup(test_mode=test_mode)
+        try:
+            super().setup(test_mode=test_mode)
+        except BaseException:
+            remove_unfinished_run(self.base_dir, self.config.output_dir)
+            raise
 
 
 def gsloc_trainer_config(max_iterations: int = DEFAULT_ITERATIONS) -> TrainerConfig:

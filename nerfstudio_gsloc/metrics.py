@@ -18,6 +18,7 @@ Success at a threshold pair ``(deg, dist)``: ``rot_err <= deg`` **and** ``trans_
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -224,3 +225,41 @@ def precision_recall(rot_deg: Any, trans: Any, accepted: Any, success: Tuple[flo
     precision = float(np.mean(correct[acc])) if acc.any() else math.nan
     recall = float(np.mean(acc[correct])) if correct.any() else math.nan
     return precision, recall
+
+
+# -- strict JSON for summaries with infinite errors ---------------------------------------------------------------
+
+#: How non-finite numbers are written in summary files (strict JSON has no Infinity or NaN).
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def to_strict_json(value: Any, indent: Optional[int] = None) -> str:
+    """JSON text of a summary in which infinite / NaN floats (failures) become the strings ``"inf"``, ``"-inf"``,
+    ``"nan"``, so any strict JSON parser (browsers, jq) reads it. :func:`from_strict_json` reverses it."""
+    return json.dumps(_strict(value), indent=indent, allow_nan=False)
+
+
+def from_strict_json(text: str) -> Any:
+    """Parse :func:`to_strict_json` output: ``"inf"``, ``"-inf"``, ``"nan"`` strings become floats again (the bare
+    ``Infinity`` / ``NaN`` of files written before are accepted too)."""
+
+    def restore(value: Any) -> Any:
+        if isinstance(value, str) and value in _NONFINITE:
+            return _NONFINITE[value]
+        if isinstance(value, dict):
+            return {k: restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(json.loads(text))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -84,7 +86,11 @@ def load_run(config_path: Path, test_mode: Literal["test", "val", "inference"] =
         return config
 
     try:
-        config, pipeline, _, _ = eval_setup(config_path, test_mode=test_mode, update_config_callback=use_checkpoints_beside_config)
+        with warnings.catch_warnings():
+            # Loading to localize never computes LPIPS: the model's note that it would be skipped is noise here.
+            warnings.filterwarnings("ignore", message="gsloc: LPIPS skipped", category=UserWarning)
+            config, pipeline, _, _ = eval_setup(config_path, test_mode=test_mode,
+                                                update_config_callback=use_checkpoints_beside_config)
     except SystemExit as err:  # eval_setup exits when the checkpoint folder is missing
         raise GslocError(f"could not load a checkpoint from {checkpoint_dir}") from err
     except GslocError:
@@ -95,3 +101,15 @@ def load_run(config_path: Path, test_mode: Literal["test", "val", "inference"] =
     if not hasattr(pipeline.model, "means"):
         raise GslocError(f"{config_path}: the model has no Gaussians to render")
     return config, pipeline
+
+
+def eval_split_has_depth(config_path: Path) -> Optional[bool]:
+    """Whether the run's dataset lists depth images (``depth_file_path``), read from its transforms.json without
+    loading the run; ``None`` when that cannot be told (another dataset format, an unreadable file)."""
+    try:
+        data = Path(read_run_config(config_path).pipeline.datamanager.data)
+        meta = json.loads((data if data.is_file() else data / "transforms.json").read_text())
+        frames = meta["frames"]
+    except (GslocError, AttributeError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return any("depth_file_path" in frame for frame in frames) or "depth_file_path" in meta

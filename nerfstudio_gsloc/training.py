@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Literal, Optional, Union
+from typing import List, Literal, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,8 +32,9 @@ class TrainPreset:
     """Training steps; the learning-rate decay and the end of densification (half way) follow it."""
     background: Literal["auto", "white", "black", "random"] = "auto"
     """Background colour the model is trained against. ``auto``: white for Blender-format (RGBA) scenes,
-    whose transparent pixels otherwise grow floaters under splatfacto's random background; the method's
-    default for other datasets."""
+    whose transparent pixels otherwise grow floaters under splatfacto's random background; for other datasets
+    without alpha whose training images share a uniform white or black border (a masked object capture), that
+    colour (:mod:`nerfstudio_gsloc.data.background`; the choice is printed); otherwise the method's default."""
     compress_schedule: bool = False
     """Scale densification warm-up, refinement interval and SH-degree schedule down with ``iterations``
     (for runs of a few hundred steps, e.g. tests); the method's defaults are tuned for thousands."""
@@ -72,6 +73,29 @@ def dataset_format(data: Path) -> Literal["blender", "nerfstudio"]:
     raise GslocError(f"{data} has neither transforms.json (nerfstudio format) nor transforms_train.json (Blender format)")
 
 
+def resolve_background(data: Path, background: str, default: str) -> Tuple[str, Optional[str]]:
+    """The background a preset's ``background`` means on ``data``, and a line saying why when ``auto`` chose it.
+
+    Returns:
+        ``(background, note)``: ``note`` is ``None`` unless ``auto`` looked at the images.
+    """
+    if background != "auto":
+        return background, None
+    if dataset_format(data) == "blender":
+        return "white", None
+    from nerfstudio_gsloc.data.background import detect_border_background, nerfstudio_training_images
+
+    try:
+        found = detect_border_background(nerfstudio_training_images(data))
+    except (OSError, ValueError, KeyError, TypeError):  # an unreadable dataset is reported when training starts
+        found = None
+    if found is None:
+        return default, None
+    if found.name is None:
+        return default, f"gsloc: {found.describe()}, neither white nor black: training with the {default} background"
+    return found.name, f"gsloc: {found.describe()}: training against a {found.name} background (background: auto)"
+
+
 def gsloc_run_config(data: Path, output_dir: Path, preset: TrainPreset, experiment_name: str, timestamp: str,
                      show_progress: bool = True):
     """The ``TrainerConfig`` of ``ns-train gsloc`` on ``data`` with ``preset``'s schedule, without the viewer.
@@ -97,9 +121,11 @@ def gsloc_run_config(data: Path, output_dir: Path, preset: TrainPreset, experime
     config.save_only_latest_checkpoint = True
     config.logging.local_writer.enable = show_progress
     model = config.pipeline.model
-    background = preset.background
-    if background == "auto":
-        background = "white" if dataset_format(data) == "blender" else model.background_color
+    background, note = resolve_background(data, preset.background, model.background_color)
+    if note:
+        from nerfstudio.utils.rich_utils import CONSOLE
+
+        CONSOLE.log(note)
     model.background_color = background
     if preset.compress_schedule:
         model.warmup_length = iterations // 5

@@ -81,3 +81,24 @@ def _write_fake_run(root: Path, data: Path, dataparser_transforms: dict) -> Path
 def write_fake_run():
     """:func:`_write_fake_run`, for tests of what the CLIs check before loading a model."""
     return _write_fake_run
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nothing can be written into: ``chattr +i`` when running as root (root ignores permissions),
+    otherwise mode 0o555. Restored afterwards so pytest can clean up."""
+    import os
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("running as root on a file system without chattr +i: no way to make a read-only folder here")
+        yield folder
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)

@@ -112,6 +112,8 @@ def test_ns_train_bad_data_is_one_line_error(tmp_path, case):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and ("does not exist" in last or "lists no images" in last)
     assert "Traceback" not in result.stderr
+    # ns-train wrote <output>/<dataset>/gsloc/<timestamp>/config.yml before the data failed: it is removed again.
+    assert not (tmp_path / "outputs" / "dataset").exists()
 
 
 def test_ns_export_gaussian_splat_on_a_gsloc_run(small_gsloc_run, tmp_path):

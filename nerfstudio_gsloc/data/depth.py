@@ -22,6 +22,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from PIL import Image
 
 from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c, rigid_inverse
+from nerfstudio_gsloc.data.validation import check_dataparser_images
 from nerfstudio_gsloc.errors import GslocError
 
 
@@ -130,6 +131,7 @@ class GSLocDataParser(Nerfstudio):
             raise GslocError(f"no images in the {split} split of {self.config.data}")
         has_depth = outputs.metadata.get("depth_filenames") is not None
         if split == "train" and has_depth and self.config.depth_seed_points > 0 and "points3D_xyz" not in outputs.metadata:
+            check_dataparser_images(outputs)  # seeding decodes every image: one clear line for bad files first
             xyz, rgb = backproject_depth_points(outputs, self.config.depth_seed_points)
             outputs.metadata["points3D_xyz"], outputs.metadata["points3D_rgb"] = xyz, rgb
             CONSOLE.log(f"gsloc: seeded {len(xyz):,} Gaussians from back-projected depth")

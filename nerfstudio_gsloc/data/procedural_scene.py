@@ -54,6 +54,7 @@ from rich.progress import (
 
 from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c, rigid_inverse
 from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.files import atomic_output, atomic_write_text, check_writable
 
 #: Largest image side (pixels) the generator accepts; the ray caster is CPU numpy, keep images small.
 MAX_IMAGE_SIDE = 160
@@ -892,9 +893,7 @@ def _validate(output_dir: Path, num_views: int, width: int, height: int, hfov_de
     for name, size in (("width", width), ("height", height)):
         if not MIN_IMAGE_SIDE <= size <= MAX_IMAGE_SIDE:
             raise GslocError(f"{name} must be between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels, got {size}")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise GslocError(f"output directory {output_dir} exists and is not a directory")
+    output_dir = check_writable(output_dir, "output directory")
     try:
         (output_dir / "images").mkdir(parents=True, exist_ok=True)
         (output_dir / "depth").mkdir(parents=True, exist_ok=True)
@@ -915,6 +914,7 @@ def _progress(console: Optional[Console]) -> Progress:
         TimeRemainingColumn(),
         console=console,
         disable=console is None,
+        transient=True,  # gone when done, so an error or an interruption is the one line left on stderr
     )
 
 
@@ -955,9 +955,14 @@ def _render_and_write(
         task = progress.add_task(description, total=len(poses))
 
         def write(index: int, rgb: np.ndarray, depth: np.ndarray) -> None:
-            Image.fromarray(rgb).save(output_dir / "images" / names[index])
+            # Atomic: an interrupted run never leaves a truncated image (transforms.json, written last, marks
+            # a complete dataset).
+            with atomic_output(output_dir / "images" / names[index]) as tmp:
+                Image.fromarray(rgb).save(tmp)
             if with_depth:
-                cv2.imwrite(str(output_dir / "depth" / names[index]), depth_to_png_units(depth))
+                with atomic_output(output_dir / "depth" / names[index]) as tmp:
+                    if not cv2.imwrite(str(tmp), depth_to_png_units(depth)):
+                        raise OSError(f"OpenCV could not write {tmp}")
             progress.advance(task)
 
         render_views(scene, poses, focal, focal, width / 2.0, height / 2.0, width, height, on_view=write)
@@ -1042,7 +1047,7 @@ def generate_scene(
         "gsloc_scene": _scene_info(scene),
     }
     path = output_dir / "transforms.json"
-    path.write_text(json.dumps(meta, indent=2))
+    atomic_write_text(path, json.dumps(meta, indent=2))
     return path
 
 
@@ -1120,5 +1125,5 @@ def write_query_set(
         "gsloc_scene": {**_scene_info(scene), "query_seed": seed},
     }
     path = output_dir / "transforms.json"
-    path.write_text(json.dumps(meta, indent=2))
+    atomic_write_text(path, json.dumps(meta, indent=2))
     return path

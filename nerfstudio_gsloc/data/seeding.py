@@ -31,6 +31,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
 from nerfstudio_gsloc.data.depth import GSLocDataset, backproject_depth_points
+from nerfstudio_gsloc.data.validation import check_dataparser_images
 from nerfstudio_gsloc.data.triangulation import SparseMap, TriangulationSettings, triangulate_views
 from nerfstudio_gsloc.files import atomic_output, atomic_write_text
 
@@ -133,6 +134,13 @@ class GSLocDatamanager(FullImageDatamanager[GSLocDataset]):
         # Only training builds a model from seed points; evaluation loads a checkpoint over random ones.
         if test_mode == "val" and config.seeding != "off":
             self._seed()
+
+    def create_train_dataset(self) -> GSLocDataset:
+        # Training (test_mode "val") decodes every training image: check them all first, so that a bad file is one
+        # error line naming it (and every other bad file) instead of a traceback minutes later.
+        if self.test_mode == "val":
+            check_dataparser_images(self.train_dataparser_outputs)
+        return super().create_train_dataset()
 
     def _seed(self) -> None:
         metadata = self.train_dataparser_outputs.metadata

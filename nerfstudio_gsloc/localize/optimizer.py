@@ -46,7 +46,7 @@ from nerfstudio_gsloc.rendering import RenderedViews, render_splat_model
 Objective = Callable[[BatchState, Stage, List[int], Tensor, Optional[RenderedViews], int, int], LossTerms]
 
 ResultCallback = Optional[Callable[[int, LocalizationResult], None]]
-"""Called with ``(position in the input, result)`` as soon as a query's batch finishes."""
+"""Called with ``(position in the input, result)`` as soon as the query is finished (not when its batch is)."""
 StepCallback = Optional[Callable[[int], None]]
 """Called after every iteration with the number of queries still being optimised."""
 
@@ -149,22 +149,30 @@ class PoseOptimizer:
                 color = self.losses.color_correction and self.losses.photometric
                 batch = BatchState([queries[i] for i in members], [initial_c2w[i] for i in members], self.device, color,
                                    None if anchors is None else [anchors[i] for i in members])
-                for i, result in zip(members, _BatchLoop(self, batch).run(on_step)):
-                    results[i] = result
+
+                def finished(k: int, result: LocalizationResult, members=members) -> None:
+                    results[members[k]] = result
                     if on_result is not None:
-                        on_result(i, result)
+                        on_result(members[k], result)
+
+                _BatchLoop(self, batch, finished).run(on_step)
         return [r for r in results if r is not None]
 
 
 class _BatchLoop:
     """The stages of one batch: matching rounds, then refinement steps down the pyramid."""
 
-    def __init__(self, owner: PoseOptimizer, batch: BatchState) -> None:
+    def __init__(self, owner: PoseOptimizer, batch: BatchState,
+                 on_finished: Callable[[int, LocalizationResult], None]) -> None:
         self.o = owner
         self.batch = batch
         self.states = batch.states
+        self.on_finished = on_finished
+        self.reported: set = set()
 
-    def run(self, on_step: StepCallback) -> List[LocalizationResult]:
+    def run(self, on_step: StepCallback) -> None:
+        """Run every stage; each query's result goes to ``on_finished`` as soon as it is final (it converged or
+        failed: see :meth:`report_finished`), the others' at the end."""
         # Row 0 of every trace is the initial pose (no loss yet), so plots show the whole descent.
         ids = self.batch.active_ids()
         nan = torch.full((len(ids),), float("nan"))
@@ -177,9 +185,24 @@ class _BatchLoop:
                 self.run_matching_stage(stage, on_step)
             else:
                 self.run_refine_stage(stage, on_step)
+        self.report_finished(everything=True)
+
+    def report_finished(self, everything: bool = False) -> None:
+        """Hand the results of queries that stopped (or, with ``everything``, of all queries) to ``on_finished``,
+        each once, so a caller saves a query when it is done rather than when its whole batch is."""
+        pending = [i for i in range(self.batch.B) if i not in self.reported and (everything or not self.states[i].active)]
+        if not pending:
+            return
         no_pnp_note = any(stage.pnp_jump for stage in self.o.stages)
         notes = None if self.o.notes is None else self.o.notes(self.batch)
-        return self.batch.results(no_pnp_note, notes)
+        for i in pending:
+            self.reported.add(i)
+            self.on_finished(i, self.batch.result(i, no_pnp_note, None if notes is None else notes[i]))
+
+    def after_step(self, on_step: StepCallback) -> None:
+        if on_step is not None:
+            on_step(self.batch.num_active())
+        self.report_finished()
 
     def new_optimizers(self, stage: Stage) -> None:
         color_lr = self.o.optim.color_lr if stage.photometric_weight > 0 else None
@@ -222,8 +245,7 @@ class _BatchLoop:
             zero = torch.zeros_like(loss)
             batch.record(stage, ids, loss * stage.matching_weight, loss, zero, zero, counts, after[ids], events)
             batch.share_time(ids, started)
-            if on_step is not None:
-                on_step(batch.num_active())
+            self.after_step(on_step)
             movers = [i for i in ids if i not in jumped and self.states[i].matches is not None]
             for it in range(start, min(start + every, stage.iterations)):
                 movers = [i for i in movers if self.states[i].active]
@@ -232,8 +254,7 @@ class _BatchLoop:
                 started = time.perf_counter()
                 self.step(stage, it, movers)
                 batch.share_time(movers, started)
-                if on_step is not None:
-                    on_step(batch.num_active())
+                self.after_step(on_step)
 
     def stage_members(self, stage: Stage) -> List[int]:
         """Active queries that take part in ``stage`` (PnP-localized queries skip coarse levels by default)."""
@@ -276,8 +297,7 @@ class _BatchLoop:
             rematch = self.o.matching is not None and stage.matching_weight > 0 and it % max(1, self.o.schedule.rematch_every) == 0
             self.step(stage, it, ids, rematch=rematch)
             self.batch.share_time(ids, started)
-            if on_step is not None:
-                on_step(self.batch.num_active())
+            self.after_step(on_step)
             # Earlier levels end as soon as every active query has stopped moving.
             if not stage.final and all(self.states[i].still >= patience for i in self.stage_members(stage)):
                 break

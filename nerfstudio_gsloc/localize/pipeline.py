@@ -77,8 +77,7 @@ class PoseInversion(OptimizingLocalizer):
     def __init__(self, config: PoseInversionConfig, model: nn.Module, pipeline: Any = None, seed: int = 0,
                  matcher: Optional[Matcher] = None) -> None:
         super().__init__(config, model, pipeline, seed)
-        # A method with only the depth term cannot do anything for a query without depth.
-        self.needs_depth = config.losses.depth and not (config.losses.photometric or config.losses.matching)
+        self.needs_depth = self.depth_only(config)
         self.matcher = matcher if matcher is not None else self.build_matcher(config)
         self.optimizer = PoseOptimizer(model, config.losses, config.schedule, config.optim, self.matcher, seed=seed)
 
@@ -132,6 +131,11 @@ class PoseInversion(OptimizingLocalizer):
         if int(inl.sum()) < cfg.min_support:
             inl = errors <= cfg.support_px
         return pnp_c2w, MatchState(matches.points[inl].float(), matches.kpts[inl].float(), int(inl.sum())), hypotheses
+
+    @staticmethod
+    def depth_only(config: PoseInversionConfig) -> bool:
+        """Whether the depth term is the only loss: such a method cannot do anything for a query without depth."""
+        return bool(config.losses.depth and not (config.losses.photometric or config.losses.matching))
 
     @staticmethod
     def build_matcher(config: PoseInversionConfig) -> Optional[Matcher]:

@@ -24,7 +24,7 @@ from torch import nn
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig
-from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
+from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig
 from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
 from nerfstudio_gsloc.localize.verification import PoseVerifier, VerificationConfig
 
@@ -108,6 +108,29 @@ def check_methods(names: Sequence[str]) -> List[str]:
         if name not in out:
             out.append(name)
     return out
+
+
+def check_queries_suit(method: str, config: LocalizerConfig, queries: Sequence[Any], source: Optional[str] = None) -> None:
+    """Refuse a run in which ``method`` cannot localize any of ``queries`` (a depth-only method on RGB queries).
+
+    Args:
+        method, config: the method and its config.
+        queries: the queries (``depth`` ``None`` when a query has none); empty when only ``source`` is known.
+        source: instead of ``queries``, a description of a query set known to have no depth at all.
+
+    Raises:
+        GslocError: one line naming the method and what the queries lack.
+    """
+    if not (isinstance(config, PoseInversionConfig) and PoseInversion.depth_only(config)):
+        return
+    if source is not None:
+        lacking = f"{source} has none"
+    elif queries and all(getattr(q, "depth", None) is None for q in queries):
+        lacking = f"none of the {len(queries)} queries has one"
+    else:
+        return
+    raise GslocError(f"--method {method} needs query depth images (depth_file_path), and {lacking}: use another "
+                     "method (gsloc, photometric, icomma, pnp)")
 
 
 def make_verifier(settings: LocalizerSettings, model: nn.Module, pipeline: Any) -> Optional[PoseVerifier]:

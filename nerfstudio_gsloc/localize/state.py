@@ -269,39 +269,40 @@ class BatchState:
             )
 
     def results(self, no_pnp_note: bool, notes: Optional[List[str]] = None) -> List[LocalizationResult]:
-        """One result per query: the best final-stage pose (else the last finite pose, else the base pose).
+        """One result per query (see :meth:`result`); ``notes``: an extra note per query, or ``None``."""
+        return [self.result(i, no_pnp_note, None if notes is None else notes[i]) for i in range(self.B)]
+
+    def result(self, i: int, no_pnp_note: bool, note: Optional[str] = None) -> LocalizationResult:
+        """The result of query ``i``: the best final-stage pose (else the last finite pose, else the base pose).
+
+        Final once the query is inactive (converged or failed): an inactive query's pose no longer changes.
 
         Args:
-            no_pnp_note: add a note to queries that no PnP jump localized (the schedule had a matching stage).
-            notes: an extra note per query (e.g. iComMa's switch-off), or ``None``.
+            no_pnp_note: add a note when no PnP jump localized the query (the schedule had a matching stage).
+            note: an extra note (e.g. iComMa's switch-off), or ``None``.
         """
-        out = []
-        last = self.current_c2w().detach()
-        for i, state in enumerate(self.states):
-            reached_final = math.isfinite(state.best_loss)
-            c2w = state.best_c2w if reached_final else last[i]
-            if not bool(torch.isfinite(c2w).all()):
-                c2w = state.base
-            rot = trans = None
-            if state.gt is not None:
-                r, t = pose_change(c2w[None], state.gt[None])
-                rot, trans = float(r[0]), float(t[0])
-            reason = state.reason
-            extra = []
-            if no_pnp_note and not state.pnp_localized and state.status != STATUS_FAILED:
-                # Worth knowing: without a PnP pose only the (narrow-basin) photometric terms moved this query.
-                extra.append("no PnP pose from feature matches; refined by the photometric/depth terms only")
-            if notes is not None and notes[i] and state.status != STATUS_FAILED:
-                extra.append(notes[i])
-            for note in extra:
-                reason = f"{reason}; {note}" if reason else note
-            out.append(
-                LocalizationResult(
-                    name=state.query.name, index=state.query.index, c2w=c2w.detach().cpu().clone(),
-                    c2w_init=state.c2w_init.cpu().clone(), status=state.status, reason=reason,
-                    iterations=state.iterations, seconds=state.seconds, inliers=int(state.inliers),
-                    loss=state.best_loss if reached_final else float("nan"), rot_err_deg=rot, trans_err=trans,
-                    trace=state.trace, candidates=[(name, pose.detach().cpu().clone()) for name, pose in state.candidates],
-                )
-            )
-        return out
+        state = self.states[i]
+        reached_final = math.isfinite(state.best_loss)
+        c2w = state.best_c2w if reached_final else self.current_c2w().detach()[i]
+        if not bool(torch.isfinite(c2w).all()):
+            c2w = state.base
+        rot = trans = None
+        if state.gt is not None:
+            r, t = pose_change(c2w[None], state.gt[None])
+            rot, trans = float(r[0]), float(t[0])
+        reason = state.reason
+        extra = []
+        if no_pnp_note and not state.pnp_localized and state.status != STATUS_FAILED:
+            # Worth knowing: without a PnP pose only the (narrow-basin) photometric terms moved this query.
+            extra.append("no PnP pose from feature matches; refined by the photometric/depth terms only")
+        if note and state.status != STATUS_FAILED:
+            extra.append(note)
+        for text in extra:
+            reason = f"{reason}; {text}" if reason else text
+        return LocalizationResult(
+            name=state.query.name, index=state.query.index, c2w=c2w.detach().cpu().clone(),
+            c2w_init=state.c2w_init.cpu().clone(), status=state.status, reason=reason,
+            iterations=state.iterations, seconds=state.seconds, inliers=int(state.inliers),
+            loss=state.best_loss if reached_final else float("nan"), rot_err_deg=rot, trans_err=trans,
+            trace=state.trace, candidates=[(name, pose.detach().cpu().clone()) for name, pose in state.candidates],
+        )

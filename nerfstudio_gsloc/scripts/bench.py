@@ -46,7 +46,7 @@ import tyro
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from nerfstudio_gsloc.errors import GslocError, run_cli
+from nerfstudio_gsloc.errors import GslocError, Interrupted, count, run_cli
 from nerfstudio_gsloc.evaluation import report
 from nerfstudio_gsloc.evaluation.protocols import (
     Protocol,
@@ -56,7 +56,7 @@ from nerfstudio_gsloc.evaluation.protocols import (
     load_protocol,
     protocol_from_dict,
 )
-from nerfstudio_gsloc.files import atomic_write_text
+from nerfstudio_gsloc.files import OutputError, atomic_write_text, check_writable
 from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.pnp import training_camera_poses
 from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, check_methods, make_localizer, make_verifier
@@ -147,8 +147,7 @@ def validate(cli: BenchCLI) -> Tuple[List[str], Protocol]:
     loftr = cli.method_settings.icomma.loftr_weights_path
     if "icomma" in methods and loftr is not None and not Path(loftr).is_file():
         raise GslocError(f"LoFTR weights file not found: {loftr}")
-    if Path(cli.output_dir).exists() and not Path(cli.output_dir).is_dir():
-        raise GslocError(f"--output-dir {cli.output_dir} is a file")
+    check_writable(cli.output_dir, "--output-dir")  # before training or loading anything
     return methods, protocol
 
 
@@ -258,6 +257,17 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
     return rows
 
 
+def write_summaries(output_dir: Path, methods: Sequence[str], records: Sequence[report.TrialRecord],
+                    protocol: Protocol, meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """:func:`write_outputs`, a failed write (disk full) being one error line that says what is kept and lost."""
+    try:
+        return write_outputs(output_dir, methods, records, protocol, meta)
+    except OutputError as err:
+        kept = "" if err.path.name == "trials.jsonl" else f"all {len(records)} trials are kept in trials.jsonl; "
+        raise GslocError(f"{err}; {kept}the summaries (results.md, results.csv, bench.json, plots) are not "
+                         "complete") from None
+
+
 def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """The body of ``gsloc-bench`` (raises :class:`GslocError` for bad input). Returns the summary rows."""
     from nerfstudio_gsloc.runs import check_run, load_run
@@ -320,34 +330,56 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     trial_starts = [trial.c2w_init for trial in trials]
     # One map of the training views checks every method's results (confidence) and serves gsloc and pnp.
     verifier = make_verifier(cli.method_settings, model, pipeline)
-    with progress:
-        for method in methods:
-            task = progress.add_task("setting up", total=len(trials), method=method)
-            finished = [0]
+    total = len(trials) * len(methods)
 
-            def on_result(position: int, result: LocalizationResult, task=task, method=method, finished=finished) -> None:
-                progress.update(task, advance=1, description=f"{result.status} {result.seconds:.1f} s")
-                finished[0] += 1
-                if not CONSOLE.is_terminal:  # no live bar in a log file: one line per finished trial instead
-                    CONSOLE.print(f"{method} {finished[0]}/{len(trials)}: {result.status} {result.seconds:.1f} s")
+    def save(method_records: Dict[int, report.TrialRecord], method_poses: Dict[int, PoseRecord]) -> None:
+        """trials.jsonl and poses.json with every finished trial (atomic: an interruption keeps complete files)."""
+        done = records + [method_records[k] for k in sorted(method_records)]
+        try:
+            report.write_trials_jsonl(output_dir / "trials.jsonl", done)
+            write_poses(output_dir / POSES_FILE, PosesDocument(
+                frame=frame, queries=source, records=pose_records + [method_poses[k] for k in sorted(method_poses)],
+                settings={"protocol": protocol.name, "command": meta["command"]}))
+        except OutputError as err:
+            raise GslocError(f"{err}; {output_dir} keeps {count(saved[0], 'trial')} saved before; lost: "
+                             f"{count(total - saved[0], 'trial')} and the summaries (results.md, plots)") from None
+        saved[0] = len(done)
 
-            started = time.perf_counter()
-            # Every method through the one localizer call: same queries, same initial poses.
-            localizer = make_localizer(method, cli.method_settings, model, pipeline, seed=0, verifier=verifier)
-            results = localizer.localize(trial_queries, trial_starts, on_result=on_result)
-            meta.setdefault("method_seconds", {})[method] = time.perf_counter() - started
-            meta.update(localizer.notes)
-            records.extend(trial_records(method, queries, trials, results))
-            pose_records.extend(
-                pose_record(result, query, frame, method, trial=trial.trial)
-                for trial, query, result in zip(trials, trial_queries, results) if not result.skipped
-            )
-            write_poses(output_dir / POSES_FILE, PosesDocument(frame=frame, queries=source, records=pose_records,
-                                                              settings={"protocol": protocol.name, "command": meta["command"]}))
-            # Write what is finished so far: an interrupted benchmark still leaves usable files.
-            report.write_trials_jsonl(output_dir / "trials.jsonl", records)
+    saved = [0]
+    try:
+        with progress:
+            for method in methods:
+                task = progress.add_task("setting up", total=len(trials), method=method)
+                method_records: Dict[int, report.TrialRecord] = {}
+                method_poses: Dict[int, PoseRecord] = {}
 
-    rows = write_outputs(output_dir, methods, records, protocol, meta)
+                def on_result(position: int, result: LocalizationResult, task=task, method=method,
+                              method_records=method_records, method_poses=method_poses) -> None:
+                    trial, query = trials[position], trial_queries[position]
+                    method_records[position] = trial_records(method, queries, [trial], [result])[0]
+                    if not result.skipped:
+                        method_poses[position] = pose_record(result, query, frame, method, trial=trial.trial)
+                    save(method_records, method_poses)  # every finished trial, not only every finished method
+                    progress.update(task, advance=1, description=f"{result.status} {result.seconds:.1f} s")
+                    if not CONSOLE.is_terminal:  # no live bar in a log file: one line per finished trial instead
+                        CONSOLE.print(f"{method} {len(method_records)}/{len(trials)}: {result.status} {result.seconds:.1f} s")
+
+                started = time.perf_counter()
+                # Every method through the one localizer call: same queries, same initial poses.
+                localizer = make_localizer(method, cli.method_settings, model, pipeline, seed=0, verifier=verifier)
+                results = localizer.localize(trial_queries, trial_starts, on_result=on_result)
+                meta.setdefault("method_seconds", {})[method] = time.perf_counter() - started
+                meta.update(localizer.notes)
+                records.extend(trial_records(method, queries, trials, results))
+                pose_records.extend(
+                    pose_record(result, query, frame, method, trial=trial.trial)
+                    for trial, query, result in zip(trials, trial_queries, results) if not result.skipped
+                )
+            save({}, {})
+        rows = write_summaries(output_dir, methods, records, protocol, meta)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{output_dir / 'trials.jsonl'} and {output_dir / POSES_FILE} hold "
+                          f"{count(saved[0], 'trial')} of {total}; the summaries (results.md, plots) are not complete") from None
     print_results(rows, f"{protocol.name}: {len(queries)} queries x {protocol.trials_per_query} trials", machine_line, output_dir)
     return rows
 
@@ -391,6 +423,7 @@ def merge_results(folders: Sequence[Path], output_dir: Path) -> List[Dict[str, A
     """
     if len(folders) < 2:
         raise GslocError("--merge needs at least two results folders")
+    check_writable(output_dir, "--output-dir")
     metas, records, starts = [], [], {}
     methods: List[str] = []
     for folder in folders:
@@ -422,8 +455,7 @@ def merge_results(folders: Sequence[Path], output_dir: Path) -> List[Dict[str, A
     merged["machine_line"] = "; ".join(sorted({m["machine_line"] for m in metas}))
     protocol = protocol_from_dict(merged["protocol"])
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    rows = write_outputs(output_dir, methods, records, protocol, merged)
+    rows = write_summaries(output_dir, methods, records, protocol, merged)
     print_results(rows, f"{protocol.name}: merged from {len(folders)} folders", merged["machine_line"], output_dir)
     return rows
 

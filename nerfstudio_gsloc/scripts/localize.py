@@ -16,27 +16,28 @@ Outputs in ``--output-dir``:
 * ``poses.json`` (schema: :mod:`nerfstudio_gsloc.poses_file`): per query the image, the refined, initial and
   ground-truth OpenGL camera-to-world 4x4 in the dataset's original frame (``dataparser_transforms.json`` undone),
   status (converged / max_iterations / failed) with the reason, final loss, iterations, match inliers and seconds;
-  rewritten atomically after every finished batch, so an interrupted run leaves a valid file and ``--resume``
-  skips what it holds.
+  rewritten atomically as soon as each query is finished, so an interrupted run leaves a valid file and
+  ``--resume`` skips what it holds.
 * ``metrics.json`` (and a printed table) when ground truth is known: rotation error (geodesic degrees),
   translation error (scene and original units), mean/median, success rates at (1deg, 0.01), (2deg, 0.02),
   (5deg, 0.05) scene units, by :mod:`nerfstudio_gsloc.metrics`, as gsloc-bench's results.md: failed queries are
-  failures with infinite error (an infinite mean once one fails).
-* ``trace.csv`` (loss and errors per iteration) and ``trace.png`` (error against iteration).
+  failures with infinite error (an infinite mean once one fails), written as the string ``"inf"`` (strict JSON;
+  :func:`~nerfstudio_gsloc.scripts.localize_outputs.read_metrics` reads it back).
+* ``trace.csv`` (loss and errors per iteration, saved with every finished query) and ``trace.png`` (error against
+  iteration).
 
 Distorted queries (the eval split of a dataset with OPENCV / OPENCV_FISHEYE distortion, or such a query file) are
 undistorted exactly like nerfstudio undistorts the training images; poses are unchanged.
 
-Every bad input (config, checkpoint, query file, images, intrinsics, preset, matcher weights) is reported as one
-``error:`` line with exit code 1 before any work starts and before anything is written.
+Every bad input (config, checkpoint, query file, images, intrinsics, preset, matcher weights, an --output-dir that
+cannot be written, --method depth on queries without depth) is reported as one ``error:`` line with exit code 1
+before any work starts and before anything is written. A write that fails later (disk full) is one ``error:`` line
+naming what is kept and what is lost; Ctrl-C at any moment is one ``interrupted:`` line and exit code 130, every
+file in --output-dir complete (see :mod:`nerfstudio_gsloc.scripts.localize_outputs`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,31 +51,36 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from nerfstudio_gsloc.camera_conventions import FrameTransform
-from nerfstudio_gsloc.errors import GslocError, run_cli
-from nerfstudio_gsloc.files import atomic_output, atomic_write_text
+from nerfstudio_gsloc.errors import GslocError, Interrupted, run_cli
+from nerfstudio_gsloc.files import check_writable
 from nerfstudio_gsloc.localize.initialization import check_initialization, initial_poses
 from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
 from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 from nerfstudio_gsloc.localize.verification import VerificationConfig
-from nerfstudio_gsloc.localize.registry import LocalizerSettings, SingleLossBudget, check_methods, make_localizer
-from nerfstudio_gsloc.localize.result import TRACE_FIELDS, LocalizationResult, pose_record
+from nerfstudio_gsloc.localize.registry import (
+    LocalizerSettings,
+    SingleLossBudget,
+    check_methods,
+    check_queries_suit,
+    make_localizer,
+)
+from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
 from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, threshold_key
-from nerfstudio_gsloc.poses_file import (
-    PoseRecord,
-    PosesDocument,
-    QuerySource,
-    read_poses,
-    summarize_records,
-    write_poses,
+from nerfstudio_gsloc.poses_file import PoseRecord, QuerySource, read_poses, summarize_records
+from nerfstudio_gsloc.scripts.localize_outputs import (  # noqa: F401  (trace helpers re-exported)
+    METRICS_FILE,
+    POSES_FILE,
+    TRACE_CSV,
+    TRACE_PNG,
+    LocalizeOutputs,
+    plot_trace,
+    read_trace_csv,
+    write_trace_csv,
 )
 
 CONSOLE = Console()
-POSES_FILE = "poses.json"
-METRICS_FILE = "metrics.json"
-TRACE_CSV = "trace.csv"
-TRACE_PNG = "trace.png"
 
 
 @dataclass
@@ -222,67 +228,6 @@ def metrics_table(metrics: Dict[str, Any]) -> Table:
     return table
 
 
-def write_trace_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
-    """All trace rows as CSV (atomic)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(TRACE_FIELDS), extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in TRACE_FIELDS})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def read_trace_csv(path: Path) -> List[Dict[str, Any]]:
-    """Rows of an earlier trace.csv (for --resume); empty if there is none."""
-    if not path.is_file():
-        return []
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
-def plot_trace(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
-    """Error (or loss, without ground truth) against iteration, one line per query (matplotlib Agg, atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def number(value: Any) -> float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return math.nan
-
-    by_query: Dict[str, List[Dict[str, Any]]] = {}
-    for row in rows:
-        by_query.setdefault(str(row["query"]), []).append(row)
-    has_gt = any(math.isfinite(number(r.get("rot_err_deg"))) for r in rows)
-    keys = [("rot_err_deg", "rotation error (deg)"), ("trans_err", "translation error (scene units)")] if has_gt else [
-        ("loss", "loss")
-    ]
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
-    for ax, (key, label) in zip(axes[0], keys):
-        for name, items in by_query.items():
-            xs = [number(r["iteration"]) for r in items]
-            ys = [max(number(r.get(key)), 1e-6) for r in items]
-            ax.plot(xs, ys, linewidth=0.8, alpha=0.7)
-        ax.set_yscale("log")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-
-
-def _write_poses(path: Path, queries: QuerySource, settings: Dict[str, Any], frame: FrameTransform,
-                 records: Sequence[PoseRecord]) -> None:
-    write_poses(path, PosesDocument(frame=frame, queries=queries, records=list(records), settings=settings))
-
-
 def _resolve_init(queries: Sequence[Query], init: str) -> str:
     """``auto`` -> ``prior`` when every query has a prior, else ``perturb``; then check it can be done."""
     if init == "auto":
@@ -293,7 +238,7 @@ def _resolve_init(queries: Sequence[Query], init: str) -> str:
 
 def localize_main(cli: LocalizeCLI) -> None:
     """The body of ``ns-localize`` (raises :class:`GslocError` for bad input)."""
-    from nerfstudio_gsloc.runs import check_run, load_run
+    from nerfstudio_gsloc.runs import check_run, eval_split_has_depth, load_run
 
     if cli.num_threads is not None:
         if cli.num_threads < 1:
@@ -315,15 +260,17 @@ def localize_main(cli: LocalizeCLI) -> None:
         raise GslocError("the eval split has no prior poses: use --init perturb, or --queries with prior_transform_matrix")
     else:
         init = "perturb"
-    output_dir = Path(cli.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise GslocError(f"--output-dir {output_dir} is a file")
     method = check_methods([cli.method])[0]
     config = cli.settings().config(method)
     if isinstance(config, PoseInversionConfig):
         PoseInversion.build_matcher(config)  # schedule and matcher weights checked before loading the model
     if method == "icomma" and cli.icomma.loftr_weights_path is not None and not Path(cli.icomma.loftr_weights_path).is_file():
         raise GslocError(f"LoFTR weights file not found: {cli.icomma.loftr_weights_path}")
+    if queries is not None:
+        check_queries_suit(method, config, queries)
+    elif eval_split_has_depth(cli.load_config) is False:
+        check_queries_suit(method, config, [], source="the run's eval split")  # no depth in the dataset at all
+    output_dir = check_writable(cli.output_dir, "--output-dir")
 
     # 2. The model (and the eval split, which needs the loaded datamanager).
     with CONSOLE.status("loading the run"):
@@ -331,24 +278,37 @@ def localize_main(cli: LocalizeCLI) -> None:
     if queries is None:
         queries = load_eval_queries(pipeline, cli.max_queries)
         check_initialization(queries, init)
+        check_queries_suit(method, config, queries)
     localizer = make_localizer(method, cli.settings(), pipeline.model, pipeline, seed=cli.seed)
     source, settings = _query_source(cli), _settings(cli, init)
     previous = _load_previous(output_dir, source, settings) if cli.resume else {}
     todo = [q for q in queries if q.name not in previous]
     starts = initial_poses(todo, init, cli.perturb_deg, cli.perturb_trans, cli.seed) if todo else []
 
-    # 3. Work. poses.json is rewritten (atomically) after every finished batch.
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if not cli.resume:
-        # Summaries of an earlier run in this folder would not describe this one.
-        for stale in (METRICS_FILE, TRACE_CSV, TRACE_PNG):
-            (output_dir / stale).unlink(missing_ok=True)
-    records: Dict[str, PoseRecord] = dict(previous)
-    trace_rows: List[Dict[str, Any]] = read_trace_csv(output_dir / TRACE_CSV) if cli.resume else []
-    trace_rows = [r for r in trace_rows if r.get("query") in previous]
-    _write_poses(output_dir / POSES_FILE, source, settings, frame, list(records.values()))
+    # 3. Work. Every finished query is saved at once (trace.csv, then poses.json, atomically).
+    outputs = LocalizeOutputs(output_dir, source, settings, frame, previous, total=len(previous) + len(todo))
+    try:
+        elapsed = _localize_and_save(cli, localizer, method, todo, starts, outputs, len(previous), init)
+        # 4. Summaries.
+        for record in outputs.records.values():
+            if record.failed:
+                CONSOLE.print(f"[yellow]{record.status}:[/yellow] {record.image}: {record.reason}")
+        metrics = compute_metrics(list(outputs.records.values()), frame)
+        outputs.write_summaries(metrics)
+    except KeyboardInterrupt:
+        raise Interrupted(outputs.interrupted_message()) from None
+    if metrics is not None:
+        CONSOLE.print(metrics_table(metrics))
+    CONSOLE.print(f"{len(todo)} queries in {elapsed:.1f} s; results in {output_dir}")
+    CONSOLE.print(f"view them with: gsloc-view --load-config {cli.load_config} --poses {outputs.poses_path}")
+
+
+def _localize_and_save(cli: LocalizeCLI, localizer, method: str, todo: Sequence[Query], starts, outputs: LocalizeOutputs,
+                       num_previous: int, init: str) -> float:
+    """Run the localizer on ``todo`` with a progress bar, saving each query as it finishes; returns the seconds."""
+    outputs.start(cli.resume)
     CONSOLE.print(
-        f"localizing {len(todo)} queries ({len(previous)} already done) with {method} from {init} poses"
+        f"localizing {len(todo)} queries ({num_previous} already done) with {method} from {init} poses"
         + (f", at most {localizer.max_iterations} iterations each" if localizer.max_iterations else "")
     )
     progress = Progress(
@@ -362,39 +322,14 @@ def localize_main(cli: LocalizeCLI) -> None:
         progress.update(task, description=f"iteration {steps['count']}, {active} active")
 
     def on_result(position: int, result: LocalizationResult) -> None:
-        records[result.name] = pose_record(result, todo[position], frame, method)
-        trace_rows.extend(result.trace)
-        _write_poses(output_dir / POSES_FILE, source, settings, frame, list(records.values()))
+        outputs.add(pose_record(result, todo[position], outputs.frame, method), result.trace)
         progress.advance(task)
 
     started = time.perf_counter()
-    try:
-        with progress:
-            task = progress.add_task("", total=len(todo))
-            localizer.localize(todo, starts, on_result=on_result, on_step=on_step)
-    except KeyboardInterrupt:
-        write_trace_csv(output_dir / TRACE_CSV, trace_rows)
-        CONSOLE.print(
-            f"[yellow]interrupted:[/yellow] {len(records)} finished queries are in {output_dir / POSES_FILE}; "
-            "rerun with --resume to continue"
-        )
-        sys.exit(130)
-    elapsed = time.perf_counter() - started
-
-    # 4. Summaries.
-    write_trace_csv(output_dir / TRACE_CSV, trace_rows)
-    if trace_rows:
-        plot_trace(output_dir / TRACE_PNG, trace_rows)
-    for record in records.values():
-        if record.failed:
-            CONSOLE.print(f"[yellow]{record.status}:[/yellow] {record.image}: {record.reason}")
-    metrics = compute_metrics(list(records.values()), frame)
-    if metrics is not None:
-        # Infinite means/medians (failures) are written as JSON's Infinity (Python's json and JavaScript's eval read it).
-        atomic_write_text(output_dir / METRICS_FILE, json.dumps(metrics, indent=2))
-        CONSOLE.print(metrics_table(metrics))
-    CONSOLE.print(f"{len(todo)} queries in {elapsed:.1f} s; results in {output_dir}")
-    CONSOLE.print(f"view them with: gsloc-view --load-config {cli.load_config} --poses {output_dir / POSES_FILE}")
+    with progress:
+        task = progress.add_task("", total=len(todo))
+        localizer.localize(todo, starts, on_result=on_result, on_step=on_step)
+    return time.perf_counter() - started
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import tyro
 from rich.console import Console
 
 from nerfstudio_gsloc.data.procedural_scene import DEFAULT_HFOV_DEG, generate_scene, write_query_set
-from nerfstudio_gsloc.errors import run_cli
+from nerfstudio_gsloc.errors import GslocError, Interrupted, run_cli
+from nerfstudio_gsloc.files import OutputError, check_writable
 
 
 @dataclass
@@ -51,7 +52,19 @@ class MakeScene:
     """Write depth images (--no-depth: an RGB-only dataset, trained from triangulated seed points; ignored with --queries)."""
 
     def main(self) -> Path:
-        """Generate the files and print where they are."""
+        """Generate the files and print where they are (Ctrl-C: one line saying the folder is incomplete)."""
+        check_writable(self.output_dir, "output directory")  # before any work; later failures are mid-write
+        try:
+            return self._generate()
+        except OutputError as err:
+            raise GslocError(f"{err}; {self.output_dir} is incomplete (no transforms.json), the views already "
+                             "written are whole") from None
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"{self.output_dir} is incomplete (transforms.json is written only after every view); run the command again"
+            ) from None
+
+    def _generate(self) -> Path:
         if self.queries:
             path = write_query_set(
                 self.output_dir,

@@ -277,7 +277,7 @@ def test_bad_arguments_raise(tmp_path: Path, kwargs, message: str) -> None:
 def test_output_dir_that_is_a_file(tmp_path: Path) -> None:
     target = tmp_path / "file.txt"
     target.write_text("x")
-    with pytest.raises(GslocError, match="not a directory"):
+    with pytest.raises(GslocError, match="is a file, not a folder"):
         generate_scene(target, num_views=2, width=16, height=16, show_progress=False)
     with pytest.raises(GslocError):
         write_query_set(target / "sub", seed=0, num_views=1, width=16, height=16, show_progress=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 
 import pytest
@@ -15,7 +14,9 @@ from nerfstudio_gsloc.evaluation import report
 from nerfstudio_gsloc.evaluation.protocols import load_protocol
 from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, read_poses, write_poses
 from nerfstudio_gsloc.scripts.bench import write_outputs
+from nerfstudio_gsloc.metrics import to_strict_json
 from nerfstudio_gsloc.scripts.localize import METRICS_FILE, compute_metrics
+from nerfstudio_gsloc.scripts.localize_outputs import read_metrics
 
 FRAME = FrameTransform(
     torch.cat([axis_angle_to_rotation_matrix(torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64)),
@@ -62,8 +63,8 @@ def test_metrics_json_and_results_md_agree(tmp_path, statuses):
     # ns-localize: records -> poses.json -> metrics.json (as written to disk).
     write_poses(tmp_path / "poses.json", PosesDocument(FRAME, QuerySource.eval_split(), records))
     stored = read_poses(tmp_path / "poses.json")
-    (tmp_path / METRICS_FILE).write_text(json.dumps(compute_metrics(stored.records, stored.frame)))
-    metrics = json.loads((tmp_path / METRICS_FILE).read_text())
+    (tmp_path / METRICS_FILE).write_text(to_strict_json(compute_metrics(stored.records, stored.frame)))
+    metrics = read_metrics(tmp_path / METRICS_FILE)
 
     # gsloc-bench: the same records -> results.md and results.csv.
     protocol = load_protocol("inerf", trials=1)

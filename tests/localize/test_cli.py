@@ -16,6 +16,7 @@ from nerfstudio_gsloc.localize.pose import perturb_pose
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.poses_file import read_poses
 from nerfstudio_gsloc.scripts import localize as localize_cli
+from nerfstudio_gsloc.scripts.localize_outputs import read_metrics
 
 # A short schedule so that the tests stay fast (the default schedule is for accuracy).
 FAST = [
@@ -204,8 +205,9 @@ def test_eval_split_resume_and_interrupt(tmp_path, capsys, monkeypatch, small_gs
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline_module.PoseInversion, "localize", interrupted)
-    code, out, _ = _run([*base, "--resume"], capsys)
-    assert code == 130 and "--resume" in out
+    code, out, err = _run([*base, "--resume"], capsys)
+    assert code == 130 and err.strip().splitlines() == [f"interrupted: {out_dir / 'poses.json'} holds 2 queries of 3; "
+                                                        "rerun with --resume to continue"]
     partial = json.loads((out_dir / "poses.json").read_text())["results"]
     assert len(partial) == 2 and partial[0] == first[0]
     monkeypatch.setattr(pipeline_module.PoseInversion, "localize", real_localize)
@@ -216,7 +218,7 @@ def test_eval_split_resume_and_interrupt(tmp_path, capsys, monkeypatch, small_gs
     assert "2 already done" in out
     final = json.loads((out_dir / "poses.json").read_text())["results"]
     assert final[:2] == partial and len(final) >= 3
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics = read_metrics(out_dir / "metrics.json")
     assert metrics["num_queries"] == len(final)
     # A resume with other settings is refused rather than mixing two protocols in one file.
     code, _, err = _run([*base[:-len(FAST)], "--seed", "3", "--resume", *FAST], capsys)

@@ -1,0 +1,199 @@
+"""The files ``ns-localize`` writes, and what it says when writing them fails or is interrupted.
+
+:class:`LocalizeOutputs` saves every query as soon as it is finished: ``trace.csv`` (its trace rows) and then
+``poses.json`` (its record), both replaced atomically, so an interrupted run leaves complete files that hold every
+finished query (trace.csv may hold the rows of one query more than poses.json; ``--resume`` keeps only the rows of
+queries in poses.json). The summaries (``metrics.json``, ``trace.png``) are written once at the end.
+
+A write that fails (disk full, folder made read-only meanwhile) stops the run with one ``error:`` line that names
+the file, what the folder still holds and what was lost; Ctrl-C ends with one ``interrupted:`` line saying what
+is saved (see :meth:`LocalizeOutputs.interrupted_message`).
+
+metrics.json is strict JSON: an infinite mean or median (a failed query counts as an infinite error) is written as
+the string ``"inf"`` (:func:`nerfstudio_gsloc.metrics.to_strict_json`); :func:`read_metrics` turns it back.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from nerfstudio_gsloc.camera_conventions import FrameTransform
+from nerfstudio_gsloc.errors import GslocError, count
+from nerfstudio_gsloc.files import OutputError, atomic_output, atomic_write_text
+from nerfstudio_gsloc.localize.result import TRACE_FIELDS
+from nerfstudio_gsloc.metrics import from_strict_json, to_strict_json
+from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, write_poses
+
+POSES_FILE = "poses.json"
+METRICS_FILE = "metrics.json"
+TRACE_CSV = "trace.csv"
+TRACE_PNG = "trace.png"
+
+
+def trace_csv_rows(rows: Sequence[Dict[str, Any]]) -> str:
+    """Trace rows as CSV lines without the header (missing values empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(TRACE_FIELDS), extrasaction="ignore")
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in TRACE_FIELDS})
+    return buffer.getvalue()
+
+
+def trace_csv_header() -> str:
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, fieldnames=list(TRACE_FIELDS)).writeheader()
+    return buffer.getvalue()
+
+
+def write_trace_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    """All trace rows as CSV (atomic)."""
+    atomic_write_text(path, trace_csv_header() + trace_csv_rows(rows))
+
+
+def read_trace_csv(path: Path) -> List[Dict[str, Any]]:
+    """Rows of an earlier trace.csv (for --resume); empty if there is none."""
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def plot_trace(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    """Error (or loss, without ground truth) against iteration, one line per query (matplotlib Agg, atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def number(value: Any) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return math.nan
+
+    by_query: Dict[str, List[Dict[str, Any]]] = {}
+    for row in rows:
+        by_query.setdefault(str(row["query"]), []).append(row)
+    has_gt = any(math.isfinite(number(r.get("rot_err_deg"))) for r in rows)
+    keys = [("rot_err_deg", "rotation error (deg)"), ("trans_err", "translation error (scene units)")] if has_gt else [
+        ("loss", "loss")
+    ]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        for name, items in by_query.items():
+            xs = [number(r["iteration"]) for r in items]
+            ys = [max(number(r.get(key)), 1e-6) for r in items]
+            ax.plot(xs, ys, linewidth=0.8, alpha=0.7)
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def read_metrics(path: Path) -> Dict[str, Any]:
+    """An ns-localize metrics.json (``"inf"`` strings back to floats; files of older versions hold ``Infinity``)."""
+    return from_strict_json(Path(path).read_text(encoding="utf-8"))
+
+
+class LocalizeOutputs:
+    """The output folder of one ``ns-localize`` run: poses.json and trace.csv per finished query, then summaries.
+
+    Args:
+        output_dir: ``--output-dir`` (already checked with :func:`nerfstudio_gsloc.files.check_writable`).
+        source, settings, frame: what poses.json records about the run.
+        previous: records of an earlier run to keep (``--resume``), keyed by image name; their trace rows are
+            read back from trace.csv.
+        total: number of queries of the run (finished before plus to do), for the messages.
+    """
+
+    def __init__(self, output_dir: Path, source: QuerySource, settings: Dict[str, Any], frame: FrameTransform,
+                 previous: Dict[str, PoseRecord], total: int) -> None:
+        self.dir = Path(output_dir)
+        self.source, self.settings, self.frame, self.total = source, settings, frame, total
+        self.records: Dict[str, PoseRecord] = dict(previous)
+        self.saved = 0  # records on disk in poses.json
+        self.trace_rows: List[Dict[str, Any]] = []
+        self._trace_chunks: List[str] = []
+        if previous:
+            rows = [r for r in read_trace_csv(self.dir / TRACE_CSV) if r.get("query") in previous]
+            self.trace_rows.extend(rows)
+            self._trace_chunks.append(trace_csv_rows(rows))
+        self.summaries_written: List[str] = []
+
+    @property
+    def poses_path(self) -> Path:
+        return self.dir / POSES_FILE
+
+    def start(self, resume: bool) -> None:
+        """Remove an earlier run's summaries (without --resume) and write poses.json with the kept records."""
+        if not resume:
+            # Summaries of an earlier run in this folder would not describe this one.
+            for stale in (METRICS_FILE, TRACE_CSV, TRACE_PNG):
+                (self.dir / stale).unlink(missing_ok=True)
+        self._save(lost_now=0)
+
+    def add(self, record: PoseRecord, trace: Sequence[Dict[str, Any]]) -> None:
+        """Save one finished query: its trace rows (trace.csv), then its record (poses.json)."""
+        self.records[record.image] = record
+        self.trace_rows.extend(trace)
+        self._trace_chunks.append(trace_csv_rows(trace))
+        self._save(lost_now=1)
+
+    def _save(self, lost_now: int) -> None:
+        try:
+            if self._trace_chunks:
+                atomic_write_text(self.dir / TRACE_CSV, trace_csv_header() + "".join(self._trace_chunks))
+            write_poses(self.poses_path, PosesDocument(frame=self.frame, queries=self.source,
+                                                       records=list(self.records.values()), settings=self.settings))
+        except OutputError as err:
+            if not lost_now:
+                raise GslocError(f"{err}; nothing was localized") from None
+            left = self.total - len(self.records)
+            raise GslocError(f"{err}; {self._kept()}; lost: the query just finished and {count(left, 'query', 'queries')} "
+                             "not yet localized (rerun with --resume once the folder can be written)") from None
+        self.saved = len(self.records)
+
+    def _kept(self) -> str:
+        if not self.poses_path.is_file():
+            return f"{self.poses_path} was not written"
+        return f"{self.poses_path} keeps {count(self.saved, 'query', 'queries')} saved before"
+
+    def write_summaries(self, metrics: Optional[Dict[str, Any]]) -> None:
+        """metrics.json (when there is ground truth), then trace.png; a failed write names what is kept and lost."""
+        todo = ([METRICS_FILE] if metrics is not None else []) + ([TRACE_PNG] if self.trace_rows else [])
+        for name in todo:
+            try:
+                if name == METRICS_FILE:
+                    atomic_write_text(self.dir / METRICS_FILE, to_strict_json(metrics, indent=2))
+                else:
+                    plot_trace(self.dir / TRACE_PNG, self.trace_rows)
+            except OutputError as err:
+                lost = todo[todo.index(name):]
+                raise GslocError(f"{err}; kept: {self._kept_files()}; lost: {', '.join(lost)} (rerun with --resume "
+                                 "once the folder can be written to write them)") from None
+            self.summaries_written.append(name)
+
+    def _kept_files(self) -> str:
+        names = [f"{POSES_FILE} (every query)", TRACE_CSV] + self.summaries_written
+        return ", ".join(names)
+
+    def interrupted_message(self) -> str:
+        """What is saved when Ctrl-C stops the run now (one line, for ``interrupted: ...``)."""
+        if self.saved < self.total:
+            return (f"{self.poses_path} holds {count(self.saved, 'query', 'queries')} of {self.total}; rerun with "
+                    "--resume to continue")
+        missing = [n for n in (METRICS_FILE, TRACE_PNG) if n not in self.summaries_written]
+        if not missing:
+            return f"{self.poses_path} holds every query ({count(self.total, 'query', 'queries')}); every file is written"
+        return (f"{self.poses_path} holds every query ({count(self.total, 'query', 'queries')}); rerun with --resume "
+                f"to write {' and '.join(missing)}")

@@ -1,0 +1,189 @@
+"""ns-localize's outputs: an unwritable --output-dir, a full disk, Ctrl-C anywhere and a method that cannot apply
+each end in one line, with every file in --output-dir complete and --resume able to continue."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nerfstudio_gsloc import files, runs
+from nerfstudio_gsloc.errors import run_cli
+from nerfstudio_gsloc.poses_file import read_poses
+from nerfstudio_gsloc.scripts import localize as localize_cli
+from nerfstudio_gsloc.scripts import localize_outputs
+from nerfstudio_gsloc.scripts.localize_outputs import read_metrics
+
+FAST = [
+    "--num-threads", "1",
+    "--localization.schedule.matching-iterations", "20",
+    "--localization.schedule.pyramid-scales", "1",
+    "--localization.schedule.pyramid-iterations", "6",
+    "--localization.schedule.refine-matching-weight",
+]
+
+
+def _run(argv, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, the non-empty stderr lines)."""
+    code = 0
+    try:
+        run_cli(lambda: localize_cli.main([str(a) for a in argv]))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.strip().splitlines() if line.strip()]
+
+
+def _no_partial_files(folder: Path) -> bool:
+    return not any(p.name.startswith(".") for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory, embedded_scene, write_fake_run):
+    frame = {"transform": np.eye(4)[:3].tolist(), "scale": 0.5}
+    return write_fake_run(tmp_path_factory.mktemp("fake_run"), Path(embedded_scene.dataset).parent, frame)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the CLI gets as far as loading the model."""
+    def load_run(*args, **kwargs):
+        raise AssertionError("the model was loaded although the input is bad")
+
+    monkeypatch.setattr(runs, "load_run", load_run)
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "read_only"])
+def test_unwritable_output_dir_is_one_line_before_any_work(tmp_path, capsys, fake_run, no_model_load, where, request):
+    if where == "under_a_file":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("x")
+        out_dir, reason = blocker / "out", f"{blocker} is a file, not a folder"
+    else:
+        out_dir, reason = request.getfixturevalue("read_only_dir") / "out", "permission denied"
+    code, out, err = _run(["--load-config", fake_run, "--output-dir", out_dir], capsys)
+    assert code == 1 and err == [f"error: cannot write to --output-dir {out_dir}: {reason}"]
+    assert not out_dir.exists()
+
+
+def test_depth_method_on_queries_without_depth_is_one_line_upfront(tmp_path, capsys, fake_run, embedded_scene,
+                                                                   no_model_load):
+    meta = json.loads(Path(embedded_scene.queries).read_text())
+    source = Path(embedded_scene.queries).parent
+    for frame in meta["frames"]:
+        frame["file_path"] = str(source / frame["file_path"])
+        frame.pop("depth_file_path", None)
+    queries = tmp_path / "rgb_only.json"
+    queries.write_text(json.dumps(meta))
+    out_dir = tmp_path / "out"
+    code, _, err = _run(["--load-config", fake_run, "--output-dir", out_dir, "--queries", queries, "--method", "depth"],
+                        capsys)
+    assert code == 1 and err == [
+        f"error: --method depth needs query depth images (depth_file_path), and none of the {len(meta['frames'])} "
+        "queries has one: use another method (gsloc, photometric, icomma, pnp)"
+    ]
+    assert not out_dir.exists()
+
+
+def test_depth_method_on_an_rgb_only_run_is_one_line_before_loading(tmp_path, capsys, embedded_scene, write_fake_run,
+                                                                    no_model_load):
+    meta = json.loads(Path(embedded_scene.dataset).read_text())
+    for frame in meta["frames"]:
+        frame.pop("depth_file_path", None)
+    rgb_only = tmp_path / "rgb_only"
+    rgb_only.mkdir()
+    (rgb_only / "transforms.json").write_text(json.dumps(meta))
+    run = write_fake_run(tmp_path / "run", rgb_only, {"transform": np.eye(4)[:3].tolist(), "scale": 1.0})
+    code, _, err = _run(["--load-config", run, "--output-dir", tmp_path / "out", "--method", "depth"], capsys)
+    assert code == 1 and err == [
+        "error: --method depth needs query depth images (depth_file_path), and the run's eval split has none: use "
+        "another method (gsloc, photometric, icomma, pnp)"
+    ]
+
+
+def test_ctrl_c_while_loading_is_one_line_and_writes_nothing(tmp_path, capsys, fake_run, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "load_run", interrupted)
+    out_dir = tmp_path / "out"
+    code, _, err = _run(["--load-config", fake_run, "--output-dir", out_dir], capsys)
+    assert code == 130 and err == ["interrupted: stopped by Ctrl-C; no file was left half-written"]
+    assert not out_dir.exists()
+
+
+class _FullDisk:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_mid_run_keeps_the_finished_queries_and_resume_continues(tmp_path, capsys, monkeypatch,
+                                                                               small_gsloc_run):
+    """poses.json can be written for the first query only: one error line saying what is kept and lost."""
+    out_dir = tmp_path / "out"
+    real_open = open
+    poses_writes = {"n": 0}
+
+    def open_until_full(path, *args, **kwargs):
+        if Path(path).name.startswith(".poses."):
+            poses_writes["n"] += 1
+            if poses_writes["n"] > 2:  # the empty file at the start, then the first finished query
+                return _FullDisk()
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", open_until_full, raising=False)
+    base = ["--load-config", small_gsloc_run, "--output-dir", out_dir, "--perturb-deg", "3", "--perturb-trans", "0.03",
+            "--localization.optim.batch-size", "1", *FAST]
+    code, _, err = _run(base, capsys)
+    poses = out_dir / "poses.json"
+    assert code == 1 and err == [
+        f"error: cannot write {poses}: no space left on the device; {poses} keeps 1 query saved before; lost: the "
+        "query just finished and 1 query not yet localized (rerun with --resume once the folder can be written)"
+    ]
+    assert len(read_poses(poses).records) == 1 and _no_partial_files(out_dir)
+    assert not (out_dir / "metrics.json").exists()
+
+    monkeypatch.setattr(files, "open", real_open, raising=False)
+    code, out, err = _run([*base, "--resume"], capsys)
+    assert code == 0, err
+    assert "localizing 2 queries (1 already done)" in out
+    assert len(read_poses(poses).records) == 3 and read_metrics(out_dir / "metrics.json")["num_queries"] == 3
+
+
+def test_ctrl_c_while_writing_the_summaries_keeps_whole_files_and_resume_writes_them(tmp_path, capsys, monkeypatch,
+                                                                                   small_gsloc_run):
+    out_dir = tmp_path / "out"
+    base = ["--load-config", small_gsloc_run, "--output-dir", out_dir, "--max-queries", "1", "--perturb-deg", "3",
+            "--perturb-trans", "0.03", *FAST]
+    real_plot = localize_outputs.plot_trace
+
+    def interrupted_plot(path, rows):
+        with files.atomic_output(path) as tmp:
+            tmp.write_bytes(b"\x89PNG half")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(localize_outputs, "plot_trace", interrupted_plot)
+    code, _, err = _run(base, capsys)
+    assert code == 130 and err == [
+        f"interrupted: {out_dir / 'poses.json'} holds every query (1 query); rerun with --resume to write trace.png"
+    ]
+    assert not (out_dir / "trace.png").exists() and _no_partial_files(out_dir)
+    assert read_metrics(out_dir / "metrics.json")["num_queries"] == 1  # written before, complete
+    assert (out_dir / "trace.csv").read_text().startswith("query,index,iteration")
+
+    monkeypatch.setattr(localize_outputs, "plot_trace", real_plot)
+    code, out, err = _run([*base, "--resume"], capsys)
+    assert code == 0, err
+    assert "localizing 0 queries (1 already done)" in out and (out_dir / "trace.png").stat().st_size > 1000
