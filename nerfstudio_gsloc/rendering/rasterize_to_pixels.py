@@ -52,9 +52,7 @@ class _RasterizeCPU(torch.autograd.Function):
         )
         num_cams, num_gauss, dim = colors.shape
         # Sum the per-intersection rows into per-Gaussian gradients.
-        per_gauss = torch.zeros(num_cams * num_gauss, per_isect.shape[1], dtype=per_isect.dtype)
-        per_gauss.index_add_(0, flatten_ids, per_isect)
-        per_gauss = per_gauss.reshape(num_cams, num_gauss, -1)
+        per_gauss = ext.sum_rows(per_isect, flatten_ids, num_cams * num_gauss).reshape(num_cams, num_gauss, -1)
         v_means2d = per_gauss[..., 0:2]
         v_conics = per_gauss[..., 2:5]
         v_opacities = per_gauss[..., 5]

@@ -233,3 +233,35 @@ def test_cpp_tile_binning_matches_torch_binning():
         b = intersect_tiles(means2d, extents, depths, 64, 45, tile_size, use_cpp=False)
         assert a.num_intersections > 500
         assert torch.equal(a.offsets, b.offsets) and torch.equal(a.flatten_ids, b.flatten_ids)
+
+
+@pytest.mark.parametrize("antialiased", [False, True])
+def test_fused_projection_matches_torch_projection(antialiased):
+    """The C++ projection (forward values, radii, gradients to every input but Ks) against the PyTorch one."""
+    assert load_cpu_extension() is not None
+    from nerfstudio_gsloc.rendering.projection import project_gaussians_fused
+
+    means, quats, scales, opacities, _, viewmats, Ks = random_scene(80, 13, num_cams=2)
+    # a few Gaussians behind the camera, beyond the side of the image (clamped Jacobian) and very flat
+    means[:3, 2] = -1.0
+    means[3:8, 0] = torch.linspace(-6.0, 6.0, 5)
+    scales[8:12, 2] = 1e-4
+    inputs = [t.clone().requires_grad_(True) for t in (means, quats, scales, opacities, viewmats)]
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.randn(2, 80, k, generator=gen) for k in (2, 3, 1, 1)]
+
+    def loss_of(p):
+        return sum((w * t.reshape(2, 80, -1)).sum() for w, t in zip(weights, (p.means2d, p.conics, p.depths, p.opacities)))
+
+    ref = project_gaussians(inputs[0], quat_scale_to_covariance(inputs[1], inputs[2]), inputs[3], inputs[4], Ks,
+                            WIDTH, HEIGHT, antialiased=antialiased)
+    fused = project_gaussians_fused(*inputs, Ks, WIDTH, HEIGHT, antialiased=antialiased)
+    assert (ref.radii > 0).sum() > 40 and (ref.radii == 0).sum() > 3
+    assert torch.equal(fused.radii, ref.radii) and torch.equal(fused.extents, ref.extents)
+    for name in ("means2d", "conics", "depths", "opacities"):
+        torch.testing.assert_close(getattr(fused, name), getattr(ref, name), atol=1e-5, rtol=1e-5, msg=name)
+    ref_grads = torch.autograd.grad(loss_of(ref), inputs)
+    fused_grads = torch.autograd.grad(loss_of(fused), inputs)
+    for name, g, r in zip(["means", "quats", "scales", "opacities", "viewmats"], fused_grads, ref_grads):
+        assert r.abs().max() > 0, name
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

@@ -339,8 +339,19 @@ std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extent
   return {offsets, flatten_ids};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rasterize_forward", &rasterize_forward, "tile rasterization forward (CPU)");
-  m.def("rasterize_backward", &rasterize_backward, "tile rasterization backward (CPU)");
-  m.def("bin_tiles", &bin_tiles, "tile binning by counting sort (CPU)");
+// Sums per-intersection gradient rows [M, G] into per-Gaussian rows [num_rows, G] (rows[ids[m]] += per_isect[m]).
+torch::Tensor sum_rows(torch::Tensor per_isect, torch::Tensor ids, int64_t num_rows) {
+  TORCH_CHECK(per_isect.dtype() == torch::kFloat32 && per_isect.is_contiguous() && ids.dtype() == torch::kInt64,
+              "sum_rows: contiguous float32 rows and int64 ids expected");
+  const int64_t M = per_isect.size(0), G = per_isect.size(1);
+  auto out = torch::zeros({num_rows, G}, per_isect.options());
+  const float* src = per_isect.data_ptr<float>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = src + m * G;
+    float* acc = dst + id[m] * G;
+    for (int64_t g = 0; g < G; ++g) acc[g] += row[g];
+  }
+  return out;
 }
