@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("bindings.cpp", "project_cpu.cpp", "rasterize_cpu.cpp")
+_SOURCES = ("bindings.cpp", "project_cpu.cpp", "rasterize_cpu.cpp", "sh_cpu.cpp")
 
 _extension = None
 _extension_failed = False

@@ -8,7 +8,8 @@ near the image border from exploding).
 
 :func:`project_gaussians` (with :func:`quat_scale_to_covariance`) is the readable PyTorch version, autograd
 does its backward pass. :func:`project_gaussians_fused` computes the same from quaternions and scales in one
-C++ pass (``csrc/project_cpu.cpp``) with a hand-written backward pass, tested against the PyTorch version.
+C++ pass (``csrc/project_cpu.cpp``) with a hand-written backward pass, tested against the PyTorch version;
+likewise :func:`evaluate_sh_colors` and :func:`evaluate_sh_colors_fused` (``csrc/sh_cpu.cpp``).
 """
 
 from __future__ import annotations
@@ -269,3 +270,31 @@ def evaluate_sh_colors(degree: int, sh_coeffs: Tensor, means: Tensor, camera_cen
     basis = spherical_harmonics_basis(degree, means[None] - camera_centers[:, None])  # [C,N,B]
     colors = torch.einsum("cnb,nbd->cnd", basis, sh_coeffs[:, :num_bases])
     return torch.clamp_min(colors + 0.5, 0.0)
+
+
+class _SHColorsCPU(torch.autograd.Function):
+    """Autograd wrapper of the fused C++ SH colours."""
+
+    @staticmethod
+    def forward(ctx, sh_coeffs, means, camera_centers, degree):
+        ctx.save_for_backward(sh_coeffs, means, camera_centers)
+        ctx.degree = degree
+        return load_cpu_extension().sh_forward(sh_coeffs, means, camera_centers, degree)
+
+    @staticmethod
+    def backward(ctx, v_colors):
+        v_coeffs, v_means, v_centers = load_cpu_extension().sh_backward(*ctx.saved_tensors, ctx.degree, v_colors.contiguous())
+        return v_coeffs, v_means, v_centers, None
+
+
+def evaluate_sh_colors_fused(degree: int, sh_coeffs: Tensor, means: Tensor, camera_centers: Tensor) -> Tensor:
+    """:func:`evaluate_sh_colors` in one C++ pass (float32, CPU; needs the C++ extension). Same arguments."""
+    num_bases = (degree + 1) ** 2
+    if not 0 <= degree <= 3:
+        raise ValueError(f"sh_degree must be in 0..3, got {degree}")
+    if sh_coeffs.shape[1] < num_bases:
+        raise ValueError(f"sh_degree {degree} needs {num_bases} SH coefficients, got {sh_coeffs.shape[1]}")
+    if load_cpu_extension() is None:
+        raise RuntimeError("the C++ CPU SH colours are not available")
+    inputs = [t.contiguous().float() for t in (sh_coeffs[:, :num_bases], means, camera_centers)]
+    return _SHColorsCPU.apply(*inputs, int(degree))

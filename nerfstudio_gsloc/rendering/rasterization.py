@@ -17,6 +17,7 @@ from torch import Tensor
 from nerfstudio_gsloc.rendering.extension import load_cpu_extension
 from nerfstudio_gsloc.rendering.projection import (
     evaluate_sh_colors,
+    evaluate_sh_colors_fused,
     project_gaussians,
     project_gaussians_fused,
     quat_scale_to_covariance,
@@ -125,7 +126,8 @@ def rasterization(
     extents = projected.extents * (radii > 0)[..., None]
     tiles = intersect_tiles(projected.means2d, extents, projected.depths, width, height, CPU_TILE_SIZE)
     render, alphas = rasterize_to_pixels(
-        projected.means2d, projected.conics, features, projected.opacities, tiles, width, height, backgrounds
+        projected.means2d, projected.conics, features, projected.opacities, tiles, width, height, backgrounds,
+        extents=extents,
     )
     alphas = alphas[..., None]
     if render_mode in ("ED", "RGB+ED"):
@@ -173,6 +175,8 @@ def _features_per_camera(
     if colors.dim() != 3 or colors.shape[0] != num_gauss or colors.shape[-1] != 3:
         raise ValueError(f"colors must be SH coefficients [N, K, 3] with sh_degree, got {tuple(colors.shape)}")
     camera_centers = torch.linalg.inv(viewmats)[:, :3, 3]
+    if load_cpu_extension() is not None:
+        return evaluate_sh_colors_fused(sh_degree, colors, means, camera_centers)
     return evaluate_sh_colors(sh_degree, colors, means, camera_centers)
 
 

@@ -265,3 +265,47 @@ def test_fused_projection_matches_torch_projection(antialiased):
     for name, g, r in zip(["means", "quats", "scales", "opacities", "viewmats"], fused_grads, ref_grads):
         assert r.abs().max() > 0, name
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_cpp_compositor_row_spans_change_nothing():
+    """Testing each Gaussian only on the tile rows its footprint reaches gives the same images and gradients."""
+    assert load_cpu_extension() is not None
+    means, quats, scales, opacities, colors, viewmats, Ks = random_scene(200, 17, num_cams=1)
+    scales = scales * 0.3  # footprints of a few pixels: most do not reach every row of a tile
+    proj = project_gaussians(means, quat_scale_to_covariance(quats, scales), opacities, viewmats, Ks, WIDTH, HEIGHT)
+    tiles = intersect_tiles(proj.means2d, proj.extents, proj.depths, WIDTH, HEIGHT, 8)
+    feats = colors[None].clone()
+    inputs = [proj.means2d.detach().clone().requires_grad_(True), proj.conics.detach().clone().requires_grad_(True),
+              feats.requires_grad_(True), proj.opacities.detach().clone().requires_grad_(True)]
+    weights = torch.rand(1, HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(2))
+    results = []
+    for extents in (None, proj.extents):
+        img, alpha = rasterize_to_pixels(*inputs, tiles, WIDTH, HEIGHT, use_cpp=True, extents=extents)
+        results.append((img, alpha, *torch.autograd.grad((img * weights).sum() + alpha.sum(), inputs)))
+    assert results[0][1].max() > 0.5
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+def test_fused_sh_colors_match_torch_sh_colors(degree):
+    """The C++ SH colours (values, gradients to coefficients, means and camera centres) against the PyTorch ones."""
+    assert load_cpu_extension() is not None
+    from nerfstudio_gsloc.rendering.projection import evaluate_sh_colors, evaluate_sh_colors_fused
+
+    gen = torch.Generator().manual_seed(degree)
+    coeffs = (torch.randn(60, 16, 3, generator=gen) * 2.0).requires_grad_(True)  # some colours clamp at 0
+    means = torch.randn(60, 3, generator=gen).requires_grad_(True)
+    centers = (torch.randn(2, 3, generator=gen) * 3).requires_grad_(True)
+    weights = torch.randn(2, 60, 3, generator=gen)
+    ref = evaluate_sh_colors(degree, coeffs, means, centers)
+    fused = evaluate_sh_colors_fused(degree, coeffs, means, centers)
+    assert (ref == 0).any() and (ref > 0).any()
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [coeffs, means, centers], allow_unused=True)
+    ref_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(ref_grads, (coeffs, means, centers))]
+    fused_grads = torch.autograd.grad((fused * weights).sum(), [coeffs, means, centers])
+    for name, g, r in zip(["coeffs", "means", "centers"], fused_grads, ref_grads):
+        if degree > 0 or name == "coeffs":
+            assert r.abs().max() > 0, name
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

@@ -15,9 +15,10 @@
 //
 // Speed: a tile's pixels are processed together, one Gaussian at a time, in branch-free loops over the
 // tile's pixels that the compiler turns into SIMD code (including exp). A pixel that has terminated
-// stays in the loop but is masked out. Tiles are spread over ATen's thread pool. The backward pass writes
-// one gradient row per intersection (an intersection belongs to one tile, so no two threads write the
-// same row); the caller sums them per Gaussian with index_add_.
+// stays in the loop but is masked out. With the footprints' extents, a Gaussian is only tested on the tile
+// rows its footprint reaches (a contiguous run of pixels, so the loops stay vectorised). Tiles are spread
+// over ATen's thread pool. The backward pass writes one gradient row per intersection (an intersection
+// belongs to one tile, so no two threads write the same row); sum_rows adds them up per Gaussian.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -38,15 +39,19 @@ struct Inputs {
   const float* color;
   const float* opacity;
   const float* background;  // nullptr when absent
+  const float* extents;     // [C*N, 2] footprint half-sizes, or nullptr: every pixel of the tile is tested
   const int64_t* offsets;
   const int64_t* ids;
   int64_t C, D, width, height, tiles_x, tiles_y;
 };
 
 Inputs make_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& colors,
-                   const torch::Tensor& opacities, const torch::Tensor& backgrounds,
+                   const torch::Tensor& opacities, const torch::Tensor& backgrounds, const torch::Tensor& extents,
                    const torch::Tensor& tile_offsets, const torch::Tensor& flatten_ids, int64_t width,
                    int64_t height, int64_t tile_size) {
+  TORCH_CHECK(extents.numel() == 0 || (extents.dtype() == torch::kFloat32 && extents.is_contiguous() &&
+                                       extents.numel() == 2 * opacities.numel()),
+              "rasterize_cpu: extents must be empty or contiguous float32 [C, N, 2]");
   TORCH_CHECK(means2d.dtype() == torch::kFloat32 && conics.dtype() == torch::kFloat32 &&
                   colors.dtype() == torch::kFloat32 && opacities.dtype() == torch::kFloat32,
               "rasterize_cpu: float32 inputs expected");
@@ -57,6 +62,7 @@ Inputs make_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, co
                 colors.data_ptr<float>(),
                 opacities.data_ptr<float>(),
                 backgrounds.numel() > 0 ? backgrounds.data_ptr<float>() : nullptr,
+                extents.numel() > 0 ? extents.data_ptr<float>() : nullptr,
                 tile_offsets.data_ptr<int64_t>(),
                 flatten_ids.data_ptr<int64_t>(),
                 means2d.size(0),
@@ -65,6 +71,23 @@ Inputs make_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, co
                 height,
                 (width + tile_size - 1) / tile_size,
                 (height + tile_size - 1) / tile_size};
+}
+
+// The pixels [p_begin, p_end) of a TS x TS tile with top row y0 that Gaussian g can reach: whole rows whose
+// pixel centres lie within its footprint's half-height (alpha < 1/255 beyond it, see projection.py), with a
+// margin for rounding. Without extents: the whole tile.
+template <int TS>
+inline void row_span(const Inputs& in, int64_t g, float gy, int64_t y0, int& p_begin, int& p_end) {
+  p_begin = 0;
+  p_end = TS * TS;
+  if (!in.extents) return;
+  const float e = in.extents[2 * g + 1] * 1.0001f + 1e-3f;
+  const float lo = std::ceil(gy - e - 0.5f - static_cast<float>(y0));
+  const float hi = std::floor(gy + e - 0.5f - static_cast<float>(y0));
+  const int r0 = static_cast<int>(std::max(lo, 0.0f));
+  const int r1 = static_cast<int>(std::min(hi, static_cast<float>(TS - 1)));
+  p_begin = r0 * TS;
+  p_end = r1 >= r0 ? (r1 + 1) * TS : p_begin;
 }
 
 // Forward pass over one tile of TS x TS pixels.
@@ -96,9 +119,11 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
     const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2];
     const float op = in.opacity[g];
     const float* c = in.color + D * g;
+    int p0, p1;
+    row_span<TS>(in, g, gy, y0, p0, p1);
     alignas(64) float w[P];
     float w_total = 0.0f;
-    for (int p = 0; p < P; ++p) {
+    for (int p = p0; p < p1; ++p) {
       const float dx = gx - px[p], dy = gy - py[p];
       const float sigma = 0.5f * (qa * dx * dx + qc * dy * dy) + qb * dx * dy;
       const float alpha = std::min(kAlphaMax, op * std::exp(-sigma));
@@ -111,12 +136,12 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
       last[p] = stop ? static_cast<int32_t>(k) : last[p];
       active[p] = stop ? 0.0f : active[p];
     }
-    for (int p = 0; p < P; ++p) w_total += w[p];  // a separate loop keeps the one above vectorised
+    for (int p = p0; p < p1; ++p) w_total += w[p];  // a separate loop keeps the one above vectorised
     // Most tile/Gaussian pairs touch no pixel (the bounding box only grazes the tile): skip the blend.
     for (int64_t d = 0; d < D && w_total > 0.0f; ++d) {
       const float cd = c[d];
       float* a = acc.data() + d * P;
-      for (int p = 0; p < P; ++p) a[p] += w[p] * cd;
+      for (int p = p0; p < p1; ++p) a[p] += w[p] * cd;
     }
     if ((k & 15) == 15) {  // every 16 Gaussians: stop once every pixel of the tile has terminated
       float any = 0.0f;
@@ -181,9 +206,11 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
     const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2];
     const float op = in.opacity[g];
     const float* c = in.color + D * g;
+    int p0, p1;
+    row_span<TS>(in, g, gy, y0, p0, p1);
     alignas(64) float w[P], inv_one_minus[P], v_alpha[P], dxs[P], dys[P], raw[P], vis_[P];
     float w_total = 0.0f;
-    for (int p = 0; p < P; ++p) {
+    for (int p = p0; p < p1; ++p) {
       const float dx = gx - px[p], dy = gy - py[p];
       const float sigma = 0.5f * (qa * dx * dx + qc * dy * dy) + qb * dx * dy;
       const float vis = std::exp(-sigma);
@@ -202,7 +229,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
       raw[p] = (valid & (raw_alpha <= kAlphaMax)) ? raw_alpha : 0.0f;
       vis_[p] = (valid & (raw_alpha <= kAlphaMax)) ? vis : 0.0f;
     }
-    for (int p = 0; p < P; ++p) w_total += w[p];
+    for (int p = p0; p < p1; ++p) w_total += w[p];
     if (w_total == 0.0f) continue;  // no pixel of this tile composited this Gaussian: its gradient row stays 0
     float* gk = grads + (start + k) * G;
     for (int64_t d = 0; d < D; ++d) {
@@ -210,7 +237,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
       float* b = behind.data() + d * P;
       const float* v = vo.data() + d * P;
       float g_color = 0.0f;
-      for (int p = 0; p < P; ++p) {
+      for (int p = p0; p < p1; ++p) {
         g_color += w[p] * v[p];
         // colour: c_g * T contributes directly; everything behind is scaled by (1 - alpha)
         v_alpha[p] += (w[p] > 0.0f) ? (cd * T[p] - b[p] * inv_one_minus[p]) * v[p] : 0.0f;
@@ -219,7 +246,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
       gk[6 + d] = g_color;
     }
     float g_x = 0.0f, g_y = 0.0f, g_a = 0.0f, g_b = 0.0f, g_c = 0.0f, g_op = 0.0f;
-    for (int p = 0; p < P; ++p) {
+    for (int p = p0; p < p1; ++p) {
       const float v_sigma = -raw[p] * v_alpha[p];
       g_x += v_sigma * (qa * dxs[p] + qb * dys[p]);
       g_y += v_sigma * (qb * dxs[p] + qc * dys[p]);
@@ -254,10 +281,11 @@ void dispatch_tile_size(int64_t tile_size, Fn&& fn) {
 // front-to-back walk through its tile list).
 std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
                                              torch::Tensor opacities, torch::Tensor backgrounds,
-                                             torch::Tensor tile_offsets, torch::Tensor flatten_ids, int64_t width,
-                                             int64_t height, int64_t tile_size) {
-  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, tile_offsets, flatten_ids, width,
-                                height, tile_size);
+                                             torch::Tensor extents, torch::Tensor tile_offsets,
+                                             torch::Tensor flatten_ids, int64_t width, int64_t height,
+                                             int64_t tile_size) {
+  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
+                                width, height, tile_size);
   auto render = torch::zeros({in.C, height, width, in.D}, means2d.options());
   auto alphas = torch::zeros({in.C, height, width}, means2d.options());
   auto last_ids = torch::zeros({in.C, height, width}, means2d.options().dtype(torch::kInt32));
@@ -275,11 +303,12 @@ std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d, torch::Tenso
 // Returns per-intersection gradients [M, 6 + D]: (d means2d x, y | d conic a, b, c | d opacity | d colors).
 std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
                                               torch::Tensor opacities, torch::Tensor backgrounds,
-                                              torch::Tensor tile_offsets, torch::Tensor flatten_ids, int64_t width,
-                                              int64_t height, int64_t tile_size, torch::Tensor alphas,
-                                              torch::Tensor last_ids, torch::Tensor v_render, torch::Tensor v_alphas) {
-  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, tile_offsets, flatten_ids, width,
-                                height, tile_size);
+                                              torch::Tensor extents, torch::Tensor tile_offsets,
+                                              torch::Tensor flatten_ids, int64_t width, int64_t height,
+                                              int64_t tile_size, torch::Tensor alphas, torch::Tensor last_ids,
+                                              torch::Tensor v_render, torch::Tensor v_alphas) {
+  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
+                                width, height, tile_size);
   auto grads = torch::zeros({flatten_ids.size(0), 6 + in.D}, means2d.options());
   const float* a = alphas.data_ptr<float>();
   const int32_t* last = last_ids.data_ptr<int32_t>();
