@@ -16,8 +16,8 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               torch::Tensor flatten_ids, int64_t width, int64_t height,
                                               int64_t tile_size, torch::Tensor alphas, torch::Tensor last_ids,
                                               torch::Tensor v_render, torch::Tensor v_alphas);
-std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor order, int64_t width,
-                                     int64_t height, int64_t tile_size);
+std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor depths,
+                                     torch::Tensor visible, int64_t width, int64_t height, int64_t tile_size);
 torch::Tensor sum_rows(torch::Tensor per_isect, torch::Tensor ids, int64_t num_rows);
 std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
                                            torch::Tensor opacities, torch::Tensor viewmats, torch::Tensor Ks,

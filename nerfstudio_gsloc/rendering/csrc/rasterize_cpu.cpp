@@ -169,7 +169,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
   const int64_t n_tiles = in.tiles_x * in.tiles_y;
   const int64_t cam = t / n_tiles, tile = t % n_tiles;
   const int64_t x0 = (tile % in.tiles_x) * TS, y0 = (tile / in.tiles_x) * TS;
-  const int64_t start = in.offsets[t];
+  const int64_t start = in.offsets[t], count = in.offsets[t + 1] - start;
   const int64_t D = in.D, G = 6 + D;
 
   alignas(64) float px[P], py[P], T[P], T_final[P], v_T_final[P];
@@ -200,6 +200,8 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
     v_T_final[p] = vt;
   }
 
+  // The gradient rows are not zeroed by the caller: rows of Gaussians no pixel composited are zeroed here.
+  std::fill(grads + (start + max_last) * G, grads + (start + count) * G, 0.0f);
   for (int64_t k = max_last - 1; k >= 0; --k) {
     const int64_t g = in.ids[start + k];
     const float gx = in.xy[2 * g], gy = in.xy[2 * g + 1];
@@ -230,8 +232,11 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
       vis_[p] = (valid & (raw_alpha <= kAlphaMax)) ? vis : 0.0f;
     }
     for (int p = p0; p < p1; ++p) w_total += w[p];
-    if (w_total == 0.0f) continue;  // no pixel of this tile composited this Gaussian: its gradient row stays 0
     float* gk = grads + (start + k) * G;
+    if (w_total == 0.0f) {  // no pixel of this tile composited this Gaussian: its gradient row is 0
+      std::fill(gk, gk + G, 0.0f);
+      continue;
+    }
     for (int64_t d = 0; d < D; ++d) {
       const float cd = c[d];
       float* b = behind.data() + d * P;
@@ -309,7 +314,7 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               torch::Tensor v_render, torch::Tensor v_alphas) {
   const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
                                 width, height, tile_size);
-  auto grads = torch::zeros({flatten_ids.size(0), 6 + in.D}, means2d.options());
+  auto grads = torch::empty({flatten_ids.size(0), 6 + in.D}, means2d.options());
   const float* a = alphas.data_ptr<float>();
   const int32_t* last = last_ids.data_ptr<int32_t>();
   const float* vr = v_render.data_ptr<float>();
@@ -323,19 +328,25 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
   return {grads};
 }
 
-// Tile binning by counting sort. `order` [K] lists the flat ids (c * N + n) of the visible Gaussians
-// sorted front to back; each is appended to every tile its bounding box (centre +- extents [C,N,2]) touches,
-// so every tile's list comes out front to back. Returns (offsets [C*tiles+1], flatten_ids [M]).
-std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor order, int64_t width,
-                                     int64_t height, int64_t tile_size) {
-  TORCH_CHECK(means2d.dtype() == torch::kFloat32 && extents.dtype() == torch::kFloat32 && order.dtype() == torch::kInt64,
-              "bin_tiles: float32 means2d, float32 extents, int64 order expected");
-  const int64_t C = means2d.size(0), N = means2d.size(1), K = order.size(0);
+// Tile binning by counting sort. `visible` [K] lists the flat ids (c * N + n) of the visible Gaussians in
+// increasing order; they are sorted front to back by `depths` [C,N] (stable: ties keep id order, as
+// torch.argsort(stable=True)), then each is appended to every tile its bounding box (centre +- extents
+// [C,N,2]) touches, so every tile's list comes out front to back. Returns (offsets [C*tiles+1], flatten_ids [M]).
+std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor depths,
+                                     torch::Tensor visible, int64_t width, int64_t height, int64_t tile_size) {
+  TORCH_CHECK(means2d.dtype() == torch::kFloat32 && extents.dtype() == torch::kFloat32 &&
+                  depths.dtype() == torch::kFloat32 && visible.dtype() == torch::kInt64 && depths.is_contiguous() &&
+                  visible.is_contiguous(),
+              "bin_tiles: float32 means2d, extents and depths, contiguous int64 visible ids expected");
+  const int64_t C = means2d.size(0), N = means2d.size(1), K = visible.size(0);
+  const float* depth = depths.data_ptr<float>();
+  std::vector<int64_t> sorted(visible.data_ptr<int64_t>(), visible.data_ptr<int64_t>() + K);
+  std::stable_sort(sorted.begin(), sorted.end(), [depth](int64_t a, int64_t b) { return depth[a] < depth[b]; });
+  const int64_t* ord = sorted.data();
   const int64_t tiles_x = (width + tile_size - 1) / tile_size, tiles_y = (height + tile_size - 1) / tile_size;
   const int64_t n_tiles = tiles_x * tiles_y;
   const float* xy = means2d.data_ptr<float>();
   const float* ext = extents.data_ptr<float>();
-  const int64_t* ord = order.data_ptr<int64_t>();
 
   // Tile rectangle [x_lo, x_hi) x [y_lo, y_hi) of every listed Gaussian.
   std::vector<int32_t> rect(4 * K);
