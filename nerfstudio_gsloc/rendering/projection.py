@@ -171,10 +171,12 @@ class _ProjectCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, v_means2d, v_conics, v_depths, v_opac, _v_radii, _v_extents):
+        need_gauss = any(ctx.needs_input_grad[:4])  # False in pose refinement (frozen scene): skip that work
         grads = load_cpu_extension().project_backward(
             *ctx.saved_tensors, *ctx.settings, v_means2d.contiguous(), v_conics.contiguous(), v_depths.contiguous(),
-            v_opac.contiguous(),
+            v_opac.contiguous(), need_gauss,
         )
+        grads = [g if need_gauss else None for g in grads[:4]] + [grads[4]]
         return (*grads, None, None)
 
 
@@ -283,7 +285,12 @@ class _SHColorsCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, v_colors):
-        v_coeffs, v_means, v_centers = load_cpu_extension().sh_backward(*ctx.saved_tensors, ctx.degree, v_colors.contiguous())
+        need_gauss = any(ctx.needs_input_grad[:2])  # False in pose refinement (frozen scene): skip that work
+        v_coeffs, v_means, v_centers = load_cpu_extension().sh_backward(
+            *ctx.saved_tensors, ctx.degree, v_colors.contiguous(), need_gauss
+        )
+        if not need_gauss:
+            return None, None, v_centers, None
         return v_coeffs, v_means, v_centers, None
 
 

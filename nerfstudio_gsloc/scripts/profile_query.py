@@ -275,6 +275,7 @@ def profile_train(load_config: str, steps: int, num_threads: Optional[int]) -> N
     profiler = StageProfiler()
 
     def one_step(step: int) -> None:
+        pipeline.model.step_cb(optimizers, step)  # what the trainer's callback does before every step
         optimizers.zero_grad_all()
         _, loss_dict, _ = pipeline.get_train_loss_dict(step=step)
         loss = ft.reduce(torch.add, loss_dict.values())

@@ -265,6 +265,10 @@ def test_fused_projection_matches_torch_projection(antialiased):
     for name, g, r in zip(["means", "quats", "scales", "opacities", "viewmats"], fused_grads, ref_grads):
         assert r.abs().max() > 0, name
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    # pose refinement: a frozen scene, gradient to the view matrices only (the kernel skips the rest)
+    frozen = [t.detach() for t in inputs[:4]] + [viewmats.clone().requires_grad_(True)]
+    (v_view,) = torch.autograd.grad(loss_of(project_gaussians_fused(*frozen, Ks, WIDTH, HEIGHT, antialiased=antialiased)), frozen[4:])
+    torch.testing.assert_close(v_view, ref_grads[4], atol=1e-4, rtol=1e-4)
 
 
 def test_cpp_compositor_row_spans_change_nothing():
@@ -309,3 +313,8 @@ def test_fused_sh_colors_match_torch_sh_colors(degree):
         if degree > 0 or name == "coeffs":
             assert r.abs().max() > 0, name
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    # pose refinement: a frozen scene, gradient to the camera centres only (the kernel skips the rest)
+    frozen_centers = centers.detach().clone().requires_grad_(True)
+    fused_frozen = evaluate_sh_colors_fused(degree, coeffs.detach(), means.detach(), frozen_centers)
+    (v_centers,) = torch.autograd.grad((fused_frozen * weights).sum(), [frozen_centers], allow_unused=True)
+    torch.testing.assert_close(v_centers, ref_grads[2], atol=1e-4, rtol=1e-4)

@@ -27,11 +27,11 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
                                             torch::Tensor opacities, torch::Tensor viewmats, torch::Tensor Ks,
                                             int64_t width, int64_t height, double near, double far, double eps2d,
                                             bool antialiased, torch::Tensor v_means2d, torch::Tensor v_conics,
-                                            torch::Tensor v_depths, torch::Tensor v_opac);
+                                            torch::Tensor v_depths, torch::Tensor v_opac, bool need_gauss);
 
 torch::Tensor sh_forward(torch::Tensor coeffs, torch::Tensor means, torch::Tensor campos, int64_t degree);
 std::vector<torch::Tensor> sh_backward(torch::Tensor coeffs, torch::Tensor means, torch::Tensor campos, int64_t degree,
-                                       torch::Tensor v_colors);
+                                       torch::Tensor v_colors, bool need_gauss);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rasterize_forward", &rasterize_forward, "tile rasterization forward (CPU)");

@@ -179,18 +179,20 @@ std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor qu
   return {means2d, conics, depths, opac, radii, extents};
 }
 
-// Returns (v_means [N,3], v_quats [N,4], v_scales [N,3], v_opacities [N], v_viewmats [C,4,4]).
+// Returns (v_means [N,3], v_quats [N,4], v_scales [N,3], v_opacities [N], v_viewmats [C,4,4]). With need_gauss
+// false (pose refinement: the scene is frozen) only v_viewmats is computed and the others are empty.
 std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
                                             torch::Tensor opacities, torch::Tensor viewmats, torch::Tensor Ks,
                                             int64_t width, int64_t height, double near, double far, double eps2d,
                                             bool antialiased, torch::Tensor v_means2d, torch::Tensor v_conics,
-                                            torch::Tensor v_depths, torch::Tensor v_opac) {
+                                            torch::Tensor v_depths, torch::Tensor v_opac, bool need_gauss) {
   for (const auto& t : {v_means2d, v_conics, v_depths, v_opac})
     TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "project_backward: contiguous float32 grads expected");
   const int64_t N = means.size(0), C = viewmats.size(0);
   auto opts = means.options();
-  auto v_means = torch::zeros({N, 3}, opts), v_quats = torch::zeros({N, 4}, opts);
-  auto v_scales = torch::zeros({N, 3}, opts), v_opacities = torch::zeros({N}, opts);
+  const int64_t NG = need_gauss ? N : 0;
+  auto v_means = torch::zeros({NG, 3}, opts), v_quats = torch::zeros({NG, 4}, opts);
+  auto v_scales = torch::zeros({NG, 3}, opts), v_opacities = torch::zeros({NG}, opts);
   const float *mp = means.data_ptr<float>(), *qp = quats.data_ptr<float>(), *sp = scales.data_ptr<float>();
   const float *op = opacities.data_ptr<float>(), *vp = viewmats.data_ptr<float>(), *kp = Ks.data_ptr<float>();
   const float *g_xy = v_means2d.data_ptr<float>(), *g_conic = v_conics.data_ptr<float>();
@@ -251,9 +253,10 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
             v_m0[j] = 2.0f * v_a * o.Sm0[j] + v_b * o.Sm1[j];
             v_m1[j] = 2.0f * v_c * o.Sm1[j] + v_b * o.Sm0[j];
           }
-          for (int r = 0; r < 3; ++r)
-            for (int s = 0; s < 3; ++s)
-              vSigma[3 * r + s] += v_a * o.m0[r] * o.m0[s] + v_b * o.m1[r] * o.m0[s] + v_c * o.m1[r] * o.m1[s];
+          if (need_gauss)
+            for (int r = 0; r < 3; ++r)
+              for (int s = 0; s < 3; ++s)
+                vSigma[3 * r + s] += v_a * o.m0[r] * o.m0[s] + v_b * o.m1[r] * o.m0[s] + v_c * o.m1[r] * o.m1[s];
           // m0 = g0 (w0 - u w2), g0 = fx / zs; m1 = g1 (w1 - v w2), g1 = fy / zs
           const float* w0 = cam.W;
           const float* w1 = cam.W + 3;
@@ -297,6 +300,7 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
             vv[4 * r + 3] += v_pc[r];
           }
         }
+        if (!need_gauss) continue;
         for (int j = 0; j < 3; ++j) r_means[3 * n + j] = vp_world[j];
         r_op[n] = vop_total;
         // S = M M^T: v_M = (vS + vS^T) M; M = R diag(s)

@@ -102,12 +102,14 @@ torch::Tensor sh_forward(torch::Tensor coeffs, torch::Tensor means, torch::Tenso
 }
 
 // Returns (v_coeffs [N,K,3], v_means [N,3], v_campos [C,3]).
+// With need_gauss false (pose refinement: the scene is frozen) only v_campos is computed; the others are empty.
 std::vector<torch::Tensor> sh_backward(torch::Tensor coeffs, torch::Tensor means, torch::Tensor campos, int64_t degree,
-                                       torch::Tensor v_colors) {
+                                       torch::Tensor v_colors, bool need_gauss) {
   check(coeffs, means, campos, degree);
   TORCH_CHECK(v_colors.dtype() == torch::kFloat32 && v_colors.is_contiguous(), "sh: contiguous float32 grads expected");
   const int64_t N = means.size(0), C = campos.size(0), K = coeffs.size(1), B = (degree + 1) * (degree + 1);
-  auto v_coeffs = torch::zeros_like(coeffs), v_means = torch::zeros_like(means);
+  auto v_coeffs = need_gauss ? torch::zeros_like(coeffs) : torch::zeros({0, K, 3}, coeffs.options());
+  auto v_means = need_gauss ? torch::zeros_like(means) : torch::zeros({0, 3}, means.options());
   const float *co = coeffs.data_ptr<float>(), *mp = means.data_ptr<float>(), *cp = campos.data_ptr<float>();
   const float* vc = v_colors.data_ptr<float>();
   float *r_co = v_coeffs.data_ptr<float>(), *r_m = v_means.data_ptr<float>();
@@ -117,7 +119,7 @@ std::vector<torch::Tensor> sh_backward(torch::Tensor coeffs, torch::Tensor means
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk)
       for (int64_t n = chunk * grain; n < std::min(N, (chunk + 1) * grain); ++n) {
         const float* k = co + n * K * 3;
-        float* vk = r_co + n * K * 3;
+        float* vk = need_gauss ? r_co + n * K * 3 : nullptr;
         for (int64_t c = 0; c < C; ++c) {
           float d[3], b[16], g[48];
           const float norm = unit_dir(mp + 3 * n, cp + 3 * c, d);
@@ -131,17 +133,16 @@ std::vector<torch::Tensor> sh_backward(torch::Tensor coeffs, torch::Tensor means
           float vd[3] = {0.f, 0.f, 0.f};
           for (int64_t i = 0; i < B; ++i) {
             const float vb = vr[0] * k[3 * i] + vr[1] * k[3 * i + 1] + vr[2] * k[3 * i + 2];
-            for (int j = 0; j < 3; ++j) {
-              vk[3 * i + j] += b[i] * vr[j];
-              vd[j] += vb * g[3 * i + j];
-            }
+            for (int j = 0; j < 3; ++j) vd[j] += vb * g[3 * i + j];
+            if (vk)
+              for (int j = 0; j < 3; ++j) vk[3 * i + j] += b[i] * vr[j];
           }
           // d = raw / |raw|: v_raw = (vd - d (d . vd)) / |raw|; raw = mean - campos
           const float proj = d[0] * vd[0] + d[1] * vd[1] + d[2] * vd[2];
           double* vcam = v_cam_chunks.data() + (chunk * C + c) * 3;
           for (int j = 0; j < 3; ++j) {
             const float v_raw = (vd[j] - d[j] * proj) / norm;
-            r_m[3 * n + j] += v_raw;
+            if (need_gauss) r_m[3 * n + j] += v_raw;
             vcam[j] -= v_raw;
           }
         }
