@@ -1,4 +1,4 @@
-"""Where the time of a localization query (or of a training step) goes: `gsloc-profile`.
+"""Where the time of a localization query (or of a training step) goes, stage by stage.
 
 Two modes::
 
