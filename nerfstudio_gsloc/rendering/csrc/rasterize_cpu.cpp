@@ -73,11 +73,26 @@ Inputs make_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, co
                 (height + tile_size - 1) / tile_size};
 }
 
-// The pixels [p_begin, p_end) of a TS x TS tile with top row y0 that Gaussian g can reach: whole rows whose
-// pixel centres lie within its footprint's half-height (alpha < 1/255 beyond it, see projection.py), with a
-// margin for rounding. Without extents: the whole tile.
+// Smallest sigma = 0.5 (a u^2 + c v^2) + b u v over the rectangle [ul, uh] x [vl, vh] of offsets u = gx - px,
+// v = gy - py (a, c > 0): 0 when it holds the centre, otherwise on one of its four edges.
+inline float min_sigma(float a, float b, float c, float ul, float uh, float vl, float vh) {
+  if (ul <= 0.f && uh >= 0.f && vl <= 0.f && vh >= 0.f) return 0.f;
+  auto sigma = [&](float u, float v) { return 0.5f * (a * u * u + c * v * v) + b * u * v; };
+  auto clampf = [](float x, float lo, float hi) { return std::min(std::max(x, lo), hi); };
+  float best = sigma(ul, clampf(-b * ul / c, vl, vh));
+  best = std::min(best, sigma(uh, clampf(-b * uh / c, vl, vh)));
+  best = std::min(best, sigma(clampf(-b * vl / a, ul, uh), vl));
+  best = std::min(best, sigma(clampf(-b * vh / a, ul, uh), vh));
+  return best;
+}
+
+// The pixels [p_begin, p_end) of a TS x TS tile with corner (x0, y0) that Gaussian g can reach: whole rows
+// whose pixel centres lie within its footprint's half-height (alpha < 1/255 beyond it, see projection.py),
+// with a margin for rounding; none when alpha < 1/255 at every pixel centre of those rows (the footprint
+// ellipse misses them although its bounding box overlaps the tile). Without extents: the whole tile.
 template <int TS>
-inline void row_span(const Inputs& in, int64_t g, float gy, int64_t y0, int& p_begin, int& p_end) {
+inline void row_span(const Inputs& in, int64_t g, float gx, float gy, int64_t x0, int64_t y0, int& p_begin,
+                     int& p_end) {
   p_begin = 0;
   p_end = TS * TS;
   if (!in.extents) return;
@@ -88,6 +103,14 @@ inline void row_span(const Inputs& in, int64_t g, float gy, int64_t y0, int& p_b
   const int r1 = static_cast<int>(std::min(hi, static_cast<float>(TS - 1)));
   p_begin = r0 * TS;
   p_end = r1 >= r0 ? (r1 + 1) * TS : p_begin;
+  if (p_end == p_begin) return;
+  const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2], op = in.opacity[g];
+  if (!(qa > 0.f && qc > 0.f && op > 0.f)) return;
+  // alpha = op exp(-sigma) >= 1/255 needs sigma <= log(255 op); a margin keeps rounding on the safe side
+  const float sigma_max = std::log(op / kAlphaMin) * 1.001f + 1e-3f;
+  const float px_lo = static_cast<float>(x0) + 0.5f, px_hi = static_cast<float>(x0 + TS) - 0.5f;
+  const float py_lo = static_cast<float>(y0 + r0) + 0.5f, py_hi = static_cast<float>(y0 + r1) + 0.5f;
+  if (min_sigma(qa, qb, qc, gx - px_hi, gx - px_lo, gy - py_hi, gy - py_lo) > sigma_max) p_end = p_begin;
 }
 
 // Forward pass over one tile of TS x TS pixels.
@@ -120,7 +143,7 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
     const float op = in.opacity[g];
     const float* c = in.color + D * g;
     int p0, p1;
-    row_span<TS>(in, g, gy, y0, p0, p1);
+    row_span<TS>(in, g, gx, gy, x0, y0, p0, p1);
     alignas(64) float w[P];
     float w_total = 0.0f;
     for (int p = p0; p < p1; ++p) {
@@ -209,7 +232,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
     const float op = in.opacity[g];
     const float* c = in.color + D * g;
     int p0, p1;
-    row_span<TS>(in, g, gy, y0, p0, p1);
+    row_span<TS>(in, g, gx, gy, x0, y0, p0, p1);
     alignas(64) float w[P], inv_one_minus[P], v_alpha[P], dxs[P], dys[P], raw[P], vis_[P];
     float w_total = 0.0f;
     for (int p = p0; p < p1; ++p) {
