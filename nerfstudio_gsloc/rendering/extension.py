@@ -1,6 +1,6 @@
 """Builds and loads the C++ CPU kernels (``csrc/*.cpp``: projection, binning, compositing) on first use.
 
-The build takes about 30 s once per machine and is cached by PyTorch in ``$TORCH_EXTENSIONS_DIR``
+The build takes about a minute once per checkout and is cached by PyTorch in ``$TORCH_EXTENSIONS_DIR``
 (default ``~/.cache/torch_extensions``). Without a working C++ compiler the PyTorch implementations are
 used instead, with one warning.
 """
