@@ -1,6 +1,6 @@
-"""Builds and loads the C++ CPU kernels (``csrc/rasterize_cpu.cpp``) on first use.
+"""Builds and loads the C++ CPU kernels (``csrc/*.cpp``: projection, binning, compositing) on first use.
 
-The build takes about 30 s once per machine and is cached by PyTorch in ``$TORCH_EXTENSIONS_DIR``
+The build takes about a minute once per checkout and is cached by PyTorch in ``$TORCH_EXTENSIONS_DIR``
 (default ``~/.cache/torch_extensions``). Without a working C++ compiler the PyTorch implementations are
 used instead, with one warning.
 """
@@ -13,7 +13,8 @@ import threading
 import warnings
 from pathlib import Path
 
-_CSRC = Path(__file__).parent / "csrc" / "rasterize_cpu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("bindings.cpp", "project_cpu.cpp", "rasterize_cpu.cpp", "sh_cpu.cpp")
 
 _extension = None
 _extension_failed = False
@@ -36,7 +37,7 @@ def load_cpu_extension(verbose: bool = False):
                 _extension = load(
                     # one build per checkout: two checkouts sharing a name would rebuild on every switch
                     name="gsloc_rasterize_cpu_" + hashlib.sha1(str(_CSRC.resolve()).encode()).hexdigest()[:8],
-                    sources=[str(_CSRC)],
+                    sources=[str(_CSRC / name) for name in _SOURCES],
                     # -ffast-math lets gcc vectorise expf over a tile's pixels; -march=native: built on the user's machine
                     extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],

@@ -1,10 +1,15 @@
-"""Projection of 3D Gaussians to 2D image-space Gaussians, in differentiable PyTorch.
+"""Projection of 3D Gaussians to 2D image-space Gaussians: a differentiable PyTorch reference and a fused C++ path.
 
 Follows the EWA splatting model used by gsplat 1.4 (pinhole cameras, OpenCV world-to-camera view
 matrices): a Gaussian with mean ``mu`` and covariance ``Sigma = R S S^T R^T`` is moved into the camera
 frame, and its 2D covariance is ``J W Sigma W^T J^T`` with ``J`` the Jacobian of the perspective
 projection at the mean (clamped a little outside the field of view, as gsplat does, to stop Gaussians
 near the image border from exploding).
+
+:func:`project_gaussians` (with :func:`quat_scale_to_covariance`) is the readable PyTorch version, autograd
+does its backward pass. :func:`project_gaussians_fused` computes the same from quaternions and scales in one
+C++ pass (``csrc/project_cpu.cpp``) with a hand-written backward pass, tested against the PyTorch version;
+likewise :func:`evaluate_sh_colors` and :func:`evaluate_sh_colors_fused` (``csrc/sh_cpu.cpp``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from nerfstudio_gsloc.rendering.extension import load_cpu_extension
 
 # Gaussians whose alpha never reaches this value at any pixel are not drawn (same cut-off as the compositor).
 ALPHA_THRESHOLD = 1.0 / 255.0
@@ -150,6 +157,59 @@ def project_gaussians(
     return ProjectedGaussians(means2d=means2d, conics=conics, depths=z, radii=radii, extents=extents, opacities=opac)
 
 
+class _ProjectCPU(torch.autograd.Function):
+    """Autograd wrapper of the fused C++ projection (no gradient to the intrinsics)."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, opacities, viewmats, Ks, settings):
+        ext = load_cpu_extension()
+        means2d, conics, depths, opac, radii, extents = ext.project_forward(means, quats, scales, opacities, viewmats, Ks, *settings)
+        ctx.save_for_backward(means, quats, scales, opacities, viewmats, Ks)
+        ctx.settings = settings
+        ctx.mark_non_differentiable(radii, extents)
+        return means2d, conics, depths, opac, radii, extents
+
+    @staticmethod
+    def backward(ctx, v_means2d, v_conics, v_depths, v_opac, _v_radii, _v_extents):
+        need_gauss = any(ctx.needs_input_grad[:4])  # False in pose refinement (frozen scene): skip that work
+        grads = load_cpu_extension().project_backward(
+            *ctx.saved_tensors, *ctx.settings, v_means2d.contiguous(), v_conics.contiguous(), v_depths.contiguous(),
+            v_opac.contiguous(), need_gauss,
+        )
+        grads = [g if need_gauss else None for g in grads[:4]] + [grads[4]]
+        return (*grads, None, None)
+
+
+def project_gaussians_fused(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    antialiased: bool = False,
+) -> ProjectedGaussians:
+    """``project_gaussians(means, quat_scale_to_covariance(quats, scales), ...)`` in one C++ pass (float32, CPU).
+
+    Same arguments as :func:`project_gaussians` except ``quats [N, 4]`` and ``scales [N, 3]`` instead of the
+    covariances. Differentiable w.r.t. means, quats, scales, opacities and viewmats (not Ks). Needs the C++
+    extension (:func:`~nerfstudio_gsloc.rendering.extension.load_cpu_extension`).
+    """
+    if load_cpu_extension() is None:
+        raise RuntimeError("the C++ CPU projection is not available")
+    if Ks.requires_grad:
+        raise ValueError("project_gaussians_fused gives no gradient to Ks; use project_gaussians")
+    inputs = [t.contiguous().float() for t in (means, quats, scales, opacities, viewmats, Ks)]
+    settings = (int(width), int(height), float(near_plane), float(far_plane), float(eps2d), bool(antialiased))
+    means2d, conics, depths, opac, radii, extents = _ProjectCPU.apply(*inputs, settings)
+    return ProjectedGaussians(means2d=means2d, conics=conics, depths=depths, radii=radii, extents=extents, opacities=opac)
+
+
 # Real spherical-harmonics constants (degree 0 to 3), the convention of 3DGS / gsplat.
 _SH_C0 = 0.28209479177387814
 _SH_C1 = 0.4886025119029199
@@ -212,3 +272,36 @@ def evaluate_sh_colors(degree: int, sh_coeffs: Tensor, means: Tensor, camera_cen
     basis = spherical_harmonics_basis(degree, means[None] - camera_centers[:, None])  # [C,N,B]
     colors = torch.einsum("cnb,nbd->cnd", basis, sh_coeffs[:, :num_bases])
     return torch.clamp_min(colors + 0.5, 0.0)
+
+
+class _SHColorsCPU(torch.autograd.Function):
+    """Autograd wrapper of the fused C++ SH colours."""
+
+    @staticmethod
+    def forward(ctx, sh_coeffs, means, camera_centers, degree):
+        ctx.save_for_backward(sh_coeffs, means, camera_centers)
+        ctx.degree = degree
+        return load_cpu_extension().sh_forward(sh_coeffs, means, camera_centers, degree)
+
+    @staticmethod
+    def backward(ctx, v_colors):
+        need_gauss = any(ctx.needs_input_grad[:2])  # False in pose refinement (frozen scene): skip that work
+        v_coeffs, v_means, v_centers = load_cpu_extension().sh_backward(
+            *ctx.saved_tensors, ctx.degree, v_colors.contiguous(), need_gauss
+        )
+        if not need_gauss:
+            return None, None, v_centers, None
+        return v_coeffs, v_means, v_centers, None
+
+
+def evaluate_sh_colors_fused(degree: int, sh_coeffs: Tensor, means: Tensor, camera_centers: Tensor) -> Tensor:
+    """:func:`evaluate_sh_colors` in one C++ pass (float32, CPU; needs the C++ extension). Same arguments."""
+    num_bases = (degree + 1) ** 2
+    if not 0 <= degree <= 3:
+        raise ValueError(f"sh_degree must be in 0..3, got {degree}")
+    if sh_coeffs.shape[1] < num_bases:
+        raise ValueError(f"sh_degree {degree} needs {num_bases} SH coefficients, got {sh_coeffs.shape[1]}")
+    if load_cpu_extension() is None:
+        raise RuntimeError("the C++ CPU SH colours are not available")
+    inputs = [t.contiguous().float() for t in (sh_coeffs[:, :num_bases], means, camera_centers)]
+    return _SHColorsCPU.apply(*inputs, int(degree))

@@ -1,7 +1,8 @@
 """``rasterization``: gsplat 1.4's entry point, with a CPU implementation.
 
 CUDA tensors are handed to ``gsplat.rasterization`` unchanged. CPU tensors go through this project's
-pipeline: :func:`~nerfstudio_gsloc.rendering.projection.project_gaussians` (PyTorch, autograd),
+pipeline: :func:`~nerfstudio_gsloc.rendering.projection.project_gaussians_fused` (C++ kernel, or the PyTorch
+:func:`~nerfstudio_gsloc.rendering.projection.project_gaussians` without a compiler),
 :func:`~nerfstudio_gsloc.rendering.tiles.intersect_tiles` (no gradient needed) and
 :func:`~nerfstudio_gsloc.rendering.rasterize_to_pixels.rasterize_to_pixels` (C++ kernel or PyTorch).
 """
@@ -13,7 +14,14 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from nerfstudio_gsloc.rendering.projection import evaluate_sh_colors, project_gaussians, quat_scale_to_covariance
+from nerfstudio_gsloc.rendering.extension import load_cpu_extension
+from nerfstudio_gsloc.rendering.projection import (
+    evaluate_sh_colors,
+    evaluate_sh_colors_fused,
+    project_gaussians,
+    project_gaussians_fused,
+    quat_scale_to_covariance,
+)
 from nerfstudio_gsloc.rendering.rasterize_to_pixels import rasterize_to_pixels
 from nerfstudio_gsloc.rendering.tiles import intersect_tiles
 
@@ -93,10 +101,13 @@ def rasterization(
     num_gauss, num_cams = means.shape[0], viewmats.shape[0]
     _check_shapes(means, quats, scales, opacities, viewmats, Ks, num_gauss, num_cams)
 
-    projected = project_gaussians(
-        means, quat_scale_to_covariance(quats, scales), opacities, viewmats, Ks, width, height,
-        near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, antialiased=rasterize_mode == "antialiased",
-    )
+    project_kwargs = dict(near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, antialiased=rasterize_mode == "antialiased")
+    if load_cpu_extension() is not None and not Ks.requires_grad:
+        projected = project_gaussians_fused(means, quats, scales, opacities, viewmats, Ks, width, height, **project_kwargs)
+    else:  # no compiler, or gradients to the intrinsics wanted: the PyTorch reference
+        projected = project_gaussians(
+            means, quat_scale_to_covariance(quats, scales), opacities, viewmats, Ks, width, height, **project_kwargs
+        )
     radii = projected.radii
     if radius_clip > 0:
         radii = torch.where(radii.float() > radius_clip, radii, torch.zeros_like(radii))
@@ -115,7 +126,8 @@ def rasterization(
     extents = projected.extents * (radii > 0)[..., None]
     tiles = intersect_tiles(projected.means2d, extents, projected.depths, width, height, CPU_TILE_SIZE)
     render, alphas = rasterize_to_pixels(
-        projected.means2d, projected.conics, features, projected.opacities, tiles, width, height, backgrounds
+        projected.means2d, projected.conics, features, projected.opacities, tiles, width, height, backgrounds,
+        extents=extents,
     )
     alphas = alphas[..., None]
     if render_mode in ("ED", "RGB+ED"):
@@ -163,6 +175,8 @@ def _features_per_camera(
     if colors.dim() != 3 or colors.shape[0] != num_gauss or colors.shape[-1] != 3:
         raise ValueError(f"colors must be SH coefficients [N, K, 3] with sh_degree, got {tuple(colors.shape)}")
     camera_centers = torch.linalg.inv(viewmats)[:, :3, 3]
+    if load_cpu_extension() is not None:
+        return evaluate_sh_colors_fused(sh_degree, colors, means, camera_centers)
     return evaluate_sh_colors(sh_degree, colors, means, camera_centers)
 
 

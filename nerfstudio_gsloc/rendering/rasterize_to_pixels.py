@@ -31,30 +31,30 @@ class _RasterizeCPU(torch.autograd.Function):
     """Autograd wrapper of the C++ kernel."""
 
     @staticmethod
-    def forward(ctx, means2d, conics, colors, opacities, backgrounds, offsets, flatten_ids, width, height, tile_size):
+    def forward(ctx, means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, width, height, tile_size):
         ext = load_cpu_extension()
         render, alphas, last_ids = ext.rasterize_forward(
-            means2d, conics, colors, opacities, backgrounds, offsets, flatten_ids, width, height, tile_size
+            means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, width, height, tile_size
         )
-        ctx.save_for_backward(means2d, conics, colors, opacities, backgrounds, offsets, flatten_ids, alphas, last_ids)
+        ctx.save_for_backward(
+            means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, alphas, last_ids
+        )
         ctx.size = (width, height, tile_size)
         ctx.has_background = backgrounds.numel() > 0
         return render, alphas
 
     @staticmethod
     def backward(ctx, v_render, v_alphas):
-        means2d, conics, colors, opacities, backgrounds, offsets, flatten_ids, alphas, last_ids = ctx.saved_tensors
+        means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, alphas, last_ids = ctx.saved_tensors
         width, height, tile_size = ctx.size
         ext = load_cpu_extension()
         (per_isect,) = ext.rasterize_backward(
-            means2d, conics, colors, opacities, backgrounds, offsets, flatten_ids, width, height, tile_size,
+            means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, width, height, tile_size,
             alphas, last_ids, v_render.contiguous(), v_alphas.contiguous(),
         )
         num_cams, num_gauss, dim = colors.shape
         # Sum the per-intersection rows into per-Gaussian gradients.
-        per_gauss = torch.zeros(num_cams * num_gauss, per_isect.shape[1], dtype=per_isect.dtype)
-        per_gauss.index_add_(0, flatten_ids, per_isect)
-        per_gauss = per_gauss.reshape(num_cams, num_gauss, -1)
+        per_gauss = ext.sum_rows(per_isect, flatten_ids, num_cams * num_gauss).reshape(num_cams, num_gauss, -1)
         v_means2d = per_gauss[..., 0:2]
         v_conics = per_gauss[..., 2:5]
         v_opacities = per_gauss[..., 5]
@@ -62,7 +62,7 @@ class _RasterizeCPU(torch.autograd.Function):
         v_backgrounds = None
         if ctx.has_background and ctx.needs_input_grad[4]:
             v_backgrounds = (v_render * (1.0 - alphas)[..., None]).sum(dim=(1, 2))
-        return v_means2d, v_conics, v_colors, v_opacities, v_backgrounds, None, None, None, None, None
+        return v_means2d, v_conics, v_colors, v_opacities, v_backgrounds, None, None, None, None, None, None
 
 
 def rasterize_to_pixels_torch(
@@ -150,6 +150,7 @@ def rasterize_to_pixels(
     height: int,
     backgrounds: Optional[Tensor] = None,
     use_cpp: Optional[bool] = None,
+    extents: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Composite projected Gaussians into images (CPU).
 
@@ -162,6 +163,8 @@ def rasterize_to_pixels(
         width, height: image size.
         backgrounds: optional ``[C, D]`` colour behind the Gaussians.
         use_cpp: force (True) or forbid (False) the C++ kernel; None = use it when it builds.
+        extents: optional ``[C, N, 2]`` footprint half-sizes from the projection (alpha < 1/255 beyond them);
+            the C++ kernel then tests each Gaussian only on the tile rows it reaches. Same result, less work.
 
     Returns:
         ``(render [C, H, W, D], alphas [C, H, W])``; differentiable w.r.t. means2d, conics, colors,
@@ -174,8 +177,9 @@ def rasterize_to_pixels(
     if load_cpu_extension() is None:
         raise RuntimeError("the C++ CPU rasterizer is not available")
     bg = backgrounds.contiguous().float() if backgrounds is not None else torch.empty(0)
+    ext = extents.detach().contiguous().float() if extents is not None else torch.empty(0)
     return _RasterizeCPU.apply(
         means2d.contiguous().float(), conics.contiguous().float(), colors.contiguous().float(),
-        opacities.contiguous().float(), bg, tiles.offsets.contiguous(), tiles.flatten_ids.contiguous(),
+        opacities.contiguous().float(), bg, ext, tiles.offsets.contiguous(), tiles.flatten_ids.contiguous(),
         width, height, tiles.tile_size,
     )

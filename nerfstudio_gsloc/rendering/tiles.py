@@ -63,15 +63,16 @@ def intersect_tiles(
     tiles_per_cam = tiles_x * tiles_y
 
     visible = (extents[..., 0] > 0).reshape(-1).nonzero().squeeze(-1)  # flat ids c * N + n
-    # Front-to-back order first; the stable sort by tile below keeps it within each tile.
-    visible = visible[torch.argsort(depths.reshape(-1)[visible], stable=True)]
     if use_cpp is None:
         use_cpp = load_cpu_extension() is not None
-    if use_cpp:
+    if use_cpp:  # the same stable depth sort and counting sort, in C++
         offsets, flatten_ids = load_cpu_extension().bin_tiles(
-            means2d.detach().float().contiguous(), extents.float().contiguous(), visible, width, height, tile_size
+            means2d.detach().float().contiguous(), extents.float().contiguous(), depths.detach().float().contiguous(),
+            visible, width, height, tile_size,
         )
         return TileIntersections(tile_size, tiles_x, tiles_y, offsets, flatten_ids)
+    # Front-to-back order first; the stable sort by tile below keeps it within each tile.
+    visible = visible[torch.argsort(depths.reshape(-1)[visible], stable=True)]
 
     cam = visible // num_gauss
     xy = means2d.detach().reshape(-1, 2)[visible]

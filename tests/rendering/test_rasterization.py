@@ -233,3 +233,88 @@ def test_cpp_tile_binning_matches_torch_binning():
         b = intersect_tiles(means2d, extents, depths, 64, 45, tile_size, use_cpp=False)
         assert a.num_intersections > 500
         assert torch.equal(a.offsets, b.offsets) and torch.equal(a.flatten_ids, b.flatten_ids)
+
+
+@pytest.mark.parametrize("antialiased", [False, True])
+def test_fused_projection_matches_torch_projection(antialiased):
+    """The C++ projection (forward values, radii, gradients to every input but Ks) against the PyTorch one."""
+    assert load_cpu_extension() is not None
+    from nerfstudio_gsloc.rendering.projection import project_gaussians_fused
+
+    means, quats, scales, opacities, _, viewmats, Ks = random_scene(80, 13, num_cams=2)
+    # a few Gaussians behind the camera, beyond the side of the image (clamped Jacobian) and very flat
+    means[:3, 2] = -1.0
+    means[3:8, 0] = torch.linspace(-6.0, 6.0, 5)
+    scales[8:12, 2] = 1e-4
+    inputs = [t.clone().requires_grad_(True) for t in (means, quats, scales, opacities, viewmats)]
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.randn(2, 80, k, generator=gen) for k in (2, 3, 1, 1)]
+
+    def loss_of(p):
+        return sum((w * t.reshape(2, 80, -1)).sum() for w, t in zip(weights, (p.means2d, p.conics, p.depths, p.opacities)))
+
+    ref = project_gaussians(inputs[0], quat_scale_to_covariance(inputs[1], inputs[2]), inputs[3], inputs[4], Ks,
+                            WIDTH, HEIGHT, antialiased=antialiased)
+    fused = project_gaussians_fused(*inputs, Ks, WIDTH, HEIGHT, antialiased=antialiased)
+    assert (ref.radii > 0).sum() > 40 and (ref.radii == 0).sum() > 3
+    assert torch.equal(fused.radii, ref.radii) and torch.equal(fused.extents, ref.extents)
+    for name in ("means2d", "conics", "depths", "opacities"):
+        torch.testing.assert_close(getattr(fused, name), getattr(ref, name), atol=1e-5, rtol=1e-5, msg=name)
+    ref_grads = torch.autograd.grad(loss_of(ref), inputs)
+    fused_grads = torch.autograd.grad(loss_of(fused), inputs)
+    for name, g, r in zip(["means", "quats", "scales", "opacities", "viewmats"], fused_grads, ref_grads):
+        assert r.abs().max() > 0, name
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    # pose refinement: a frozen scene, gradient to the view matrices only (the kernel skips the rest)
+    frozen = [t.detach() for t in inputs[:4]] + [viewmats.clone().requires_grad_(True)]
+    (v_view,) = torch.autograd.grad(loss_of(project_gaussians_fused(*frozen, Ks, WIDTH, HEIGHT, antialiased=antialiased)), frozen[4:])
+    torch.testing.assert_close(v_view, ref_grads[4], atol=1e-4, rtol=1e-4)
+
+
+def test_cpp_compositor_row_spans_change_nothing():
+    """Testing each Gaussian only on the tile rows its footprint reaches gives the same images and gradients."""
+    assert load_cpu_extension() is not None
+    means, quats, scales, opacities, colors, viewmats, Ks = random_scene(200, 17, num_cams=1)
+    scales = scales * 0.3  # footprints of a few pixels: most do not reach every row of a tile
+    proj = project_gaussians(means, quat_scale_to_covariance(quats, scales), opacities, viewmats, Ks, WIDTH, HEIGHT)
+    tiles = intersect_tiles(proj.means2d, proj.extents, proj.depths, WIDTH, HEIGHT, 8)
+    feats = colors[None].clone()
+    inputs = [proj.means2d.detach().clone().requires_grad_(True), proj.conics.detach().clone().requires_grad_(True),
+              feats.requires_grad_(True), proj.opacities.detach().clone().requires_grad_(True)]
+    weights = torch.rand(1, HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(2))
+    results = []
+    for extents in (None, proj.extents):
+        img, alpha = rasterize_to_pixels(*inputs, tiles, WIDTH, HEIGHT, use_cpp=True, extents=extents)
+        results.append((img, alpha, *torch.autograd.grad((img * weights).sum() + alpha.sum(), inputs)))
+    assert results[0][1].max() > 0.5
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+def test_fused_sh_colors_match_torch_sh_colors(degree):
+    """The C++ SH colours (values, gradients to coefficients, means and camera centres) against the PyTorch ones."""
+    assert load_cpu_extension() is not None
+    from nerfstudio_gsloc.rendering.projection import evaluate_sh_colors, evaluate_sh_colors_fused
+
+    gen = torch.Generator().manual_seed(degree)
+    coeffs = (torch.randn(60, 16, 3, generator=gen) * 2.0).requires_grad_(True)  # some colours clamp at 0
+    means = torch.randn(60, 3, generator=gen).requires_grad_(True)
+    centers = (torch.randn(2, 3, generator=gen) * 3).requires_grad_(True)
+    weights = torch.randn(2, 60, 3, generator=gen)
+    ref = evaluate_sh_colors(degree, coeffs, means, centers)
+    fused = evaluate_sh_colors_fused(degree, coeffs, means, centers)
+    assert (ref == 0).any() and (ref > 0).any()
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [coeffs, means, centers], allow_unused=True)
+    ref_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(ref_grads, (coeffs, means, centers))]
+    fused_grads = torch.autograd.grad((fused * weights).sum(), [coeffs, means, centers])
+    for name, g, r in zip(["coeffs", "means", "centers"], fused_grads, ref_grads):
+        if degree > 0 or name == "coeffs":
+            assert r.abs().max() > 0, name
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    # pose refinement: a frozen scene, gradient to the camera centres only (the kernel skips the rest)
+    frozen_centers = centers.detach().clone().requires_grad_(True)
+    fused_frozen = evaluate_sh_colors_fused(degree, coeffs.detach(), means.detach(), frozen_centers)
+    (v_centers,) = torch.autograd.grad((fused_frozen * weights).sum(), [frozen_centers], allow_unused=True)
+    torch.testing.assert_close(v_centers, ref_grads[2], atol=1e-4, rtol=1e-4)

@@ -15,9 +15,10 @@
 //
 // Speed: a tile's pixels are processed together, one Gaussian at a time, in branch-free loops over the
 // tile's pixels that the compiler turns into SIMD code (including exp). A pixel that has terminated
-// stays in the loop but is masked out. Tiles are spread over ATen's thread pool. The backward pass writes
-// one gradient row per intersection (an intersection belongs to one tile, so no two threads write the
-// same row); the caller sums them per Gaussian with index_add_.
+// stays in the loop but is masked out. With the footprints' extents, a Gaussian is only tested on the tile
+// rows its footprint reaches (a contiguous run of pixels, so the loops stay vectorised). Tiles are spread
+// over ATen's thread pool. The backward pass writes one gradient row per intersection (an intersection
+// belongs to one tile, so no two threads write the same row); sum_rows adds them up per Gaussian.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -38,15 +39,19 @@ struct Inputs {
   const float* color;
   const float* opacity;
   const float* background;  // nullptr when absent
+  const float* extents;     // [C*N, 2] footprint half-sizes, or nullptr: every pixel of the tile is tested
   const int64_t* offsets;
   const int64_t* ids;
   int64_t C, D, width, height, tiles_x, tiles_y;
 };
 
 Inputs make_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& colors,
-                   const torch::Tensor& opacities, const torch::Tensor& backgrounds,
+                   const torch::Tensor& opacities, const torch::Tensor& backgrounds, const torch::Tensor& extents,
                    const torch::Tensor& tile_offsets, const torch::Tensor& flatten_ids, int64_t width,
                    int64_t height, int64_t tile_size) {
+  TORCH_CHECK(extents.numel() == 0 || (extents.dtype() == torch::kFloat32 && extents.is_contiguous() &&
+                                       extents.numel() == 2 * opacities.numel()),
+              "rasterize_cpu: extents must be empty or contiguous float32 [C, N, 2]");
   TORCH_CHECK(means2d.dtype() == torch::kFloat32 && conics.dtype() == torch::kFloat32 &&
                   colors.dtype() == torch::kFloat32 && opacities.dtype() == torch::kFloat32,
               "rasterize_cpu: float32 inputs expected");
@@ -57,6 +62,7 @@ Inputs make_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, co
                 colors.data_ptr<float>(),
                 opacities.data_ptr<float>(),
                 backgrounds.numel() > 0 ? backgrounds.data_ptr<float>() : nullptr,
+                extents.numel() > 0 ? extents.data_ptr<float>() : nullptr,
                 tile_offsets.data_ptr<int64_t>(),
                 flatten_ids.data_ptr<int64_t>(),
                 means2d.size(0),
@@ -65,6 +71,46 @@ Inputs make_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, co
                 height,
                 (width + tile_size - 1) / tile_size,
                 (height + tile_size - 1) / tile_size};
+}
+
+// Smallest sigma = 0.5 (a u^2 + c v^2) + b u v over the rectangle [ul, uh] x [vl, vh] of offsets u = gx - px,
+// v = gy - py (a, c > 0): 0 when it holds the centre, otherwise on one of its four edges.
+inline float min_sigma(float a, float b, float c, float ul, float uh, float vl, float vh) {
+  if (ul <= 0.f && uh >= 0.f && vl <= 0.f && vh >= 0.f) return 0.f;
+  auto sigma = [&](float u, float v) { return 0.5f * (a * u * u + c * v * v) + b * u * v; };
+  auto clampf = [](float x, float lo, float hi) { return std::min(std::max(x, lo), hi); };
+  float best = sigma(ul, clampf(-b * ul / c, vl, vh));
+  best = std::min(best, sigma(uh, clampf(-b * uh / c, vl, vh)));
+  best = std::min(best, sigma(clampf(-b * vl / a, ul, uh), vl));
+  best = std::min(best, sigma(clampf(-b * vh / a, ul, uh), vh));
+  return best;
+}
+
+// The pixels [p_begin, p_end) of a TS x TS tile with corner (x0, y0) that Gaussian g can reach: whole rows
+// whose pixel centres lie within its footprint's half-height (alpha < 1/255 beyond it, see projection.py),
+// with a margin for rounding; none when alpha < 1/255 at every pixel centre of those rows (the footprint
+// ellipse misses them although its bounding box overlaps the tile). Without extents: the whole tile.
+template <int TS>
+inline void row_span(const Inputs& in, int64_t g, float gx, float gy, int64_t x0, int64_t y0, int& p_begin,
+                     int& p_end) {
+  p_begin = 0;
+  p_end = TS * TS;
+  if (!in.extents) return;
+  const float e = in.extents[2 * g + 1] * 1.0001f + 1e-3f;
+  const float lo = std::ceil(gy - e - 0.5f - static_cast<float>(y0));
+  const float hi = std::floor(gy + e - 0.5f - static_cast<float>(y0));
+  const int r0 = static_cast<int>(std::max(lo, 0.0f));
+  const int r1 = static_cast<int>(std::min(hi, static_cast<float>(TS - 1)));
+  p_begin = r0 * TS;
+  p_end = r1 >= r0 ? (r1 + 1) * TS : p_begin;
+  if (p_end == p_begin) return;
+  const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2], op = in.opacity[g];
+  if (!(qa > 0.f && qc > 0.f && op > 0.f)) return;
+  // alpha = op exp(-sigma) >= 1/255 needs sigma <= log(255 op); a margin keeps rounding on the safe side
+  const float sigma_max = std::log(op / kAlphaMin) * 1.001f + 1e-3f;
+  const float px_lo = static_cast<float>(x0) + 0.5f, px_hi = static_cast<float>(x0 + TS) - 0.5f;
+  const float py_lo = static_cast<float>(y0 + r0) + 0.5f, py_hi = static_cast<float>(y0 + r1) + 0.5f;
+  if (min_sigma(qa, qb, qc, gx - px_hi, gx - px_lo, gy - py_hi, gy - py_lo) > sigma_max) p_end = p_begin;
 }
 
 // Forward pass over one tile of TS x TS pixels.
@@ -96,9 +142,11 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
     const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2];
     const float op = in.opacity[g];
     const float* c = in.color + D * g;
+    int p0, p1;
+    row_span<TS>(in, g, gx, gy, x0, y0, p0, p1);
     alignas(64) float w[P];
     float w_total = 0.0f;
-    for (int p = 0; p < P; ++p) {
+    for (int p = p0; p < p1; ++p) {
       const float dx = gx - px[p], dy = gy - py[p];
       const float sigma = 0.5f * (qa * dx * dx + qc * dy * dy) + qb * dx * dy;
       const float alpha = std::min(kAlphaMax, op * std::exp(-sigma));
@@ -111,12 +159,12 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
       last[p] = stop ? static_cast<int32_t>(k) : last[p];
       active[p] = stop ? 0.0f : active[p];
     }
-    for (int p = 0; p < P; ++p) w_total += w[p];  // a separate loop keeps the one above vectorised
+    for (int p = p0; p < p1; ++p) w_total += w[p];  // a separate loop keeps the one above vectorised
     // Most tile/Gaussian pairs touch no pixel (the bounding box only grazes the tile): skip the blend.
     for (int64_t d = 0; d < D && w_total > 0.0f; ++d) {
       const float cd = c[d];
       float* a = acc.data() + d * P;
-      for (int p = 0; p < P; ++p) a[p] += w[p] * cd;
+      for (int p = p0; p < p1; ++p) a[p] += w[p] * cd;
     }
     if ((k & 15) == 15) {  // every 16 Gaussians: stop once every pixel of the tile has terminated
       float any = 0.0f;
@@ -144,7 +192,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
   const int64_t n_tiles = in.tiles_x * in.tiles_y;
   const int64_t cam = t / n_tiles, tile = t % n_tiles;
   const int64_t x0 = (tile % in.tiles_x) * TS, y0 = (tile / in.tiles_x) * TS;
-  const int64_t start = in.offsets[t];
+  const int64_t start = in.offsets[t], count = in.offsets[t + 1] - start;
   const int64_t D = in.D, G = 6 + D;
 
   alignas(64) float px[P], py[P], T[P], T_final[P], v_T_final[P];
@@ -175,15 +223,19 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
     v_T_final[p] = vt;
   }
 
+  // The gradient rows are not zeroed by the caller: rows of Gaussians no pixel composited are zeroed here.
+  std::fill(grads + (start + max_last) * G, grads + (start + count) * G, 0.0f);
   for (int64_t k = max_last - 1; k >= 0; --k) {
     const int64_t g = in.ids[start + k];
     const float gx = in.xy[2 * g], gy = in.xy[2 * g + 1];
     const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2];
     const float op = in.opacity[g];
     const float* c = in.color + D * g;
+    int p0, p1;
+    row_span<TS>(in, g, gx, gy, x0, y0, p0, p1);
     alignas(64) float w[P], inv_one_minus[P], v_alpha[P], dxs[P], dys[P], raw[P], vis_[P];
     float w_total = 0.0f;
-    for (int p = 0; p < P; ++p) {
+    for (int p = p0; p < p1; ++p) {
       const float dx = gx - px[p], dy = gy - py[p];
       const float sigma = 0.5f * (qa * dx * dx + qc * dy * dy) + qb * dx * dy;
       const float vis = std::exp(-sigma);
@@ -202,15 +254,18 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
       raw[p] = (valid & (raw_alpha <= kAlphaMax)) ? raw_alpha : 0.0f;
       vis_[p] = (valid & (raw_alpha <= kAlphaMax)) ? vis : 0.0f;
     }
-    for (int p = 0; p < P; ++p) w_total += w[p];
-    if (w_total == 0.0f) continue;  // no pixel of this tile composited this Gaussian: its gradient row stays 0
+    for (int p = p0; p < p1; ++p) w_total += w[p];
     float* gk = grads + (start + k) * G;
+    if (w_total == 0.0f) {  // no pixel of this tile composited this Gaussian: its gradient row is 0
+      std::fill(gk, gk + G, 0.0f);
+      continue;
+    }
     for (int64_t d = 0; d < D; ++d) {
       const float cd = c[d];
       float* b = behind.data() + d * P;
       const float* v = vo.data() + d * P;
       float g_color = 0.0f;
-      for (int p = 0; p < P; ++p) {
+      for (int p = p0; p < p1; ++p) {
         g_color += w[p] * v[p];
         // colour: c_g * T contributes directly; everything behind is scaled by (1 - alpha)
         v_alpha[p] += (w[p] > 0.0f) ? (cd * T[p] - b[p] * inv_one_minus[p]) * v[p] : 0.0f;
@@ -219,7 +274,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
       gk[6 + d] = g_color;
     }
     float g_x = 0.0f, g_y = 0.0f, g_a = 0.0f, g_b = 0.0f, g_c = 0.0f, g_op = 0.0f;
-    for (int p = 0; p < P; ++p) {
+    for (int p = p0; p < p1; ++p) {
       const float v_sigma = -raw[p] * v_alpha[p];
       g_x += v_sigma * (qa * dxs[p] + qb * dys[p]);
       g_y += v_sigma * (qb * dxs[p] + qc * dys[p]);
@@ -254,10 +309,11 @@ void dispatch_tile_size(int64_t tile_size, Fn&& fn) {
 // front-to-back walk through its tile list).
 std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
                                              torch::Tensor opacities, torch::Tensor backgrounds,
-                                             torch::Tensor tile_offsets, torch::Tensor flatten_ids, int64_t width,
-                                             int64_t height, int64_t tile_size) {
-  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, tile_offsets, flatten_ids, width,
-                                height, tile_size);
+                                             torch::Tensor extents, torch::Tensor tile_offsets,
+                                             torch::Tensor flatten_ids, int64_t width, int64_t height,
+                                             int64_t tile_size) {
+  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
+                                width, height, tile_size);
   auto render = torch::zeros({in.C, height, width, in.D}, means2d.options());
   auto alphas = torch::zeros({in.C, height, width}, means2d.options());
   auto last_ids = torch::zeros({in.C, height, width}, means2d.options().dtype(torch::kInt32));
@@ -275,12 +331,13 @@ std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d, torch::Tenso
 // Returns per-intersection gradients [M, 6 + D]: (d means2d x, y | d conic a, b, c | d opacity | d colors).
 std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
                                               torch::Tensor opacities, torch::Tensor backgrounds,
-                                              torch::Tensor tile_offsets, torch::Tensor flatten_ids, int64_t width,
-                                              int64_t height, int64_t tile_size, torch::Tensor alphas,
-                                              torch::Tensor last_ids, torch::Tensor v_render, torch::Tensor v_alphas) {
-  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, tile_offsets, flatten_ids, width,
-                                height, tile_size);
-  auto grads = torch::zeros({flatten_ids.size(0), 6 + in.D}, means2d.options());
+                                              torch::Tensor extents, torch::Tensor tile_offsets,
+                                              torch::Tensor flatten_ids, int64_t width, int64_t height,
+                                              int64_t tile_size, torch::Tensor alphas, torch::Tensor last_ids,
+                                              torch::Tensor v_render, torch::Tensor v_alphas) {
+  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
+                                width, height, tile_size);
+  auto grads = torch::empty({flatten_ids.size(0), 6 + in.D}, means2d.options());
   const float* a = alphas.data_ptr<float>();
   const int32_t* last = last_ids.data_ptr<int32_t>();
   const float* vr = v_render.data_ptr<float>();
@@ -294,19 +351,25 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
   return {grads};
 }
 
-// Tile binning by counting sort. `order` [K] lists the flat ids (c * N + n) of the visible Gaussians
-// sorted front to back; each is appended to every tile its bounding box (centre +- extents [C,N,2]) touches,
-// so every tile's list comes out front to back. Returns (offsets [C*tiles+1], flatten_ids [M]).
-std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor order, int64_t width,
-                                     int64_t height, int64_t tile_size) {
-  TORCH_CHECK(means2d.dtype() == torch::kFloat32 && extents.dtype() == torch::kFloat32 && order.dtype() == torch::kInt64,
-              "bin_tiles: float32 means2d, float32 extents, int64 order expected");
-  const int64_t C = means2d.size(0), N = means2d.size(1), K = order.size(0);
+// Tile binning by counting sort. `visible` [K] lists the flat ids (c * N + n) of the visible Gaussians in
+// increasing order; they are sorted front to back by `depths` [C,N] (stable: ties keep id order, as
+// torch.argsort(stable=True)), then each is appended to every tile its bounding box (centre +- extents
+// [C,N,2]) touches, so every tile's list comes out front to back. Returns (offsets [C*tiles+1], flatten_ids [M]).
+std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor depths,
+                                     torch::Tensor visible, int64_t width, int64_t height, int64_t tile_size) {
+  TORCH_CHECK(means2d.dtype() == torch::kFloat32 && extents.dtype() == torch::kFloat32 &&
+                  depths.dtype() == torch::kFloat32 && visible.dtype() == torch::kInt64 && depths.is_contiguous() &&
+                  visible.is_contiguous(),
+              "bin_tiles: float32 means2d, extents and depths, contiguous int64 visible ids expected");
+  const int64_t C = means2d.size(0), N = means2d.size(1), K = visible.size(0);
+  const float* depth = depths.data_ptr<float>();
+  std::vector<int64_t> sorted(visible.data_ptr<int64_t>(), visible.data_ptr<int64_t>() + K);
+  std::stable_sort(sorted.begin(), sorted.end(), [depth](int64_t a, int64_t b) { return depth[a] < depth[b]; });
+  const int64_t* ord = sorted.data();
   const int64_t tiles_x = (width + tile_size - 1) / tile_size, tiles_y = (height + tile_size - 1) / tile_size;
   const int64_t n_tiles = tiles_x * tiles_y;
   const float* xy = means2d.data_ptr<float>();
   const float* ext = extents.data_ptr<float>();
-  const int64_t* ord = order.data_ptr<int64_t>();
 
   // Tile rectangle [x_lo, x_hi) x [y_lo, y_hi) of every listed Gaussian.
   std::vector<int32_t> rect(4 * K);
@@ -339,8 +402,19 @@ std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extent
   return {offsets, flatten_ids};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rasterize_forward", &rasterize_forward, "tile rasterization forward (CPU)");
-  m.def("rasterize_backward", &rasterize_backward, "tile rasterization backward (CPU)");
-  m.def("bin_tiles", &bin_tiles, "tile binning by counting sort (CPU)");
+// Sums per-intersection gradient rows [M, G] into per-Gaussian rows [num_rows, G] (rows[ids[m]] += per_isect[m]).
+torch::Tensor sum_rows(torch::Tensor per_isect, torch::Tensor ids, int64_t num_rows) {
+  TORCH_CHECK(per_isect.dtype() == torch::kFloat32 && per_isect.is_contiguous() && ids.dtype() == torch::kInt64,
+              "sum_rows: contiguous float32 rows and int64 ids expected");
+  const int64_t M = per_isect.size(0), G = per_isect.size(1);
+  auto out = torch::zeros({num_rows, G}, per_isect.options());
+  const float* src = per_isect.data_ptr<float>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = src + m * G;
+    float* acc = dst + id[m] * G;
+    for (int64_t g = 0; g < G; ++g) acc[g] += row[g];
+  }
+  return out;
 }
