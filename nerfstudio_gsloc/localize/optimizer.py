@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from nerfstudio_gsloc.localize.live import PosesCallback, PosesThrottle, step_with_poses
 from nerfstudio_gsloc.localize.matching import Matcher
 from nerfstudio_gsloc.localize.matching_stage import MatchingTerm
 from nerfstudio_gsloc.localize.objective import LossConfig, LossTerms, PoseObjective
@@ -131,8 +132,11 @@ class PoseOptimizer:
         return self.model.means.device
 
     def run(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor], on_result: ResultCallback = None,
-            on_step: StepCallback = None) -> List[LocalizationResult]:
+            on_step: StepCallback = None, on_poses: PosesCallback = None) -> List[LocalizationResult]:
         """Localize ``queries`` from ``initial_c2w`` (one ``[3, 4]`` scene-frame OpenGL camera-to-world pose each).
+
+        ``on_poses`` (optional) is called now and then with the active queries' current poses
+        (:mod:`~nerfstudio_gsloc.localize.live`); without it nothing else is done.
 
         Returns:
             results in the order of ``queries``.
@@ -140,11 +144,13 @@ class PoseOptimizer:
         if len(queries) != len(initial_c2w):
             raise ValueError(f"{len(queries)} queries but {len(initial_c2w)} initial poses")
         results: List[Optional[LocalizationResult]] = [None] * len(queries)
+        throttle = PosesThrottle()
         with frozen_parameters(self.model):
             for members in group_queries(queries, self.optim.batch_size):
                 color = self.losses.color_correction and self.losses.photometric
                 batch = BatchState([queries[i] for i in members], [initial_c2w[i] for i in members], self.device, color)
-                for i, result in zip(members, _BatchLoop(self, batch).run(on_step)):
+                step = on_step if on_poses is None else step_with_poses(on_step, on_poses, batch, members, throttle)
+                for i, result in zip(members, _BatchLoop(self, batch).run(step)):
                     results[i] = result
                     if on_result is not None:
                         on_result(i, result)

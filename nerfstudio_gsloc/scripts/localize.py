@@ -8,6 +8,9 @@ Examples::
     # another registered method (gsloc, photometric, depth, icomma, pnp) through the same interface
     ns-localize --load-config .../config.yml --method pnp --output-dir outputs/loc-pnp
 
+    # watch it: nerfstudio's viewer on the run, each query's frustum moving live; stays open until Ctrl-C
+    ns-localize --load-config .../config.yml --output-dir outputs/loc --viewer
+
     # new images (nerfstudio transforms.json, poses in the dataset's original frame), from their priors
     ns-localize --load-config .../config.yml --queries new/transforms.json --init prior --preset fast
 
@@ -118,6 +121,12 @@ class LocalizeCLI:
     """Settings of --method icomma."""
     pnp: PnPLocalizerConfig = field(default_factory=PnPLocalizerConfig)
     """Settings of --method pnp."""
+    viewer: bool = False
+    """Show the run in nerfstudio's viewer while localizing (frustums move live) and keep it open until Ctrl-C."""
+    viewer_port: Optional[int] = None
+    """Port of --viewer (default: 7007 or the next free port, like ns-viewer)."""
+    viewer_host: Optional[str] = None
+    """Interface --viewer listens on (default: nerfstudio's, 0.0.0.0)."""
 
     def settings(self) -> LocalizerSettings:
         """The settings of every method, as the registry takes them."""
@@ -295,12 +304,14 @@ def localize_main(cli: LocalizeCLI) -> None:
             raise GslocError("--num-threads must be at least 1")
         torch.set_num_threads(cli.num_threads)
     # 1. Everything that can be checked without the model: run files, query file and images, init, matcher.
-    check_run(cli.load_config)
+    checkpoint_dir = check_run(cli.load_config)
     frame = run_frame_transform(cli.load_config)
     if cli.max_queries is not None and cli.max_queries < 1:
         raise GslocError("--max-queries must be at least 1")
     if cli.perturb_deg < 0 or cli.perturb_trans < 0:
         raise GslocError("--perturb-deg and --perturb-trans must be >= 0")
+    if cli.viewer_port is not None and not 0 < cli.viewer_port < 65536:
+        raise GslocError(f"--viewer-port must be between 1 and 65535, got {cli.viewer_port}")
     queries: Optional[List[Query]] = None
     init = cli.init
     if cli.queries is not None:
@@ -322,7 +333,7 @@ def localize_main(cli: LocalizeCLI) -> None:
 
     # 2. The model (and the eval split, which needs the loaded datamanager).
     with CONSOLE.status("loading the run"):
-        _, pipeline = load_run(cli.load_config)
+        run_config, pipeline = load_run(cli.load_config)
     if queries is None:
         queries = load_eval_queries(pipeline, cli.max_queries)
         check_initialization(queries, init)
@@ -331,6 +342,14 @@ def localize_main(cli: LocalizeCLI) -> None:
     previous = _load_previous(output_dir, source, settings) if cli.resume else {}
     todo = [q for q in queries if q.name not in previous]
     starts = initial_poses(todo, init, cli.perturb_deg, cli.perturb_trans, cli.seed) if todo else []
+    live = None
+    if cli.viewer:
+        from nerfstudio_gsloc.viewer.live import start_live_view
+
+        live = start_live_view(run_config, pipeline, checkpoint_dir, frame, source, cli.viewer_port, cli.viewer_host)
+        live.begin(previous.values(), todo, starts, method)
+        for line in live.viewer_state.viewer_info:
+            CONSOLE.print(line)
 
     # 3. Work. poses.json is rewritten (atomically) after every finished batch.
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -360,14 +379,20 @@ def localize_main(cli: LocalizeCLI) -> None:
         records[result.name] = pose_record(result, todo[position], frame, method)
         trace_rows.extend(result.trace)
         _write_poses(output_dir / POSES_FILE, source, settings, frame, list(records.values()))
+        if live is not None:
+            live.on_result(position, records[result.name])
         progress.advance(task)
 
     started = time.perf_counter()
     try:
         with progress:
             task = progress.add_task("", total=len(todo))
-            localizer.localize(todo, starts, on_result=on_result, on_step=on_step)
+            # Without --viewer the call is exactly as before (no observer).
+            watch = {} if live is None else {"on_poses": live.on_poses}
+            localizer.localize(todo, starts, on_result=on_result, on_step=on_step, **watch)
     except KeyboardInterrupt:
+        if live is not None:
+            live.stop()
         write_trace_csv(output_dir / TRACE_CSV, trace_rows)
         CONSOLE.print(
             f"[yellow]interrupted:[/yellow] {len(records)} finished queries are in {output_dir / POSES_FILE}; "
@@ -390,6 +415,10 @@ def localize_main(cli: LocalizeCLI) -> None:
         CONSOLE.print(metrics_table(metrics))
     CONSOLE.print(f"{len(todo)} queries in {elapsed:.1f} s; results in {output_dir}")
     CONSOLE.print(f"view them with: gsloc-view --load-config {cli.load_config} --poses {output_dir / POSES_FILE}")
+    if live is not None:
+        from nerfstudio_gsloc.viewer.server import serve_until_interrupted
+
+        serve_until_interrupted(live.viewer_state, CONSOLE, "the viewer stays open with the results")
 
 
 # ----------------------------------------------------------------------------------------------------------
