@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -141,6 +141,7 @@ class LocalizationPanel:
         self.scale = overlay.frame.scale
         self.rows: Dict[str, Any] = {}
         self.order: Dict[str, float] = {}
+        self.row_info: Dict[str, Tuple[str, str]] = {}  # (text, colour) of each row, by record label
         self.selected: Optional[str] = None
         self._lock = threading.RLock()
         gui = server.gui
@@ -172,12 +173,13 @@ class LocalizationPanel:
             old = self.rows.pop(label, None)
             if old is not None:
                 old.remove()
+            text, color = row_label(record, self.scale), ROW_COLORS.get(record.status, "red")
             hint = short_name(record, label) + f": {record.status}" + (f", {record.reason}" if record.reason else "")
-            button = self.server.gui.add_button(row_label(record, self.scale), color=ROW_COLORS.get(record.status, "red"),
-                                                order=self.order.get(label), hint=hint)
+            button = self.server.gui.add_button(text, color=color, order=self.order.get(label), hint=hint)
             self.order[label] = button.order
             button.on_click(lambda event, label=label: self.select(label, event.client))
             self.rows[label] = button
+            self.row_info[label] = (text, color)
 
     def select(self, label: str, client: Any = None) -> None:
         """Show ``label``'s details and, given a viser client, move its camera to the query's refined pose."""
