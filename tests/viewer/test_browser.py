@@ -170,6 +170,7 @@ def test_ns_localize_viewer_in_a_browser(browser, live_run, tmp_path):
     page = _open(browser, url)
     _read_until(process, "press Ctrl-C to quit", timeout=300)
     _check_page(page, out_dir)
+    page.mouse.move(300, 400)  # no tooltip in the picture
     _screenshot(page, tmp_path / "viewer-live.png")
     page.close()
     process.send_signal(signal.SIGINT)
@@ -206,14 +207,14 @@ def test_gsloc_view_in_a_browser(browser, live_run, small_gsloc_run, tmp_path):
 
         np.testing.assert_allclose(forward / np.linalg.norm(forward), vtf.SO3(target.wxyz).as_matrix()[:, 2], atol=1e-4)
         page.get_by_text("iterations,", exact=False).first.wait_for(timeout=10_000)  # the row's details
-        page.close()
-        # An overview for the README: from behind and above the queries, looking at them.
-        page = _open(browser, f"http://127.0.0.1:{port}")
-        centres = np.stack([d.handles["refined"].position for d in overlay.drawn.values()])
+        # A picture for the README: from behind and above that query, its frustum and thumbnail in the scene.
+        page.get_by_role("button", name="Hide Train Cams").click()
+        rotation = vtf.SO3(target.wxyz).as_matrix()
         with server.get_clients()[max(server.get_clients())].atomic():
             client = server.get_clients()[max(server.get_clients())]
-            client.camera.position = centres.mean(axis=0) + np.array([0.0, -2.5, 2.0])
-            client.camera.look_at = centres.mean(axis=0)
+            client.camera.position = target.position - 1.5 * rotation[:, 2] - 0.6 * rotation[:, 1]
+            client.camera.look_at = target.position + 1.0 * rotation[:, 2]
+        page.mouse.move(300, 400)
         time.sleep(3)
         _screenshot(page, tmp_path / "viewer-gsloc-view.png")
         page.close()
