@@ -38,6 +38,7 @@ FAST = [
     "--localization.schedule.pyramid-iterations", "8", "--localization.schedule.refine-matching-weight",
 ]
 PAGE_TIMEOUT_MS = 120_000
+pytestmark = pytest.mark.browser  # about a minute on 2 cores; `-m "not browser"` leaves it out
 
 
 def _chromium() -> str:
