@@ -17,6 +17,16 @@ if ! ldconfig -p 2>/dev/null | grep -q libusb-1.0.so.0; then
   fi
 fi
 
+# The viewer's browser test drives Debian's Chromium headless (Playwright with executable_path, never a download).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium (for the viewer's browser test)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[setup] warning: chromium is missing; the viewer's browser test is skipped until it is installed (apt-get install chromium)"
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor, nn
 
+from nerfstudio_gsloc.localize.live import PosesCallback
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.result import STATUS_SKIPPED, LocalizationResult
 
@@ -77,6 +78,7 @@ class Localizer:
         initial_c2w: Optional[Sequence[Tensor]] = None,
         on_result: ResultCallback = None,
         on_step: StepCallback = None,
+        on_poses: PosesCallback = None,
     ) -> List[LocalizationResult]:
         """Localize ``queries``.
 
@@ -86,6 +88,9 @@ class Localizer:
                 queries' priors (see :mod:`nerfstudio_gsloc.localize.initialization`).
             on_result: called with ``(position, result)`` as soon as a query is finished.
             on_step: called after every iteration with the number of queries still active.
+            on_poses: optional observer, called now and then (throttled to a few percent of the run) with
+                ``{position: current [3, 4] c2w}`` of the queries still being optimised (methods that optimise;
+                see :mod:`nerfstudio_gsloc.localize.live`).
 
         Returns:
             one result per query, in order.
@@ -117,13 +122,19 @@ class Localizer:
             if on_result is not None:
                 on_result(todo[k], result)
 
+        forward_poses = None
+        if on_poses is not None:
+            def forward_poses(poses: Dict[int, Tensor]) -> None:
+                on_poses({todo[k]: c2w for k, c2w in poses.items()})
+
         if todo:
-            self._localize([queries[p] for p in todo], [initial_c2w[p] for p in todo], forward, on_step)
+            self._localize([queries[p] for p in todo], [initial_c2w[p] for p in todo], forward, on_step, forward_poses)
         return [r for r in results if r is not None]
 
     def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor], on_result: Callable[[int, LocalizationResult], None],
-                  on_step: StepCallback) -> None:
-        """The method itself: call ``on_result(k, result)`` for every query ``k`` (subclasses implement it)."""
+                  on_step: StepCallback, on_poses: PosesCallback = None) -> None:
+        """The method itself: call ``on_result(k, result)`` for every query ``k`` (subclasses implement it;
+        ``on_poses``, keyed by ``k`` too, is optional to honour)."""
         raise NotImplementedError
 
 
@@ -143,5 +154,6 @@ class OptimizingLocalizer(Localizer):
         return self.optimizer.max_iterations
 
     def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
-                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback) -> None:
-        self.optimizer.run(queries, initial_c2w, on_result=on_result, on_step=on_step)
+                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback,
+                  on_poses: PosesCallback = None) -> None:
+        self.optimizer.run(queries, initial_c2w, on_result=on_result, on_step=on_step, on_poses=on_poses)

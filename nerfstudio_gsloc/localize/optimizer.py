@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from nerfstudio_gsloc.localize.live import PosesCallback, PosesThrottle, step_with_poses
 from nerfstudio_gsloc.localize.matching import Matcher
 from nerfstudio_gsloc.localize.matching_stage import MatchingTerm
 from nerfstudio_gsloc.localize.objective import LossConfig, LossTerms, PoseObjective
@@ -131,12 +132,14 @@ class PoseOptimizer:
         return self.model.means.device
 
     def run(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor], on_result: ResultCallback = None,
-            on_step: StepCallback = None, anchors: Optional[Sequence[Optional[MatchState]]] = None) -> List[LocalizationResult]:
+            on_step: StepCallback = None, anchors: Optional[Sequence[Optional[MatchState]]] = None,
+            on_poses: PosesCallback = None) -> List[LocalizationResult]:
         """Localize ``queries`` from ``initial_c2w`` (one ``[3, 4]`` scene-frame OpenGL camera-to-world pose each).
 
         ``anchors`` (one per query or ``None``) are fixed 2D-3D matches whose reprojection error joins the
         refinement objective (weight ``losses.anchor_weight``); an anchored query starts localized (it skips the
-        matching stage and the coarse levels).
+        matching stage and the coarse levels). ``on_poses`` (optional) is called now and then with the active
+        queries' current poses (:mod:`~nerfstudio_gsloc.localize.live`); without it nothing else is done.
 
         Returns:
             results in the order of ``queries``.
@@ -144,6 +147,7 @@ class PoseOptimizer:
         if len(queries) != len(initial_c2w):
             raise ValueError(f"{len(queries)} queries but {len(initial_c2w)} initial poses")
         results: List[Optional[LocalizationResult]] = [None] * len(queries)
+        throttle = PosesThrottle()
         with frozen_parameters(self.model):
             for members in group_queries(queries, self.optim.batch_size):
                 color = self.losses.color_correction and self.losses.photometric
@@ -155,7 +159,8 @@ class PoseOptimizer:
                     if on_result is not None:
                         on_result(members[k], result)
 
-                _BatchLoop(self, batch, finished).run(on_step)
+                step = on_step if on_poses is None else step_with_poses(on_step, on_poses, batch, members, throttle)
+                _BatchLoop(self, batch, finished).run(step)
         return [r for r in results if r is not None]
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.localizer import LocalizerConfig, OptimizingLocalizer, StepCallback
+from nerfstudio_gsloc.localize.localizer import LocalizerConfig, OptimizingLocalizer, PosesCallback, StepCallback
 from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
@@ -82,9 +82,10 @@ class PoseInversion(OptimizingLocalizer):
         self.optimizer = PoseOptimizer(model, config.losses, config.schedule, config.optim, self.matcher, seed=seed)
 
     def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
-                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback) -> None:
+                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback,
+                  on_poses: PosesCallback = None) -> None:
         if self.verifier is None or not self.config.hypotheses:
-            return super()._localize(queries, initial_c2w, on_result, on_step)
+            return super()._localize(queries, initial_c2w, on_result, on_step, on_poses)
         starts, anchors, hypotheses = [], [], []
         for query, init in zip(queries, initial_c2w):
             start, anchor, candidates = self.first_hypotheses(query, init[:3, :4].float().cpu())
@@ -103,7 +104,7 @@ class PoseInversion(OptimizingLocalizer):
                     result.reason = f"{choice.reason}; {result.reason}" if result.reason else choice.reason
             on_result(k, result)
 
-        self.optimizer.run(queries, starts, on_result=finish, on_step=on_step, anchors=anchors)
+        self.optimizer.run(queries, starts, on_result=finish, on_step=on_step, anchors=anchors, on_poses=on_poses)
 
     def first_hypotheses(self, query: Query, init: Tensor) -> Tuple[Tensor, Optional[MatchState], List[Tuple[str, Tensor]]]:
         """The start of one query: the PnP pose of its map matches or the initial pose, whichever has more support.

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from nerfstudio_gsloc.camera_conventions import opencv_w2c_to_opengl_c2w, opengl_c2w_to_opencv_w2c
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.features import Features, SiftFeatures
+from nerfstudio_gsloc.localize.live import PosesCallback
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
 from nerfstudio_gsloc.localize.matching import MatcherConfig, lift_keypoints, pnp_ransac
 from nerfstudio_gsloc.localize.queries import Query
@@ -426,7 +427,9 @@ class PnPLocalizer(Localizer):
         return self.baseline
 
     def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
-                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback) -> None:
+                  on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback,
+                  on_poses: PosesCallback = None) -> None:
+        # One-shot: no intermediate poses to report (``on_poses`` is unused).
         baseline = self.build_map()
         with torch.no_grad():
             for k, (query, start) in enumerate(zip(queries, initial_c2w)):

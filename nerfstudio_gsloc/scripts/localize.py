@@ -8,6 +8,9 @@ Examples::
     # another registered method (gsloc, photometric, depth, icomma, pnp) through the same interface
     ns-localize --load-config .../config.yml --method pnp --output-dir outputs/loc-pnp
 
+    # watch it: nerfstudio's viewer on the run, each query's frustum moving live; stays open until Ctrl-C
+    ns-localize --load-config .../config.yml --output-dir outputs/loc --viewer
+
     # new images (nerfstudio transforms.json, poses in the dataset's original frame), from their priors
     ns-localize --load-config .../config.yml --queries new/transforms.json --init prior --preset fast
 
@@ -128,6 +131,12 @@ class LocalizeCLI:
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     """The ground-truth-free check of every result: confidence in [0, 1] from the support of the pose among the
     query's matches to the training photos; under --verification.threshold the result is 'rejected'."""
+    viewer: bool = False
+    """Show the run in nerfstudio's viewer while localizing (frustums move live) and keep it open until Ctrl-C."""
+    viewer_port: Optional[int] = None
+    """Port of --viewer (default: 7007 or the next free port, like ns-viewer)."""
+    viewer_host: Optional[str] = None
+    """Interface --viewer listens on (default: nerfstudio's, 0.0.0.0)."""
 
     def settings(self) -> LocalizerSettings:
         """The settings of every method, as the registry takes them."""
@@ -245,12 +254,14 @@ def localize_main(cli: LocalizeCLI) -> None:
             raise GslocError("--num-threads must be at least 1")
         torch.set_num_threads(cli.num_threads)
     # 1. Everything that can be checked without the model: run files, query file and images, init, matcher.
-    check_run(cli.load_config)
+    checkpoint_dir = check_run(cli.load_config)
     frame = run_frame_transform(cli.load_config)
     if cli.max_queries is not None and cli.max_queries < 1:
         raise GslocError("--max-queries must be at least 1")
     if cli.perturb_deg < 0 or cli.perturb_trans < 0:
         raise GslocError("--perturb-deg and --perturb-trans must be >= 0")
+    if cli.viewer_port is not None and not 0 < cli.viewer_port < 65536:
+        raise GslocError(f"--viewer-port must be between 1 and 65535, got {cli.viewer_port}")
     queries: Optional[List[Query]] = None
     init = cli.init
     if cli.queries is not None:
@@ -274,7 +285,7 @@ def localize_main(cli: LocalizeCLI) -> None:
 
     # 2. The model (and the eval split, which needs the loaded datamanager).
     with CONSOLE.status("loading the run"):
-        _, pipeline = load_run(cli.load_config)
+        run_config, pipeline = load_run(cli.load_config)
     if queries is None:
         queries = load_eval_queries(pipeline, cli.max_queries)
         check_initialization(queries, init)
@@ -284,11 +295,19 @@ def localize_main(cli: LocalizeCLI) -> None:
     previous = _load_previous(output_dir, source, settings) if cli.resume else {}
     todo = [q for q in queries if q.name not in previous]
     starts = initial_poses(todo, init, cli.perturb_deg, cli.perturb_trans, cli.seed) if todo else []
+    live = None
+    if cli.viewer:
+        from nerfstudio_gsloc.viewer.live import start_live_view
+
+        live = start_live_view(run_config, pipeline, checkpoint_dir, frame, source, cli.viewer_port, cli.viewer_host)
+        live.begin(previous.values(), todo, starts, method)
+        for line in live.viewer_state.viewer_info:
+            CONSOLE.print(line)
 
     # 3. Work. Every finished query is saved at once (trace.csv, then poses.json, atomically).
     outputs = LocalizeOutputs(output_dir, source, settings, frame, previous, total=len(previous) + len(todo))
     try:
-        elapsed = _localize_and_save(cli, localizer, method, todo, starts, outputs, len(previous), init)
+        elapsed = _localize_and_save(cli, localizer, method, todo, starts, outputs, len(previous), init, live)
         # 4. Summaries.
         for record in outputs.records.values():
             if record.failed:
@@ -301,11 +320,16 @@ def localize_main(cli: LocalizeCLI) -> None:
         CONSOLE.print(metrics_table(metrics))
     CONSOLE.print(f"{len(todo)} queries in {elapsed:.1f} s; results in {output_dir}")
     CONSOLE.print(f"view them with: gsloc-view --load-config {cli.load_config} --poses {outputs.poses_path}")
+    if live is not None:
+        from nerfstudio_gsloc.viewer.server import serve_until_interrupted
+
+        serve_until_interrupted(live.viewer_state, CONSOLE, "the viewer stays open with the results")
 
 
 def _localize_and_save(cli: LocalizeCLI, localizer, method: str, todo: Sequence[Query], starts, outputs: LocalizeOutputs,
-                       num_previous: int, init: str) -> float:
-    """Run the localizer on ``todo`` with a progress bar, saving each query as it finishes; returns the seconds."""
+                       num_previous: int, init: str, live=None) -> float:
+    """Run the localizer on ``todo`` with a progress bar, saving each query as it finishes (and drawing it in the
+    live viewer ``live`` when given); returns the seconds."""
     outputs.start(cli.resume)
     CONSOLE.print(
         f"localizing {len(todo)} queries ({num_previous} already done) with {method} from {init} poses"
@@ -322,13 +346,23 @@ def _localize_and_save(cli: LocalizeCLI, localizer, method: str, todo: Sequence[
         progress.update(task, description=f"iteration {steps['count']}, {active} active")
 
     def on_result(position: int, result: LocalizationResult) -> None:
-        outputs.add(pose_record(result, todo[position], outputs.frame, method), result.trace)
+        record = pose_record(result, todo[position], outputs.frame, method)
+        outputs.add(record, result.trace)
+        if live is not None:
+            live.on_result(position, record)
         progress.advance(task)
 
     started = time.perf_counter()
-    with progress:
-        task = progress.add_task("", total=len(todo))
-        localizer.localize(todo, starts, on_result=on_result, on_step=on_step)
+    try:
+        with progress:
+            task = progress.add_task("", total=len(todo))
+            # Without --viewer the call is exactly as before (no observer).
+            watch = {} if live is None else {"on_poses": live.on_poses}
+            localizer.localize(todo, starts, on_result=on_result, on_step=on_step, **watch)
+    except KeyboardInterrupt:
+        if live is not None:
+            live.stop()
+        raise
     return time.perf_counter() - started
 
 

@@ -13,18 +13,23 @@ query at a training camera's pose lands exactly on that camera's frustum.
 Scene tree, per record (``<q>`` = the image's file name, with ``_t<trial>`` for benchmark trials, under
 ``<method>/`` when the file holds several methods, made unique)::
 
-    /localization/<q>/refined   frustum, green = converged, yellow = max_iterations, red = failed, purple = rejected
-                                (thumbnail; absent when a failed query has no pose)
-    /localization/<q>/initial   frustum, grey
-    /localization/<q>/gt        frustum, blue (only when the entry has ground truth)
-    /localization/<q>/path      orange line from the initial to the refined camera centre
+    /localization/<q>/refined        frustum outline, green = converged, yellow = max_iterations, red = failed,
+                                     purple = rejected, cyan = still running (ns-localize --viewer)
+    /localization/<q>/refined/image  the query image inside that outline (0.85 of its size, so the outline shows)
+    /localization/<q>/initial        frustum, grey
+    /localization/<q>/gt             frustum, blue, 1.15 times larger (visible around a converged refined frustum)
+    /localization/<q>/path           orange line from the initial camera centre to the refined one (while running:
+                                     through every centre drawn so far)
+    /localization/trajectory[/<m>]   optional: a line through the refined centres in query order, per method/trial
+
+Absent: ``refined`` when a failed query has no pose, ``gt`` without ground truth.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -41,35 +46,37 @@ from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument
 VISER_NERFSTUDIO_SCALE_RATIO = 10.0
 
 Rgb = Tuple[int, int, int]
+STATUS_RUNNING = "running"
+"""Not a result status: a query that ``ns-localize --viewer`` is still optimising."""
 STATUS_COLORS: Dict[str, Rgb] = {
     "converged": (30, 200, 60), "max_iterations": (235, 180, 0), "failed": (220, 30, 30), "rejected": (150, 50, 200),
+    STATUS_RUNNING: (0, 200, 230),
 }
 INITIAL_COLOR: Rgb = (150, 150, 150)
 GT_COLOR: Rgb = (40, 90, 255)
 PATH_COLOR: Rgb = (255, 140, 0)
+TRAJECTORY_COLOR: Rgb = (255, 60, 170)
 THUMBNAIL_SIZE = 100  # shorter image side in pixels, as nerfstudio's training-camera thumbnails
+IMAGE_SCALE = 0.85  # the thumbnail sits inside the refined outline ...
+GT_SCALE = 1.15  # ... and the ground truth around it, so that a converged query shows all three
 
 
 @dataclass
 class FrustumShape:
-    """Frustum shape in nerfstudio's convention for training cameras: ``fov = 2 atan(cx / fx)``, ``aspect = cx / cy``."""
+    """Frustum shape in nerfstudio's convention for training cameras: ``fov = 2 atan(cx / fx)``, ``aspect = cx / cy``.
+
+    ``vertical_fov`` (``2 atan(cy / fy)``, radians) is the query camera's, for moving the viewer's camera to it.
+    """
 
     fov: float
     aspect: float
+    vertical_fov: Optional[float] = None
 
     @staticmethod
-    def from_intrinsics(fx: float, cx: float, cy: float) -> "FrustumShape":
+    def from_intrinsics(fx: float, cx: float, cy: float, fy: Optional[float] = None) -> "FrustumShape":
         """Shape of a pinhole camera (pixels) exactly as nerfstudio's viewer computes it."""
-        return FrustumShape(fov=2.0 * math.atan(cx / fx), aspect=cx / cy)
-
-
-@dataclass
-class LocalizationOverlay:
-    """What :func:`add_localization_overlay` drew: scene-node handles by record label (:func:`record_label`) and kind."""
-
-    nodes: Dict[str, Dict[str, Any]]
-    node_paths: Dict[str, str]
-    markdown: Any = None
+        fy = fx if fy is None else fy
+        return FrustumShape(fov=2.0 * math.atan(cx / fx), aspect=cx / cy, vertical_fov=2.0 * math.atan(cy / fy))
 
 
 def check_same_frame(run_frame: FrameTransform, poses_frame: FrameTransform, poses_path: Path) -> None:
@@ -121,46 +128,199 @@ def record_label(record: PoseRecord, several_methods: bool) -> str:
     return label
 
 
-def _node_names(records: List[PoseRecord], several_methods: bool, root: str) -> List[str]:
-    """``root/[<method>/]<file name>[_t<trial>]`` per record; characters viser treats specially become ``_``,
-    duplicates get ``_<i>``."""
-    names: List[str] = []
-    for i, record in enumerate(records):
-        base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(record.image).name) or f"query_{i}"
+def _safe(text: str) -> str:
+    """A scene-tree name part: characters viser treats specially become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+def _image_plane(shape: FrustumShape, scale: float) -> Tuple[float, float, float]:
+    """``(width, height, depth)`` of the image plane viser's ``CameraFrustum`` draws at ``scale`` (its
+    volume-normalised extent), so that a separate image node can sit exactly where the frustum's own would."""
+    y = math.tan(shape.fov / 2.0)
+    volume = (y * shape.aspect * y / 3.0) ** (1.0 / 3.0)
+    y, z = y / volume, 1.0 / volume
+    return scale * shape.aspect * y * 2.0, scale * y * 2.0, scale * z
+
+
+@dataclass
+class DrawnRecord:
+    """One record in the scene: its record, node folder, handles by kind, and the path's centres so far."""
+
+    record: PoseRecord
+    node: str
+    shape: FrustumShape
+    handles: Dict[str, Any] = field(default_factory=dict)
+    path: List[np.ndarray] = field(default_factory=list)
+
+
+class LocalizationOverlay:
+    """The frustums of localized queries in a viser scene (see the module docstring); records can be added,
+    redrawn (when a live query finishes) and moved (while it is optimised).
+
+    Args:
+        server: a ``viser.ViserServer`` (e.g. ``nerfstudio.viewer.viewer.Viewer.viser_server``).
+        frame: original -> scene map of the model drawn in the viewer.
+        shapes: frustum shape per query image name (from its intrinsics); others use ``default_shape``.
+        frustum_scale: frustum size, as nerfstudio's ``ViewerConfig.camera_frustum_scale``.
+        thumbnails: show the query image in the refined frustum.
+        several_methods: the records come from several methods (labels and folders name the method).
+        root: scene-tree folder of the overlay.
+    """
+
+    def __init__(self, server: Any, frame: FrameTransform, shapes: Optional[Mapping[str, FrustumShape]] = None,
+                 default_shape: FrustumShape = FrustumShape(fov=math.radians(60.0), aspect=4.0 / 3.0),
+                 frustum_scale: float = 0.1, thumbnails: bool = True, several_methods: bool = False,
+                 root: str = "/localization") -> None:
+        self.server = server
+        self.frame = frame
+        self.shapes = dict(shapes or {})
+        self.default_shape = default_shape
+        self.frustum_scale = frustum_scale
+        self.thumbnails = thumbnails
+        self.several_methods = several_methods
+        self.root = root
+        self.drawn: Dict[str, DrawnRecord] = {}
+        self.visible: Dict[str, bool] = {"refined": True, "initial": True, "gt": True, "trajectory": True}
+        self.trajectory: Dict[str, Any] = {}
+        self.panel: Any = None  # the LocalizationPanel showing these records, if any
+        self._thumbnail_cache: Dict[str, Optional[np.ndarray]] = {}
+
+    # -- what the panel and tests read -------------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> Dict[str, Dict[str, Any]]:
+        """Scene-node handles by record label, then kind (``refined``, ``image``, ``initial``, ``gt``, ``path``)."""
+        return {label: drawn.handles for label, drawn in self.drawn.items()}
+
+    @property
+    def node_paths(self) -> Dict[str, str]:
+        """Scene-tree folder of each record, by label."""
+        return {label: drawn.node for label, drawn in self.drawn.items()}
+
+    @property
+    def records(self) -> List[PoseRecord]:
+        return [drawn.record for drawn in self.drawn.values()]
+
+    def label(self, record: PoseRecord) -> str:
+        return record_label(record, self.several_methods)
+
+    # -- drawing -----------------------------------------------------------------------------------------------
+
+    def _node_name(self, record: PoseRecord) -> str:
+        base = _safe(Path(record.image).name) or f"query_{len(self.drawn)}"
         if record.trial is not None:
             base += f"_t{record.trial}"
-        folder = f"{root}/{re.sub(r'[^A-Za-z0-9._-]', '_', record.method)}" if several_methods else root
-        name = f"{folder}/{base}"
-        if name in names:
-            name = f"{folder}/{base}_{i}"
-        names.append(name)
-    return names
+        folder = f"{self.root}/{_safe(record.method)}" if self.several_methods else self.root
+        name, taken = f"{folder}/{base}", {d.node for d in self.drawn.values()}
+        return name if name not in taken else f"{folder}/{base}_{len(self.drawn)}"
 
+    def _thumbnail(self, record: PoseRecord) -> Optional[np.ndarray]:
+        path = str(record.image_path or record.image)
+        if path not in self._thumbnail_cache:
+            self._thumbnail_cache[path] = load_thumbnail(Path(path))
+        return self._thumbnail_cache[path]
 
-def _error_text(value: Optional[float], digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    def draw(self, record: PoseRecord) -> str:
+        """Draw (or redraw, replacing its nodes) one record; returns its label."""
+        label = self.label(record)
+        previous = self.drawn.get(label)
+        if previous is not None:
+            for handle in previous.handles.values():
+                handle.remove()
+        node = previous.node if previous is not None else self._node_name(record)
+        drawn = DrawnRecord(record, node, self.shapes.get(record.image, self.default_shape))
+        self.drawn[label] = drawn
+        scale, shape = self.frustum_scale, drawn.shape
 
+        def frustum(kind: str, c2w_original: Tensor, color: Rgb, size: float = 1.0) -> np.ndarray:
+            # Original frame -> scene frame (the model's) -> viser's node pose.
+            wxyz, position = viewer_pose(self.frame.to_scene(c2w_original.double()))
+            drawn.handles[kind] = self.server.scene.add_camera_frustum(
+                name=f"{node}/{kind}", fov=shape.fov, aspect=shape.aspect, scale=scale * size, color=color,
+                wxyz=wxyz, position=position, visible=self.visible[kind],
+            )
+            return position
 
-def errors_markdown(records: List[PoseRecord], labels: List[str], scale: float) -> str:
-    """A markdown table: per record its status, rotation error (deg), translation error (scene units), iterations.
+        if record.c2w_gt is not None:
+            frustum("gt", record.c2w_gt, GT_COLOR, GT_SCALE)
+        if record.c2w_init is not None:
+            drawn.path.append(frustum("initial", record.c2w_init, INITIAL_COLOR))
+        if record.c2w is not None:
+            color = STATUS_COLORS.get(record.status, STATUS_COLORS["failed"])
+            refined = frustum("refined", record.c2w, color)
+            image = self._thumbnail(record) if self.thumbnails else None
+            if image is not None:
+                width, height, depth = _image_plane(shape, scale * IMAGE_SCALE)
+                drawn.handles["image"] = self.server.scene.add_image(
+                    f"{node}/refined/image", image, width, height, position=(0.0, 0.0, depth)
+                )
+            if drawn.path:
+                if previous is not None and previous.path:
+                    drawn.path = previous.path  # keep the centres a live query went through
+                drawn.path.append(refined)
+                self._draw_path(drawn)
+        if self.trajectory:
+            self.draw_trajectory()
+        return label
 
-    Errors are those of the refined pose against the ground truth (``-`` without either); ``scale`` is the frame's
-    dataparser scale (scene units per original unit).
-    """
-    counts = {s: sum(r.status == s for r in records) for s in STATUS_COLORS}
-    lines = [
-        f"**{len(records)} queries**: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
-        "",
-        "| image | status | rot (deg) | trans (scene) | iters |",
-        "|---|---|---|---|---|",
-    ]
-    for record, label in zip(records, labels):
-        rot, trans = record.errors(scale)
-        name = Path(record.image).name + label[len(record.image):]
-        lines.append(
-            f"| {name} | {record.status} | {_error_text(rot, 3)} | {_error_text(trans, 4)} | {record.iterations} |"
+    def _draw_path(self, drawn: DrawnRecord) -> None:
+        drawn.handles["path"] = self.server.scene.add_spline_catmull_rom(
+            name=f"{drawn.node}/path", positions=np.stack(drawn.path), line_width=2.0, color=PATH_COLOR,
+            visible=self.visible["initial"],
         )
-    return "\n".join(lines)
+
+    def move(self, label: str, c2w_scene: Tensor) -> None:
+        """Move a record's refined frustum to ``c2w_scene`` (``[3, 4]``, scene frame; live updates), extending its path."""
+        drawn = self.drawn[label]
+        refined = drawn.handles.get("refined")
+        if refined is None:
+            return
+        wxyz, position = viewer_pose(c2w_scene)
+        refined.wxyz, refined.position = wxyz, position
+        if drawn.path:
+            drawn.path.append(position)
+            self._draw_path(drawn)
+
+    def set_visible(self, kind: str, visible: bool) -> None:
+        """Show or hide every node of ``kind`` (``initial`` also hides the paths)."""
+        self.visible[kind] = visible
+        kinds = {"initial": ("initial", "path"), "refined": ("refined",)}.get(kind, (kind,))
+        for drawn in self.drawn.values():
+            for k in kinds:
+                if k in drawn.handles:
+                    drawn.handles[k].visible = visible
+        if kind == "trajectory":
+            for handle in self.trajectory.values():
+                handle.visible = visible
+
+    def draw_trajectory(self) -> None:
+        """A line through the refined centres in query order, one per method and trial (e.g. a sequence's frames)."""
+        groups: Dict[Tuple[str, Optional[int]], List[PoseRecord]] = {}
+        for record in self.records:
+            if record.c2w is not None:
+                groups.setdefault((record.method, record.trial), []).append(record)
+        for handle in self.trajectory.values():
+            handle.remove()
+        self.trajectory = {}
+        for (method, trial), members in groups.items():
+            if len(members) < 2:
+                continue
+            members.sort(key=lambda r: r.index)
+            centres = [viewer_pose(self.frame.to_scene(r.c2w.double()))[1] for r in members]
+            name = f"{self.root}/trajectory" + (f"/{_safe(method)}" if self.several_methods else "")
+            name += f"_t{trial}" if trial is not None else ""
+            self.trajectory[name] = self.server.scene.add_spline_catmull_rom(
+                name=name, positions=np.stack(centres), line_width=3.0, color=TRAJECTORY_COLOR,
+                visible=self.visible["trajectory"],
+            )
+
+    def camera_target(self, label: str) -> Optional[Tuple[np.ndarray, np.ndarray, Optional[float]]]:
+        """``(wxyz, position, vertical fov or None)`` of a record's refined frustum (else its initial one)."""
+        drawn = self.drawn[label]
+        handle = drawn.handles.get("refined", drawn.handles.get("initial"))
+        if handle is None:
+            return None
+        return np.asarray(handle.wxyz), np.asarray(handle.position), drawn.shape.vertical_fov
 
 
 def add_localization_overlay(
@@ -173,73 +333,30 @@ def add_localization_overlay(
     thumbnails: bool = True,
     root: str = "/localization",
     gui: bool = True,
+    trajectory: bool = False,
 ) -> LocalizationOverlay:
-    """Add the frustums of every record in ``poses`` (and a GUI panel with their errors) to a viser server.
+    """Add the frustums of every record in ``poses`` (and the Localization GUI panel) to a viser server.
 
     Args:
-        server: a ``viser.ViserServer`` (e.g. ``nerfstudio.viewer.viewer.Viewer.viser_server``).
+        server: a ``viser.ViserServer``.
         poses: the parsed ``poses.json`` (:func:`nerfstudio_gsloc.poses_file.read_poses`).
         frame: original -> scene map of the model drawn in the viewer (default: the one stored in ``poses``).
-        shapes: frustum shape per query image name (from its intrinsics); others use ``default_shape``.
-        frustum_scale: frustum size, as nerfstudio's ``ViewerConfig.camera_frustum_scale``.
-        thumbnails: show the query image on the refined frustum.
-        root: scene-tree folder of the overlay.
-        gui: add a "Localization" GUI folder with the error table and visibility toggles.
+        shapes, default_shape, frustum_scale, thumbnails, root: see :class:`LocalizationOverlay`.
+        gui: add the "Localization" panel (:class:`~nerfstudio_gsloc.viewer.panel.LocalizationPanel`).
+        trajectory: also draw a line through the refined centres in query order (sequences).
 
     Returns:
-        The scene-node handles, by :func:`record_label` (the image name for ``ns-localize`` files) then
-        ``refined`` / ``initial`` / ``gt`` / ``path``; kinds whose pose is missing are absent.
+        The overlay; ``overlay.panel`` is the panel (``None`` without ``gui``).
     """
-    frame = poses.frame if frame is None else frame
-    shapes = shapes or {}
-    records = poses.records
-    several_methods = len({r.method for r in records}) > 1
-    labels = [record_label(r, several_methods) for r in records]
-    nodes: Dict[str, Dict[str, Any]] = {}
-    node_paths: Dict[str, str] = {}
-    for record, label, node in zip(records, labels, _node_names(records, several_methods, root)):
-        shape = shapes.get(record.image, default_shape)
-        handles: Dict[str, Any] = {}
+    several = len({r.method for r in poses.records}) > 1
+    overlay = LocalizationOverlay(server, poses.frame if frame is None else frame, shapes, default_shape,
+                                  frustum_scale, thumbnails, several, root)
+    for record in poses.records:
+        overlay.draw(record)
+    if trajectory:
+        overlay.draw_trajectory()
+    if gui:
+        from nerfstudio_gsloc.viewer.panel import LocalizationPanel
 
-        def frustum(kind: str, c2w_original: Tensor, color: Rgb, image: Optional[np.ndarray] = None) -> Any:
-            # Original frame -> scene frame (the model's) -> viser's node pose.
-            wxyz, position = viewer_pose(frame.to_scene(c2w_original.double()))
-            handles[kind] = server.scene.add_camera_frustum(
-                name=f"{node}/{kind}", fov=shape.fov, aspect=shape.aspect, scale=frustum_scale, color=color,
-                image=image, wxyz=wxyz, position=position,
-            )
-            return position
-
-        if record.c2w is not None:
-            image = load_thumbnail(record.image_path or Path(record.image)) if thumbnails else None
-            refined = frustum("refined", record.c2w, STATUS_COLORS.get(record.status, STATUS_COLORS["failed"]), image)
-        if record.c2w_init is not None:
-            initial = frustum("initial", record.c2w_init, INITIAL_COLOR)
-        if record.c2w_gt is not None:
-            frustum("gt", record.c2w_gt, GT_COLOR)
-        if record.c2w is not None and record.c2w_init is not None:
-            handles["path"] = server.scene.add_spline_catmull_rom(
-                name=f"{node}/path", positions=np.stack([initial, refined]), line_width=2.0, color=PATH_COLOR
-            )
-        nodes[label] = handles
-        node_paths[label] = node
-
-    markdown = _add_gui(server, errors_markdown(records, labels, frame.scale), nodes) if gui else None
-    return LocalizationOverlay(nodes=nodes, node_paths=node_paths, markdown=markdown)
-
-
-def _add_gui(server: Any, table: str, nodes: Dict[str, Dict[str, Any]]) -> Any:
-    """GUI folder with visibility toggles and the per-record error table; returns the markdown handle."""
-    with server.gui.add_folder("Localization"):
-        for kind, label in (("refined", "Refined poses"), ("initial", "Initial poses + paths"), ("gt", "Ground truth")):
-            checkbox = server.gui.add_checkbox(label, initial_value=True)
-
-            def toggle(_: Any, kind: str = kind, checkbox: Any = checkbox) -> None:
-                kinds = ("initial", "path") if kind == "initial" else (kind,)
-                for handles in nodes.values():
-                    for k in kinds:
-                        if k in handles:
-                            handles[k].visible = checkbox.value
-
-            checkbox.on_update(toggle)
-        return server.gui.add_markdown(table)
+        overlay.panel = LocalizationPanel(server, overlay, trajectory=trajectory)
+    return overlay

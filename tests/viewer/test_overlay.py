@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -156,7 +157,7 @@ def test_query_at_training_pose_lands_on_nerfstudio_frustum(server, poses_path):
     node = result.node_paths["images/query_a.png"]
     assert node == "/localization/query_a.png"
     train = "/cameras/camera_00000"
-    for kind in ("refined", "gt"):  # both equal the training camera's pose
+    for kind in ("refined", "gt"):  # both at the training camera's pose (the ground truth drawn 1.15 times larger)
         np.testing.assert_allclose(
             sent[("SetPositionMessage", f"{node}/{kind}")].position, sent[("SetPositionMessage", train)].position, atol=1e-9
         )
@@ -166,7 +167,7 @@ def test_query_at_training_pose_lands_on_nerfstudio_frustum(server, poses_path):
         frustum = sent[("CameraFrustumMessage", f"{node}/{kind}")]
         nerfstudio = sent[("CameraFrustumMessage", train)]
         assert frustum.fov == pytest.approx(nerfstudio.fov) and frustum.aspect == pytest.approx(nerfstudio.aspect)
-        assert frustum.scale == pytest.approx(nerfstudio.scale)
+        assert frustum.scale == pytest.approx(nerfstudio.scale * (overlay.GT_SCALE if kind == "gt" else 1.0))
     # The initial pose is elsewhere, and the path runs from its centre to the refined centre.
     initial = np.array(sent[("SetPositionMessage", f"{node}/initial")].position)
     refined = np.array(sent[("SetPositionMessage", f"{node}/refined")].position)
@@ -186,11 +187,18 @@ def test_colours_thumbnails_and_ground_truth_only_when_present(server, poses_pat
     assert colour[f"{a}/initial"] == INITIAL_COLOR and len(set(INITIAL_COLOR)) == 1  # grey
     assert colour[f"{a}/gt"] == GT_COLOR and _dominant(GT_COLOR) == "blue"
     assert ("CameraFrustumMessage", f"{b}/gt") not in sent and "gt" not in result.nodes["images/query_b.png"]
-    # Thumbnail on the refined frustum when the image exists; none for the missing image.
-    assert sent[("CameraFrustumMessage", f"{a}/refined")].image_binary is not None
-    assert sent[("CameraFrustumMessage", f"{b}/refined")].image_binary is None
-    # The error table lists both queries.
-    assert "query_a.png | converged" in result.markdown.content and "query_b.png | failed" in result.markdown.content
+    # The thumbnail is a child of the refined frustum, inside its outline (so the status colour shows around it);
+    # none for the missing image.
+    image = sent[("ImageMessage", f"{a}/refined/image")]
+    assert image.data is not None and ("ImageMessage", f"{b}/refined/image") not in sent
+    width, height, depth = overlay._image_plane(FrustumShape(math.radians(60.0), 4.0 / 3.0), 0.1)
+    assert image.render_width == pytest.approx(overlay.IMAGE_SCALE * width)
+    assert sent[("SetPositionMessage", f"{a}/refined/image")].position[2] == pytest.approx(overlay.IMAGE_SCALE * depth)
+    # The ground truth frustum is larger than the refined one: both outlines stay visible when they coincide.
+    assert sent[("CameraFrustumMessage", f"{a}/gt")].scale > sent[("CameraFrustumMessage", f"{a}/refined")].scale
+    # One row per query, coloured by status, in the panel.
+    rows = list(result.panel.row_info.values())
+    assert rows == [("query_a · 0.00° · 0.0000", "green"), ("query_b · failed", "red")]
 
 
 def test_positions_follow_the_frame_scale(server, poses_path):
@@ -226,7 +234,7 @@ def test_frame_of_another_run_is_rejected(poses_path):
 
 def test_cli_reports_bad_inputs_before_the_viewer(tmp_path, poses_path, capsys, monkeypatch):
     started = []
-    monkeypatch.setattr(view, "_start_nerfstudio_viewer", lambda *args: started.append(args))
+    monkeypatch.setattr(view, "start_nerfstudio_viewer", lambda *args: started.append(args))
     cases = [
         (["--load-config", str(tmp_path / "config.yml"), "--poses", str(tmp_path / "missing.json")], "poses file not found"),
         (["--load-config", str(tmp_path / "config.yml"), "--poses", str(tmp_path)], "poses file not found"),
@@ -291,5 +299,65 @@ def test_benchmark_file_with_methods_trials_and_a_query_without_pose(server, tmp
     assert set(result.nodes["images/q.png [pnp] trial 0"]) == {"initial", "gt"}
     sent = _sent(server)
     assert _rgb(sent[("CameraFrustumMessage", "/localization/pnp/q.png_t1/refined")].color) == STATUS_COLORS["rejected"]
-    table = result.markdown.content
-    assert "q.png [pnp] trial 0 | failed | - | - |" in table and "q.png [gsloc] trial 1 | converged | 0.000 | 0.0000 |" in table
+    labels = [text for text, _ in result.panel.row_info.values()]
+    assert labels == ["q t0 · 0.00° · 0.0000", "q t1 · 0.00° · 0.0000", "q t0 · failed", "q t1 · rejected"]
+    summary = result.panel.summary.content
+    assert "**gsloc**, **2 queries**: 2 converged" in summary and "**pnp**, **2 queries**: 1 failed, 1 rejected" in summary
+
+
+def test_live_view_moves_frustums_then_shows_results(server, tmp_path):
+    """What ns-localize --viewer does: running queries drawn at their start, moved by on_poses, redrawn by on_result."""
+    import dataclasses
+
+    from nerfstudio_gsloc.localize.queries import Query
+    from nerfstudio_gsloc.viewer.live import LiveView, running_record
+    from nerfstudio_gsloc.viewer.overlay import LocalizationOverlay, viewer_pose
+
+    image = tmp_path / "q.png"
+    Image.fromarray(np.full((H, W, 3), 90, dtype=np.uint8)).save(image)
+    gt = TRAIN_C2W_SCENE.float()
+    start = _pose([0.72, 0.2, -0.4], [0.33, -0.8, 0.5]).float()
+    query = Query(name="images/q.png", image_path=image, image=torch.zeros(H, W, 3), K=torch.eye(3), width=W, height=H,
+                  index=0, gt_c2w=gt)
+    live = LiveView(SimpleNamespace(viser_server=server), LocalizationOverlay(server, FRAME))
+    live.begin([], [query], [start], "gsloc")
+    node = "/localization/q.png/refined"
+    assert _rgb(_sent(server)[("CameraFrustumMessage", node)].color) == STATUS_COLORS["running"]
+    assert live.panel.row_info["images/q.png"] == ("q · running", "cyan") and "1 running" in live.panel.summary.content
+    middle = _pose([0.71, 0.2, -0.4], [0.31, -0.8, 0.5]).float()
+    live.on_poses({0: middle})
+    np.testing.assert_allclose(_sent(server)[("SetPositionMessage", node)].position, viewer_pose(middle)[1], atol=1e-6)
+    assert len(_sent(server)[("CatmullRomSplineMessage", "/localization/q.png/path")].positions) == 3  # start, start, middle
+    final = running_record(query, gt, FRAME, "gsloc")
+    live.on_result(0, dataclasses.replace(final, status="converged", iterations=7))
+    sent = _sent(server)
+    assert _rgb(sent[("CameraFrustumMessage", node)].color) == STATUS_COLORS["converged"]
+    assert ("ImageMessage", f"{node}/image") in sent
+    assert len(sent[("CatmullRomSplineMessage", "/localization/q.png/path")].positions) == 4  # ... and the final pose
+    assert live.panel.row_info["images/q.png"] == ("q · 0.00° · 0.0000", "green")
+    assert "**1 queries**: 1 converged" in live.panel.summary.content and "running" not in live.panel.summary.content
+    # Clicking the row moves a client's camera onto the refined frustum.
+    camera = SimpleNamespace(position=np.zeros(3), look_at=np.array([0.0, 0.0, 1.0]), up_direction=np.array([0.0, -1.0, 0.0]), fov=1.0)
+    client = SimpleNamespace(camera=camera, atomic=lambda: __import__("contextlib").nullcontext())
+    live.panel.select("images/q.png", client)
+    wxyz, position = viewer_pose(gt)
+    import viser.transforms as vtf
+
+    rotation = vtf.SO3(wxyz).as_matrix()
+    np.testing.assert_allclose(camera.position, position)
+    np.testing.assert_allclose(camera.look_at - camera.position, rotation[:, 2], atol=1e-9)  # forward, distance kept
+    np.testing.assert_allclose(camera.up_direction, -rotation[:, 1], atol=1e-9)
+    assert "converged" in live.panel.details.content and "7 iterations" in live.panel.details.content
+
+
+def test_trajectory_runs_through_the_refined_centres_in_query_order(server, tmp_path):
+    from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, write_poses
+    from nerfstudio_gsloc.viewer.overlay import viewer_pose
+
+    poses = [_pose([0.1 * i, 0.0, 0.0], [0.1 * i, 0.0, 1.0]) for i in range(3)]
+    records = [PoseRecord(f"f{i}.png", "converged", to_homogeneous(FRAME.to_original(poses[i])), index=i) for i in (2, 0, 1)]
+    write_poses(tmp_path / "poses.json", PosesDocument(FRAME, QuerySource.eval_split(), records))
+    result = add_localization_overlay(server, read_poses(tmp_path / "poses.json"), thumbnails=False, trajectory=True)
+    line = np.array(_sent(server)[("CatmullRomSplineMessage", "/localization/trajectory")].positions)
+    np.testing.assert_allclose(line, np.stack([viewer_pose(p)[1] for p in poses]), atol=1e-6)
+    assert "trajectory" in result.panel.toggles
