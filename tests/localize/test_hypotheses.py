@@ -8,9 +8,11 @@ from its prior; the choice is deterministic for a seed; an image of noise is rej
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
 from nerfstudio_gsloc.localize.initialization import initial_poses
 from nerfstudio_gsloc.localize.registry import LocalizerSettings, make_localizer, make_verifier
@@ -47,43 +49,45 @@ def errors(c2w, query):
 
 
 def pull_towards(target_c2w, strength):
-    """A photometric objective biased on purpose: gsloc's own objective plus ``strength x`` the squared distance
-    of the pose to ``target_c2w`` (centre and rotation matrix; a stand-in for a model defect such as a floater).
-    Holding the rotation keeps the drift out of the direction the matches cannot see (a turn about the scene
-    that leaves the image nearly unchanged), as a real defect's pull generally does."""
+    """gsloc's objective biased on purpose (a stand-in for a model defect such as a floater): plus ``strength x``
+    the squared distance of the pose matrix to ``target_c2w`` in the refinement stages."""
     real = PoseObjective.__call__
 
     def biased(self, batch, stage, ids, c2w, views, width, height):
         terms = real(self, batch, stage, ids, c2w, views, width, height)
         if stage.scale is not None:
-            pull = ((c2w - target_c2w[:3, :4].to(c2w)) ** 2).sum(dim=(-2, -1))
-            terms.total = terms.total + strength * pull
+            terms.total = terms.total + strength * ((c2w - target_c2w[:3, :4].to(c2w)) ** 2).sum(dim=(-2, -1))
         return terms
 
     return biased
 
 
-def test_a_biased_photometric_optimum_returns_the_pnp_pose_and_says_why(run, monkeypatch):
+@pytest.mark.parametrize("view", [0, 2])
+def test_a_biased_photometric_optimum_returns_the_pnp_pose_and_says_why(run, monkeypatch, view):
     pipeline, queries = run
-    # At 64 x 48 pixels the matches cannot see every drift (a turn about the scene barely moves the image); on
-    # this view the biased pose's drift shows in the residuals of the PnP inliers.
-    query = queries[1]
+    query = queries[view]
     start = initial_poses([query], "perturb", angle_deg=3.0, translation=0.03, seed=1)
     settings = fast_settings()
+    # Adam moves a pose by about its learning rate per step whatever the pull: 10x the default lets the short
+    # schedule drift by degrees.
+    settings.gsloc.optim.rotation_lr = settings.gsloc.optim.translation_lr = 5e-3
     verifier = make_verifier(settings, pipeline.model, pipeline)
     pnp = verifier.pnp(query, seed=0)
     assert pnp.c2w is not None
+    # The bias: the true pose rolled by 3 degrees about the viewing axis (no translation can mimic a roll, so
+    # the drift shows in the matches even at 64 x 48 pixels).
+    roll = axis_angle_to_rotation_matrix(torch.tensor([[0.0, 0.0, math.radians(3.0)]]))[0]
     wrong = query.gt_c2w[:3, :4].clone()
-    wrong[:, 3] += 0.1 * wrong[:, 0]  # 0.1 units to the camera's right
+    wrong[:, :3] = wrong[:, :3] @ roll
     monkeypatch.setattr(PoseObjective, "__call__", pull_towards(wrong, strength=3000.0))
     # Without the choice (any loss of support tolerated) the bias pulls the refined pose off the PnP pose.
     strict = verifier.config
     verifier.config = dataclasses.replace(strict, refine_tolerance=1.0, residual_growth=1e9)
     drifted = make_localizer("gsloc", settings, pipeline.model, pipeline, verifier=verifier).localize([query], start)[0]
     verifier.config = strict
-    pnp_rot, pnp_trans = errors(pnp.c2w, query)
-    drift_rot, drift_trans = errors(drifted.c2w, query)
-    assert drift_trans > 3 * pnp_trans and drift_trans > pnp_trans + 0.01, (drift_trans, pnp_trans, drifted.status, drifted.reason, drifted.iterations)
+    pnp_rot, _ = errors(pnp.c2w, query)
+    drift_rot, _ = errors(drifted.c2w, query)
+    assert drift_rot > pnp_rot + 1.0, (drift_rot, pnp_rot, drifted.status, drifted.reason)
 
     result = make_localizer("gsloc", settings, pipeline.model, pipeline, verifier=verifier).localize([query], start)[0]
     assert "refinement lost geometric support" in result.reason and "map PnP" in result.reason, result.reason
