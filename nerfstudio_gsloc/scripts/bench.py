@@ -58,7 +58,8 @@ from nerfstudio_gsloc.evaluation.protocols import (
 )
 from nerfstudio_gsloc.files import atomic_write_text
 from nerfstudio_gsloc.localize.pipeline import load_preset
-from nerfstudio_gsloc.localize.pnp import training_camera_poses
+from nerfstudio_gsloc.localize.initialization import InitialPose, localize_from_initial_poses, retrieval_initial_poses
+from nerfstudio_gsloc.localize.pnp import PnPLocalizer, training_camera_poses
 from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, check_methods, make_localizer
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
@@ -249,8 +250,9 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
     atomic_write_text(output_dir / "bench.json", json.dumps(meta, indent=2, default=str))
     sweep = protocol.rotation.angles_deg if protocol.rotation.mode == "sweep" else None
     max_angle = max(abs(a) for a in protocol.rotation.range_deg) if sweep is None else None
-    report.plot_success_vs_angle(output_dir / "success_vs_angle.png", records, methods, sweep,
-                                 title=meta["protocol_summary"], max_angle=max_angle)
+    if protocol.has_prior:  # without a prior there is no initial angle to plot against
+        report.plot_success_vs_angle(output_dir / "success_vs_angle.png", records, methods, sweep,
+                                     title=meta["protocol_summary"], max_angle=max_angle)
     report.plot_error_cdf(output_dir / "error_cdf.png", records, methods, title=meta["protocol_summary"])
     return rows
 
@@ -314,6 +316,11 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     source = QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)
     pose_records: List[PoseRecord] = []
     trial_starts = [trial.c2w_init for trial in trials]
+    global_inits = None
+    if not protocol.has_prior and any(m != "pnp" for m in methods):
+        # One retrieval + PnP initial pose per trial, shared by every refining method (pnp runs the same route).
+        global_inits = retrieval_starts(cli.method_settings, model, pipeline, trial_queries)
+        meta["retrieval_seconds"] = sum(init.seconds for init in global_inits)
     with progress:
         for method in methods:
             task = progress.add_task("setting up", total=len(trials), method=method)
@@ -327,8 +334,14 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
 
             started = time.perf_counter()
             # Every method through the one localizer call: same queries, same initial poses.
-            localizer = make_localizer(method, cli.method_settings, model, pipeline, seed=0)
-            results = localizer.localize(trial_queries, trial_starts, on_result=on_result)
+            settings = cli.method_settings
+            if not protocol.has_prior and method == "pnp":
+                settings = dataclasses.replace(settings, pnp=dataclasses.replace(settings.pnp, selection="retrieval"))
+            localizer = make_localizer(method, settings, model, pipeline, seed=0)
+            if global_inits is not None and method != "pnp":
+                results = localize_from_initial_poses(localizer, trial_queries, global_inits, on_result=on_result)
+            else:
+                results = localizer.localize(trial_queries, trial_starts, on_result=on_result)
             meta.setdefault("method_seconds", {})[method] = time.perf_counter() - started
             meta.update(localizer.notes)
             records.extend(trial_records(method, queries, trials, results))
@@ -344,6 +357,14 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     rows = write_outputs(output_dir, methods, records, protocol, meta)
     print_results(rows, f"{protocol.name}: {len(queries)} queries x {protocol.trials_per_query} trials", machine_line, output_dir)
     return rows
+
+
+def retrieval_starts(settings: LocalizerSettings, model, pipeline, queries: Sequence[Query]) -> List[InitialPose]:
+    """Initial poses of a protocol without prior: retrieval + PnP with the pnp settings (``selection=retrieval``)."""
+    config = dataclasses.replace(settings.pnp, selection="retrieval")
+    baseline = PnPLocalizer(config, model, pipeline, seed=0).build_map()
+    with CONSOLE.status(f"retrieval + PnP initial poses of {len(queries)} trials"):
+        return retrieval_initial_poses(queries, baseline, seed=0)
 
 
 def print_results(rows: Sequence[Dict[str, Any]], title: str, machine_line: str, output_dir: Path) -> None:
