@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from nerfstudio_gsloc.errors import GslocError, run_cli
-from nerfstudio_gsloc.localize.image_folder import PinholeCamera, list_images, load_image_folder_queries
+from nerfstudio_gsloc.localize.image_folder import PinholeCamera, load_image_folder_queries
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.poses_file import read_poses
 from nerfstudio_gsloc.scripts import localize as localize_cli
