@@ -7,7 +7,8 @@ Schema (``version`` 2)::
       "version": 2,
       "convention": "OpenGL camera-to-world 4x4 (nerfstudio transforms.json), dataset's original frame",
       "frame": {"transform": <3x4>, "scale": <float>, "source": <str>},
-      "queries": {"kind": "eval_split"} | {"kind": "transforms", "path": <absolute path of a transforms.json>} | null,
+      "queries": {"kind": "eval_split"} | {"kind": "transforms", "path": <absolute path of a transforms.json>}
+                 | {"kind": "images", "path": <absolute path of an image folder>} | null,
       "settings": {...},
       "results": [<record>, ...]
     }
@@ -72,12 +73,13 @@ _V1_EVAL_SPLIT = "eval split"
 
 @dataclass(frozen=True)
 class QuerySource:
-    """Where the queries of a run came from: the run's held-out eval split, or a query transforms.json.
+    """Where the queries of a run came from: the run's held-out eval split, a query transforms.json, or a folder of
+    images (``ns-localize --images``).
 
-    Use :meth:`eval_split` and :meth:`transforms` to build one.
+    Use :meth:`eval_split`, :meth:`transforms` and :meth:`images` to build one.
     """
 
-    kind: Literal["eval_split", "transforms"]
+    kind: Literal["eval_split", "transforms", "images"]
     path: Optional[Path] = None
 
     @staticmethod
@@ -90,16 +92,23 @@ class QuerySource:
         """A query transforms.json (stored as an absolute path)."""
         return QuerySource("transforms", Path(path).resolve())
 
+    @staticmethod
+    def images(path: Path) -> "QuerySource":
+        """A folder of query images (stored as an absolute path)."""
+        return QuerySource("images", Path(path).resolve())
+
     @property
     def is_eval_split(self) -> bool:
         return self.kind == "eval_split"
 
     def describe(self) -> str:
         """Words for tables and logs."""
-        return "the run's eval split" if self.is_eval_split else str(self.path)
+        if self.is_eval_split:
+            return "the run's eval split"
+        return f"the images in {self.path}" if self.kind == "images" else str(self.path)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"kind": "eval_split"} if self.is_eval_split else {"kind": "transforms", "path": str(self.path)}
+        return {"kind": "eval_split"} if self.is_eval_split else {"kind": self.kind, "path": str(self.path)}
 
     @staticmethod
     def from_json(value: Any) -> "QuerySource":
@@ -114,8 +123,8 @@ class QuerySource:
             return QuerySource("transforms", Path(value))
         if isinstance(value, dict) and value.get("kind") == "eval_split":
             return QuerySource.eval_split()
-        if isinstance(value, dict) and value.get("kind") == "transforms" and value.get("path"):
-            return QuerySource("transforms", Path(str(value["path"])))
+        if isinstance(value, dict) and value.get("kind") in ("transforms", "images") and value.get("path"):
+            return QuerySource(value["kind"], Path(str(value["path"])))
         raise ValueError(f"not a query source: {value!r}")
 
 

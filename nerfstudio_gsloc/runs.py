@@ -66,7 +66,8 @@ def load_run(config_path: Path, test_mode: Literal["test", "val", "inference"] =
         test_mode: nerfstudio's ``eval_setup`` mode; "test" also loads the eval split (the default queries).
 
     Returns:
-        ``(config, pipeline)``: nerfstudio's ``TrainerConfig`` and the loaded pipeline in eval mode.
+        ``(config, pipeline)``: nerfstudio's ``TrainerConfig`` and the loaded pipeline in eval mode; the pipeline
+        carries ``gsloc_run_dir`` (the folder of ``config.yml``) and ``gsloc_checkpoint`` (the loaded ``.ckpt``).
 
     Raises:
         GslocError: a one-line reason for anything that stops the run from loading.
@@ -89,7 +90,7 @@ def load_run(config_path: Path, test_mode: Literal["test", "val", "inference"] =
         with warnings.catch_warnings():
             # Loading to localize never computes LPIPS: the model's note that it would be skipped is noise here.
             warnings.filterwarnings("ignore", message="gsloc: LPIPS skipped", category=UserWarning)
-            config, pipeline, _, _ = eval_setup(config_path, test_mode=test_mode,
+            config, pipeline, checkpoint_path, _ = eval_setup(config_path, test_mode=test_mode,
                                                 update_config_callback=use_checkpoints_beside_config)
     except SystemExit as err:  # eval_setup exits when the checkpoint folder is missing
         raise GslocError(f"could not load a checkpoint from {checkpoint_dir}") from err
@@ -100,6 +101,10 @@ def load_run(config_path: Path, test_mode: Literal["test", "val", "inference"] =
         raise GslocError(f"could not load the run {config_path}: {type(err).__name__} {first}".strip()) from None
     if not hasattr(pipeline.model, "means"):
         raise GslocError(f"{config_path}: the model has no Gaussians to render")
+    # Where caches derived from this checkpoint live (the retrieval index, localize/retrieval.py), and what they
+    # are keyed on.
+    pipeline.gsloc_run_dir = config_path.resolve().parent
+    pipeline.gsloc_checkpoint = Path(checkpoint_path).resolve()
     return config, pipeline
 
 

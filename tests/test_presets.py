@@ -65,7 +65,7 @@ def test_files_and_errors(tmp_path):
         mine.write_text(text)
         with pytest.raises(GslocError, match=message):
             presets.load_dataclass_preset("localize", mine, _Outer())
-    with pytest.raises(GslocError, match=r"unknown protocol 'nope' \(a file path or one of: icomma-sweep, inerf"):
+    with pytest.raises(GslocError, match=r"unknown protocol 'nope' \(a file path or one of: global, icomma-sweep, inerf"):
         presets.read_preset("protocols", "nope")
     with pytest.raises(GslocError, match="training preset file not found"):
         presets.read_preset("train", tmp_path / "missing.yaml")

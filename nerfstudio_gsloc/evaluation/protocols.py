@@ -11,6 +11,10 @@ A protocol (a YAML preset in ``configs/protocols/``) describes one random pertur
   With ``reference: camera_distance`` the numbers are multiples of the scene's camera-distance scale
   (:func:`camera_distance_scale`), with ``reference: scene`` plain scene units.
 
+A protocol with ``initial_pose: none`` (``global``) draws nothing: each query gets one trial whose initial pose is
+all NaN and never read; the benchmark starts every method from retrieval + PnP instead (the ``pnp`` method runs
+its ``retrieval`` selection), as ``ns-localize --init retrieval`` does.
+
 Seeding: the perturbation of trial ``t`` of query ``q`` is drawn from its own CPU generator seeded from
 ``(protocol seed, q.index, t)`` (:func:`trial_seed`), so every method of a benchmark starts from exactly the same
 initial poses, and so does every later run, whatever the order, batching or subset of queries.
@@ -38,6 +42,7 @@ from nerfstudio_gsloc.localize.queries import Query
 RotationMode = Literal["uniform", "sweep"]
 TranslationMode = Literal["uniform_per_axis", "fixed_length", "uniform_length"]
 TranslationReference = Literal["camera_distance", "scene"]
+InitialPoseMode = Literal["perturb", "none"]
 
 @dataclass
 class RotationSpec:
@@ -78,10 +83,20 @@ class Protocol:
     """Trials per query (``sweep``: per query and angle)."""
     seed: int = 0
     """Base seed of the trials' generators."""
+    initial_pose: InitialPoseMode = "perturb"
+    """``perturb``: the ground truth perturbed as above; ``none``: no prior at all (one trial per query, the methods
+    start from retrieval; rotation and translation are not used)."""
+
+    @property
+    def has_prior(self) -> bool:
+        """False for a protocol without initial poses (``initial_pose: none``)."""
+        return self.initial_pose != "none"
 
     @property
     def trials_per_query(self) -> int:
         """Number of trials drawn for each query."""
+        if not self.has_prior:
+            return 1
         if self.rotation.mode == "sweep":
             return self.trials * len(self.rotation.angles_deg)
         return self.trials
@@ -92,6 +107,8 @@ class Protocol:
 
     def summary(self, camera_scale: float) -> str:
         """One line describing the perturbations in scene units."""
+        if not self.has_prior:
+            return f"{self.name}: no prior (initial poses from retrieval + PnP; the ground truth is never read), seed {self.seed}"
         rot, tr = self.rotation, self.translation
         factor = self.translation_factor(camera_scale)
         if rot.mode == "sweep":
@@ -111,6 +128,8 @@ class Protocol:
         """Raise :class:`GslocError` for inconsistent settings."""
         rot, tr = self.rotation, self.translation
         where = f"protocol {self.name!r}"
+        if self.initial_pose not in ("perturb", "none"):
+            raise GslocError(f"{where}: initial_pose must be perturb or none, got {self.initial_pose!r}")
         if self.trials < 1:
             raise GslocError(f"{where}: trials must be >= 1, got {self.trials}")
         if rot.mode == "uniform":
@@ -147,6 +166,7 @@ class Protocol:
                             "length": self.translation.length, "reference": self.translation.reference},
             "trials": self.trials,
             "seed": self.seed,
+            "initial_pose": self.initial_pose,
         }
 
 
@@ -171,7 +191,7 @@ def protocol_from_dict(data: Dict[str, Any], where: str = "protocol") -> Protoco
     """
     if not isinstance(data, dict) or "name" not in data:
         raise GslocError(f"{where}: expected a mapping with at least a 'name'")
-    known = {"name", "description", "rotation", "translation", "trials", "seed"}
+    known = {"name", "description", "rotation", "translation", "trials", "seed", "initial_pose"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise GslocError(f"{where}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
@@ -202,7 +222,8 @@ def protocol_from_dict(data: Dict[str, Any], where: str = "protocol") -> Protoco
         trials, seed = int(data.get("trials", 5)), int(data.get("seed", 0))
     except (TypeError, ValueError):
         raise GslocError(f"{where}: trials and seed must be integers") from None
-    protocol = Protocol(str(data["name"]), str(data.get("description", "")), rotation, translation, trials, seed)
+    protocol = Protocol(str(data["name"]), str(data.get("description", "")), rotation, translation, trials, seed,
+                        str(data.get("initial_pose", "perturb")))  # type: ignore[arg-type]
     protocol.validate()
     return protocol
 
@@ -355,6 +376,12 @@ def generate_trials(protocol: Protocol, queries: Sequence[Query], camera_scale: 
     trials: List[Trial] = []
     for position, query in enumerate(queries):
         assert query.gt_c2w is not None
+        if not protocol.has_prior:
+            # Nothing is drawn and nothing derived from the ground truth: the start is "no pose" (NaN), its errors
+            # infinite (the failure convention of the metrics).
+            trials.append(Trial(position, query.index, 0, trial_seed(protocol.seed, query.index, 0),
+                                torch.full((3, 4), math.nan), math.inf, math.inf, 0.0))
+            continue
         gt = query.gt_c2w[None, :3, :4].double()
         for t in range(protocol.trials_per_query):
             seed = trial_seed(protocol.seed, query.index, t)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Type, Union
 
-import torch
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError

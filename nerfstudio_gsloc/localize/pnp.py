@@ -6,12 +6,15 @@ What a user would pick instead of pose refinement through a Gaussian scene (hloc
    training photo, upsampled like the query); the trained scene is rendered at each *training* pose and the
    keypoints are lifted to 3D with that rendered depth (:func:`~nerfstudio_gsloc.localize.matching.lift_keypoints`).
    Keypoints on depth discontinuities (where bilinear depth would mix foreground and background) or on
-   transparent pixels are dropped.
+   transparent pixels are dropped. The map is :mod:`~nerfstudio_gsloc.localize.scene_map`'s, kept in the run's
+   retrieval index (:func:`~nerfstudio_gsloc.localize.retrieval.load_or_build_index`, cached beside the run).
 2. **Retrieval**: the query's strongest SIFT features are matched (mutual nearest neighbours + Lowe ratio)
    against every training image and the ``num_views`` images with the most matches are kept
    (``selection="matches"``, which uses no pose at all), or the ``num_views`` training cameras nearest to the
-   trial's initial pose (``selection="prior"``, the perturbed-prior setting). All query features are then
-   matched against the kept views.
+   trial's initial pose (``selection="prior"``, the perturbed-prior setting), or (``selection="retrieval"``, no
+   pose either) the VLAD shortlist of the retrieval index (:mod:`~nerfstudio_gsloc.localize.retrieval`: training
+   views plus views rendered around them) re-ranked by matches. All query features are then matched against the
+   kept views.
 3. **Pose**: all 2D-3D correspondences of the kept views go into RANSAC PnP with Levenberg-Marquardt refinement
    on the inliers (:func:`~nerfstudio_gsloc.localize.matching.pnp_ransac`, OpenCV; pycolmap is not installable
    here).
@@ -23,6 +26,7 @@ project's convention, see :mod:`nerfstudio_gsloc.localize.matching`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Literal, Optional, Sequence, Tuple, Type
@@ -30,7 +34,6 @@ from typing import Any, Callable, List, Literal, Optional, Sequence, Tuple, Type
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.camera_conventions import opencv_w2c_to_opengl_c2w, opengl_c2w_to_opencv_w2c
@@ -38,110 +41,19 @@ from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.features import Features, SiftFeatures
 from nerfstudio_gsloc.localize.live import PosesCallback
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
-from nerfstudio_gsloc.localize.matching import MatcherConfig, lift_keypoints, pnp_ransac
+from nerfstudio_gsloc.localize.matching import MatcherConfig, pnp_ransac
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.result import STATUS_CONVERGED, STATUS_FAILED, LocalizationResult
-from nerfstudio_gsloc.rendering import render_splat_model
-
-# ----------------------------------------------------------------------------------------------------------
-# training views and the map
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingView:
-    """One training image with its camera (scene frame).
-
-    Attributes:
-        name: image file name.
-        image: ``[H, W, 3]`` float32 in ``[0, 1]`` (composited onto the dataset's background like the queries).
-        K: ``[3, 3]`` intrinsics.
-        c2w: ``[3, 4]`` OpenGL camera-to-world pose.
-    """
-
-    name: str
-    image: Tensor
-    K: Tensor
-    c2w: Tensor
-
-
-def load_training_views(pipeline) -> List[TrainingView]:
-    """The training split of a loaded nerfstudio pipeline as :class:`TrainingView` s.
-
-    RGBA images are composited onto the dataparser's ``alpha_color`` (white when it has none), as the eval
-    queries are (:func:`~nerfstudio_gsloc.localize.queries.load_eval_queries`).
-
-    Raises:
-        GslocError: no training dataset.
-    """
-    dataset = getattr(getattr(pipeline, "datamanager", None), "train_dataset", None)
-    if dataset is None or len(dataset) == 0:
-        raise GslocError("the run has no training images to build the pnp baseline's map from")
-    outputs = dataset._dataparser_outputs
-    cameras = dataset.cameras
-    views: List[TrainingView] = []
-    for index in range(len(dataset)):
-        rgb = torch.from_numpy(dataset.get_numpy_image(index).astype(np.float32) / 255.0)
-        if rgb.shape[-1] == 4:
-            background = outputs.alpha_color.float() if outputs.alpha_color is not None else torch.ones(3)
-            rgb = rgb[..., :3] * rgb[..., 3:] + background * (1.0 - rgb[..., 3:])
-        camera = cameras[index]
-        K = torch.tensor(
-            [[float(camera.fx), 0.0, float(camera.cx)], [0.0, float(camera.fy), float(camera.cy)], [0.0, 0.0, 1.0]]
-        )
-        c2w = camera.camera_to_worlds.detach().cpu().float()[:3, :4].clone()
-        views.append(TrainingView(str(outputs.image_filenames[index]), rgb.contiguous(), K, c2w))
-    return views
-
-
-def training_camera_poses(pipeline) -> Tensor:
-    """``[N, 3, 4]`` training camera-to-world poses (scene frame) of a loaded pipeline, without reading images."""
-    dataset = getattr(getattr(pipeline, "datamanager", None), "train_dataset", None)
-    if dataset is None or len(dataset) == 0:
-        raise GslocError("the run has no training cameras")
-    return dataset.cameras.camera_to_worlds.detach().cpu().float()[:, :3, :4].clone()
-
-
-@dataclass
-class MapView:
-    """A training view's features with their 3D points (from the rendered depth at the training pose).
-
-    Attributes:
-        features: SIFT features of the kept keypoints.
-        points: ``[N, 3]`` world points of those keypoints (scene frame).
-        c2w: ``[3, 4]`` training camera pose.
-    """
-
-    features: Features
-    points: Tensor
-    c2w: Tensor
-
-
-def _depth_edge_mask(depth: Tensor, tolerance: float) -> Tensor:
-    """``[H, W]`` bool: True where the 3x3 neighbourhood's depth varies by more than ``tolerance`` (relative to its
-    minimum), including pixels next to missing (``<= 0``) depth, where the rendered surface ends."""
-    d = F.pad(depth.clamp_min(0.0)[None, None], (1, 1, 1, 1), mode="replicate")
-    high = F.max_pool2d(d, 3, stride=1)[0, 0]
-    low = -F.max_pool2d(-d, 3, stride=1)[0, 0]
-    return (high - low) > tolerance * low.clamp_min(1e-9)
-
-
-def build_map_view(model, view: TrainingView, features: SiftFeatures, depth_edge_tolerance: float, alpha_threshold: float = 0.5) -> MapView:
-    """Detect features on a training image and lift them with the model's depth rendered at its pose."""
-    with torch.no_grad():
-        height, width = view.image.shape[:2]
-        rendered = render_splat_model(model, view.c2w[None], view.K[None], width, height)
-        depth, alpha = rendered.depth[0, ..., 0].cpu(), rendered.alpha[0, ..., 0].cpu()
-    feats = features.detect(view.image)
-    points, valid = lift_keypoints(feats.kpts, depth, view.K, view.c2w, alpha=alpha, alpha_threshold=alpha_threshold)
-    if len(feats) and depth_edge_tolerance > 0:
-        edges = _depth_edge_mask(depth, depth_edge_tolerance)
-        col = feats.kpts[:, 0].floor().long().clamp(0, width - 1)
-        row = feats.kpts[:, 1].floor().long().clamp(0, height - 1)
-        valid = valid & ~edges[row, col]
-    return MapView(Features(feats.kpts[valid], feats.desc[valid], feats.response[valid]), points[valid], view.c2w)
-
+from nerfstudio_gsloc.localize.retrieval import RetrievalConfig, RetrievalIndex, load_or_build_index
+from nerfstudio_gsloc.localize.scene_map import (  # noqa: F401  (re-exported: the map used to live here)
+    MapView,
+    TrainingView,
+    build_map_view,
+    depth_edge_mask as _depth_edge_mask,
+    load_training_views,
+    training_camera_poses,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # the localizer
@@ -155,20 +67,28 @@ def _pnp_matcher_default() -> MatcherConfig:
 
 @dataclass
 class PnPLocalizerConfig(LocalizerConfig):
-    """Settings of the ``pnp`` localizer."""
+    """Settings of the ``pnp`` localizer (and of the retrieval initialisation, which runs its ``retrieval`` route)."""
 
     _target: Type = field(default_factory=lambda: PnPLocalizer)
 
     matcher: MatcherConfig = field(default_factory=_pnp_matcher_default)
-    """SIFT settings (query and training images alike)."""
+    """SIFT settings (query and map views alike)."""
     num_views: int = 10
-    """Training views matched per query (k)."""
-    selection: Literal["matches", "prior"] = "matches"
+    """Map views matched per query (k)."""
+    selection: Literal["matches", "prior", "retrieval"] = "matches"
     """``matches``: the k training images with the most SIFT matches (no pose used); ``prior``: the k training
-    cameras nearest to the trial's initial pose (centre distance plus viewing-direction angle)."""
+    cameras nearest to the trial's initial pose (centre distance plus viewing-direction angle); ``retrieval``: the
+    k views of the retrieval index (training and rendered views) ranked first by VLAD, after re-ranking a VLAD
+    shortlist by SIFT matches (no pose used)."""
     retrieval_keypoints: int = 256
     """``matches`` retrieval counts matches of only the query's strongest keypoints (0 = all): on lego-200 the
     same top-10 views for a quarter of the matching time; the chosen views are then matched in full."""
+    retrieval_shortlist: int = 30
+    """``retrieval``: the VLAD top-N views re-ranked by matches of the strongest keypoints like ``matches``
+    (0: VLAD order only)."""
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    """The retrieval index (built and cached for ``selection=retrieval``; the other selections map the training
+    views only)."""
     reproj_px: float = 2.0
     """RANSAC inlier threshold in query pixels (loose enough to find the pose despite noisy map points)."""
     refine_px: float = 0.75
@@ -182,15 +102,21 @@ class PnPLocalizerConfig(LocalizerConfig):
     depth_edge_tolerance: float = 0.05
     """Keypoints whose 3x3 rendered-depth neighbourhood varies by more than this fraction are not mapped."""
 
+    def index_config(self) -> RetrievalConfig:
+        """The index this configuration maps: with rendered views only for ``selection=retrieval``."""
+        if self.selection == "retrieval":
+            return self.retrieval
+        return dataclasses.replace(self.retrieval, rendered_per_view=0)
+
 
 @dataclass
 class MapMatches:
-    """A query's 2D-3D matches against the map: its keypoints matched to training-view features and their points.
+    """A query's 2D-3D matches against the map: its keypoints matched to map-view features and their points.
 
     Attributes:
         kpts: ``[M, 2]`` query pixels ``(x, y)``, centres at ``+0.5``.
-        points: ``[M, 3]`` world points (scene frame) of the matched training-view keypoints.
-        views: indices of the training views matched.
+        points: ``[M, 3]`` world points (scene frame) of the matched map keypoints.
+        views: ids of the map views matched.
         num_keypoints: SIFT keypoints detected in the query.
     """
 
@@ -208,13 +134,17 @@ class PnPOutcome:
     """Result of localizing one query with the baseline.
 
     Attributes:
-        c2w: ``[3, 4]`` estimated pose (scene frame) or ``None`` when it failed.
+        c2w: ``[3, 4]`` estimated OpenGL camera-to-world pose (scene frame) or ``None`` when it failed.
         reason: why it failed (empty on success).
         num_matches: 2D-3D correspondences given to PnP.
-        num_inliers: RANSAC inliers of the final pose.
-        views: indices of the training views used.
+        num_inliers: inliers of the final pose (those the refinement used, else RANSAC's).
+        views: ids of the map views used (:attr:`RetrievalIndex.views`; training views come first, in order).
         seconds: wall time of the whole query (detection, retrieval, matching, PnP).
-        matches: the pooled 2D-3D matches given to PnP (kept to score other poses of the query).
+        inlier_kpts: ``[M, 2]`` query keypoints ``(x, y)`` (pixel centres at ``+0.5``) of the inliers of ``c2w``:
+            within ``refine_px`` of the refined pose (when at least ``min_inliers``), else RANSAC's inliers
+            (``[0, 2]`` on failure).
+        inlier_points: ``[M, 3]`` their world points (scene frame), row for row.
+        matches: all the pooled 2D-3D matches given to PnP (kept to score other poses of the query).
     """
 
     c2w: Optional[Tensor]
@@ -223,36 +153,35 @@ class PnPOutcome:
     num_inliers: int
     views: List[int]
     seconds: float
+    inlier_kpts: Tensor = field(default_factory=lambda: torch.zeros(0, 2))
+    inlier_points: Tensor = field(default_factory=lambda: torch.zeros(0, 3))
     matches: Optional[MapMatches] = None
 
 
 class PnPBaseline:
-    """Structure-based localization against a trained scene's training views (see the module docstring).
+    """Structure-based localization against a trained scene's map (see the module docstring).
 
     Args:
-        model: a trained splatfacto-style model (renders the training views' depth).
-        views: the training views.
+        index: the map (:class:`~nerfstudio_gsloc.localize.retrieval.RetrievalIndex`); ``matches`` and ``prior``
+            selections use its training views only, ``retrieval`` all its views.
         config: settings.
-        on_view: called after each training view is mapped (progress).
     """
 
-    def __init__(self, model, views: Sequence[TrainingView], config: PnPLocalizerConfig, on_view=None) -> None:
+    def __init__(self, index: RetrievalIndex, config: PnPLocalizerConfig) -> None:
         if config.num_views < 1:
             raise GslocError("pnp: num_views must be >= 1")
         self.config = config
         self.features = SiftFeatures(config.matcher)
-        started = time.perf_counter()
-        self.map: List[MapView] = []
-        for view in views:
-            self.map.append(build_map_view(model, view, self.features, config.depth_edge_tolerance))
-            if on_view is not None:
-                on_view()
-        self.map_seconds = time.perf_counter() - started
-        self.centres = torch.stack([v.c2w[:, 3] for v in views]) if views else torch.zeros(0, 3)
-        self.forwards = torch.stack([-v.c2w[:, 2] for v in views]) if views else torch.zeros(0, 3)
+        self.index = index
+        self.map: List[MapView] = index.views
+        self.map_seconds = index.build_seconds
+        self.train_ids = index.view_ids("train")
+        train = [self.map[i] for i in self.train_ids]
+        self.centres = torch.stack([v.c2w[:, 3] for v in train]) if train else torch.zeros(0, 3)
+        self.forwards = torch.stack([-v.c2w[:, 2] for v in train]) if train else torch.zeros(0, 3)
 
     def nearest_views(self, c2w: Tensor, scale: float) -> List[int]:
-        """Indices of the ``num_views`` training cameras nearest to ``c2w [3, 4]``.
+        """Ids of the ``num_views`` training cameras nearest to ``c2w [3, 4]``.
 
         Distance: centre distance in units of ``scale`` plus the angle (radians) between viewing directions.
         """
@@ -260,44 +189,49 @@ class PnPBaseline:
         dist = torch.linalg.norm(self.centres - c2w[:, 3].float(), dim=-1) / max(scale, 1e-9)
         angle = torch.arccos((self.forwards @ forward).clamp(-1.0, 1.0))
         order = torch.argsort(dist + angle)
-        return order[: self.config.num_views].tolist()
+        return [self.train_ids[i] for i in order[: self.config.num_views].tolist()]
+
+    def most_matched(self, query: Features, candidates: Sequence[int]) -> List[int]:
+        """The ``num_views`` of ``candidates`` with the most matches of the query's strongest keypoints."""
+        strongest = SiftFeatures.strongest(query, self.config.retrieval_keypoints)
+        counts = torch.tensor([len(self.features.match(strongest, self.map[i].features)[0]) for i in candidates])
+        order = torch.argsort(counts, descending=True, stable=True)[: self.config.num_views].tolist()
+        return [candidates[i] for i in order if counts[i] > 0]
+
+    def select(self, query: Features, prior_c2w: Optional[Tensor], scale: float) -> List[int]:
+        """The map views to match the query against, by ``config.selection``."""
+        cfg = self.config
+        if cfg.selection == "prior":
+            if prior_c2w is None:
+                raise GslocError("pnp with selection=prior needs an initial pose")
+            return self.nearest_views(prior_c2w, scale)
+        if cfg.selection == "retrieval":
+            if cfg.retrieval_shortlist > 0:
+                return self.most_matched(query, self.index.top_k(query, max(cfg.retrieval_shortlist, cfg.num_views)))
+            return self.index.top_k(query, cfg.num_views)
+        return self.most_matched(query, self.train_ids)
 
     def correspondences(self, image: Tensor, prior_c2w: Optional[Tensor] = None, scale: float = 1.0) -> MapMatches:
-        """Match one image against its ``num_views`` most similar training views and pool the 2D-3D matches.
+        """Match one image against the map views :meth:`select` chooses and pool the 2D-3D matches.
 
         Args:
             image: ``[H, W, 3]`` query image in ``[0, 1]``.
             prior_c2w: ``[3, 4]`` initial pose; used only with ``selection="prior"`` to choose training views.
             scale: camera-distance scale (``selection="prior"`` distance units).
-
-        Returns:
-            :class:`MapMatches` (``kpts`` and ``points`` empty when the query has too few keypoints).
         """
-        cfg = self.config
         query = self.features.detect(image)
-        empty = MapMatches(torch.zeros(0, 2), torch.zeros(0, 3), [], len(query))
-        if len(query) < cfg.min_inliers:
-            return empty
-        if cfg.selection == "prior":
-            if prior_c2w is None:
-                raise GslocError("pnp with selection=prior needs an initial pose")
-            chosen = self.nearest_views(prior_c2w, scale)
-        else:
-            strongest = SiftFeatures.strongest(query, cfg.retrieval_keypoints)
-            counts = torch.tensor([len(self.features.match(strongest, view.features)[0]) for view in self.map])
-            chosen = torch.argsort(counts, descending=True, stable=True)[: cfg.num_views].tolist()
-            chosen = [i for i in chosen if counts[i] > 0]
-        kq, pts = [], []
+        if len(query) < self.config.min_inliers:
+            return MapMatches(torch.zeros(0, 2), torch.zeros(0, 3), [], len(query))
+        chosen = self.select(query, prior_c2w, scale)
+        kq, pts = [torch.zeros(0, 2)], [torch.zeros(0, 3)]
         for i in chosen:
             idx, _ = self.features.match(query, self.map[i].features)
-            kq.append(query.kpts[idx[:, 0]])
-            pts.append(self.map[i].points[idx[:, 1]])
-        if not kq:
-            return MapMatches(empty.kpts, empty.points, chosen, len(query))
+            kq.append(query.kpts[idx[:, 0]].float())
+            pts.append(self.map[i].points[idx[:, 1]].float())
         return MapMatches(torch.cat(kq), torch.cat(pts), chosen, len(query))
 
     def localize(self, image: Tensor, K: Tensor, prior_c2w: Optional[Tensor] = None, scale: float = 1.0, seed: int = 0) -> PnPOutcome:
-        """Localize one image.
+        """Localize one image: :meth:`correspondences`, then :meth:`solve`.
 
         Args:
             image: ``[H, W, 3]`` query image in ``[0, 1]``.
@@ -305,9 +239,6 @@ class PnPBaseline:
             prior_c2w: ``[3, 4]`` initial pose; used only with ``selection="prior"`` to choose training views.
             scale: camera-distance scale (``selection="prior"`` distance units).
             seed: OpenCV RNG seed of RANSAC.
-
-        Returns:
-            :class:`PnPOutcome` (with the pooled matches, also when it failed).
         """
         started = time.perf_counter()
         return self.solve(self.correspondences(image, prior_c2w, scale), K, seed, started)
@@ -320,25 +251,42 @@ class PnPBaseline:
         started = time.perf_counter() if started is None else started
         cfg = self.config
 
-        def outcome(c2w, reason, inliers=0):
-            return PnPOutcome(c2w, reason, len(matches), inliers, matches.views, time.perf_counter() - started, matches)
+        def outcome(c2w, reason, inliers=0, mask=None):
+            kpts = matches.kpts[mask] if mask is not None else torch.zeros(0, 2)
+            points = matches.points[mask] if mask is not None else torch.zeros(0, 3)
+            return PnPOutcome(c2w, reason, len(matches), inliers, matches.views, time.perf_counter() - started,
+                              kpts.float().clone(), points.float().clone(), matches)
 
         if matches.num_keypoints < cfg.min_inliers:
             return outcome(None, f"only {matches.num_keypoints} SIFT keypoints in the query")
         if len(matches) < cfg.min_inliers:
             return outcome(None, f"only {len(matches)} 2D-3D matches")
+        points, kpts_query = matches.points.double(), matches.kpts.double()
         cv2.setRNGSeed(int(seed) & 0x7FFFFFFF)
-        result = pnp_ransac(
-            matches.points.double(), matches.kpts.double(), K.double(), reproj_px=cfg.reproj_px,
-            min_inliers=cfg.min_inliers, iterations=cfg.ransac_iterations, confidence=cfg.ransac_confidence,
-        )
+        result = pnp_ransac(points, kpts_query, K.double(), reproj_px=cfg.reproj_px, min_inliers=cfg.min_inliers,
+                            iterations=cfg.ransac_iterations, confidence=cfg.ransac_confidence)
         if result.c2w is None:
             return outcome(None, f"RANSAC PnP found no pose with {cfg.min_inliers} inliers among {len(matches)} matches")
         c2w, inliers = result.c2w.double(), result.num_inliers
+        mask = result.inliers.cpu()
         if cfg.refine_px > 0:
-            c2w, inliers = refine_on_tight_inliers(matches.points.double(), matches.kpts.double(), K.double(), c2w,
-                                                   cfg.refine_px, cfg.min_inliers, fallback_inliers=inliers)
-        return outcome(c2w.float(), "", inliers)
+            c2w, inliers = refine_on_tight_inliers(points, kpts_query, K.double(), c2w, cfg.refine_px,
+                                                   cfg.min_inliers, fallback_inliers=inliers)
+            tight = reprojection_inliers(points, kpts_query, K.double(), c2w, cfg.refine_px)
+            if int(tight.sum()) >= cfg.min_inliers:  # the consistent correspondences of the refined pose
+                mask = tight
+        return outcome(c2w.float(), "", inliers, mask)
+
+
+def reprojection_inliers(points_world: Tensor, kpts_query: Tensor, K: Tensor, c2w: Tensor, px: float) -> Tensor:
+    """``[M]`` bool: the correspondences that reproject within ``px`` pixels of their keypoint, in front of the
+    camera ``c2w [3, 4]`` (OpenGL). ``points_world [M, 3]``, ``kpts_query [M, 2]`` (centres at ``+0.5``)."""
+    w2c = opengl_c2w_to_opencv_w2c(c2w.double().cpu())
+    cam = points_world.double().cpu() @ w2c[:3, :3].T + w2c[:3, 3]
+    z = cam[:, 2]
+    Kd = K.double().cpu()
+    uv = cam[:, :2] / z.clamp_min(1e-12)[:, None] * torch.stack([Kd[0, 0], Kd[1, 1]]) + torch.stack([Kd[0, 2], Kd[1, 2]])
+    return (torch.linalg.norm(uv - kpts_query.double().cpu(), dim=-1) <= px) & (z > 0)
 
 
 def refine_on_tight_inliers(
@@ -385,9 +333,11 @@ def refine_on_tight_inliers(
 class PnPLocalizer(Localizer):
     """The ``pnp`` method behind the common interface.
 
-    The map of the training views is built on the first call (its time is reported in ``notes`` and not charged
-    to the queries). Each query is localized independently; its initial pose is used only with
-    ``selection="prior"`` (to choose the training views) and is returned as the pose of a failed query.
+    The map (:func:`~nerfstudio_gsloc.localize.retrieval.load_or_build_index`: cached beside the run when the
+    pipeline came from :func:`~nerfstudio_gsloc.runs.load_run`) is built or read on the first call (its time is
+    reported in ``notes`` and not charged to the queries). Each query is localized independently; its initial pose
+    is used only with ``selection="prior"`` (to choose the training views) and is returned as the pose of a failed
+    query.
 
     Args:
         config, model, pipeline, seed: see :class:`~nerfstudio_gsloc.localize.localizer.Localizer`; the training
@@ -411,25 +361,29 @@ class PnPLocalizer(Localizer):
                 and self.verifier.map_config == self.config)
 
     def build_map(self) -> PnPBaseline:
-        """Map the training views once (SIFT + rendered depth)."""
+        """Build or read the map once (SIFT + rendered depth; rendered views and VLAD for ``retrieval``)."""
         if self.baseline is None:
+            cfg = self.config
             if self.shares_verifier_map:
                 self.baseline = self.verifier.baseline  # one map for the method and the check of its results
-                views = self.baseline.map
+                index = self.baseline.index
             else:
-                views = self.training_views if self.training_views is not None else load_training_views(self.pipeline)
-                self.baseline = PnPBaseline(self.model, views, self.config)
-            if views:
+                index = load_or_build_index(self.model, self.pipeline, cfg.index_config(), cfg.matcher,
+                                            cfg.depth_edge_tolerance, training_views=self.training_views)
+                self.baseline = PnPBaseline(index, cfg)
+            if len(self.baseline.centres):
                 # The scene's camera-distance scale: distances of selection="prior" are in its units.
                 self.camera_scale = float(torch.linalg.norm(self.baseline.centres.double(), dim=-1).median())
             self.notes["pnp_map_seconds"] = round(self.baseline.map_seconds, 2)
             self.notes["pnp_map_points"] = sum(len(view.features) for view in self.baseline.map)
+            self.notes["pnp_map_views"] = len(index)
+            self.notes["pnp_map_cached"] = index.cached
         return self.baseline
 
     def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
                   on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback,
                   on_poses: PosesCallback = None) -> None:
-        # One-shot: no intermediate poses to report (``on_poses`` is unused).
+        # One-shot: no intermediate poses, so ``on_poses`` has nothing to report.
         baseline = self.build_map()
         with torch.no_grad():
             for k, (query, start) in enumerate(zip(queries, initial_c2w)):

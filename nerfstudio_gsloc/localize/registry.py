@@ -89,7 +89,9 @@ LOCALIZERS: Dict[str, str] = {
               "0.2 x MSE, matching switched off below 1e-3, on the shared loop (one full-resolution stage)",
     "depth": "depth L1 + Sobel edges only (GSplatLoc), same budget as photometric, queries with depth",
     "pnp": "classical: SIFT (2x upsampled) matched to the 10 training images with most matches, 3D points from the "
-           "depth rendered at the training poses, RANSAC PnP + Levenberg-Marquardt on tight inliers (no gradient step)",
+           "depth rendered at the training poses, RANSAC PnP + Levenberg-Marquardt on tight inliers (no gradient step); "
+           "with no prior (global, --init retrieval) the views come from the retrieval index (VLAD shortlist of "
+           "training + rendered views, re-ranked by matches)",
 }
 
 

@@ -24,13 +24,14 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
-from nerfstudio_gsloc.localize.pnp import MapMatches, PnPBaseline, PnPLocalizerConfig, PnPOutcome, load_training_views
+from nerfstudio_gsloc.localize.pnp import MapMatches, PnPBaseline, PnPLocalizerConfig, PnPOutcome
+from nerfstudio_gsloc.localize.retrieval import load_or_build_index
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.result import STATUS_REJECTED, LocalizationResult
 
@@ -164,7 +165,7 @@ class PoseVerifier:
     """Map matches of queries against a run's training views, their support and the confidence of poses.
 
     The map (SIFT on every training photo, lifted with the depth rendered at the training poses) is the one of
-    the ``pnp`` method and is built on first use; a query's matches are kept until :meth:`forget` so that a
+    the ``pnp`` method, built on first use or read from the run's index cache; a query's matches are kept until :meth:`forget` so that a
     localizer and the final check share them.
 
     Args:
@@ -190,8 +191,10 @@ class PoseVerifier:
     def baseline(self) -> PnPBaseline:
         """The map (built on first use)."""
         if self._baseline is None:
-            views = self.training_views if self.training_views is not None else load_training_views(self.pipeline)
-            self._baseline = PnPBaseline(self.model, views, self.map_config)
+            cfg = self.map_config
+            index = load_or_build_index(self.model, self.pipeline, cfg.index_config(), cfg.matcher,
+                                        cfg.depth_edge_tolerance, training_views=self.training_views)
+            self._baseline = PnPBaseline(index, cfg)
         return self._baseline
 
     def matches(self, query: Query) -> MapMatches:

@@ -58,7 +58,8 @@ from nerfstudio_gsloc.evaluation.protocols import (
 )
 from nerfstudio_gsloc.files import OutputError, atomic_write_text, check_writable
 from nerfstudio_gsloc.localize.pipeline import load_preset
-from nerfstudio_gsloc.localize.pnp import training_camera_poses
+from nerfstudio_gsloc.localize.initialization import InitialPose, localize_from_initial_poses, retrieval_initial_poses
+from nerfstudio_gsloc.localize.pnp import PnPLocalizer, training_camera_poses
 from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, check_methods, make_localizer, make_verifier
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
@@ -249,8 +250,9 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
     atomic_write_text(output_dir / "bench.json", json.dumps(meta, indent=2, default=str))
     sweep = protocol.rotation.angles_deg if protocol.rotation.mode == "sweep" else None
     max_angle = max(abs(a) for a in protocol.rotation.range_deg) if sweep is None else None
-    report.plot_success_vs_angle(output_dir / "success_vs_angle.png", records, methods, sweep,
-                                 title=meta["protocol_summary"], max_angle=max_angle)
+    if protocol.has_prior:  # without a prior there is no initial angle to plot against
+        report.plot_success_vs_angle(output_dir / "success_vs_angle.png", records, methods, sweep,
+                                     title=meta["protocol_summary"], max_angle=max_angle)
     report.plot_error_cdf(output_dir / "error_cdf.png", records, methods, title=meta["protocol_summary"])
     report.plot_precision_recall(output_dir / "precision_recall.png", records, methods, title=meta["protocol_summary"],
                                  default_threshold=meta.get("confidence_threshold"))
@@ -331,6 +333,11 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     # One map of the training views checks every method's results (confidence) and serves gsloc and pnp.
     verifier = make_verifier(cli.method_settings, model, pipeline)
     total = len(trials) * len(methods)
+    global_inits = None
+    if not protocol.has_prior and any(m != "pnp" for m in methods):
+        # One retrieval + PnP initial pose per trial, shared by every refining method (pnp runs the same route).
+        global_inits = retrieval_starts(cli.method_settings, model, pipeline, trial_queries)
+        meta["retrieval_seconds"] = sum(init.seconds for init in global_inits)
 
     def save(method_records: Dict[int, report.TrialRecord], method_poses: Dict[int, PoseRecord]) -> None:
         """trials.jsonl and poses.json with every finished trial (atomic: an interruption keeps complete files)."""
@@ -366,8 +373,14 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
 
                 started = time.perf_counter()
                 # Every method through the one localizer call: same queries, same initial poses.
-                localizer = make_localizer(method, cli.method_settings, model, pipeline, seed=0, verifier=verifier)
-                results = localizer.localize(trial_queries, trial_starts, on_result=on_result)
+                settings = cli.method_settings
+                if not protocol.has_prior and method == "pnp":
+                    settings = dataclasses.replace(settings, pnp=dataclasses.replace(settings.pnp, selection="retrieval"))
+                localizer = make_localizer(method, settings, model, pipeline, seed=0, verifier=verifier)
+                if global_inits is not None and method != "pnp":
+                    results = localize_from_initial_poses(localizer, trial_queries, global_inits, on_result=on_result)
+                else:
+                    results = localizer.localize(trial_queries, trial_starts, on_result=on_result)
                 meta.setdefault("method_seconds", {})[method] = time.perf_counter() - started
                 meta.update(localizer.notes)
                 records.extend(trial_records(method, queries, trials, results))
@@ -382,6 +395,14 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
                           f"{count(saved[0], 'trial')} of {total}; the summaries (results.md, plots) are not complete") from None
     print_results(rows, f"{protocol.name}: {len(queries)} queries x {protocol.trials_per_query} trials", machine_line, output_dir)
     return rows
+
+
+def retrieval_starts(settings: LocalizerSettings, model, pipeline, queries: Sequence[Query]) -> List[InitialPose]:
+    """Initial poses of a protocol without prior: retrieval + PnP with the pnp settings (``selection=retrieval``)."""
+    config = dataclasses.replace(settings.pnp, selection="retrieval")
+    baseline = PnPLocalizer(config, model, pipeline, seed=0).build_map()
+    with CONSOLE.status(f"retrieval + PnP initial poses of {len(queries)} trials"):
+        return retrieval_initial_poses(queries, baseline, seed=0)
 
 
 def print_results(rows: Sequence[Dict[str, Any]], title: str, machine_line: str, output_dir: Path) -> None:

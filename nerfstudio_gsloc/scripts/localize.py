@@ -14,6 +14,9 @@ Examples::
     # new images (nerfstudio transforms.json, poses in the dataset's original frame), from their priors
     ns-localize --load-config .../config.yml --queries new/transforms.json --init prior --preset fast
 
+    # a folder of photos with no poses and no transforms.json: retrieval + PnP, then refinement
+    ns-localize --load-config .../config.yml --images my_photos/ --output-dir outputs/photos
+
 Outputs in ``--output-dir``:
 
 * ``poses.json`` (schema: :mod:`nerfstudio_gsloc.poses_file`): per query the image, the refined, initial and
@@ -41,11 +44,12 @@ file in --output-dir complete (see :mod:`nerfstudio_gsloc.scripts.localize_outpu
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import tyro
@@ -56,10 +60,18 @@ from rich.table import Table
 from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.errors import GslocError, Interrupted, run_cli
 from nerfstudio_gsloc.files import check_writable
-from nerfstudio_gsloc.localize.initialization import check_initialization, initial_poses
+from nerfstudio_gsloc.localize.image_folder import load_image_folder_queries, training_camera
+from nerfstudio_gsloc.localize.initialization import (
+    InitialPose,
+    initial_poses,
+    localize_from_initial_poses,
+    no_pose,
+    query_init_sources,
+    retrieval_initial_poses,
+)
 from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
-from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
+from nerfstudio_gsloc.localize.pnp import PnPLocalizer, PnPLocalizerConfig
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 from nerfstudio_gsloc.localize.verification import VerificationConfig
 from nerfstudio_gsloc.localize.registry import (
@@ -99,9 +111,17 @@ class LocalizeCLI:
     prior, both in the dataset's original frame). Default: the run's held-out eval split. Photos with lens
     distortion (OPENCV k1..p2, OPENCV_FISHEYE k1..k4, global or per frame) are undistorted like nerfstudio's
     training images."""
-    init: Literal["auto", "prior", "perturb"] = "auto"
-    """Initial poses: the query file's priors, or the ground truth perturbed by --perturb-deg/--perturb-trans.
-    auto: prior when every query has one, otherwise perturb."""
+    images: Optional[Path] = None
+    """A folder of JPEG/PNG photos to localize (no transforms.json needed; no prior, so they start from
+    retrieval). Intrinsics: --intrinsics, else DIR/transforms.json's fl_x fl_y cx cy w h, else the run's training
+    camera, scaled to each image's size."""
+    intrinsics: Optional[Tuple[float, float, float, float]] = None
+    """fx fy cx cy (pixels) of every --images photo, overriding the assumed camera."""
+    init: Literal["auto", "prior", "perturb", "retrieval"] = "auto"
+    """Initial poses: the query file's priors; the ground truth perturbed by --perturb-deg/--perturb-trans
+    (evaluation); or retrieval + PnP against the run (no prior: training and rendered views ranked by VLAD, SIFT
+    matches, RANSAC PnP; the index is cached in <run>/gsloc_index). auto: each query's prior when it has one,
+    otherwise retrieval. A query retrieval cannot place is reported as failed with the reason."""
     perturb_deg: float = 10.0
     """Rotation of the perturbation, degrees, about a random axis through the camera centre."""
     perturb_trans: float = 0.1
@@ -154,7 +174,46 @@ class LocalizeCLI:
 
 
 def _query_source(cli: LocalizeCLI) -> QuerySource:
+    if cli.images is not None:
+        return QuerySource.images(cli.images)
     return QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)
+
+
+def _resolve_init(queries: Sequence[Query], init: str) -> str:
+    """The init mode written to poses.json: the one source of every query's initial pose, or ``auto`` when they
+    differ; raises :class:`GslocError` when ``prior``/``perturb`` cannot serve every query."""
+    sources = set(query_init_sources(queries, init))
+    return sources.pop() if len(sources) == 1 else init
+
+
+def _initial_poses(cli: LocalizeCLI, todo: Sequence[Query], init: str, method: str, pipeline) -> List[InitialPose]:
+    """Per query its initial pose (:class:`InitialPose`): prior, perturbed ground truth, or retrieval + PnP.
+
+    With ``--method pnp`` retrieval queries get no separate initialisation: pnp itself runs with
+    ``selection=retrieval`` and never reads their (NaN) start.
+    """
+    sources = query_init_sources(todo, init)
+    inits: List[Optional[InitialPose]] = [None] * len(todo)
+    for source in ("prior", "perturb"):
+        picked = [p for p, s in enumerate(sources) if s == source]
+        poses = initial_poses([todo[p] for p in picked], source, cli.perturb_deg, cli.perturb_trans, cli.seed) if picked else []
+        for p, pose in zip(picked, poses):
+            inits[p] = InitialPose(pose, source)
+    retrieval = [p for p, s in enumerate(sources) if s == "retrieval"]
+    if retrieval and method == "pnp":
+        for p in retrieval:
+            inits[p] = InitialPose(no_pose(), "retrieval")
+    elif retrieval:
+        config = dataclasses.replace(cli.pnp, selection="retrieval")
+        baseline = PnPLocalizer(config, pipeline.model, pipeline, seed=cli.seed).build_map()
+        with CONSOLE.status(f"retrieval + PnP initial poses of {len(retrieval)} queries"):
+            found = retrieval_initial_poses([todo[p] for p in retrieval], baseline, seed=cli.seed)
+        for p, pose in zip(retrieval, found):
+            inits[p] = pose
+        failed = sum(pose.c2w is None for pose in found)
+        CONSOLE.print(f"retrieval placed {len(found) - failed} of {len(found)} queries"
+                      + (f" ({failed} fail: no pose)" if failed else ""))
+    return [pose for pose in inits if pose is not None]
 
 
 def _settings(cli: LocalizeCLI, init: str) -> Dict[str, Any]:
@@ -237,12 +296,6 @@ def metrics_table(metrics: Dict[str, Any]) -> Table:
     return table
 
 
-def _resolve_init(queries: Sequence[Query], init: str) -> str:
-    """``auto`` -> ``prior`` when every query has a prior, else ``perturb``; then check it can be done."""
-    if init == "auto":
-        init = "prior" if all(q.prior_c2w is not None for q in queries) else "perturb"
-    check_initialization(queries, init)  # type: ignore[arg-type]
-    return init
 
 
 def localize_main(cli: LocalizeCLI) -> None:
@@ -264,13 +317,21 @@ def localize_main(cli: LocalizeCLI) -> None:
         raise GslocError(f"--viewer-port must be between 1 and 65535, got {cli.viewer_port}")
     queries: Optional[List[Query]] = None
     init = cli.init
+    if cli.queries is not None and cli.images is not None:
+        raise GslocError("give either --queries (a transforms.json) or --images (a folder of photos), not both")
+    if cli.intrinsics is not None and cli.images is None:
+        raise GslocError("--intrinsics applies to --images only (a transforms.json has its own intrinsics)")
     if cli.queries is not None:
         queries = load_transforms_queries(cli.queries, frame, cli.max_queries)
         init = _resolve_init(queries, init)
+    elif cli.images is not None:
+        # Files, formats and intrinsics checked now; the run's camera is assumed once the run is loaded.
+        init = _resolve_init(load_image_folder_queries(cli.images, None, cli.intrinsics, cli.max_queries), init)
     elif init == "prior":
-        raise GslocError("the eval split has no prior poses: use --init perturb, or --queries with prior_transform_matrix")
-    else:
-        init = "perturb"
+        raise GslocError("the eval split has no prior poses: use --init perturb or retrieval, or --queries with "
+                         "prior_transform_matrix")
+    elif init == "auto":
+        init = "retrieval"
     method = check_methods([cli.method])[0]
     config = cli.settings().config(method)
     if isinstance(config, PoseInversionConfig):
@@ -286,21 +347,26 @@ def localize_main(cli: LocalizeCLI) -> None:
     # 2. The model (and the eval split, which needs the loaded datamanager).
     with CONSOLE.status("loading the run"):
         run_config, pipeline = load_run(cli.load_config)
-    if queries is None:
+    if cli.images is not None:
+        queries = load_image_folder_queries(cli.images, training_camera(pipeline), cli.intrinsics, cli.max_queries)
+    elif queries is None:
         queries = load_eval_queries(pipeline, cli.max_queries)
-        check_initialization(queries, init)
+        query_init_sources(queries, init)
         check_queries_suit(method, config, queries)
-    localizer = make_localizer(method, cli.settings(), pipeline.model, pipeline, seed=cli.seed)
+    settings_all = cli.settings()
+    if method == "pnp" and "retrieval" in query_init_sources(queries, init):
+        settings_all.pnp = dataclasses.replace(settings_all.pnp, selection="retrieval")  # no prior to choose views by
+    localizer = make_localizer(method, settings_all, pipeline.model, pipeline, seed=cli.seed)
     source, settings = _query_source(cli), _settings(cli, init)
     previous = _load_previous(output_dir, source, settings) if cli.resume else {}
     todo = [q for q in queries if q.name not in previous]
-    starts = initial_poses(todo, init, cli.perturb_deg, cli.perturb_trans, cli.seed) if todo else []
+    starts = _initial_poses(cli, todo, init, method, pipeline) if todo else []
     live = None
     if cli.viewer:
         from nerfstudio_gsloc.viewer.live import start_live_view
 
         live = start_live_view(run_config, pipeline, checkpoint_dir, frame, source, cli.viewer_port, cli.viewer_host)
-        live.begin(previous.values(), todo, starts, method)
+        live.begin(previous.values(), todo, [no_pose() if s.c2w is None else s.c2w for s in starts], method)
         for line in live.viewer_state.viewer_info:
             CONSOLE.print(line)
 
@@ -358,7 +424,7 @@ def _localize_and_save(cli: LocalizeCLI, localizer, method: str, todo: Sequence[
             task = progress.add_task("", total=len(todo))
             # Without --viewer the call is exactly as before (no observer).
             watch = {} if live is None else {"on_poses": live.on_poses}
-            localizer.localize(todo, starts, on_result=on_result, on_step=on_step, **watch)
+            localize_from_initial_poses(localizer, todo, starts, on_result=on_result, on_step=on_step, **watch)
     except KeyboardInterrupt:
         if live is not None:
             live.stop()

@@ -54,6 +54,18 @@ def test_presets_load_and_describe_their_perturbations():
     assert "U[-0.4, 0.4] per axis" in inerf.summary(4.0)
 
 
+def test_global_protocol_draws_no_initial_pose():
+    """``global``: one trial per query whose start is "no pose" (NaN, infinite initial error); nothing is drawn."""
+    protocol = load_protocol("global", trials=3)
+    assert not protocol.has_prior and protocol.trials_per_query == 1 and "no prior" in protocol.summary(4.0)
+    queries = [Query(f"q{i}", Path(f"q{i}.png"), torch.zeros(2, 2, 3), torch.eye(3), 2, 2, gt_c2w=torch.eye(4)[:3],
+                     index=i) for i in range(3)]
+    trials = generate_trials(protocol, queries, 4.0)
+    assert [t.query for t in trials] == [0, 1, 2]
+    assert all(torch.isnan(t.c2w_init).all() and math.isinf(t.init_rot_deg) for t in trials)
+    assert protocol.to_dict()["initial_pose"] == "none"
+
+
 def test_bad_protocols_are_one_line_errors(tmp_path):
     with pytest.raises(GslocError, match="unknown protocol 'nope'"):
         load_protocol("nope")

@@ -187,7 +187,8 @@ def test_new_images_from_a_transforms_json_are_localized(tmp_path, capsys, small
 def test_eval_split_resume_and_interrupt(tmp_path, capsys, monkeypatch, small_gsloc_run):
     """Default queries (eval split) from perturbed poses; --resume skips finished ones; Ctrl-C keeps a valid file."""
     out_dir = tmp_path / "out"
-    base = ["--load-config", small_gsloc_run, "--output-dir", out_dir, "--perturb-deg", "5", "--perturb-trans", "0.05", *FAST]
+    base = ["--load-config", small_gsloc_run, "--output-dir", out_dir, "--init", "perturb", "--perturb-deg", "5",
+            "--perturb-trans", "0.05", *FAST]
     code, _, err = _run([*base, "--max-queries", "1"], capsys)
     assert code == 0, err
     first = json.loads((out_dir / "poses.json").read_text())["results"]
@@ -236,7 +237,7 @@ def test_eval_split_resume_and_interrupt(tmp_path, capsys, monkeypatch, small_gs
 def test_method_option_runs_any_registered_localizer(tmp_path, capsys, small_gsloc_run, method, options):
     """``--method`` runs another localizer through the same call; its poses.json says which method wrote it."""
     out_dir = tmp_path / method
-    argv = ["--load-config", small_gsloc_run, "--output-dir", out_dir, "--max-queries", "1", "--perturb-deg", "3",
+    argv = ["--load-config", small_gsloc_run, "--output-dir", out_dir, "--max-queries", "1", "--init", "perturb", "--perturb-deg", "3",
             "--perturb-trans", "0.03", "--seed", "5", "--num-threads", "1", "--method", method, *options]
     code, out, err = _run(argv, capsys)
     assert code == 0, err
