@@ -222,9 +222,11 @@ class PoseVerifier:
     def review(self, query: Query, result: LocalizationResult) -> LocalizationResult:
         """Give ``result`` its confidence (0 for a failure) and reject it under the threshold, with the reason.
 
-        The time spent matching the query against the map is added to the result's seconds (once).
+        The time spent matching the query against the map is added to the result's seconds: to every result of
+        the query (the benchmark's trials of one query share the matches but each pays for them, as a lone query
+        would).
         """
-        result.seconds += self.seconds.pop((query.index, query.name), 0.0)
+        result.seconds += self.seconds.get((query.index, query.name), 0.0)
         if result.skipped:
             return result
         if result.failed:
