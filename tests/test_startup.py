@@ -49,8 +49,16 @@ def test_the_commands_import_nerfstudio_without_warnings():
     ``ns-localize`` does when it loads a run.)"""
     code = ("import nerfstudio_gsloc.scripts; "
             "import nerfstudio.utils.misc, nerfstudio.cameras.camera_utils, nerfstudio.field_components.activations")
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_default_sigint)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+
+def _default_sigint() -> None:
+    """Children get Ctrl-C's default action: a shell starting the suite in the background (``cmd &``) makes
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130():
@@ -58,7 +66,8 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130():
     code = ("import os, signal, nerfstudio_gsloc.scripts\n"
             "os.kill(os.getpid(), signal.SIGINT)\n"
             "import nerfstudio_gsloc.scripts.make_scene\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_default_sigint)
     assert proc.returncode == 130
     assert _lines(proc.stderr) == ["interrupted: stopped by Ctrl-C while starting; nothing was written"]
 
@@ -99,7 +108,7 @@ def test_sigint_while_make_scene_writes_leaves_whole_images_and_one_line(tmp_pat
     proc = subprocess.Popen(
         [sys.executable, "-m", "nerfstudio_gsloc.scripts.make_scene", "--output-dir", str(out), "--num-views", "2000",
          "--width", "48", "--height", "32", "--no-depth"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

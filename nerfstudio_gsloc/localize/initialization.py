@@ -211,6 +211,7 @@ def localize_from_initial_poses(localizer: "Localizer", queries: Sequence[Query]
             def forward_poses(poses: Dict[int, Tensor]) -> None:
                 on_poses({todo[k]: c2w for k, c2w in poses.items()})
 
+        watch = {} if forward_poses is None else {"on_poses": forward_poses}  # an observer only when asked
         localizer.localize([queries[p] for p in todo], [inits[p].c2w for p in todo], on_result=forward, on_step=on_step,
-                           on_poses=forward_poses)
+                           **watch)
     return [r for r in results if r is not None]

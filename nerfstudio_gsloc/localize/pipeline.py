@@ -31,9 +31,10 @@ from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matc
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
 from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.result import LocalizationResult
 from nerfstudio_gsloc.localize.state import MatchState
-from nerfstudio_gsloc.localize.verification import measure_support, reprojection_errors, select_pose
+from nerfstudio_gsloc.localize.verification import confidence_of, measure_support, reprojection_errors, select_pose
 from nerfstudio_gsloc.localize.schedule import OptimConfig, ScheduleConfig, build_stages
 from nerfstudio_gsloc.presets import load_dataclass_preset
 
@@ -101,12 +102,17 @@ class PoseInversion(OptimizingLocalizer):
                 if choice.name != "refined":
                     result.c2w = choice.c2w
                     result.reason = f"{choice.reason}; {result.reason}" if result.reason else choice.reason
+                    if query.gt_c2w is not None:  # the errors follow the returned pose
+                        gt = query.gt_c2w[None, :3, :4].double()
+                        result.rot_err_deg = float(rotation_error_deg(choice.c2w[None].double(), gt)[0])
+                        result.trans_err = float(translation_error(choice.c2w[None].double(), gt)[0])
             on_result(k, result)
 
         self.optimizer.run(queries, starts, on_result=finish, on_step=on_step, anchors=anchors, on_poses=on_poses)
 
     def first_hypotheses(self, query: Query, init: Tensor) -> Tuple[Tensor, Optional[MatchState], List[Tuple[str, Tensor]]]:
-        """The start of one query: the PnP pose of its map matches or the initial pose, whichever has more support.
+        """The start of one query: the PnP pose of its map matches when it is confident and has more support than
+        the initial pose, else the initial pose.
 
         Returns:
             ``(start [3, 4], anchor, hypotheses)``: the anchor holds the map matches supporting a PnP start
@@ -123,7 +129,9 @@ class PoseInversion(OptimizingLocalizer):
         hypotheses.insert(0, ("map PnP", pnp_c2w))
         matches = verifier.matches(query)
         support_pnp = measure_support(pnp_c2w, query.K, matches, cfg.support_px)
-        if support_pnp.inliers < measure_support(init, query.K, matches, cfg.support_px).inliers:
+        # A PnP pose the confidence check would refuse (few or scattered inliers) does not replace the start.
+        if (confidence_of(support_pnp, cfg) < cfg.threshold
+                or support_pnp.inliers < measure_support(init, query.K, matches, cfg.support_px).inliers):
             return init, None, hypotheses
         # The anchor is what PnP's own least squares fitted: the matches within its tight refinement threshold.
         errors = reprojection_errors(pnp_c2w, query.K, matches.kpts, matches.points)

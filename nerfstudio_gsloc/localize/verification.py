@@ -122,7 +122,8 @@ def select_pose(refined: Tensor, hypotheses: Sequence[Tuple[str, Tensor]], K: Te
                 config: VerificationConfig) -> Choice:
     """Choose between the refined pose and the other hypotheses of a query by their geometric support.
 
-    The refined pose wins unless, against the best hypothesis (most inliers; ties go to the earlier one), it has
+    The refined pose wins unless, against the best confident hypothesis (most inliers; ties go to the earlier one;
+    confidence at least ``threshold``), it has
     less than ``(1 - refine_tolerance)`` of its support or fits its inliers with a median residual more than
     ``1 + residual_growth`` times larger. With too few map matches to judge (``<= min_support``) the refined
     pose is kept.
@@ -141,6 +142,8 @@ def select_pose(refined: Tensor, hypotheses: Sequence[Tuple[str, Tensor]], K: Te
     for name, c2w in hypotheses:
         support = measure_support(c2w, K, matches, px)
         supports[name] = support
+        if confidence_of(support, config) < config.threshold:
+            continue  # a hypothesis the check would refuse cannot overrule the refined pose
         if best is None or support.inliers > best[2].inliers:
             best = (name, c2w, support)
     keep = Choice(refined, "refined", refined_support, supports, "")

@@ -269,6 +269,8 @@ def compute_metrics(records: Sequence[PoseRecord], frame: FrameTransform) -> Opt
         "seconds_per_query_mean": summary["seconds_mean"],
         "seconds_per_query_median": summary["seconds_median"],
         "iterations_median": summary["iterations_median"],
+        "precision": summary["precision"],
+        "recall": summary["recall"],
         "dataparser_scale": frame.scale,
     }
 

@@ -97,5 +97,6 @@ def test_metrics_json_and_results_md_agree(tmp_path, statuses):
                    "trans_median": metrics["trans_scene_median"], "trans_mean": metrics["trans_scene_mean"],
                    "seconds_median": metrics["seconds_per_query_median"],
                    "iterations_median": metrics["iterations_median"],
+                   "precision": metrics["precision"], "recall": metrics["recall"],
                    **{f"success_{k}": v for k, v in metrics["success_rates_scene_units"].items()}}
     assert report.markdown_table([summary_row]).splitlines()[-1] in table.splitlines()

@@ -33,7 +33,7 @@ CHROMIUM_ARGS = [
 ]
 # A short schedule (as tests/localize/test_cli.py) on two eval views.
 FAST = [
-    "--num-threads", "1", "--max-queries", "2", "--perturb-deg", "5", "--perturb-trans", "0.05",
+    "--init", "perturb", "--num-threads", "1", "--max-queries", "2", "--perturb-deg", "5", "--perturb-trans", "0.05",
     "--localization.schedule.matching-iterations", "30", "--localization.schedule.pyramid-scales", "1",
     "--localization.schedule.pyramid-iterations", "8", "--localization.schedule.refine-matching-weight",
 ]
