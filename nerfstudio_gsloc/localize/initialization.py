@@ -174,10 +174,10 @@ def retrieval_initial_poses(queries: Sequence[Query], baseline: "PnPBaseline", s
 
 
 def failed_initialization(query: Query, init: InitialPose) -> LocalizationResult:
-    """The ``failed`` result of a query without an initial pose (no pose, the initialiser's reason)."""
+    """The ``failed`` result of a query without an initial pose (no pose, the initialiser's reason, confidence 0)."""
     return LocalizationResult(name=query.name, index=query.index, c2w=no_pose(), c2w_init=no_pose(),
                               status=STATUS_FAILED, reason=init.reason, seconds=init.seconds,
-                              inliers=0 if init.outcome is None else init.outcome.num_inliers)
+                              inliers=0 if init.outcome is None else init.outcome.num_inliers, confidence=0.0)
 
 
 def localize_from_initial_poses(localizer: "Localizer", queries: Sequence[Query], inits: Sequence[InitialPose],
