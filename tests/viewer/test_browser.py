@@ -144,7 +144,10 @@ def live_run(small_gsloc_run, tmp_path_factory):
     command = [str(Path(sys.executable).parent / "ns-localize"), "--load-config", str(small_gsloc_run), "--output-dir",
                str(out_dir), "--viewer", "--viewer-host", "127.0.0.1", "--viewer-port", str(port), *FAST]
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # The default Ctrl-C action in the child: a suite started as a background job (`cmd &`) ignores SIGINT, and
+    # Python then installs no KeyboardInterrupt handler in the child.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     yield process, f"http://127.0.0.1:{port}", out_dir
     if process.poll() is None:
         process.kill()
