@@ -428,7 +428,8 @@ def plot_precision_recall(path: Path, records: Sequence[TrialRecord], methods: S
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # no line when no method reports a confidence
+            ax.legend(fontsize=7)
     if default_threshold is not None:
         axes[0].axvline(default_threshold, color="grey", lw=0.6, ls="--")
     fig.suptitle(textwrap.fill((title + " " if title else "") + "(correct: within 5 deg and 0.05 units)", 140), fontsize=8)
