@@ -27,6 +27,7 @@ project's convention, see :mod:`nerfstudio_gsloc.localize.matching`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Literal, Optional, Sequence, Tuple, Type
@@ -272,21 +273,22 @@ class PnPBaseline:
         if cfg.refine_px > 0:
             c2w, inliers = refine_on_tight_inliers(points, kpts_query, K.double(), c2w, cfg.refine_px,
                                                    cfg.min_inliers, fallback_inliers=inliers)
-            tight = reprojection_inliers(points, kpts_query, K.double(), c2w, cfg.refine_px)
+            tight = reprojection_errors(c2w, K, kpts_query, points) <= cfg.refine_px
             if int(tight.sum()) >= cfg.min_inliers:  # the consistent correspondences of the refined pose
                 mask = tight
         return outcome(c2w.float(), "", inliers, mask)
 
 
-def reprojection_inliers(points_world: Tensor, kpts_query: Tensor, K: Tensor, c2w: Tensor, px: float) -> Tensor:
-    """``[M]`` bool: the correspondences that reproject within ``px`` pixels of their keypoint, in front of the
-    camera ``c2w [3, 4]`` (OpenGL). ``points_world [M, 3]``, ``kpts_query [M, 2]`` (centres at ``+0.5``)."""
-    w2c = opengl_c2w_to_opencv_w2c(c2w.double().cpu())
-    cam = points_world.double().cpu() @ w2c[:3, :3].T + w2c[:3, 3]
+def reprojection_errors(c2w: Tensor, K: Tensor, kpts: Tensor, points: Tensor) -> Tensor:
+    """``[M]`` pixel distance between each point projected through ``c2w`` and its keypoint (``inf`` behind the
+    camera). ``c2w [3, 4]`` OpenGL camera-to-world, ``K [3, 3]``, ``kpts [M, 2]`` (centres at ``+0.5``),
+    ``points [M, 3]`` (scene frame)."""
+    w2c = opengl_c2w_to_opencv_w2c(c2w[:3, :4].double().cpu())
+    cam = points.double().cpu() @ w2c[:3, :3].T + w2c[:3, 3]
     z = cam[:, 2]
-    Kd = K.double().cpu()
-    uv = cam[:, :2] / z.clamp_min(1e-12)[:, None] * torch.stack([Kd[0, 0], Kd[1, 1]]) + torch.stack([Kd[0, 2], Kd[1, 2]])
-    return (torch.linalg.norm(uv - kpts_query.double().cpu(), dim=-1) <= px) & (z > 0)
+    uv = (cam @ K.double().cpu().T)[:, :2] / z.clamp_min(1e-9)[:, None]
+    err = torch.linalg.norm(uv - kpts.double().cpu(), dim=-1)
+    return torch.where(z > 1e-6, err, torch.full_like(err, math.inf))
 
 
 def refine_on_tight_inliers(

@@ -29,8 +29,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
-from nerfstudio_gsloc.localize.pnp import MapMatches, PnPBaseline, PnPLocalizerConfig, PnPOutcome
+from nerfstudio_gsloc.localize.pnp import MapMatches, PnPBaseline, PnPLocalizerConfig, PnPOutcome, reprojection_errors
 from nerfstudio_gsloc.localize.retrieval import load_or_build_index
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.result import STATUS_REJECTED, LocalizationResult
@@ -77,17 +76,6 @@ class Support:
     @property
     def ratio(self) -> float:
         return self.inliers / self.matches if self.matches else 0.0
-
-
-def reprojection_errors(c2w: Tensor, K: Tensor, kpts: Tensor, points: Tensor) -> Tensor:
-    """``[M]`` pixel distance between each point projected through ``c2w`` and its keypoint (``inf`` behind the
-    camera). ``c2w [3, 4]`` OpenGL camera-to-world, ``K [3, 3]``, ``kpts [M, 2]``, ``points [M, 3]``."""
-    w2c = opengl_c2w_to_opencv_w2c(c2w[:3, :4].double().cpu())
-    cam = points.double().cpu() @ w2c[:3, :3].T + w2c[:3, 3]
-    z = cam[:, 2]
-    uv = (cam @ K.double().cpu().T)[:, :2] / z.clamp_min(1e-9)[:, None]
-    err = torch.linalg.norm(uv - kpts.double().cpu(), dim=-1)
-    return torch.where(z > 1e-6, err, torch.full_like(err, math.inf))
 
 
 def measure_support(c2w: Tensor, K: Tensor, matches: MapMatches, px: float) -> Support:
