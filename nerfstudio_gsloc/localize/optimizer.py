@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from nerfstudio_gsloc.localize.levenberg_marquardt import LevenbergMarquardt
 from nerfstudio_gsloc.localize.live import PosesCallback, PosesThrottle, step_with_poses
 from nerfstudio_gsloc.localize.matching import Matcher
 from nerfstudio_gsloc.localize.matching_stage import MatchingTerm
@@ -290,6 +291,15 @@ class _BatchLoop:
         if not self.stage_members(stage):
             return
         self.start_stage(stage)
+        optim = self.o.optim
+        if stage.final and optim.final_solver == "lm":
+            solver = LevenbergMarquardt(self.o.losses, optim.lm_step_px,
+                                        lambda c2w, Ks, w, h: render_splat_model(self.o.model, c2w, Ks, w, h,
+                                                                                 background=self.batch.background),
+                                        refresh=optim.lm_refresh, l1_floor=optim.lm_l1_floor)
+            solver.run(self.batch, stage, self.stage_members(stage), lambda: self.after_step(on_step),
+                       self.check_bounds, optim.lm_iterations, optim.rot_tol_deg, optim.trans_tol, optim.min_coverage)
+            return
         self.new_optimizers(stage)
         patience = self.o.optim.patience
         for state in self.states:
@@ -364,21 +374,33 @@ class _BatchLoop:
         with torch.no_grad():
             new_c2w = batch.current_c2w()[ids]
         rot_step, trans_step = pose_change(new_c2w, c2w.detach())
-        rot_total, trans_total = pose_change(new_c2w, torch.stack([self.states[i].c2w_init for i in ids]))
+        healthy = set(self.check_bounds(stage, it, [ids[j] for j in keep], new_c2w[keep]))
         for j in keep:
             state = self.states[ids[j]]
             state.iterations += 1
-            if not bool(torch.isfinite(new_c2w[j]).all()):
-                state.fail(f"non-finite pose after {stage.name} iteration {it}")
-                continue
-            if float(rot_total[j]) > optim_cfg.max_rotation_deg or float(trans_total[j]) > optim_cfg.max_translation:
-                state.fail(
-                    f"diverged at {stage.name} iteration {it}: {float(rot_total[j]):.1f} deg / "
-                    f"{float(trans_total[j]):.3f} units from the initial pose"
-                )
+            if ids[j] not in healthy:
                 continue
             small = float(rot_step[j]) < optim_cfg.rot_tol_deg and float(trans_step[j]) < optim_cfg.trans_tol
             may_stop = terms.converging is None or terms.converging[j]
             state.still = state.still + 1 if (small and may_stop) else 0
             if stage.final and state.still >= optim_cfg.patience:
                 state.converge()
+
+    def check_bounds(self, stage: Stage, it: int, ids: List[int], new_c2w: Tensor) -> List[int]:
+        """Fail the queries ``ids`` whose new poses ``new_c2w [n, 3, 4]`` are non-finite or have run further from
+        their initial poses than the divergence bounds; returns the others."""
+        optim_cfg = self.o.optim
+        rot_total, trans_total = pose_change(new_c2w, torch.stack([self.states[i].c2w_init for i in ids]))
+        healthy = []
+        for j, i in enumerate(ids):
+            state = self.states[i]
+            if not bool(torch.isfinite(new_c2w[j]).all()):
+                state.fail(f"non-finite pose after {stage.name} iteration {it}")
+            elif float(rot_total[j]) > optim_cfg.max_rotation_deg or float(trans_total[j]) > optim_cfg.max_translation:
+                state.fail(
+                    f"diverged at {stage.name} iteration {it}: {float(rot_total[j]):.1f} deg / "
+                    f"{float(trans_total[j]):.3f} units from the initial pose"
+                )
+            else:
+                healthy.append(i)
+        return healthy

@@ -86,6 +86,30 @@ def apply_correction(c2w_init: Tensor, rotation: Tensor, translation: Tensor) ->
     return torch.cat([rot, centre], dim=-1)
 
 
+def apply_pivoted_correction(base: Tensor, rotation: Tensor, translation: Tensor, pivot: Optional[Tensor]) -> Tensor:
+    """:func:`apply_correction` with the rotation turning the camera about ``pivot`` instead of its centre.
+
+    The centre moves by ``(dR - I)(c - p)`` with ``dR`` the world-frame rotation of the correction: with the pivot
+    at the scene in front of the camera, rotation and translation move the image in different ways, which
+    conditions the refinement.
+
+    Args:
+        base: ``[B, 3, 4]`` OpenGL camera-to-world poses.
+        rotation, translation: ``[B, 3]`` the correction (see :func:`apply_correction`).
+        pivot: ``[B, 3]`` world points, or ``None`` (rotate about the camera centres).
+
+    Returns:
+        ``[B, 3, 4]`` corrected poses, differentiable w.r.t. ``rotation`` and ``translation``.
+    """
+    c2w = apply_correction(base, rotation, translation)
+    if pivot is None:
+        return c2w
+    d_rot = c2w[:, :, :3] @ base[:, :3, :3].transpose(1, 2)
+    eye = torch.eye(3, device=c2w.device, dtype=c2w.dtype)
+    offset = (d_rot - eye) @ (base[:, :3, 3:4] - pivot[:, :, None])
+    return torch.cat([c2w[:, :, :3], c2w[:, :, 3:4] + offset], dim=-1)
+
+
 def _random_unit_vectors(num: int, generator: Optional[torch.Generator]) -> Tensor:
     """``[num, 3]`` float64 directions uniform on the sphere (normalised Gaussians), drawn on the CPU."""
     while True:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
-from nerfstudio_gsloc.localize.pose import apply_correction
+from nerfstudio_gsloc.localize.pose import apply_pivoted_correction
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.result import (
     STATUS_CONVERGED,
@@ -184,14 +184,8 @@ class BatchState:
         base = torch.stack([s.base for s in self.states])
         rotation = torch.stack([s.rotation for s in self.states])
         translation = torch.stack([s.translation for s in self.states])
-        c2w = apply_correction(base, rotation, translation)
-        if self.states[0].pivot is None:
-            return c2w
-        pivot = torch.stack([s.pivot for s in self.states])
-        d_rot = c2w[:, :, :3] @ base[:, :, :3].transpose(1, 2)
-        eye = torch.eye(3, device=c2w.device, dtype=c2w.dtype)
-        offset = (d_rot - eye) @ (base[:, :, 3:4] - pivot[:, :, None])
-        return torch.cat([c2w[:, :, :3], c2w[:, :, 3:4] + offset], dim=-1)
+        pivot = None if self.states[0].pivot is None else torch.stack([s.pivot for s in self.states])
+        return apply_pivoted_correction(base, rotation, translation, pivot)
 
     def rebase(self, i: int, c2w: Tensor, stage: Stage) -> None:
         """Make ``c2w [3, 4]`` the new base pose of query ``i`` (zero correction, a fresh optimiser)."""

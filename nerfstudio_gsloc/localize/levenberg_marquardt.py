@@ -1,0 +1,333 @@
+"""Levenberg-Marquardt for the final refinement level: a few well-aimed steps instead of many Adam steps.
+
+Adam moves a pose by about its learning rate per step whatever the curvature, so from a pose that PnP already
+put within a few hundredths of a degree it still takes the whole decay schedule (about 50 renders with their
+backward pass) before its steps fall under the stopping tolerance. Near the optimum the render is a smooth
+function of the 6 pose parameters, so a Gauss-Newton model of the loss is accurate, and Levenberg-Marquardt
+reaches the minimum in a handful of steps.
+
+One iteration for a query:
+
+1. render its current pose and the pose moved along each of the 6 parameters (rotation about the stage's pivot,
+   centre translation) by a step that moves the image by about ``lm_step_px`` pixels: seven views in one batched,
+   forward-only rasterization call; the Jacobian of the residuals is their forward difference;
+2. residuals: colour differences over the pixels the current render covers (alpha and query mask), depth
+   differences where the query has depth, and the anchor's reprojection errors; each term is reweighted as in
+   iteratively reweighted least squares so that the quadratic model matches the loss gradient-descent uses
+   (L1 colour and depth, Huber anchor), with the objective's weights;
+3. solve ``(J^T W J + lambda diag(J^T W J)) delta = -J^T W r`` and render the trial pose: accepted when the loss is
+   lower (``lambda`` shrinks), otherwise ``lambda`` grows and the step is solved again from the same Jacobian.
+
+A query converges when an accepted step is below the stopping tolerances, or when no step lowers the loss any
+more (``lambda`` past its cap). Not modelled: the D-SSIM part of the photometric term and the depth-edge part of
+the depth term (both are zero at a perfect fit, and the L1 parts pull towards the same pose).
+
+Shapes: ``n`` queries, ``P = 7`` poses per query for the Jacobian, ``h x w`` the stage's level.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
+from nerfstudio_gsloc.localize.losses import apply_color_affine
+from nerfstudio_gsloc.localize.objective import LossConfig
+from nerfstudio_gsloc.localize.pose import apply_pivoted_correction
+from nerfstudio_gsloc.localize.schedule import Stage, scale_intrinsics
+from nerfstudio_gsloc.localize.state import BatchState
+from nerfstudio_gsloc.rendering import RenderedViews
+
+#: ``(c2w [m, 3, 4], Ks [m, 3, 3], w, h) -> views`` (forward only).
+RenderFn = Callable[[Tensor, Tensor, int, int], RenderedViews]
+
+_LAMBDA_START, _LAMBDA_MAX = 1e-3, 1e4
+
+
+@dataclass
+class _Linearisation:
+    """One query's residuals ``r [N]``, Jacobian ``J [N, 6]`` and IRLS weights ``W [N]`` at its current pose, with
+    the fixed pixel masks and parameter steps they were measured with."""
+
+    r: Tensor
+    J: Tensor
+    W: Tensor
+    mask: Tensor
+    depth_mask: Optional[Tensor]
+    steps: Tensor
+    loss: float
+    parts: Tuple[float, float, float]
+    age: int = 0
+    """Accepted steps since ``J`` was measured (the residuals and weights are always current)."""
+
+
+class LevenbergMarquardt:
+    """Runs the final refinement stage of a batch with Levenberg-Marquardt (see the module docstring).
+
+    Args:
+        losses: the objective's terms and weights (only L1 colour, L1 depth and the Huber anchor are modelled).
+        step_px: image motion of the finite-difference steps, in pixels of the stage's level.
+        render: forward renderer of the model.
+        refresh: the Jacobian is measured again after this many accepted steps (or when a step with an older
+            Jacobian fails).
+        l1_floor: colour / depth residuals below this size count quadratically (smooth L1), so that the IRLS
+            weights ``1 / |r|`` stay bounded and the many nearly-fitting pixels do not dominate the step.
+    """
+
+    def __init__(self, losses: LossConfig, step_px: float, render: RenderFn, refresh: int = 4,
+                 l1_floor: float = 0.03) -> None:
+        self.losses = losses
+        self.step_px = float(step_px)
+        self.render = render
+        self.refresh = max(1, int(refresh))
+        self.l1_floor = float(l1_floor)
+
+    # -- the loss and its residuals --------------------------------------------------------------------------
+
+    def residuals(self, batch: BatchState, stage: Stage, i: int, views: RenderedViews, c2w: Tensor,
+                  mask: Tensor, depth_mask: Optional[Tensor], w: int, h: int) -> Tuple[Tensor, Tensor, Tuple[float, float, float]]:
+        """Residuals ``[P, N]`` of query ``i`` at ``P`` poses ``c2w [P, 3, 4]`` rendered as ``views`` and, for the
+        last pose, the loss and its ``(anchor, photometric, depth)`` parts; returns ``(r, scale [N], parts)``
+        where ``scale`` holds each residual's term weight divided by its count (the loss is ``sum(scale * rho(r))``)."""
+        cfg = self.losses
+        P = c2w.shape[0]
+        rs, scales, kinds = [], [], []
+        if stage.photometric_weight > 0:
+            query_rgb, _ = batch.level_images([i], w, h)
+            rgb = views.rgb
+            color = batch.colors([i])
+            if color is not None:
+                rgb = apply_color_affine(rgb, color.detach().expand(P, 3, 4))
+            diff = (rgb - query_rgb)[:, mask]  # [P, m, 3]
+            count = max(1, int(mask.sum())) * 3
+            rs.append(diff.reshape(P, -1))
+            scales.append(torch.full((diff[0].numel(),), stage.photometric_weight * (1.0 - cfg.ssim_weight) / count))
+            kinds.append("photometric")
+        if depth_mask is not None and stage.depth_weight > 0:
+            query_depth = batch.level_depths([i], w, h, batch.level_images([i], w, h)[1])[0, ..., 0]
+            diff = views.depth[..., 0][:, depth_mask] - query_depth[depth_mask]
+            rs.append(diff)
+            scales.append(torch.full((diff.shape[1],), stage.depth_weight / max(1, int(depth_mask.sum()))))
+            kinds.append("depth")
+        anchor = batch.states[i].anchor
+        if cfg.anchor_weight > 0 and anchor is not None and anchor.points_world.shape[0] > 0:
+            err = _reprojection_errors(c2w, batch.Ks[i], anchor.points_world, anchor.kpts_query)
+            rs.append(err)
+            scales.append(torch.full((err.shape[1],), cfg.anchor_weight / err.shape[1]))
+            kinds.append("anchor")
+        r = torch.cat(rs, dim=1).double()
+        scale = torch.cat(scales).double()
+        parts = {"anchor": 0.0, "photometric": 0.0, "depth": 0.0}
+        start = 0
+        for part, kind in zip(rs, kinds):
+            n = part.shape[1]
+            last = r[-1, start:start + n]
+            rho = _huber(last, cfg.huber_delta_px) if kind == "anchor" else _smooth_l1(last, self.l1_floor)
+            parts[kind] = float((scale[start:start + n] * rho).sum())
+            start += n
+        return r, scale, (parts["anchor"], parts["photometric"], parts["depth"])
+
+    def rho(self, r: Tensor, anchor_count: int) -> Tensor:
+        """Per-residual loss: smooth L1 for colour and depth, Huber for the last ``anchor_count`` (anchor) ones."""
+        rho = _smooth_l1(r, self.l1_floor)
+        if anchor_count:
+            rho[-anchor_count:] = _huber(r[-anchor_count:], self.losses.huber_delta_px)
+        return rho
+
+    def irls_weights(self, r: Tensor, scale: Tensor, anchor_count: int) -> Tensor:
+        """Weights ``W`` with ``sum(W r^2) / 2`` matching the loss's gradient at ``r``: ``scale / |r|`` for L1 terms,
+        the Huber weight for the anchor (the last ``anchor_count`` residuals)."""
+        W = scale / r.abs().clamp_min(self.l1_floor)
+        if anchor_count:
+            a = r[-anchor_count:].abs()
+            delta = self.losses.huber_delta_px
+            W[-anchor_count:] = scale[-anchor_count:] * torch.where(a <= delta, torch.ones_like(a), delta / a)
+        return W
+
+    # -- one query's linearisation ---------------------------------------------------------------------------
+
+    def parameter_steps(self, K_level: Tensor, depth: Tensor) -> Tensor:
+        """``[6]`` finite-difference steps (rotation radians, translation units) that move the image by about
+        ``step_px`` pixels: ``step / f`` for a rotation, ``step * depth / f`` for a translation at the median depth."""
+        focal = float(K_level[0, 0])
+        rot = self.step_px / focal
+        trans = rot * max(float(depth), 1e-3)
+        return torch.tensor([rot] * 3 + [trans] * 3, dtype=torch.float64)
+
+    def moved(self, base: Tensor, pivot: Optional[Tensor], xi: Tensor) -> Tensor:
+        """Poses ``[P, 3, 4]``: ``base [3, 4]`` moved by each row of ``xi [P, 6]`` (rotation, translation)."""
+        P = xi.shape[0]
+        xi = xi.to(base)
+        return apply_pivoted_correction(base.expand(P, 3, 4), xi[:, :3], xi[:, 3:],
+                                        None if pivot is None else pivot.expand(P, 3))
+
+    def solve(self, lin: _Linearisation, lam: float) -> Tensor:
+        """The damped Gauss-Newton step ``[6]`` in parameter units."""
+        JW = lin.J * lin.W[:, None]
+        A = JW.T @ lin.J
+        g = JW.T @ lin.r
+        damping = lam * torch.diag(torch.diag(A)) + 1e-12 * torch.eye(6, dtype=A.dtype)
+        return -torch.linalg.solve(A + damping, g)
+
+    def run(self, batch: BatchState, stage: Stage, ids: List[int], after_iteration: Callable[[], None],
+            check: Callable[[Stage, int, List[int], Tensor], None], max_iterations: int, rot_tol_deg: float,
+            trans_tol: float, min_coverage: float) -> None:
+        """Refine the queries ``ids`` of ``batch`` at ``stage`` (its scale, weights) in place: their base poses
+        move, the best pose and the trace are kept, and each ends converged, failed or at the iteration limit.
+
+        Args:
+            after_iteration: called after each iteration (progress, results of finished queries).
+            check: ``(stage, iteration, ids, new_c2w [n, 3, 4])`` fails queries out of bounds (divergence, NaN).
+            max_iterations: at most this many iterations (each: one Jacobian, or one retry with more damping).
+            rot_tol_deg, trans_tol: an accepted step smaller than both ends the query (converged).
+        """
+        states = batch.states
+        Ks_level, w, h = scale_intrinsics(batch.Ks, batch.width, batch.height, stage.scale)
+        lams: Dict[int, float] = {i: _LAMBDA_START for i in ids}
+        lins: Dict[int, Optional[_Linearisation]] = {i: None for i in ids}
+        for it in range(max_iterations):
+            active = [i for i in ids if states[i].active]
+            if not active:
+                return
+            started = time.perf_counter()
+            need = [i for i in active if lins[i] is None]
+            if need:
+                for i, lin in zip(need, self.linearise(batch, stage, need, Ks_level, w, h, min_coverage)):
+                    lins[i] = lin
+            stepping = [i for i in active if states[i].active and lins[i] is not None]
+            if stepping:
+                self.try_steps(batch, stage, stepping, lins, lams, Ks_level, w, h, rot_tol_deg, trans_tol)
+                check(stage, it, stepping, torch.stack([states[i].base for i in stepping]))
+            batch.share_time(active, started)
+            after_iteration()
+
+    def try_steps(self, batch: BatchState, stage: Stage, ids: List[int], lins: Dict[int, Optional[_Linearisation]],
+                  lams: Dict[int, float], Ks_level: Tensor, w: int, h: int, rot_tol_deg: float, trans_tol: float) -> None:
+        """Solve, render and accept or reject one damped step of each query ``ids`` (one batched render)."""
+        states = batch.states
+        deltas = {i: self.solve(lins[i], lams[i]) for i in ids}
+        trial = torch.stack([self.moved(states[i].base, states[i].pivot, deltas[i][None])[0] for i in ids])
+        with torch.no_grad():
+            views = self.render(trial, Ks_level[ids], w, h)
+        for j, i in enumerate(ids):
+            lin, state = lins[i], states[i]
+            r, scale, parts = self.residuals(batch, stage, i, _select(views, j), trial[j:j + 1], lin.mask,
+                                             lin.depth_mask, w, h)
+            loss = float((scale * self.rho(r[0], self._anchor_count(batch, i))).sum())
+            state.iterations += 1
+            if loss < lin.loss:
+                state.base = trial[j].detach().clone()
+                lams[i] = max(lams[i] / 3.0, 1e-7)
+                # Chord step: over a step of a few hundredths of a degree the Jacobian barely changes, so it is
+                # kept (the trial's render already gives the new residuals) and measured again every few steps.
+                if lin.age + 1 >= self.refresh:
+                    lins[i] = None
+                else:
+                    lin.r, lin.loss, lin.parts, lin.age = r[0], loss, parts, lin.age + 1
+                    lin.W = self.irls_weights(r[0], scale, self._anchor_count(batch, i))
+                if loss < state.best_loss:
+                    state.best_loss, state.best_c2w = loss, state.base.clone()
+                step = deltas[i]
+                if float(step[:3].norm()) * 180.0 / math.pi < rot_tol_deg and float(step[3:].norm()) < trans_tol:
+                    state.converge()
+                event = "lm_step"
+            elif lin.age > 0:
+                lins[i] = None  # an old Jacobian may be what failed: measure it again before damping more
+                event = "lm_refresh"
+                loss, parts = lin.loss, lin.parts
+            else:
+                lams[i] *= 4.0
+                if lams[i] > _LAMBDA_MAX:
+                    state.converge()  # no step lowers the loss any more: at its minimum as far as the render resolves
+                event = "lm_reject"
+                loss, parts = lin.loss, lin.parts
+            _record(batch, stage, i, state.base, loss, parts, event)
+
+    def linearise(self, batch: BatchState, stage: Stage, ids: List[int], Ks_level: Tensor, w: int, h: int,
+                  min_coverage: float) -> List[Optional[_Linearisation]]:
+        """Residuals, Jacobians and weights of ``ids`` at their current (base) poses: one render call of 7 poses
+        each. A query whose render covers too little of the image fails (``None``)."""
+        states = batch.states
+        with torch.no_grad():
+            centre = self.render(torch.stack([states[i].base for i in ids]), Ks_level[ids], w, h)
+        poses, Ks, steps_all, masks = [], [], [], []
+        for j, i in enumerate(ids):
+            valid = centre.alpha[j, ..., 0] >= self.losses.alpha_threshold
+            _, qmask = batch.level_images([i], w, h)
+            if qmask is not None:
+                valid = valid & qmask[0, ..., 0]
+            depth = centre.depth[j, ..., 0][valid]
+            steps = self.parameter_steps(Ks_level[i], depth.median() if depth.numel() else 1.0)
+            xi = torch.cat([torch.diag(steps), torch.zeros(1, 6, dtype=steps.dtype)])  # 6 moved + the pose itself
+            poses.append(self.moved(states[i].base, states[i].pivot, xi))
+            Ks.append(Ks_level[i].expand(7, 3, 3))
+            steps_all.append(steps)
+            masks.append(valid)
+        with torch.no_grad():
+            views = self.render(torch.cat(poses), torch.cat(Ks), w, h)
+        out: List[Optional[_Linearisation]] = []
+        for j, i in enumerate(ids):
+            mask = masks[j]
+            if float(mask.float().mean()) < min_coverage:
+                states[i].fail(f"camera lost sight of the scene at {stage.name} (coverage {float(mask.float().mean()):.4f})")
+                out.append(None)
+                continue
+            depth_mask = None
+            if batch.depths is not None and stage.depth_weight > 0:
+                qd = batch.level_depths([i], w, h, batch.level_images([i], w, h)[1])[0, ..., 0]
+                depth_mask = mask & (qd > 0)
+            sel = _select(views, slice(7 * j, 7 * j + 7))
+            r, scale, parts = self.residuals(batch, stage, i, sel, poses[j], mask, depth_mask, w, h)
+            J = (r[:6] - r[6:7]).T / steps_all[j][None, :]  # [N, 6] forward differences
+            W = self.irls_weights(r[6], scale, self._anchor_count(batch, i))
+            loss = float((scale * self.rho(r[6], self._anchor_count(batch, i))).sum())
+            if loss < states[i].best_loss:  # the starting pose is a candidate too
+                states[i].best_loss, states[i].best_c2w = loss, states[i].base.clone()
+            out.append(_Linearisation(r[6], J, W, mask, depth_mask, steps_all[j], loss, parts))
+        return out
+
+    def _anchor_count(self, batch: BatchState, i: int) -> int:
+        anchor = batch.states[i].anchor
+        if self.losses.anchor_weight <= 0 or anchor is None:
+            return 0
+        return int(anchor.points_world.shape[0])
+
+
+def _record(batch: BatchState, stage: Stage, i: int, c2w: Tensor, loss: float, parts: Tuple[float, float, float],
+            event: str) -> None:
+    """One trace row of query ``i`` (parts: anchor, photometric, depth; the anchor goes in the matching column)."""
+    row = lambda v: torch.tensor([float(v)])  # noqa: E731
+    batch.record(stage, [i], row(loss), row(parts[0]), row(parts[1]), row(parts[2]), {}, c2w[None], {i: event})
+
+
+def _select(views: RenderedViews, index) -> RenderedViews:
+    """The views ``index`` (an int keeps a batch dimension of 1)."""
+    if isinstance(index, int):
+        index = slice(index, index + 1)
+    return RenderedViews(views.rgb[index], views.depth[index], views.alpha[index])
+
+
+def _huber(r: Tensor, delta: float) -> Tensor:
+    a = r.abs()
+    return torch.where(a <= delta, 0.5 * a * a, delta * (a - 0.5 * delta))
+
+
+def _smooth_l1(r: Tensor, floor: float) -> Tensor:
+    """``|r|`` above ``floor``, the matching parabola below it (value and slope continuous)."""
+    a = r.abs()
+    return torch.where(a <= floor, 0.5 * a * a / floor, a - 0.5 * floor)
+
+
+def _reprojection_errors(c2w: Tensor, K: Tensor, points: Tensor, kpts: Tensor) -> Tensor:
+    """``[P, M]`` pixel distances of ``points [M, 3]`` projected through each of ``c2w [P, 3, 4]`` (OpenGL) to
+    ``kpts [M, 2]`` (full-resolution pixels, centres at ``+0.5``)."""
+    w2c = opengl_c2w_to_opencv_w2c(c2w.double())
+    cam = torch.einsum("pij,mj->pmi", w2c[:, :3, :3], points.double()) + w2c[:, None, :3, 3]
+    uv = torch.einsum("ij,pmj->pmi", K.double(), cam)
+    uv = uv[..., :2] / uv[..., 2:3].clamp_min(1e-9)
+    return torch.linalg.norm(uv - kpts.double()[None], dim=-1)
