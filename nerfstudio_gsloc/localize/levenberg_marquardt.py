@@ -175,7 +175,7 @@ class LevenbergMarquardt:
         return -torch.linalg.solve(A + damping, g)
 
     def run(self, batch: BatchState, stage: Stage, ids: List[int], after_iteration: Callable[[], None],
-            check: Callable[[Stage, int, List[int], Tensor], None], max_iterations: int, rot_tol_deg: float,
+            check: Callable[[Stage, int, List[int], Tensor], List[int]], max_iterations: int, rot_tol_deg: float,
             trans_tol: float, min_coverage: float) -> None:
         """Refine the queries ``ids`` of ``batch`` at ``stage`` (its scale, weights) in place: their base poses
         move, the best pose and the trace are kept, and each ends converged, failed or at the iteration limit.
@@ -283,6 +283,10 @@ class LevenbergMarquardt:
                 depth_mask = mask & (qd > 0)
             sel = _select(views, slice(7 * j, 7 * j + 7))
             r, scale, parts = self.residuals(batch, stage, i, sel, poses[j], mask, depth_mask, w, h)
+            if not bool(torch.isfinite(r).all()):
+                states[i].fail(f"non-finite residuals at {stage.name} (Levenberg-Marquardt)")
+                out.append(None)
+                continue
             J = (r[:6] - r[6:7]).T / steps_all[j][None, :]  # [N, 6] forward differences
             W = self.irls_weights(r[6], scale, self._anchor_count(batch, i))
             loss = float((scale * self.rho(r[6], self._anchor_count(batch, i))).sum())

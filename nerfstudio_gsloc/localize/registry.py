@@ -50,7 +50,9 @@ def single_loss_config(base: PoseInversionConfig, budget: SingleLossBudget, phot
     """``base`` (gsloc's config) with one loss term, no matching stage and the single-loss budget."""
     losses = dataclasses.replace(base.losses, photometric=photometric, matching=False, depth=depth)
     schedule = dataclasses.replace(base.schedule, pyramid_iterations=tuple(budget.pyramid_iterations))
-    optim = dataclasses.replace(base.optim, rotation_lr=budget.rotation_lr, translation_lr=budget.translation_lr)
+    # Adam at every level, as the papers these baselines reproduce (gsloc's final level may be Levenberg-Marquardt)
+    optim = dataclasses.replace(base.optim, rotation_lr=budget.rotation_lr, translation_lr=budget.translation_lr,
+                                final_solver="adam")
     # The iNeRF/GSplatLoc baselines refine from the given start only (no PnP start, no choice of hypotheses).
     return dataclasses.replace(base, losses=losses, schedule=schedule, optim=optim, hypotheses=False)
 

@@ -98,12 +98,14 @@ class OptimConfig:
     separates rotation from translation in image space (about the centre both mostly shift the image)."""
     min_coverage: float = 0.005
     """A query whose render covers less than this fraction of its pixels has left the scene (failed)."""
-    final_solver: Literal["adam", "lm"] = "adam"
+    final_solver: Literal["adam", "lm"] = "lm"
     """Solver of the final (full-resolution) level: ``adam`` steps of the whole objective, or ``lm``:
     Levenberg-Marquardt on the L1 colour / L1 depth / anchor residuals with a finite-difference Jacobian, a few
-    steps from a pose already in the basin (:mod:`~nerfstudio_gsloc.localize.levenberg_marquardt`)."""
+    steps from a pose already in the basin (:mod:`~nerfstudio_gsloc.localize.levenberg_marquardt`). With
+    ``losses.color_correction`` the final level stays on Adam (LM does not model the colour transform)."""
     lm_iterations: int = 15
-    """Most Levenberg-Marquardt iterations of the final level (each renders one trial pose per query)."""
+    """Most Levenberg-Marquardt iterations of the final level (each renders one trial pose per query); the
+    schedule's iterations of that level cap it too."""
     lm_refresh: int = 4
     """The Jacobian (6 extra renders) is measured again after this many accepted steps, or when a step fails."""
     lm_step_px: float = 0.5

@@ -46,9 +46,13 @@ class VerificationConfig:
     refine_tolerance: float = 0.1
     """Selection: the refined pose is rejected when its support is below ``(1 - tolerance)`` of the best other
     hypothesis's (a refinement that moves the pose within the matches' noise keeps nearly all of them) ..."""
-    residual_growth: float = 0.5
+    residual_growth: float = 1.0
     """... or when it fits that hypothesis's inliers worse: their median residual grows by more than this fraction
     (a pose that moves the projections by about the matches' own noise makes it grow by ~40%)."""
+    residual_slack_px: float = 0.5
+    """... and by more than this many pixels: a median residual of a few tenths of a pixel doubles within the
+    matches' noise (on a real capture the map's depth errors bias PnP's inliers), a drift the check is for moves
+    it by a pixel or more."""
     min_support: int = 12
     """Supports at or below this are what chance alignments of wrong matches reach: confidence 0."""
     full_support: int = 60
@@ -113,8 +117,8 @@ def select_pose(refined: Tensor, hypotheses: Sequence[Tuple[str, Tensor]], K: Te
     The refined pose wins unless, against the best confident hypothesis (most inliers; ties go to the earlier one;
     confidence at least ``threshold``), it has
     less than ``(1 - refine_tolerance)`` of its support or fits its inliers with a median residual more than
-    ``1 + residual_growth`` times larger. With too few map matches to judge (``<= min_support``) the refined
-    pose is kept.
+    ``1 + residual_growth`` times and ``residual_slack_px`` pixels larger. With too few map matches to judge
+    (``<= min_support``) the refined pose is kept.
 
     Args:
         refined: ``[3, 4]`` the localizer's final pose.
@@ -145,7 +149,7 @@ def select_pose(refined: Tensor, hypotheses: Sequence[Tuple[str, Tensor]], K: Te
         inl = reprojection_errors(c2w, K, matches.kpts, matches.points) <= px
         own = float(reprojection_errors(c2w, K, matches.kpts[inl], matches.points[inl]).median())
         moved = float(reprojection_errors(refined, K, matches.kpts[inl], matches.points[inl]).median())
-        if moved <= (1.0 + config.residual_growth) * own:
+        if moved <= max((1.0 + config.residual_growth) * own, own + config.residual_slack_px):
             return keep
         why = f"median residual of the {name} pose's {int(inl.sum())} inliers {moved:.2f} px against its {own:.2f} px"
     reason = f"refinement lost geometric support ({why}): returned the {name} pose"

@@ -6,6 +6,12 @@ implementation (PyTorch projection and tile binning, a C++ compositor with a PyT
 """
 
 from nerfstudio_gsloc.rendering.rasterization import RENDER_MODES, rasterization
-from nerfstudio_gsloc.rendering.splat_render import RenderedViews, rasterize_splat_model, render_splat_model
+from nerfstudio_gsloc.rendering.splat_render import (
+    RenderedViews,
+    frustum_subset,
+    rasterize_splat_model,
+    render_splat_model,
+)
 
-__all__ = ["RENDER_MODES", "RenderedViews", "rasterization", "rasterize_splat_model", "render_splat_model"]
+__all__ = ["RENDER_MODES", "RenderedViews", "frustum_subset", "rasterization", "rasterize_splat_model",
+           "render_splat_model"]

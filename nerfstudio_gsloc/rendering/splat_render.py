@@ -7,6 +7,7 @@ alpha out, differentiable with respect to the poses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -117,3 +118,38 @@ def render_splat_model(
     rgb = torch.clamp(render[..., :3] + (1.0 - alpha) * background, 0.0, 1.0)
     depth = torch.where(alpha > 0, render[..., 3:4], torch.zeros_like(alpha))
     return RenderedViews(rgb=rgb, depth=depth, alpha=alpha)
+
+
+def frustum_subset(model, camtoworlds: Tensor, Ks: Tensor, width: int, height: int, margin: float = 0.25):
+    """The model's Gaussians that can reach the images of ``camtoworlds`` or of poses close to them.
+
+    A Gaussian is kept when its centre is in front of any of the cameras (z > 0.01) and projects within the
+    image grown by ``margin`` x its size on every side plus the Gaussian's own 3-sigma footprint. Refinement
+    steps of a fraction of a degree move the image by a few pixels, far less than the margin, so the renders of
+    the subset equal those of the whole model while projection, colours and binning skip the rest (a room view
+    sees a fraction of its Gaussians).
+
+    Args:
+        model: see :func:`rasterize_splat_model`.
+        camtoworlds: ``[B, 3|4, 4]`` OpenGL camera-to-world poses; ``Ks``: ``[B, 3, 3]`` for ``width x height``.
+        margin: extra border as a fraction of the image size.
+
+    Returns:
+        An object with the model's Gaussian attributes restricted to the kept ones (same names, detached), its
+        ``config`` and ``background_color``: renders with :func:`render_splat_model` like the model.
+    """
+    with torch.no_grad():
+        means = model.means.detach()
+        w2c = opengl_c2w_to_opencv_w2c(camtoworlds.to(means))
+        cam = torch.einsum("bij,nj->bni", w2c[:, :3, :3], means) + w2c[:, None, :3, 3]  # [B, N, 3]
+        z = cam[..., 2]
+        Ks = Ks.to(means)
+        u = Ks[:, None, 0, 0] * cam[..., 0] / z.clamp_min(1e-6) + Ks[:, None, 0, 2]
+        v = Ks[:, None, 1, 1] * cam[..., 1] / z.clamp_min(1e-6) + Ks[:, None, 1, 2]
+        radius = 3.0 * torch.exp(model.scales.detach()).amax(dim=-1)[None] * Ks[:, None, 0, 0] / z.clamp_min(1e-6)
+        pad_u, pad_v = margin * width + radius, margin * height + radius
+        inside = (z > 0.01) & (u > -pad_u) & (u < width + pad_u) & (v > -pad_v) & (v < height + pad_v)
+        keep = inside.any(dim=0)
+        names = ("means", "quats", "scales", "opacities", "features_dc", "features_rest")
+        subset = {name: getattr(model, name).detach()[keep] for name in names}
+    return SimpleNamespace(**subset, config=model.config, background_color=model.background_color)

@@ -113,3 +113,25 @@ def small_gsloc_run(tmp_path_factory, embedded_scene):
 
     preset = TrainPreset(iterations=SMALL_RUN_ITERATIONS, compress_schedule=True)
     return train(gsloc_run_config(Path(embedded_scene.dataset).parent, tmp_path_factory.mktemp("gsloc_run"), preset, "scene", "test", show_progress=False))
+
+
+def _refine_only_config(iterations: int = 8, depth: bool = False, **optim):
+    """gsloc's config reduced to its full-resolution refinement level (no matcher, no coarse levels; fast), with
+    ``optim`` fields overridden."""
+    from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
+
+    config = PoseInversionConfig()
+    config.losses.matching = False
+    config.losses.depth = depth
+    config.schedule.pyramid_scales = (1,)
+    config.schedule.pyramid_iterations = (iterations,)
+    config.schedule.refine_matching_weight = ()
+    for key, value in optim.items():
+        setattr(config.optim, key, value)
+    return config
+
+
+@pytest.fixture
+def refine_only():
+    """``refine_only(iterations=8, depth=False, **optim) -> PoseInversionConfig`` (see :func:`_refine_only_config`)."""
+    return _refine_only_config

@@ -10,22 +10,9 @@ import torch
 from nerfstudio_gsloc.localize.initialization import initial_poses
 from nerfstudio_gsloc.localize.levenberg_marquardt import LevenbergMarquardt
 from nerfstudio_gsloc.localize.objective import LossConfig
-from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
 from nerfstudio_gsloc.localize.queries import FrameTransform, load_transforms_queries
 from nerfstudio_gsloc.localize.result import STATUS_CONVERGED
-from nerfstudio_gsloc.rendering.splat_render import render_splat_model
-
-
-def _lm_refine(solver: str, iterations: int = 40, depth: bool = False) -> PoseInversionConfig:
-    """Full-resolution refinement only (no matcher, no coarse levels), with the final level's solver ``solver``."""
-    config = PoseInversionConfig()
-    config.losses.matching = False
-    config.losses.depth = depth
-    config.schedule.pyramid_scales = (1,)
-    config.schedule.pyramid_iterations = (iterations,)
-    config.schedule.refine_matching_weight = ()
-    config.optim.final_solver = solver
-    return config
+from nerfstudio_gsloc.rendering.splat_render import frustum_subset, render_splat_model
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +42,13 @@ def test_irls_weights_reproduce_the_loss_gradient():
     torch.testing.assert_close(W * r.detach(), grad)
 
 
-def test_lm_recovers_a_small_offset_and_is_deterministic(point_splat, rendered_queries):
+def test_lm_recovers_a_small_offset_and_is_deterministic(point_splat, rendered_queries, refine_only):
     """From 1 deg / 0.02 units off, LM's final level brings a query well within a tenth of that, converges on
     its own (before the iteration limit), logs its steps, and gives the same pose twice."""
     query = rendered_queries[0]
     start = initial_poses([query], "perturb", angle_deg=1.0, translation=0.02, seed=3)
-    first = _lm_refine("lm").setup(model=point_splat).localize([query], start)[0]
-    again = _lm_refine("lm").setup(model=point_splat).localize([query], start)[0]
+    first = refine_only(40, final_solver="lm").setup(model=point_splat).localize([query], start)[0]
+    again = refine_only(40, final_solver="lm").setup(model=point_splat).localize([query], start)[0]
     print("lm:", first.rot_err_deg, first.trans_err, first.iterations, first.status)
     assert first.rot_err_deg < 0.1 and first.trans_err < 0.002, (first.rot_err_deg, first.trans_err)
     assert first.status == STATUS_CONVERGED and first.iterations < 40
@@ -69,12 +56,28 @@ def test_lm_recovers_a_small_offset_and_is_deterministic(point_splat, rendered_q
     assert torch.equal(first.c2w, again.c2w)
 
 
-def test_lm_uses_depth_and_never_ends_worse_than_its_start(point_splat, rendered_queries):
+def test_lm_uses_depth_and_never_ends_worse_than_its_start(point_splat, rendered_queries, refine_only):
     """With RGB-D residuals LM still recovers the pose; from the true pose it stays there (the best pose kept
     includes the start, so no step can make it worse)."""
     query = rendered_queries[1]
     start = initial_poses([query], "perturb", angle_deg=1.0, translation=0.02, seed=5)
-    rgbd = _lm_refine("lm", depth=True).setup(model=point_splat).localize([query], start)[0]
+    rgbd = refine_only(40, depth=True, final_solver="lm").setup(model=point_splat).localize([query], start)[0]
     assert rgbd.rot_err_deg < 0.1 and rgbd.trans_err < 0.002, (rgbd.rot_err_deg, rgbd.trans_err)
-    at_truth = _lm_refine("lm").setup(model=point_splat).localize([query], [query.gt_c2w])[0]
+    at_truth = refine_only(40, final_solver="lm").setup(model=point_splat).localize([query], [query.gt_c2w])[0]
     assert at_truth.rot_err_deg < 0.02 and at_truth.trans_err < 0.0005, (at_truth.rot_err_deg, at_truth.trans_err)
+
+
+def test_frustum_subset_renders_like_the_whole_model_near_its_views(point_splat, rendered_queries):
+    """The Gaussians kept for a query's view (and poses a degree away) render the same images as the whole model,
+    and the subset leaves some of the room out (what makes LM's renders cheaper)."""
+    query = rendered_queries[0]
+    subset = frustum_subset(point_splat, query.gt_c2w[None, :3], query.K[None], query.width, query.height)
+    assert 0 < subset.means.shape[0] < point_splat.means.shape[0]
+    near = initial_poses([query], "perturb", angle_deg=1.0, translation=0.02, seed=2)[0]
+    poses = torch.stack([query.gt_c2w[:3], near[:3]])
+    Ks = query.K[None].expand(2, 3, 3)
+    with torch.no_grad():
+        whole = render_splat_model(point_splat, poses, Ks, query.width, query.height)
+        part = render_splat_model(subset, poses, Ks, query.width, query.height)
+    torch.testing.assert_close(part.rgb, whole.rgb, atol=1e-4, rtol=0)
+    torch.testing.assert_close(part.depth, whole.depth, atol=1e-4, rtol=0)

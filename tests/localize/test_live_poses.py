@@ -31,27 +31,18 @@ def test_throttle_keeps_the_calls_within_their_budget():
         PosesThrottle(budget=0.0)
 
 
-def _refine_only(iterations: int, batch_size: int):
-    config = PoseInversionConfig()
-    config.losses.matching = False
-    config.losses.depth = False
-    config.schedule.pyramid_scales = (1,)
-    config.schedule.pyramid_iterations = (iterations,)
-    config.schedule.refine_matching_weight = ()
-    config.optim.batch_size = batch_size
-    return config
-
-
-def test_on_poses_reports_active_queries_by_input_position_and_changes_nothing(point_splat, embedded_scene, monkeypatch):
+@pytest.mark.parametrize("solver", ["adam", "lm"])
+def test_on_poses_reports_active_queries_by_input_position_and_changes_nothing(point_splat, embedded_scene, monkeypatch,
+                                                                              refine_only, solver):
     queries = load_transforms_queries(embedded_scene.queries, FrameTransform.identity())[:3]
     starts = initial_poses(queries, "perturb", angle_deg=2.0, translation=0.03, seed=4)
     starts[0] = torch.full((3, 4), float("nan"))  # fails at once: never reported
-    plain = _refine_only(4, batch_size=1).setup(model=point_splat).localize(queries, starts)
+    plain = refine_only(4, batch_size=1, final_solver=solver).setup(model=point_splat).localize(queries, starts)
 
     # A throttle that never waits, so that every iteration reports.
     monkeypatch.setattr(optimizer_module, "PosesThrottle", lambda: PosesThrottle(budget=1.0, min_interval=0.0))
     calls = []
-    watched = _refine_only(4, batch_size=1).setup(model=point_splat).localize(
+    watched = refine_only(4, batch_size=1, final_solver=solver).setup(model=point_splat).localize(
         queries, starts, on_poses=lambda poses: calls.append({k: v.clone() for k, v in poses.items()})
     )
     for a, b in zip(plain, watched):  # observing changes no result
