@@ -9,16 +9,17 @@ reaches the minimum in a handful of steps.
 One iteration for a query:
 
 1. render its current pose and the pose moved along each of the 6 parameters (rotation about the stage's pivot,
-   centre translation) by a step that moves the image by about ``lm_step_px`` pixels: seven views in one batched,
-   forward-only rasterization call; the Jacobian of the residuals is their forward difference;
-2. residuals: colour differences over the pixels the current render covers (alpha and query mask), depth
+   centre translation) by a step that moves the image by about ``lm_step_px`` pixels: forward-only renders, batched
+   over the queries; the Jacobian of the residuals is their forward difference;
+2. residuals (smooth L1 below ``l1_floor``): colour differences over the pixels the current render covers (alpha and query mask), depth
    differences where the query has depth, and the anchor's reprojection errors; each term is reweighted as in
    iteratively reweighted least squares so that the quadratic model matches the loss gradient-descent uses
    (L1 colour and depth, Huber anchor), with the objective's weights;
 3. solve ``(J^T W J + lambda diag(J^T W J)) delta = -J^T W r`` and render the trial pose: accepted when the loss is
    lower (``lambda`` shrinks), otherwise ``lambda`` grows and the step is solved again from the same Jacobian.
 
-A query converges when an accepted step is below the stopping tolerances, or when no step lowers the loss any
+The Jacobian is kept for ``refresh`` accepted steps (chord steps: the trial render gives the new residuals). A
+query converges when an accepted step is below the stopping tolerances, or when no step lowers the loss any
 more (``lambda`` past its cap). Not modelled: the D-SSIM part of the photometric term and the depth-edge part of
 the depth term (both are zero at a perfect fit, and the L1 parts pull towards the same pose).
 
@@ -250,8 +251,9 @@ class LevenbergMarquardt:
 
     def linearise(self, batch: BatchState, stage: Stage, ids: List[int], Ks_level: Tensor, w: int, h: int,
                   min_coverage: float) -> List[Optional[_Linearisation]]:
-        """Residuals, Jacobians and weights of ``ids`` at their current (base) poses: one render call of 7 poses
-        each. A query whose render covers too little of the image fails (``None``)."""
+        """Residuals, Jacobians and weights of ``ids`` at their current (base) poses: one render call of the poses
+        (their masks and depths set the steps), one of their 6 moved copies. A query whose render covers too
+        little of the image fails (``None``)."""
         states = batch.states
         with torch.no_grad():
             centre = self.render(torch.stack([states[i].base for i in ids]), Ks_level[ids], w, h)
@@ -263,13 +265,12 @@ class LevenbergMarquardt:
                 valid = valid & qmask[0, ..., 0]
             depth = centre.depth[j, ..., 0][valid]
             steps = self.parameter_steps(Ks_level[i], depth.median() if depth.numel() else 1.0)
-            xi = torch.cat([torch.diag(steps), torch.zeros(1, 6, dtype=steps.dtype)])  # 6 moved + the pose itself
-            poses.append(self.moved(states[i].base, states[i].pivot, xi))
-            Ks.append(Ks_level[i].expand(7, 3, 3))
+            poses.append(self.moved(states[i].base, states[i].pivot, torch.diag(steps)))  # 6 moved poses
+            Ks.append(Ks_level[i].expand(6, 3, 3))
             steps_all.append(steps)
             masks.append(valid)
         with torch.no_grad():
-            views = self.render(torch.cat(poses), torch.cat(Ks), w, h)
+            moved = self.render(torch.cat(poses), torch.cat(Ks), w, h)
         out: List[Optional[_Linearisation]] = []
         for j, i in enumerate(ids):
             mask = masks[j]
@@ -281,8 +282,9 @@ class LevenbergMarquardt:
             if batch.depths is not None and stage.depth_weight > 0:
                 qd = batch.level_depths([i], w, h, batch.level_images([i], w, h)[1])[0, ..., 0]
                 depth_mask = mask & (qd > 0)
-            sel = _select(views, slice(7 * j, 7 * j + 7))
-            r, scale, parts = self.residuals(batch, stage, i, sel, poses[j], mask, depth_mask, w, h)
+            sel = _concat(_select(moved, slice(6 * j, 6 * j + 6)), _select(centre, j))  # the 6 moved, then the pose
+            pose_rows = torch.cat([poses[j], states[i].base[None]])
+            r, scale, parts = self.residuals(batch, stage, i, sel, pose_rows, mask, depth_mask, w, h)
             if not bool(torch.isfinite(r).all()):
                 states[i].fail(f"non-finite residuals at {stage.name} (Levenberg-Marquardt)")
                 out.append(None)
@@ -314,6 +316,10 @@ def _select(views: RenderedViews, index) -> RenderedViews:
     if isinstance(index, int):
         index = slice(index, index + 1)
     return RenderedViews(views.rgb[index], views.depth[index], views.alpha[index])
+
+
+def _concat(a: RenderedViews, b: RenderedViews) -> RenderedViews:
+    return RenderedViews(torch.cat([a.rgb, b.rgb]), torch.cat([a.depth, b.depth]), torch.cat([a.alpha, b.alpha]))
 
 
 def _huber(r: Tensor, delta: float) -> Tensor:
