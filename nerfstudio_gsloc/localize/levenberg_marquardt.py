@@ -40,9 +40,9 @@ from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
 from nerfstudio_gsloc.localize.losses import apply_color_affine
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.pose import apply_pivoted_correction
-from nerfstudio_gsloc.localize.schedule import Stage, scale_intrinsics
+from nerfstudio_gsloc.localize.schedule import OptimConfig, Stage, scale_intrinsics
 from nerfstudio_gsloc.localize.state import BatchState
-from nerfstudio_gsloc.rendering import RenderedViews
+from nerfstudio_gsloc.rendering import RenderedViews, frustum_subset, render_splat_model
 
 #: ``(c2w [m, 3, 4], Ks [m, 3, 3], w, h) -> views`` (forward only).
 RenderFn = Callable[[Tensor, Tensor, int, int], RenderedViews]
@@ -87,6 +87,22 @@ class LevenbergMarquardt:
         self.render = render
         self.refresh = max(1, int(refresh))
         self.l1_floor = float(l1_floor)
+
+    @classmethod
+    def for_stage(cls, model, batch: BatchState, stage: Stage, ids: List[int], losses: LossConfig,
+                  optim: OptimConfig) -> "LevenbergMarquardt":
+        """The solver of ``stage`` for the queries ``ids`` of ``batch``, rendering ``model`` forward only. Its poses
+        stay close to the current ones, so only the Gaussians in (a margin around) these views are projected,
+        coloured and binned (:func:`~nerfstudio_gsloc.rendering.frustum_subset`)."""
+        Ks_level, w, h = scale_intrinsics(batch.Ks, batch.width, batch.height, stage.scale)
+        with torch.no_grad():
+            current = batch.current_c2w()[ids]
+        visible = frustum_subset(model, current, Ks_level[ids], w, h)
+
+        def render(c2w: Tensor, Ks: Tensor, width: int, height: int) -> RenderedViews:
+            return render_splat_model(visible, c2w, Ks, width, height, background=batch.background)
+
+        return cls(losses, optim.lm_step_px, render, refresh=optim.lm_refresh, l1_floor=optim.lm_l1_floor)
 
     # -- the loss and its residuals --------------------------------------------------------------------------
 
@@ -176,8 +192,8 @@ class LevenbergMarquardt:
         return -torch.linalg.solve(A + damping, g)
 
     def run(self, batch: BatchState, stage: Stage, ids: List[int], after_iteration: Callable[[], None],
-            check: Callable[[Stage, int, List[int], Tensor], List[int]], max_iterations: int, rot_tol_deg: float,
-            trans_tol: float, min_coverage: float) -> None:
+            check: Callable[[Stage, int, List[int], Tensor], List[int]], max_iterations: int,
+            optim: OptimConfig) -> None:
         """Refine the queries ``ids`` of ``batch`` at ``stage`` (its scale, weights) in place: their base poses
         move, the best pose and the trace are kept, and each ends converged, failed or at the iteration limit.
 
@@ -185,8 +201,10 @@ class LevenbergMarquardt:
             after_iteration: called after each iteration (progress, results of finished queries).
             check: ``(stage, iteration, ids, new_c2w [n, 3, 4])`` fails queries out of bounds (divergence, NaN).
             max_iterations: at most this many iterations (each: one Jacobian, or one retry with more damping).
-            rot_tol_deg, trans_tol: an accepted step smaller than both ends the query (converged).
+            optim: ``rot_tol_deg``, ``trans_tol`` (an accepted step smaller than both ends the query: converged)
+                and ``min_coverage`` (a render covering less of the image: failed).
         """
+        rot_tol_deg, trans_tol, min_coverage = optim.rot_tol_deg, optim.trans_tol, optim.min_coverage
         states = batch.states
         Ks_level, w, h = scale_intrinsics(batch.Ks, batch.width, batch.height, stage.scale)
         lams: Dict[int, float] = {i: _LAMBDA_START for i in ids}

@@ -42,7 +42,7 @@ from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.result import LocalizationResult
 from nerfstudio_gsloc.localize.schedule import INIT_STAGE, OptimConfig, ScheduleConfig, Stage, build_stages, scale_intrinsics
 from nerfstudio_gsloc.localize.state import BatchState, MatchState, pose_change
-from nerfstudio_gsloc.rendering import RenderedViews, frustum_subset, render_splat_model
+from nerfstudio_gsloc.rendering import RenderedViews, render_splat_model
 
 #: An objective: ``(batch, stage, ids, c2w [n, 3, 4], views or None, w, h) -> LossTerms``.
 Objective = Callable[[BatchState, Stage, List[int], Tensor, Optional[RenderedViews], int, int], LossTerms]
@@ -295,19 +295,9 @@ class _BatchLoop:
         # LM models the pose only: with colour correction (an affine optimised beside the pose) Adam stays
         if stage.final and optim.final_solver == "lm" and not self.o.losses.color_correction:
             members = self.stage_members(stage)
-            # LM renders forward only, from poses that stay close to the current ones: only the Gaussians in
-            # (a margin around) these views are projected, coloured and binned
-            Ks_level, w, h = scale_intrinsics(self.batch.Ks, self.batch.width, self.batch.height, stage.scale)
-            with torch.no_grad():
-                current = self.batch.current_c2w()[members]
-            visible = frustum_subset(self.o.model, current, Ks_level[members], w, h)
-            solver = LevenbergMarquardt(self.o.losses, optim.lm_step_px,
-                                        lambda c2w, Ks, w, h: render_splat_model(visible, c2w, Ks, w, h,
-                                                                                 background=self.batch.background),
-                                        refresh=optim.lm_refresh, l1_floor=optim.lm_l1_floor)
-            solver.run(self.batch, stage, members, lambda: self.after_step(on_step),
-                       self.check_bounds, min(optim.lm_iterations, stage.iterations), optim.rot_tol_deg, optim.trans_tol,
-                       optim.min_coverage)
+            solver = LevenbergMarquardt.for_stage(self.o.model, self.batch, stage, members, self.o.losses, optim)
+            solver.run(self.batch, stage, members, lambda: self.after_step(on_step), self.check_bounds,
+                       min(optim.lm_iterations, stage.iterations), optim)
             return
         self.new_optimizers(stage)
         patience = self.o.optim.patience
