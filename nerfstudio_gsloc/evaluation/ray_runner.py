@@ -260,6 +260,9 @@ class RayPool:
             try:
                 key, unit_results, info = ray.get(ref)
             except ray.exceptions.RayActorError as err:
+                if getattr(err, "actor_init_failed", False):  # could not load the run: no use trying again
+                    cause = [line for line in str(err).splitlines() if line.strip()][-1].strip()
+                    raise GslocError(f"a Ray worker could not load {self.worker_args[0]}: {cause}") from None
                 attempts[unit.key] += 1
                 if attempts[unit.key] >= MAX_ATTEMPTS:
                     raise GslocError(f"a Ray worker died {MAX_ATTEMPTS} times on the same {len(unit.queries)} "
@@ -302,10 +305,10 @@ class RayPool:
         return (f"{len(self.slots)} Ray workers x {self.threads} torch threads on {where} ({self.cpus} CPUs)"
                 + (f"; {self.retries} unit(s) retried after a worker died" if self.retries else ""))
 
-    def lines(self) -> List[str]:
+    def lines(self, noun: str = "queries") -> List[str]:
         """Per worker one line: its machine beside its timings (for results.md / bench.json)."""
-        return [f"Ray worker {w.name}{' (died)' if w.died else ''}: {w.queries} queries in {w.units} units, "
-                f"{w.busy_seconds:.1f} s busy ({w.rate:.3f} queries/s), run loaded in {w.load_seconds:.1f} s, on "
+        return [f"Ray worker {w.name}{' (died)' if w.died else ''}: {w.queries} {noun} in {w.units} units, "
+                f"{w.busy_seconds:.1f} s busy ({w.rate:.3f} {noun}/s), run loaded in {w.load_seconds:.1f} s, on "
                 f"{w.machine}" for w in self.workers()]
 
     def table(self, noun: str = "queries") -> Table:

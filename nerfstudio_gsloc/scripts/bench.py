@@ -404,7 +404,7 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
                 )
             save({}, {})
         if pool is not None:
-            meta["ray_workers"] = [pool.header()] + pool.lines()
+            meta["ray_workers"] = [pool.header()] + pool.lines("trials")
             CONSOLE.print(pool.table("trials"))
         rows = write_summaries(output_dir, methods, records, protocol, meta)
     except KeyboardInterrupt:
