@@ -78,14 +78,19 @@ def init_ray(address: str, num_cpus: Optional[int] = None) -> None:
     """Start a local runtime (``address`` :data:`LOCAL`: ``num_cpus``, default all cores, on 127.0.0.1, no
     dashboard) or connect to a cluster; one error line when that fails."""
     ray = import_ray(address)
-    try:
-        if address == LOCAL:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise GslocError(f"cannot start or reach Ray at {address}: {err}") from None
+    for attempt in (1, 2):
+        try:
+            if address == LOCAL:
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                         _node_ip_address="127.0.0.1", log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+            return
+        except Exception as err:  # noqa: BLE001  (Ray raises plain Exception when its node starts too slowly)
+            ray.shutdown()
+            # Ray gives its raylet 30 s to register; a busy machine can miss that once, so a local start tries twice.
+            if attempt == 2 or address != LOCAL:
+                raise GslocError(f"cannot start or reach Ray at {address}: {err}") from None
 
 
 @dataclass
