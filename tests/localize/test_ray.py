@@ -7,11 +7,12 @@ initialised and use it as ``--ray`` would use the one it starts.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
-from nerfstudio_gsloc.errors import run_cli
-from nerfstudio_gsloc.evaluation.ray_runner import CRASH_ENV, LOCAL, init_ray, ray_argv
+from nerfstudio_gsloc.errors import GslocError, run_cli
+from nerfstudio_gsloc.evaluation.ray_runner import CRASH_ENV, LOCAL, import_ray, init_ray, ray_argv
 from nerfstudio_gsloc.scripts import localize as localize_cli
 from nerfstudio_gsloc.scripts.localize_outputs import LocalizeOutputs
 
@@ -59,6 +60,12 @@ def test_bare_ray_flag_means_a_local_runtime():
     assert ray_argv(["--ray", "10.0.0.1:6379", "--seed", "1"]) == ["--ray", "10.0.0.1:6379", "--seed", "1"]
 
 
+def test_missing_ray_is_one_error_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(GslocError, match=r"--ray needs Ray, which is not installed: pip install 'nerfstudio-gsloc\[ray\]'"):
+        import_ray(LOCAL)
+
+
 def test_ray_gives_the_in_process_poses_and_recovers_a_killed_worker(tmp_path, capsys, monkeypatch, small_gsloc_run,
                                                                       ray_runtime):
     # Batches of 2 over the 3 eval views: 2 units, the first 2 views optimised together as in-process.
@@ -83,8 +90,7 @@ def test_ray_gives_the_in_process_poses_and_recovers_a_killed_worker(tmp_path, c
 def test_resume_after_an_interrupted_ray_run_skips_finished_queries(tmp_path, capsys, monkeypatch, small_gsloc_run,
                                                                     ray_runtime):
     out_dir = tmp_path / "out"
-    base = ["--load-config", small_gsloc_run, *FAST, "--localization.optim.batch-size", "1", "--output-dir", out_dir,
-            "--ray", "--ray-workers", "1"]
+    base = ["--load-config", small_gsloc_run, *FAST, "--localization.optim.batch-size", "1", "--output-dir", out_dir]
     real_add = LocalizeOutputs.add
 
     def add_then_interrupt(self, record, trace):
@@ -92,11 +98,12 @@ def test_resume_after_an_interrupted_ray_run_skips_finished_queries(tmp_path, ca
         raise KeyboardInterrupt  # Ctrl-C on the driver right after the first result is saved
 
     monkeypatch.setattr(LocalizeOutputs, "add", add_then_interrupt)
-    code, _, err = _run(base, capsys)
+    code, _, err = _run([*base, "--ray", "--ray-workers", "1"], capsys)
     assert code == 130 and "holds 1 query of 3; rerun with --resume" in err
     partial = json.loads((out_dir / "poses.json").read_text())["results"]
     assert len(partial) == 1
 
+    # The resume runs in-process (it could use --ray as well: the file is the same either way).
     monkeypatch.setattr(LocalizeOutputs, "add", real_add)
     code, out, err = _run([*base, "--resume"], capsys)
     assert code == 0, err
