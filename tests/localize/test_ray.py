@@ -60,6 +60,37 @@ def test_bare_ray_flag_means_a_local_runtime():
     assert ray_argv(["--ray", "10.0.0.1:6379", "--seed", "1"]) == ["--ray", "10.0.0.1:6379", "--seed", "1"]
 
 
+def test_units_are_the_localizers_own_batches_and_hold_every_query_once():
+    """Optimising methods: the optimiser's batches (by image size, after the skipped queries); others: chunks of 4;
+    queries without a start form one unit of their own."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+
+    from nerfstudio_gsloc.evaluation.ray_runner import plan_units
+    from nerfstudio_gsloc.localize.initialization import InitialPose
+    from nerfstudio_gsloc.localize.localizer import Localizer, OptimizingLocalizer
+    from nerfstudio_gsloc.localize.queries import Query
+
+    def query(i, width, depth=True):
+        return Query(f"q{i}", Path(f"q{i}.png"), torch.zeros(4, width, 3), torch.eye(3), width, 4,
+                     depth=torch.ones(4, width) if depth else None, index=i)
+
+    queries = [query(0, 8), query(1, 6), query(2, 8, depth=False), query(3, 8), query(4, 6), query(5, 8), query(6, 8)]
+    inits = [InitialPose(torch.eye(4)[:3], "prior") for _ in queries]
+    inits[6] = InitialPose(None, "retrieval", "retrieval found no pose")
+    depth_method = OptimizingLocalizer.__new__(OptimizingLocalizer)
+    depth_method.needs_depth = True
+    depth_method.optimizer = SimpleNamespace(optim=SimpleNamespace(batch_size=2))
+    units = plan_units(depth_method, "depth", queries, inits)
+    assert [u.positions for u in units] == [[6], [2], [0, 3], [5], [1, 4]]
+    assert [q.name for q in units[2].queries] == ["q0", "q3"] and units[0].inits[0].c2w is None
+    independent = plan_units(Localizer.__new__(Localizer), "pnp", queries, inits)
+    assert [u.positions for u in independent] == [[6], [0, 1, 2, 3], [4, 5]]
+    assert sorted(p for u in units for p in u.positions) == list(range(7))
+
+
 def test_missing_ray_is_one_error_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(GslocError, match=r"--ray needs Ray, which is not installed: pip install 'nerfstudio-gsloc\[ray\]'"):
