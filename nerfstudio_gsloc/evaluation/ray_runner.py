@@ -161,7 +161,7 @@ class LocalizerWorker:
                 os._exit(1)  # the first worker here dies with its unit unfinished, once
             except FileExistsError:
                 pass
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         if unit.method not in self.localizers:
             self.localizers[unit.method] = make_localizer(unit.method, self.settings[unit.method], self.model,
                                                           self.pipeline, seed=self.seed, verifier=self.verifier)
@@ -169,6 +169,7 @@ class LocalizerWorker:
         results = localize_from_initial_poses(localizer, unit.queries, unit.inits)
         self.units += 1
         return unit.key, results, {"seconds": time.perf_counter() - started, "load_seconds": self.load_seconds,
+                                   "cpu_seconds": time.process_time() - cpu_started,
                                    "machine": self.machine, "notes": dict(localizer.notes)}
 
 
@@ -182,6 +183,7 @@ class WorkerStats:
     units: int = 0
     queries: int = 0
     busy_seconds: float = 0.0
+    cpu_seconds: float = 0.0
     died: bool = False
 
     @property
@@ -290,6 +292,7 @@ class RayPool:
             stats.units += 1
             stats.queries += len(unit.queries)
             stats.busy_seconds += info["seconds"]
+            stats.cpu_seconds += info["cpu_seconds"]
             localizer.notes.update(info["notes"])
             for position, result in zip(unit.positions, unit_results):
                 results[position] = result
@@ -313,15 +316,15 @@ class RayPool:
     def lines(self, noun: str = "queries") -> List[str]:
         """Per worker one line: its machine beside its timings (for results.md / bench.json)."""
         return [f"Ray worker {w.name}{' (died)' if w.died else ''}: {w.queries} {noun} in {w.units} units, "
-                f"{w.busy_seconds:.1f} s busy ({w.rate:.3f} {noun}/s), run loaded in {w.load_seconds:.1f} s, on "
+                f"{w.busy_seconds:.1f} s busy ({w.rate:.3f} {noun}/s, {w.cpu_seconds:.1f} s CPU), run loaded in {w.load_seconds:.1f} s, on "
                 f"{w.machine}" for w in self.workers()]
 
     def table(self, noun: str = "queries") -> Table:
         """The per-worker throughput summary (rich)."""
         table = Table(title=self.header())
-        for column in ("worker", "units", noun, "busy s", f"{noun}/s", "load s", "machine"):
+        for column in ("worker", "units", noun, "busy s", "CPU s", f"{noun}/s", "load s", "machine"):
             table.add_column(column, justify="left" if column in ("worker", "machine") else "right")
         for w in self.workers():
             table.add_row(w.name + (" (died)" if w.died else ""), str(w.units), str(w.queries), f"{w.busy_seconds:.1f}",
-                          f"{w.rate:.3f}", f"{w.load_seconds:.1f}", w.machine)
+                          f"{w.cpu_seconds:.1f}", f"{w.rate:.3f}", f"{w.load_seconds:.1f}", w.machine)
         return table

@@ -383,7 +383,7 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
                     if not CONSOLE.is_terminal:  # no live bar in a log file: one line per finished trial instead
                         CONSOLE.print(f"{method} {len(method_records)}/{len(trials)}: {result.status} {result.seconds:.1f} s")
 
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 # Every method through the one localizer call: same queries, same initial poses.
                 settings = method_settings(cli, protocol, method)
                 localizer = make_localizer(method, settings, model, pipeline, seed=0, verifier=verifier)
@@ -396,6 +396,8 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
                 else:
                     results = localizer.localize(trial_queries, trial_starts, on_result=on_result)
                 meta.setdefault("method_seconds", {})[method] = time.perf_counter() - started
+                # this process's CPU (with --ray only the driver's; the workers' is in ray_workers)
+                meta.setdefault("method_cpu_seconds", {})[method] = time.process_time() - cpu_started
                 meta.update(localizer.notes)
                 records.extend(trial_records(method, queries, trials, results))
                 pose_records.extend(
