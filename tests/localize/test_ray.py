@@ -111,7 +111,7 @@ def test_ray_gives_the_in_process_poses_and_recovers_a_killed_worker(tmp_path, c
     monkeypatch.setenv(CRASH_ENV, str(marker))
     code, out, err = _run([*base, "--output-dir", tmp_path / "ray", "--ray", "--ray-workers", "2"], capsys)
     assert code == 0, err
-    assert marker.is_file() and "w0 (died)" in out  # the per-worker summary lists the dead actor and its successor
+    assert marker.is_file() and "(died)" in out  # the per-worker summary lists the dead actor beside its successor
     distributed = _by_image(tmp_path / "ray" / "poses.json")
     assert distributed == local  # same queries, each once, with the same poses, statuses and confidences
     metrics = json.loads((tmp_path / "ray" / "metrics.json").read_text())
