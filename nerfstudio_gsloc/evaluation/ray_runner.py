@@ -178,13 +178,18 @@ class WorkerStats:
     """What one actor did (a replacement of a dead actor gets its own entry)."""
 
     name: str
-    machine: str = "(died before its first unit)"
+    machine: str = ""
     load_seconds: float = float("nan")
     units: int = 0
     queries: int = 0
     busy_seconds: float = 0.0
     cpu_seconds: float = 0.0
     died: bool = False
+
+    @property
+    def where(self) -> str:
+        """Its machine, once a unit came back."""
+        return self.machine or ("(died before its first unit)" if self.died else "(got no unit)")
 
     @property
     def rate(self) -> float:
@@ -317,7 +322,7 @@ class RayPool:
         """Per worker one line: its machine beside its timings (for results.md / bench.json)."""
         return [f"Ray worker {w.name}{' (died)' if w.died else ''}: {w.queries} {noun} in {w.units} units, "
                 f"{w.busy_seconds:.1f} s busy ({w.rate:.3f} {noun}/s, {w.cpu_seconds:.1f} s CPU), run loaded in {w.load_seconds:.1f} s, on "
-                f"{w.machine}" for w in self.workers()]
+                f"{w.where}" for w in self.workers()]
 
     def table(self, noun: str = "queries") -> Table:
         """The per-worker throughput summary (rich)."""
@@ -326,5 +331,5 @@ class RayPool:
             table.add_column(column, justify="left" if column in ("worker", "machine") else "right")
         for w in self.workers():
             table.add_row(w.name + (" (died)" if w.died else ""), str(w.units), str(w.queries), f"{w.busy_seconds:.1f}",
-                          f"{w.cpu_seconds:.1f}", f"{w.rate:.3f}", f"{w.load_seconds:.1f}", w.machine)
+                          f"{w.cpu_seconds:.1f}", f"{w.rate:.3f}", f"{w.load_seconds:.1f}", w.where)
         return table
