@@ -13,6 +13,9 @@ Examples::
     gsloc-bench --load-config .../config.yml --methods icomma --output-dir outputs/bench/b
     gsloc-bench --merge outputs/bench/a outputs/bench/b --output-dir outputs/bench/all
 
+    # or one command on Ray workers (2 local ones here; --ray HEAD_IP:6379 for a cluster, docs/README-ray.md)
+    gsloc-bench --load-config .../config.yml --ray --ray-workers 2 --output-dir outputs/bench/ray
+
     # new images from a transforms.json, two methods, the rotation sweep, 10 queries
     gsloc-bench --load-config .../config.yml --queries new/transforms.json --methods gsloc pnp \\
         --protocol icomma-sweep --max-queries 10

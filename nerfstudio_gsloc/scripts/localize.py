@@ -17,6 +17,9 @@ Examples::
     # a folder of photos with no poses and no transforms.json: retrieval + PnP, then refinement
     ns-localize --load-config .../config.yml --images my_photos/ --output-dir outputs/photos
 
+    # the same on Ray workers: every core of this machine, or a cluster (docs/README-ray.md)
+    ns-localize --load-config .../config.yml --output-dir outputs/loc --init perturb --ray [HEAD_IP:6379]
+
 Outputs in ``--output-dir``:
 
 * ``poses.json`` (schema: :mod:`nerfstudio_gsloc.poses_file`): per query the image, the refined, initial and
