@@ -34,10 +34,11 @@ fi
 stamp=.venv/.gsloc-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing torch 2.14.1, torchvision 0.29.1, nerfstudio 1.1.5 and the package (a few minutes the first time)"
+  echo "[setup] installing torch 2.14.1, torchvision 0.29.1, nerfstudio 1.1.5, ray and the package (a few minutes the first time)"
   .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import nerfstudio_gsloc, nerfstudio, gsplat, kornia" # fail here if the install did
+  # extras: test (pytest, playwright) and ray (--ray of ns-localize and gsloc-bench, covered by the tests)
+  .venv/bin/python -m pip install --quiet -e ".[test,ray]" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import nerfstudio_gsloc, nerfstudio, gsplat, kornia, ray" # fail here if the install did
   echo "$want" > "$stamp"
 fi
 # Compile the C++ rasterizer now (about 30 s once; cached in ~/.cache/torch_extensions).

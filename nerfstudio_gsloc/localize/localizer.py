@@ -131,6 +131,14 @@ class Localizer:
             self._localize([queries[p] for p in todo], [initial_c2w[p] for p in todo], forward, on_step, forward_poses)
         return [r for r in results if r is not None]
 
+    def batches(self, queries: Sequence[Query], size: int = 4) -> List[List[int]]:
+        """Positions of ``queries`` split into batches that separate :meth:`localize` calls can run, each query
+        getting the result it gets in one call on all of them (work units of a distributed run).
+
+        Base: every query is localized on its own (seeds per query), so any split works: chunks of ``size``.
+        """
+        return [list(range(start, min(start + size, len(queries)))) for start in range(0, len(queries), max(1, size))]
+
     def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor], on_result: Callable[[int, LocalizationResult], None],
                   on_step: StepCallback, on_poses: PosesCallback = None) -> None:
         """The method itself: call ``on_result(k, result)`` for every query ``k`` (subclasses implement it;
@@ -152,6 +160,16 @@ class OptimizingLocalizer(Localizer):
     def max_iterations(self) -> int:
         """Largest number of steps one query can take."""
         return self.optimizer.max_iterations
+
+    def batches(self, queries: Sequence[Query], size: int = 4) -> List[List[int]]:
+        """The optimiser's own batches (a batch shares its stages' early ends, so a query's result depends on its
+        batch), after the queries :meth:`localize` skips, which form one more batch; ``size`` is not used."""
+        from nerfstudio_gsloc.localize.optimizer import group_queries
+
+        skipped = [p for p, q in enumerate(queries) if self.needs_depth and q.depth is None]
+        runs = [p for p, q in enumerate(queries) if not (self.needs_depth and q.depth is None)]
+        groups = group_queries([queries[p] for p in runs], self.optimizer.optim.batch_size)
+        return ([skipped] if skipped else []) + [[runs[k] for k in group] for group in groups]
 
     def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
                   on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback,

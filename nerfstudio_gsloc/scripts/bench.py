@@ -13,6 +13,9 @@ Examples::
     gsloc-bench --load-config .../config.yml --methods icomma --output-dir outputs/bench/b
     gsloc-bench --merge outputs/bench/a outputs/bench/b --output-dir outputs/bench/all
 
+    # or one command on Ray workers (2 local ones here; --ray HEAD_IP:6379 for a cluster, docs/README-ray.md)
+    gsloc-bench --load-config .../config.yml --ray --ray-workers 2 --output-dir outputs/bench/ray
+
     # new images from a transforms.json, two methods, the rotation sweep, 10 queries
     gsloc-bench --load-config .../config.yml --queries new/transforms.json --methods gsloc pnp \\
         --protocol icomma-sweep --max-queries 10
@@ -33,6 +36,7 @@ Every method starts trial ``t`` of query ``q`` from the same initial pose, drawn
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -115,6 +119,11 @@ class BenchCLI:
     before the --method-settings.gsloc.* options, which override it."""
     method_settings: LocalizerSettings = field(default_factory=LocalizerSettings)
     """Settings of the methods (gsloc's also apply to photometric and depth, with one loss each)."""
+    ray: Optional[str] = None
+    """Run the trials on Ray workers: --ray alone starts a local Ray runtime on this machine's cores; --ray ADDRESS
+    joins a running cluster (see docs/README-ray.md). Same trials as without it; needs pip install ray."""
+    ray_workers: Optional[int] = None
+    """Ray workers (actors, each loading the run once); default: the CPUs Ray has, divided by --threads."""
 
     def main(self, argv: Optional[Sequence[str]] = None) -> None:
         """Validate, load, run every method, write the results; or, with --merge, merge earlier results."""
@@ -148,6 +157,10 @@ def validate(cli: BenchCLI) -> Tuple[List[str], Protocol]:
     loftr = cli.method_settings.icomma.loftr_weights_path
     if "icomma" in methods and loftr is not None and not Path(loftr).is_file():
         raise GslocError(f"LoFTR weights file not found: {loftr}")
+    if cli.ray is not None:
+        from nerfstudio_gsloc.evaluation.ray_runner import import_ray
+
+        import_ray(cli.ray)  # one error line now if Ray is not installed
     check_writable(cli.output_dir, "--output-dir")  # before training or loading anything
     return methods, protocol
 
@@ -222,6 +235,7 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
         "to the scene origin)",
         f"- {SAME_POSES_NOTE}",
         f"- {meta['machine_line']}",
+        *[f"- {line}" for line in meta.get("ray_workers", [])],
         *[f"- merged from `{source['dir']}`: `{source['command']}`" for source in meta.get("merged_from", [])],
         "",
         report.markdown_table(rows),
@@ -353,8 +367,9 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
         saved[0] = len(done)
 
     saved = [0]
+    pool = None
     try:
-        with progress:
+        with _ray_pool(cli, protocol, methods) as pool, progress:
             for method in methods:
                 task = progress.add_task("setting up", total=len(trials), method=method)
                 method_records: Dict[int, report.TrialRecord] = {}
@@ -371,17 +386,21 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
                     if not CONSOLE.is_terminal:  # no live bar in a log file: one line per finished trial instead
                         CONSOLE.print(f"{method} {len(method_records)}/{len(trials)}: {result.status} {result.seconds:.1f} s")
 
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 # Every method through the one localizer call: same queries, same initial poses.
-                settings = cli.method_settings
-                if not protocol.has_prior and method == "pnp":
-                    settings = dataclasses.replace(settings, pnp=dataclasses.replace(settings.pnp, selection="retrieval"))
+                settings = method_settings(cli, protocol, method)
                 localizer = make_localizer(method, settings, model, pipeline, seed=0, verifier=verifier)
-                if global_inits is not None and method != "pnp":
+                if pool is not None:  # the same call, unit by unit on the Ray workers
+                    inits = global_inits if global_inits is not None and method != "pnp" else [
+                        InitialPose(c2w, "prior") for c2w in trial_starts]
+                    results = pool.localize(localizer, method, trial_queries, inits, on_result=on_result)
+                elif global_inits is not None and method != "pnp":
                     results = localize_from_initial_poses(localizer, trial_queries, global_inits, on_result=on_result)
                 else:
                     results = localizer.localize(trial_queries, trial_starts, on_result=on_result)
                 meta.setdefault("method_seconds", {})[method] = time.perf_counter() - started
+                # this process's CPU (with --ray only the driver's; the workers' is in ray_workers)
+                meta.setdefault("method_cpu_seconds", {})[method] = time.process_time() - cpu_started
                 meta.update(localizer.notes)
                 records.extend(trial_records(method, queries, trials, results))
                 pose_records.extend(
@@ -389,12 +408,34 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
                     for trial, query, result in zip(trials, trial_queries, results) if not result.skipped
                 )
             save({}, {})
+        if pool is not None:
+            meta["ray_workers"] = [pool.header()] + pool.lines("trials")
+            CONSOLE.print(pool.table("trials"))
         rows = write_summaries(output_dir, methods, records, protocol, meta)
     except KeyboardInterrupt:
         raise Interrupted(f"{output_dir / 'trials.jsonl'} and {output_dir / POSES_FILE} hold "
                           f"{count(saved[0], 'trial')} of {total}; the summaries (results.md, plots) are not complete") from None
     print_results(rows, f"{protocol.name}: {len(queries)} queries x {protocol.trials_per_query} trials", machine_line, output_dir)
     return rows
+
+
+def method_settings(cli: BenchCLI, protocol: Protocol, method: str) -> LocalizerSettings:
+    """The settings ``method`` runs with: --method-settings, with pnp choosing views by retrieval when the protocol
+    gives no prior."""
+    settings = cli.method_settings
+    if not protocol.has_prior and method == "pnp":
+        settings = dataclasses.replace(settings, pnp=dataclasses.replace(settings.pnp, selection="retrieval"))
+    return settings
+
+
+def _ray_pool(cli: BenchCLI, protocol: Protocol, methods: Sequence[str]):
+    """The Ray workers of ``--ray`` (a context manager; seed 0 as in-process), or a null context without it."""
+    if cli.ray is None:
+        return contextlib.nullcontext()
+    from nerfstudio_gsloc.evaluation.ray_runner import RayPool
+
+    settings = {m: method_settings(cli, protocol, m) for m in methods}
+    return RayPool(cli.ray, cli.ray_workers, cli.threads, cli.load_config, settings, cli.method_settings, seed=0)
 
 
 def retrieval_starts(settings: LocalizerSettings, model, pipeline, queries: Sequence[Query]) -> List[InitialPose]:
@@ -498,7 +539,9 @@ def _peek_option(argv: Sequence[str], name: str) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run; ``--gsloc-preset`` fills in the gsloc defaults."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from nerfstudio_gsloc.evaluation.ray_runner import ray_argv
+
+    argv = ray_argv(sys.argv[1:] if argv is None else argv)
     preset = _peek_option(argv, "--gsloc-preset")
     settings = LocalizerSettings()
     if preset not in (None, "None"):

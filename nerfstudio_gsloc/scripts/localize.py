@@ -17,6 +17,9 @@ Examples::
     # a folder of photos with no poses and no transforms.json: retrieval + PnP, then refinement
     ns-localize --load-config .../config.yml --images my_photos/ --output-dir outputs/photos
 
+    # the same on Ray workers: every core of this machine, or a cluster (docs/README-ray.md)
+    ns-localize --load-config .../config.yml --output-dir outputs/loc --init perturb --ray [HEAD_IP:6379]
+
 Outputs in ``--output-dir``:
 
 * ``poses.json`` (schema: :mod:`nerfstudio_gsloc.poses_file`): per query the image, the refined, initial and
@@ -44,6 +47,7 @@ file in --output-dir complete (see :mod:`nerfstudio_gsloc.scripts.localize_outpu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -157,6 +161,11 @@ class LocalizeCLI:
     """Port of --viewer (default: 7007 or the next free port, like ns-viewer)."""
     viewer_host: Optional[str] = None
     """Interface --viewer listens on (default: nerfstudio's, 0.0.0.0)."""
+    ray: Optional[str] = None
+    """Localize on Ray workers: --ray alone starts a local Ray runtime on this machine's cores; --ray ADDRESS
+    joins a running cluster (see docs/README-ray.md). Same poses.json as without it; needs pip install ray."""
+    ray_workers: Optional[int] = None
+    """Ray workers (actors, each loading the run once); default: the CPUs Ray has, divided by --num-threads."""
 
     def settings(self) -> LocalizerSettings:
         """The settings of every method, as the registry takes them."""
@@ -344,6 +353,12 @@ def localize_main(cli: LocalizeCLI) -> None:
         check_queries_suit(method, config, queries)
     elif eval_split_has_depth(cli.load_config) is False:
         check_queries_suit(method, config, [], source="the run's eval split")  # no depth in the dataset at all
+    if cli.ray is not None:
+        from nerfstudio_gsloc.evaluation.ray_runner import import_ray
+
+        if cli.viewer:
+            raise GslocError("--viewer shows an in-process run; it cannot be combined with --ray")
+        import_ray(cli.ray)  # one error line now if Ray is not installed
     output_dir = check_writable(cli.output_dir, "--output-dir")
 
     # 2. The model (and the eval split, which needs the loaded datamanager).
@@ -374,8 +389,12 @@ def localize_main(cli: LocalizeCLI) -> None:
 
     # 3. Work. Every finished query is saved at once (trace.csv, then poses.json, atomically).
     outputs = LocalizeOutputs(output_dir, source, settings, frame, previous, total=len(previous) + len(todo))
+    pool = None
     try:
-        elapsed = _localize_and_save(cli, localizer, method, todo, starts, outputs, len(previous), init, live)
+        with _ray_pool(cli, method, settings_all, todo) as pool:
+            elapsed = _localize_and_save(cli, localizer, method, todo, starts, outputs, len(previous), init, live, pool)
+        if pool is not None:
+            CONSOLE.print(pool.table())
         # 4. Summaries.
         for record in outputs.records.values():
             if record.failed:
@@ -394,10 +413,19 @@ def localize_main(cli: LocalizeCLI) -> None:
         serve_until_interrupted(live.viewer_state, CONSOLE, "the viewer stays open with the results")
 
 
+def _ray_pool(cli: LocalizeCLI, method: str, settings: LocalizerSettings, todo: Sequence[Query]):
+    """The Ray workers of ``--ray`` (a context manager), or a null context without it or without work."""
+    if cli.ray is None or not todo:
+        return contextlib.nullcontext()
+    from nerfstudio_gsloc.evaluation.ray_runner import RayPool
+
+    return RayPool(cli.ray, cli.ray_workers, cli.num_threads, cli.load_config, {method: settings}, settings, cli.seed)
+
+
 def _localize_and_save(cli: LocalizeCLI, localizer, method: str, todo: Sequence[Query], starts, outputs: LocalizeOutputs,
-                       num_previous: int, init: str, live=None) -> float:
+                       num_previous: int, init: str, live=None, pool=None) -> float:
     """Run the localizer on ``todo`` with a progress bar, saving each query as it finishes (and drawing it in the
-    live viewer ``live`` when given); returns the seconds."""
+    live viewer ``live`` when given); on the Ray workers of ``pool`` when given. Returns the seconds."""
     outputs.start(cli.resume)
     CONSOLE.print(
         f"localizing {len(todo)} queries ({num_previous} already done) with {method} from {init} poses"
@@ -426,7 +454,11 @@ def _localize_and_save(cli: LocalizeCLI, localizer, method: str, todo: Sequence[
             task = progress.add_task("", total=len(todo))
             # Without --viewer the call is exactly as before (no observer).
             watch = {} if live is None else {"on_poses": live.on_poses}
-            localize_from_initial_poses(localizer, todo, starts, on_result=on_result, on_step=on_step, **watch)
+            if pool is None:
+                localize_from_initial_poses(localizer, todo, starts, on_result=on_result, on_step=on_step, **watch)
+            else:
+                progress.update(task, description=pool.header().split(" on ")[0])
+                pool.localize(localizer, method, todo, starts, on_result=on_result)
     except KeyboardInterrupt:
         if live is not None:
             live.stop()
@@ -451,7 +483,9 @@ def _peek_preset(argv: Sequence[str]) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run; presets fill in the --localization.* defaults."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from nerfstudio_gsloc.evaluation.ray_runner import ray_argv
+
+    argv = ray_argv(sys.argv[1:] if argv is None else argv)
     preset = _peek_preset(argv)
     localization = load_preset(preset) if preset not in (None, "None") else PoseInversionConfig()
     default = LocalizeCLI(load_config=tyro.MISSING, localization=localization)  # type: ignore[arg-type]
