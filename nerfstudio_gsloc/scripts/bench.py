@@ -13,6 +13,9 @@ Examples::
     gsloc-bench --load-config .../config.yml --methods icomma --output-dir outputs/bench/b
     gsloc-bench --merge outputs/bench/a outputs/bench/b --output-dir outputs/bench/all
 
+    # a sequence (a camera path, e.g. gsloc-make-scene --trajectory): gsloc, depth and pnp track it frame by frame
+    gsloc-bench --load-config .../config.yml --queries track/transforms.json --protocol sequence --methods gsloc depth pnp
+
     # new images from a transforms.json, two methods, the rotation sweep, 10 queries
     gsloc-bench --load-config .../config.yml --queries new/transforms.json --methods gsloc pnp \\
         --protocol icomma-sweep --max-queries 10
@@ -113,6 +116,8 @@ class BenchCLI:
     gsloc_preset: Optional[str] = None
     """An ns-localize preset (configs/localize) or .yaml/.json file for gsloc (and photometric/depth), loaded
     before the --method-settings.gsloc.* options, which override it."""
+    sequence_preset: str = "sequence"
+    """--protocol sequence: the per-frame schedule (a configs/localize preset or file on top of gsloc's settings)."""
     method_settings: LocalizerSettings = field(default_factory=LocalizerSettings)
     """Settings of the methods (gsloc's also apply to photometric and depth, with one loss each)."""
 
@@ -321,6 +326,14 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
         "confidence_threshold": cli.method_settings.verification.threshold if cli.method_settings.verification.enabled else None,
         "command": "gsloc-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    if protocol.is_sequence:  # frames tracked in order; trajectory metrics instead of per-trial ones
+        from nerfstudio_gsloc.scripts.bench_sequence import run_sequence_benchmark
+
+        source = QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)
+        run_sequence_benchmark(cli.method_settings, cli.sequence_preset, methods, protocol, pipeline, queries, trials[0],
+                               frame, source, output_dir, meta, CONSOLE)
+        CONSOLE.print(f"results in {output_dir}")
+        return []
     progress = Progress(
         TextColumn("[bold]{task.fields[method]}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), console=CONSOLE, transient=False,

@@ -1,0 +1,146 @@
+"""Tracking a sequence (issue 14): ``ns-localize --sequence`` on a generated camera path of the embedded scene, a
+sequence with a jump that must be re-localized, the TUM file against poses.json, and the trajectory metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_c2w, to_homogeneous
+from nerfstudio_gsloc.metrics import from_strict_json, relative_pose_errors, summarize_trajectory
+from nerfstudio_gsloc.localize.sequence import EVENT_LOST, EVENT_RELOCALIZED, constant_velocity
+from nerfstudio_gsloc.tum_file import read_tum, tum_lines
+
+#: Frames of the tracked path (64 x 48, the trained scene's size) and the error bounds of the small run.
+FRAMES, WIDTH, HEIGHT = 12, 64, 48
+MAX_TRANS, MAX_ROT_DEG = 0.02, 1.0
+
+
+@pytest.fixture(scope="module")
+def track_file(tmp_path_factory):
+    from nerfstudio_gsloc.data.trajectory import write_trajectory
+
+    return write_trajectory(tmp_path_factory.mktemp("track"), seed=0, num_frames=FRAMES, width=WIDTH, height=HEIGHT,
+                            show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def tracked(small_gsloc_run, track_file, tmp_path_factory):
+    """``ns-localize --sequence`` on the path: (output folder, poses.json document)."""
+    from nerfstudio_gsloc.poses_file import read_poses
+    from nerfstudio_gsloc.scripts import localize
+
+    out = tmp_path_factory.mktemp("tracked")
+    localize.main(["--load-config", str(small_gsloc_run), "--queries", str(track_file), "--sequence",
+                   "--output-dir", str(out), "--num-threads", "1", "--pnp.num-views", "6"])
+    return out, read_poses(out / "poses.json")
+
+
+def test_the_trajectory_is_smooth_deterministic_and_never_a_training_view(track_file, embedded_scene):
+    from nerfstudio_gsloc.data.procedural_scene import build_scene
+    from nerfstudio_gsloc.data.trajectory import motion_stats, trajectory_poses
+
+    meta = json.loads(track_file.read_text())
+    poses = np.array([f["transform_matrix"] for f in meta["frames"]])
+    np.testing.assert_allclose(poses, trajectory_poses(build_scene(0), FRAMES, 0))
+    assert not np.allclose(poses, trajectory_poses(build_scene(0), FRAMES, 1))
+    stats = motion_stats(poses)
+    assert 0.02 < stats["step_median_m"] < 0.03 and stats["step_max_m"] < 0.07 and stats["turn_max_deg"] < 5.0
+    assert "prior_transform_matrix" in meta["frames"][0] and all("prior_transform_matrix" not in f for f in meta["frames"][1:])
+    assert all((track_file.parent / f["depth_file_path"]).is_file() for f in meta["frames"])
+    train = np.array([f["transform_matrix"] for f in json.loads(embedded_scene.dataset.read_text())["frames"]])
+    assert np.linalg.norm(train[None, :, :3, 3] - poses[:, None, :3, 3], axis=-1).min() > 1e-3
+
+
+def test_a_generated_sequence_is_tracked_end_to_end(tracked):
+    out, document = tracked
+    records = sorted(document.records, key=lambda r: r.index)
+    assert [r.image for r in records] == [f"images/frame_{i:05d}.png" for i in range(FRAMES)]
+    errors = np.array([r.errors(document.frame.scale) for r in records], dtype=np.float64)
+    print("rot", errors[:, 0].round(3).tolist(), "trans", errors[:, 1].round(4).tolist())
+    assert errors[:, 0].max() < MAX_ROT_DEG and errors[:, 1].max() < MAX_TRANS
+    sequence = from_strict_json((out / "sequence.json").read_text())["methods"]["gsloc"]
+    assert sequence["num_frames"] == FRAMES and sequence["num_lost"] == 0 and sequence["ate_aligned"] is False
+    assert sequence["events"][0] == "initialized" and sequence["events"].count("tracked") >= FRAMES - 3
+    assert sequence["ate_rmse"] == pytest.approx(float(np.sqrt(np.mean(errors[:, 1] ** 2))), rel=1e-4)
+    # Tracked frames start from the motion model: their initial pose is not the prior nor the ground truth.
+    assert all(r.c2w_init is not None for r in records) and (out / "sequence.png").stat().st_size > 0
+
+
+def test_the_tum_file_parses_and_matches_poses_json(tracked):
+    out, document = tracked
+    stamps, c2w = read_tum(out / "trajectory.tum")
+    records = sorted(document.records, key=lambda r: r.index)
+    assert len(stamps) == FRAMES and np.allclose(stamps, np.arange(FRAMES) / 30.0)
+    lines = (out / "trajectory.tum").read_text().splitlines()
+    assert lines[0].startswith("#") and all(len(line.split()) == 8 for line in lines[1:])
+    for record, pose in zip(records, c2w):
+        torch.testing.assert_close(pose, to_homogeneous(record.c2w.double()), atol=1e-7, rtol=0)
+    # The file holds OpenCV camera axes: its rotation's third column is the viewing direction (OpenGL's -z).
+    first = [float(v) for v in lines[1].split()]
+    from nerfstudio_gsloc.tum_file import quaternion_to_rotation
+
+    view = quaternion_to_rotation(first[4:])[:, 2]
+    np.testing.assert_allclose(view, -records[0].c2w[:3, 2].numpy(), atol=1e-7)
+    gt_stamps, gt = read_tum(out / "trajectory_gt.tum")
+    torch.testing.assert_close(gt, torch.stack([to_homogeneous(r.c2w_gt.double()) for r in records]), atol=1e-7, rtol=0)
+
+
+def test_a_jump_in_the_sequence_is_relocalized_and_the_track_recovers(small_gsloc_run, tmp_path):
+    from nerfstudio_gsloc.data.trajectory import write_trajectory
+    from nerfstudio_gsloc.localize.pipeline import load_preset
+    from nerfstudio_gsloc.localize.queries import load_transforms_queries, run_frame_transform
+    from nerfstudio_gsloc.localize.registry import LocalizerSettings
+    from nerfstudio_gsloc.localize.sequence import make_sequence_tracker
+    from nerfstudio_gsloc.runs import load_run
+
+    _, pipeline = load_run(small_gsloc_run)
+    # A faster path (8 cm a frame) with frames 4 to 8 removed: a jump of about 45 cm and many degrees.
+    path = write_trajectory(tmp_path / "jump", seed=2, num_frames=12, width=WIDTH, height=HEIGHT, step=0.08, fast_factor=1.0,
+                            show_progress=False)
+    queries = load_transforms_queries(path, run_frame_transform(small_gsloc_run))
+    queries = queries[:4] + queries[9:]
+    settings = LocalizerSettings()
+    settings.pnp.num_views = 6
+    tracker = make_sequence_tracker("gsloc", settings, load_preset("sequence", base=settings.gsloc), pipeline.model,
+                                    pipeline)
+    frames = tracker.track(queries, queries[0].prior_c2w)
+    events = [f.event for f in frames]
+    print(events, [f.attempts for f in frames])
+    assert events[4] == EVENT_RELOCALIZED and EVENT_LOST not in events
+    assert "relocalized" in frames[4].result.reason and frames[4].attempts[0][0] == "motion model"
+    for frame, query in zip(frames, queries):
+        rot = summarize_trajectory(frame.result.c2w[None], query.gt_c2w[None])
+        assert rot["rot_rmse_deg"] < MAX_ROT_DEG and rot["ate_rmse"] < MAX_TRANS, (query.name, rot)
+
+
+def test_constant_velocity_repeats_the_last_motion_and_rpe_measures_jitter():
+    from kornia.geometry.conversions import axis_angle_to_rotation_matrix
+
+    def pose(angle, x):
+        c2w = torch.eye(4, dtype=torch.float64)
+        c2w[:3, :3] = axis_angle_to_rotation_matrix(torch.tensor([[0.0, angle, 0.0]], dtype=torch.float64))[0]
+        c2w[0, 3] = x
+        return c2w[:3]
+
+    predicted = constant_velocity(pose(0.1, 0.2), pose(0.0, 0.0))
+    expected = to_homogeneous(pose(0.1, 0.2)) @ torch.linalg.inv(to_homogeneous(pose(0.0, 0.0))) @ to_homogeneous(pose(0.1, 0.2))
+    torch.testing.assert_close(predicted, expected[:3])
+    torch.testing.assert_close(constant_velocity(pose(0.1, 0.2), None), pose(0.1, 0.2))
+    gt = torch.stack([pose(0.01 * i, 0.02 * i) for i in range(6)])
+    shifted = gt.clone()
+    shifted[:, 1, 3] += 0.5  # a constant offset: ATE sees it, RPE (frame to frame) does not
+    rot, trans = relative_pose_errors(shifted, gt)
+    assert trans.max() < 1e-12 and rot.max() < 1e-6
+    jitter = gt.clone()
+    jitter[::2, 2, 3] += 0.01
+    assert relative_pose_errors(jitter, gt)[1].min() == pytest.approx(0.01)
+    summary = summarize_trajectory(shifted, gt, lost=[False] * 5 + [True], relocalized=[True] + [False] * 5, seconds=[1.0] * 6)
+    assert summary["ate_rmse"] == pytest.approx(0.5) and summary["num_lost"] == 1 and summary["num_relocalized"] == 1
+    # A TUM line of a known pose: identity OpenGL pose = camera looking down -z = OpenCV rotation diag(1, -1, -1).
+    line = tum_lines([0.0], [torch.eye(4)[:3]])[1].split()
+    assert [float(v) for v in line[4:]] == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(opengl_c2w_to_opencv_c2w(opengl_c2w_to_opencv_c2w(gt)), gt)
