@@ -5,7 +5,8 @@
 
 * the **tracker**, a short per-frame schedule (``configs/localize/sequence.yaml`` for gsloc): frame ``k`` starts
   from the pose a constant-velocity motion model predicts, ``T_k = T_{k-1} (T_{k-2}^-1 T_{k-1})`` (the last
-  camera motion repeated, in the camera's own axes), or from the last good pose when the frame before was not good;
+  camera motion repeated, in the camera's own axes; see :meth:`SequenceTracker.predict` after a lost or
+  re-localized frame);
 * the **re-localizer**, the method with its full schedule (a wide basin: matching stage, PnP jumps, map PnP
   hypotheses), for the first frame (from its prior) and for every frame the tracker did not localize with
   confidence: the verifier (:mod:`nerfstudio_gsloc.localize.verification`) rejects a pose whose confidence is
@@ -84,13 +85,11 @@ class SequenceFrame:
         return self.event != EVENT_LOST
 
 
-def constant_velocity(previous: Tensor, before: Optional[Tensor]) -> Tensor:
-    """The next ``[3, 4]`` pose after ``previous`` when the camera repeats the motion ``before -> previous``
-    (``before`` ``None``: no motion known, the previous pose)."""
-    if before is None:
-        return previous[:3, :4].clone()
-    prev, prior = to_homogeneous(previous.double()), to_homogeneous(before.double())
-    return (prev @ (rigid_inverse(prior) @ prev))[:3, :4].to(previous.dtype)
+def constant_velocity(pose: Tensor, motion_from: Tensor, motion_to: Tensor) -> Tensor:
+    """``pose [3|4, 4]`` moved by the camera motion ``motion_from -> motion_to`` (in the camera's own axes):
+    ``pose (from^-1 to)``, ``[3, 4]``. With ``pose = to`` it is the next pose of a camera that repeats its motion."""
+    motion = rigid_inverse(motion_from.double()) @ to_homogeneous(motion_to.double())
+    return (to_homogeneous(pose.double()) @ motion)[:3, :4].to(pose.dtype)
 
 
 def _confident(result: LocalizationResult) -> bool:
@@ -123,13 +122,16 @@ class SequenceTracker:
         self.retrieval = retrieval
 
     def predict(self, frames: Sequence[SequenceFrame]) -> Tensor:
-        """The start of the next frame from the frames so far (at least one good frame)."""
-        good = [i for i, f in enumerate(frames) if f.good]
-        last = good[-1]
-        before = None
-        if self.config.motion_model and last == len(frames) - 1 and len(good) > 1 and good[-2] == last - 1:
-            before = frames[last - 1].result.c2w
-        return constant_velocity(frames[last].result.c2w, before)
+        """The start of the next frame from the frames so far (at least one good frame): the last good pose moved by
+        the last known camera motion, that between the latest tracked frame and the frame before it (a re-localized
+        frame may follow a jump: its "motion" is not the camera's; after it the motion before the jump goes on)."""
+        last = max(i for i, f in enumerate(frames) if f.good)
+        if not self.config.motion_model:
+            return frames[last].result.c2w[:3, :4].clone()
+        for i in range(last, 0, -1):
+            if frames[i].event == EVENT_TRACKED and frames[i - 1].good:
+                return constant_velocity(frames[last].result.c2w, frames[i - 1].result.c2w, frames[i].result.c2w)
+        return frames[last].result.c2w[:3, :4].clone()
 
     def relocalization_starts(self, query: Query, last_good: Optional[Tensor]) -> List[Tuple[str, Tensor]]:
         """Where a frame is re-localized from, in order: retrieval + PnP (when enabled and it finds a pose), the last

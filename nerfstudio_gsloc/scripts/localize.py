@@ -380,7 +380,7 @@ def localize_main(cli: LocalizeCLI) -> None:
         query_init_sources(queries[starting], init)
         check_queries_suit(method, config, queries)
     settings_all = cli.settings()
-    if method == "pnp" and "retrieval" in query_init_sources(queries, init):
+    if method == "pnp" and "retrieval" in query_init_sources(queries[starting], init):
         settings_all.pnp = dataclasses.replace(settings_all.pnp, selection="retrieval")  # no prior to choose views by
     localizer = make_localizer(method, settings_all, pipeline.model, pipeline, seed=cli.seed)
     source, settings = _query_source(cli), _settings(cli, init)
