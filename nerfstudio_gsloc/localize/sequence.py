@@ -5,13 +5,14 @@
 
 * the **tracker**, a short per-frame schedule (``configs/localize/sequence.yaml`` for gsloc): frame ``k`` starts
   from the pose a constant-velocity motion model predicts, ``T_k = T_{k-1} (T_{k-2}^-1 T_{k-1})`` (the last
-  camera motion repeated, in the camera's own axes; see :meth:`SequenceTracker.predict` after a lost or
-  re-localized frame);
+  camera motion repeated, in the camera's own axes, when frame ``k-1`` was tracked from frame ``k-2``). Its small steps refine a good prediction without kicking it away (Adam's first steps are
+  as long as its learning rate whatever the gradient);
 * the **re-localizer**, the method with its full schedule (a wide basin: matching stage, PnP jumps, map PnP
-  hypotheses), for the first frame (from its prior) and for every frame the tracker did not localize with
-  confidence: the verifier (:mod:`nerfstudio_gsloc.localize.verification`) rejects a pose whose confidence is
-  under its threshold, and such a frame is re-localized from each :meth:`SequenceTracker.relocalization_starts`
-  (retrieval + PnP when the tracker has it, then the last good pose) until one is confident.
+  hypotheses), for the first frame (from its prior), for a frame without a known motion (frame 1, the frame after a
+  re-localized or lost one: from the last good pose, a whole step away or more) and for every frame the tracker did not localize with confidence: the verifier (:mod:`nerfstudio_gsloc.localize.verification`) rejects a pose whose confidence is
+  under its threshold, and such a frame (or one the refinement moved implausibly far from the prediction,
+  :attr:`SequenceConfig.max_correction`) is re-localized from each :meth:`SequenceTracker.relocalization_starts`
+  (the prediction, retrieval + PnP when the tracker has it, then the last good pose) until one is confident.
 
 Every frame gets an event: ``initialized`` (frame 0), ``tracked``, ``relocalized`` (the tracker's pose was
 refused, a re-localization was confident) or ``lost`` (nothing confident; the frame keeps its best pose, its status
@@ -41,6 +42,7 @@ from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.registry import LocalizerSettings, SingleLossBudget, make_localizer, make_verifier
 from nerfstudio_gsloc.localize.result import STATUS_FAILED, LocalizationResult
 from nerfstudio_gsloc.localize.verification import PoseVerifier
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 EVENT_INITIALIZED = "initialized"
 EVENT_TRACKED = "tracked"
@@ -57,8 +59,15 @@ class SequenceConfig:
 
     motion_model: bool = True
     """Start each frame from the constant-velocity prediction (off: from the previous pose)."""
+    max_correction: float = 0.004
+    """A tracked pose that the refinement moved further than this (scene units) from the motion model's prediction
+    is not trusted: the motion is smooth, and a photometric optimum that drifts along a flat direction of the
+    objective (orbiting the scene looks much like turning) would feed the next prediction; the frame is re-localized."""
+    max_correction_deg: float = 0.3
+    """... or turned further than this (degrees)."""
     relocalize_from_retrieval: bool = True
-    """Re-localize a frame first from retrieval + PnP (no prior), then from the last good pose."""
+    """Re-localize a frame from the prediction, then from retrieval + PnP (no prior), then from the last good pose;
+    off: without retrieval."""
     fps: float = 30.0
     """Nominal frame rate: the TUM timestamps are ``frame / fps`` seconds."""
 
@@ -121,22 +130,36 @@ class SequenceTracker:
         self.config = config if config is not None else SequenceConfig()
         self.retrieval = retrieval
 
-    def predict(self, frames: Sequence[SequenceFrame]) -> Tensor:
-        """The start of the next frame from the frames so far (at least one good frame): the last good pose moved by
-        the last known camera motion, that between the latest tracked frame and the frame before it (a re-localized
-        frame may follow a jump: its "motion" is not the camera's; after it the motion before the jump goes on)."""
-        last = max(i for i, f in enumerate(frames) if f.good)
-        if not self.config.motion_model:
-            return frames[last].result.c2w[:3, :4].clone()
-        for i in range(last, 0, -1):
-            if frames[i].event == EVENT_TRACKED and frames[i - 1].good:
-                return constant_velocity(frames[last].result.c2w, frames[i - 1].result.c2w, frames[i].result.c2w)
-        return frames[last].result.c2w[:3, :4].clone()
+    def predict(self, frames: Sequence[SequenceFrame]) -> Tuple[Tensor, bool]:
+        """The start of the next frame from the frames so far (at least one good frame).
 
-    def relocalization_starts(self, query: Query, last_good: Optional[Tensor]) -> List[Tuple[str, Tensor]]:
-        """Where a frame is re-localized from, in order: retrieval + PnP (when enabled and it finds a pose), the last
-        good pose."""
-        starts: List[Tuple[str, Tensor]] = []
+        The camera motion is known when the last frame was tracked from the frame before it (not re-localized: that
+        may follow a jump, and its "motion" is not the camera's); the next pose repeats it.
+
+        Returns:
+            ``(pose [3, 4], whether a motion was known)``; without one the last good pose.
+        """
+        last = max(i for i, f in enumerate(frames) if f.good)
+        if (self.config.motion_model and last == len(frames) - 1 and last > 0
+                and frames[last].event == EVENT_TRACKED and frames[last - 1].good):
+            return constant_velocity(frames[last].result.c2w, frames[last - 1].result.c2w, frames[last].result.c2w), True
+        return frames[last].result.c2w[:3, :4].clone(), False
+
+    def _correction(self, result: LocalizationResult, predicted: Tensor) -> Optional[str]:
+        """Why a tracked pose moved implausibly far from the prediction, or ``None``."""
+        if not bool(torch.isfinite(result.c2w).all()):
+            return None
+        est, pred = result.c2w[None].double(), predicted[None].double()
+        moved, turned = float(translation_error(est, pred)[0]), float(rotation_error_deg(est, pred)[0])
+        if moved > self.config.max_correction or turned > self.config.max_correction_deg:
+            return f"moved {moved:.4f} and {turned:.2f} deg from the prediction"
+        return None
+
+    def relocalization_starts(self, query: Query, last_good: Optional[Tensor],
+                              predicted: Optional[Tensor] = None) -> List[Tuple[str, Tensor]]:
+        """Where a frame is re-localized from, in order: the motion model's prediction (when given), retrieval + PnP
+        (when enabled and it finds a pose), the last good pose."""
+        starts: List[Tuple[str, Tensor]] = [] if predicted is None else [("prediction", predicted[:3, :4].float().cpu())]
         if self.retrieval is not None and self.config.relocalize_from_retrieval:
             found = self.retrieval(query)
             if found is not None:
@@ -180,17 +203,22 @@ class SequenceTracker:
                 event = EVENT_INITIALIZED if not frames else EVENT_RELOCALIZED
                 return SequenceFrame(self._note(result, event, attempts), predicted, event, attempts)
             return self._relocalize(query, predicted, result, None, attempts)
-        predicted = self.predict(frames)
-        result = self.tracker.localize([query], [predicted])[0]
-        attempts.append(("motion model", result.confidence, result.status == STATUS_FAILED))
-        if _confident(result):
+        predicted, moving = self.predict(frames)
+        # Without a known motion (frame 1, a re-localization with no motion before it) the camera may have moved a
+        # whole step: the wide basin of the re-localizer, from the last pose.
+        result = (self.tracker if moving else self.relocalizer).localize([query], [predicted])[0]
+        attempts.append(("motion model" if moving else "previous pose", result.confidence, result.status == STATUS_FAILED))
+        correction = self._correction(result, predicted) if moving else None
+        if _confident(result) and correction is None:
             return SequenceFrame(result, predicted, EVENT_TRACKED, attempts)
+        if correction is not None:
+            attempts[-1] = (f"motion model ({correction})", result.confidence, result.status == STATUS_FAILED)
         last_good = next(f.result.c2w for f in reversed(frames) if f.good)
-        return self._relocalize(query, predicted, result, last_good, attempts)
+        return self._relocalize(query, predicted, result, last_good, attempts, from_prediction=moving)
 
     def _relocalize(self, query: Query, predicted: Tensor, best: LocalizationResult, last_good: Optional[Tensor],
-                    attempts: List[Tuple[str, Optional[float], bool]]) -> SequenceFrame:
-        for name, start in self.relocalization_starts(query, last_good):
+                    attempts: List[Tuple[str, Optional[float], bool]], from_prediction: bool = False) -> SequenceFrame:
+        for name, start in self.relocalization_starts(query, last_good, predicted if from_prediction else None):
             result = self.relocalizer.localize([query], [start])[0]
             attempts.append((name, result.confidence, result.status == STATUS_FAILED))
             if _confident(result):
