@@ -130,14 +130,17 @@ TABLE_COLUMNS = (
 )
 
 
+def table_cells(summary: Mapping[str, Any]) -> List[str]:
+    """One method's cells of the sequence table (:data:`TABLE_COLUMNS`; ``n/a`` where not measured)."""
+    cells = []
+    for key, _, fmt in TABLE_COLUMNS:
+        value = summary.get(key)
+        cells.append("n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
+    return cells
+
+
 def markdown_table(summaries: Mapping[str, Dict[str, Any]]) -> List[str]:
     """The per-method table (scene units, ATE not aligned) as markdown lines."""
     lines = ["| method | " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |",
              "|---|" + "---:|" * len(TABLE_COLUMNS)]
-    for name, summary in summaries.items():
-        cells = []
-        for key, _, fmt in TABLE_COLUMNS:
-            value = summary.get(key)
-            cells.append("n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + [f"| {name} | " + " | ".join(table_cells(summary)) + " |" for name, summary in summaries.items()]

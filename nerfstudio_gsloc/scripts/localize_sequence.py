@@ -64,6 +64,5 @@ def sequence_table(method: str, summary: Dict[str, Any]) -> Table:
     table = Table(title=f"Sequence of {summary['num_frames']} frames ({method}; scene units, ATE not aligned)")
     for _, header, _ in sequence_report.TABLE_COLUMNS:
         table.add_column(header, justify="right")
-    row = sequence_report.markdown_table({method: summary})[-1].strip("|").split("|")[1:]
-    table.add_row(*[cell.strip() for cell in row])
+    table.add_row(*sequence_report.table_cells(summary))
     return table

@@ -20,6 +20,9 @@ PATH_FRAMES, FRAMES, WIDTH, HEIGHT = 12, 6, 64, 48
 MAX_TRANS, MAX_ROT_DEG = 0.02, 1.0
 #: At 64 x 48 a query has only about 50 map matches: a correct pose gets a confidence of 0.45 to 0.85.
 THRESHOLD = 0.4
+#: The small run's photometric optimum moves by about 5 mm and 0.2 deg from frame to frame (a pixel is a degree):
+#: the tracker's correction limit of the 128 x 96 room (0.004, 0.3 deg) is scaled up accordingly.
+MAX_CORRECTION, MAX_CORRECTION_DEG = 0.012, 1.0
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,8 @@ def tracked(small_gsloc_run, track_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("tracked")
     localize.main(["--load-config", str(small_gsloc_run), "--queries", str(track_file), "--sequence", "--preset", "fast",
                    "--max-queries", str(FRAMES), "--output-dir", str(out), "--num-threads", "1", "--pnp.num-views", "6",
-                   "--verification.threshold", str(THRESHOLD)])
+                   "--verification.threshold", str(THRESHOLD), "--sequence-settings.max-correction", str(MAX_CORRECTION),
+                   "--sequence-settings.max-correction-deg", str(MAX_CORRECTION_DEG)])
     return out, read_poses(out / "poses.json")
 
 
@@ -101,7 +105,7 @@ def test_a_jump_in_the_sequence_is_relocalized_and_the_track_recovers(small_gslo
     from nerfstudio_gsloc.localize.pipeline import load_preset
     from nerfstudio_gsloc.localize.queries import load_transforms_queries, run_frame_transform
     from nerfstudio_gsloc.localize.registry import LocalizerSettings
-    from nerfstudio_gsloc.localize.sequence import make_sequence_tracker
+    from nerfstudio_gsloc.localize.sequence import SequenceConfig, make_sequence_tracker
     from nerfstudio_gsloc.runs import load_run
 
     _, pipeline = load_run(small_gsloc_run)
@@ -111,8 +115,9 @@ def test_a_jump_in_the_sequence_is_relocalized_and_the_track_recovers(small_gslo
     settings = LocalizerSettings(gsloc=load_preset("fast"))
     settings.pnp.num_views = 6
     settings.verification.threshold = THRESHOLD
+    config = SequenceConfig(max_correction=MAX_CORRECTION, max_correction_deg=MAX_CORRECTION_DEG)
     tracker = make_sequence_tracker("gsloc", settings, load_preset("sequence", base=settings.gsloc), pipeline.model,
-                                    pipeline)
+                                    pipeline, config=config)
     frames = tracker.track(queries, queries[0].prior_c2w)
     events = [f.event for f in frames]
     print(events, [f.attempts for f in frames])
@@ -157,3 +162,16 @@ def test_constant_velocity_repeats_the_last_motion_and_rpe_measures_jitter():
     line = tum_lines([0.0], [torch.eye(4)[:3]])[1].split()
     assert [float(v) for v in line[4:]] == pytest.approx([1.0, 0.0, 0.0, 0.0])
     torch.testing.assert_close(opengl_c2w_to_opencv_c2w(opengl_c2w_to_opencv_c2w(gt)), gt)
+
+
+def test_the_sequence_protocol_draws_only_the_first_frames_start():
+    from types import SimpleNamespace
+
+    from nerfstudio_gsloc.evaluation.protocols import generate_trials, load_protocol
+
+    protocol = load_protocol("sequence")
+    assert protocol.is_sequence and protocol.has_prior and protocol.trials_per_query == 1
+    gt = torch.eye(4)[:3]
+    queries = [SimpleNamespace(name=f"f{i}", index=i, gt_c2w=gt) for i in range(3)]
+    first = generate_trials(protocol, queries, 1.0)[0]
+    assert first.init_rot_deg == pytest.approx(2.0, abs=1e-4) and first.init_trans == pytest.approx(0.02, abs=1e-6)
