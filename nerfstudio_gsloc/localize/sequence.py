@@ -208,7 +208,8 @@ class SequenceTracker:
         # whole step: the wide basin of the re-localizer, from the last pose.
         result = (self.tracker if moving else self.relocalizer).localize([query], [predicted])[0]
         attempts.append(("motion model" if moving else "previous pose", result.confidence, result.status == STATUS_FAILED))
-        correction = self._correction(result, predicted) if moving else None
+        # Only a refinement can drift from its start (a closed-form method such as pnp never reads it).
+        correction = self._correction(result, predicted) if moving and self.tracker.max_iterations > 0 else None
         if _confident(result) and correction is None:
             return SequenceFrame(result, predicted, EVENT_TRACKED, attempts)
         if correction is not None:
