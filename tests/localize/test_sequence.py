@@ -148,6 +148,12 @@ def test_constant_velocity_repeats_the_last_motion_and_rpe_measures_jitter():
     step[:3] = pose(0.1, 0.2)
     torch.testing.assert_close(predicted, (step @ step)[:3])
     torch.testing.assert_close(constant_velocity(pose(0.3, 0.0), pose(0.1, 0.2), pose(0.1, 0.2)), pose(0.3, 0.0))
+    # Float32 poses composed frame after frame stay rotations (their skew would grow by about 2.4 a frame).
+    poses = [pose(0.0, 0.0).float(), pose(0.013, 0.02).float()]
+    for _ in range(30):
+        poses.append(constant_velocity(poses[-1], poses[-2], poses[-1]))
+    rot = poses[-1][:, :3].double()
+    assert (rot.T @ rot - torch.eye(3, dtype=torch.float64)).abs().max() < 1e-5
     gt = torch.stack([pose(0.01 * i, 0.02 * i) for i in range(6)])
     shifted = gt.clone()
     shifted[:, 1, 3] += 0.5  # a constant offset: ATE sees it, RPE (frame to frame) does not
