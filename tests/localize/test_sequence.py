@@ -90,7 +90,8 @@ def test_the_tum_file_parses_and_matches_poses_json(tracked):
     lines = (out / "trajectory.tum").read_text().splitlines()
     assert lines[0].startswith("#") and all(len(line.split()) == 8 for line in lines[1:])
     for record, pose in zip(records, c2w):
-        torch.testing.assert_close(pose, to_homogeneous(record.c2w.double()), atol=1e-6, rtol=0)
+        # A quaternion is an exact rotation; the float32 refined matrix is orthonormal to about 1e-6.
+        torch.testing.assert_close(pose, to_homogeneous(record.c2w.double()), atol=1e-5, rtol=0)
     # The file holds OpenCV camera axes: its rotation's third column is the viewing direction (OpenGL's -z).
     first = [float(v) for v in lines[1].split()]
     from nerfstudio_gsloc.tum_file import quaternion_to_rotation
