@@ -40,7 +40,7 @@ from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
 from nerfstudio_gsloc.localize.pnp import PnPLocalizer, PnPLocalizerConfig
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.registry import LocalizerSettings, SingleLossBudget, make_localizer, make_verifier
-from nerfstudio_gsloc.localize.result import STATUS_FAILED, LocalizationResult
+from nerfstudio_gsloc.localize.result import STATUS_FAILED, STATUS_MAX_ITERATIONS, LocalizationResult
 from nerfstudio_gsloc.localize.verification import PoseVerifier
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
@@ -59,11 +59,14 @@ class SequenceConfig:
 
     motion_model: bool = True
     """Start each frame from the constant-velocity prediction (off: from the previous pose)."""
-    max_correction: float = 0.004
+    max_rounds: int = 3
+    """A tracked frame that stops at the iteration limit (still moving: the camera accelerated more than one short
+    schedule can follow) is refined again from where it stopped, up to this many rounds in all."""
+    max_correction: float = 0.01
     """A tracked pose that the refinement moved further than this (scene units) from the motion model's prediction
     is not trusted: the motion is smooth, and a photometric optimum that drifts along a flat direction of the
     objective (orbiting the scene looks much like turning) would feed the next prediction; the frame is re-localized."""
-    max_correction_deg: float = 0.3
+    max_correction_deg: float = 0.5
     """... or turned further than this (degrees)."""
     relocalize_from_retrieval: bool = True
     """Re-localize a frame from the prediction, then from retrieval + PnP (no prior), then from the last good pose;
@@ -214,6 +217,12 @@ class SequenceTracker:
         # Without a known motion (frame 1, a re-localization with no motion before it) the camera may have moved a
         # whole step: the wide basin of the re-localizer, from the last pose.
         result = (self.tracker if moving else self.relocalizer).localize([query], [predicted])[0]
+        for _ in range(self.config.max_rounds - 1):
+            if not moving or result.status != STATUS_MAX_ITERATIONS:
+                break
+            again = self.tracker.localize([query], [result.c2w])[0]
+            again.c2w_init, again.seconds, again.iterations = result.c2w_init, result.seconds, result.iterations + again.iterations
+            result = again
         attempts.append(("motion model" if moving else "previous pose", result.confidence, result.status == STATUS_FAILED))
         # Only a refinement can drift from its start (a closed-form method such as pnp never reads it).
         correction = self._correction(result, predicted) if moving and self.tracker.max_iterations > 0 else None
