@@ -182,3 +182,54 @@ def test_the_sequence_protocol_draws_only_the_first_frames_start():
     queries = [SimpleNamespace(name=f"f{i}", index=i, gt_c2w=gt) for i in range(3)]
     first = generate_trials(protocol, queries, 1.0)[0]
     assert first.init_rot_deg == pytest.approx(2.0, abs=1e-4) and first.init_trans == pytest.approx(0.02, abs=1e-6)
+
+
+class _ReachLocalizer:
+    """A stand-in localizer (no model): moves each start straight towards the query's true centre by at most
+    ``reach`` per call; converged when it gets there, else stopped at the iteration limit; confident within 5 mm."""
+
+    max_iterations = 10
+
+    def __init__(self, reach: float) -> None:
+        self.reach, self.calls = reach, 0
+
+    def localize(self, queries, starts):
+        from nerfstudio_gsloc.localize.result import LocalizationResult
+
+        self.calls += 1
+        query, start = queries[0], starts[0][:3, :4].double()
+        gap = query.gt_c2w[:3, 3].double() - start[:, 3]
+        step = gap if gap.norm() <= self.reach else gap / gap.norm() * self.reach
+        c2w = start.clone()
+        c2w[:, 3] += step
+        close = bool((c2w[:, 3] - query.gt_c2w[:3, 3].double()).norm() < 5e-3)
+        status = ("converged" if step.norm() < self.reach else "max_iterations") if close else "rejected"
+        return [LocalizationResult(query.name, query.index, c2w.float(), start.float(), status, iterations=10,
+                                   confidence=1.0 if close else 0.0)]
+
+
+def test_the_tracker_follows_an_acceleration_in_rounds_and_relocalizes_a_jump():
+    from types import SimpleNamespace
+
+    from nerfstudio_gsloc.localize.sequence import SequenceConfig, SequenceTracker
+
+    # Centres along x: steps of 1 cm, then 1.6 cm (an acceleration of 6 mm, more than one round reaches), then a
+    # 30 cm jump.
+    xs = [0.0, 0.01, 0.02, 0.03, 0.046, 0.062, 0.362, 0.372, 0.382]
+    queries = []
+    for i, x in enumerate(xs):
+        gt = torch.eye(4)[:3].clone()
+        gt[0, 3] = x
+        queries.append(SimpleNamespace(name=f"f{i}", index=i, gt_c2w=gt))
+    tracker_loc, wide = _ReachLocalizer(0.0025), _ReachLocalizer(1.0)
+    tracker = SequenceTracker(tracker_loc, wide, SequenceConfig(max_rounds=3, max_correction=0.01))
+    frames = tracker.track(queries, queries[0].gt_c2w)
+    events = [f.event for f in frames]
+    assert events == ["initialized", "tracked", "tracked", "tracked", "tracked", "tracked", "relocalized", "tracked",
+                      "tracked"]
+    # Frame 4: the prediction is 6 mm short, three rounds of 2.5 mm reach it; frame 5 moves on at the new speed.
+    assert frames[4].result.iterations == 30 and frames[5].result.iterations == 10
+    assert frames[6].attempts[0][0].startswith("motion model") and frames[6].attempts[1][0] == "prediction"
+    assert frames[7].attempts[0][0] == "previous pose" and frames[8].attempts[0][0] == "motion model"
+    for frame, query in zip(frames, queries):
+        assert float((frame.result.c2w[:, 3] - query.gt_c2w[:, 3]).norm()) < 1e-3
