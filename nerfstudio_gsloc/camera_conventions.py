@@ -63,6 +63,18 @@ def opencv_w2c_to_opengl_c2w(w2c: Tensor) -> Tensor:
     return torch.cat([c2w_cv[..., :3, :3] * flip, c2w_cv[..., :3, 3:4]], dim=-1)
 
 
+def opengl_c2w_to_opencv_c2w(c2w: Tensor) -> Tensor:
+    """OpenGL camera-to-world ``[..., 3|4, 4]`` -> OpenCV camera-to-world ``[..., 3, 4]`` (same centre, camera y and
+    z axes flipped: +z forward, +y down, as the TUM/ORB-SLAM trajectory tools expect). Its own inverse."""
+    c2w = to_homogeneous(c2w)
+    flip = _GL_TO_CV.to(device=c2w.device, dtype=c2w.dtype)
+    return torch.cat([c2w[..., :3, :3] * flip, c2w[..., :3, 3:4]], dim=-1)
+
+
+opencv_c2w_to_opengl_c2w = opengl_c2w_to_opencv_c2w
+"""OpenCV camera-to-world -> OpenGL camera-to-world (the same axis flip)."""
+
+
 def original_to_scene_frame(c2w_original: Tensor, transform: Tensor, scale: float) -> Tensor:
     """Dataset-frame camera-to-world ``[..., 3|4, 4]`` -> nerfstudio's normalised scene frame ``[..., 3, 4]``.
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nerfstudio_gsloc.camera_conventions import rigid_inverse, to_homogeneous
+
 #: Statuses a localizer reports for one query. ``converged``: stopped because the update became small;
 #: ``max_iterations``: ran out of iterations (the pose is still its answer); ``failed``: no usable pose (diverged,
 #: too few matches, ...); ``rejected``: a pose was found but a check (e.g. confidence) refused it.
@@ -263,3 +265,93 @@ def from_strict_json(text: str) -> Any:
         return value
 
     return restore(json.loads(text))
+
+
+# -- trajectories (sequences of frames) ---------------------------------------------------------------------------
+
+
+def relative_pose_errors(c2w_est: Tensor, c2w_gt: Tensor) -> Tuple[Tensor, Tensor]:
+    """Relative pose error between consecutive frames (RPE with a step of one frame, as the TUM tools compute it).
+
+    For frames ``i`` and ``i + 1`` the error is ``E = (Q_i^-1 Q_{i+1})^-1 (P_i^-1 P_{i+1})`` with ``Q`` the ground
+    truth and ``P`` the estimate (camera-to-world): the estimated motion between the two frames compared with the
+    true motion, in the first camera's axes. Frame-to-frame jitter shows here even when the absolute error is small.
+
+    Args:
+        c2w_est: ``[N, 3|4, 4]`` estimated camera-to-world poses (any convention, the same as ``c2w_gt``).
+        c2w_gt: ``[N, 3|4, 4]`` ground truth.
+
+    Returns:
+        ``(rotation [N-1] degrees, translation [N-1] in the poses' units)``, float64; NaN where either frame of a
+        pair has no finite pose.
+    """
+    _check_pose_shapes(c2w_est, c2w_gt)
+    est, gt = to_homogeneous(c2w_est.double()), to_homogeneous(c2w_gt.double())
+    if est.shape[0] < 2:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    finite = torch.isfinite(est).flatten(1).all(dim=1) & torch.isfinite(gt).flatten(1).all(dim=1)
+    pair_ok = finite[:-1] & finite[1:]
+    est = torch.where(finite[:, None, None], est, torch.eye(4, dtype=torch.float64))
+    motion_est = rigid_inverse(est[:-1]) @ est[1:]
+    motion_gt = rigid_inverse(gt[:-1]) @ gt[1:]
+    error = rigid_inverse(motion_gt) @ motion_est
+    rot = rotation_error_deg(error, torch.eye(4, dtype=torch.float64).expand_as(error).contiguous())
+    trans = torch.linalg.norm(error[:, :3, 3], dim=-1)
+    nan = torch.full_like(rot, math.nan)
+    return torch.where(pair_ok, rot, nan), torch.where(pair_ok, trans, nan)
+
+
+def _rmse(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(np.sqrt(np.mean(values ** 2))) if values.size else math.nan
+
+
+def summarize_trajectory(c2w_est: Tensor, c2w_gt: Tensor, lost: Optional[Sequence[bool]] = None,
+                         relocalized: Optional[Sequence[bool]] = None,
+                         seconds: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+    """The trajectory metrics of one tracked sequence.
+
+    * ``ate_rmse``: absolute trajectory error, RMSE of the distances between estimated and true camera centres,
+      **without alignment**: the poses are estimated in the scene's own frame (the frame of the trained model and
+      of the ground truth), so no similarity or rigid fit is applied (which would hide a global offset);
+    * ``rot_rmse_deg``: RMSE of the per-frame geodesic rotation errors;
+    * ``rpe_trans_rmse`` / ``rpe_rot_rmse_deg``: RMSE of :func:`relative_pose_errors` (consecutive frames);
+    * ``num_lost``: frames whose final pose the tracker could not confirm (see
+      :mod:`nerfstudio_gsloc.localize.sequence`), ``num_relocalized``: frames it re-localized;
+    * ``seconds_per_frame_mean`` / ``_median`` / ``_max``.
+
+    Frames without a finite pose are left out of the RMSEs and counted in ``num_without_pose``.
+
+    Args:
+        c2w_est, c2w_gt: ``[N, 3|4, 4]`` camera-to-world poses in the same frame and units (scene units here).
+        lost, relocalized: optional ``[N]`` bools per frame.
+        seconds: optional ``[N]`` wall-clock seconds per frame.
+    """
+    _check_pose_shapes(c2w_est, c2w_gt)
+    est, gt = c2w_est.double(), c2w_gt.double()
+    finite = (torch.isfinite(est).flatten(1).all(dim=1) & torch.isfinite(gt).flatten(1).all(dim=1)).numpy()
+    rot = np.full(est.shape[0], math.nan)
+    trans = np.full(est.shape[0], math.nan)
+    if finite.any():
+        rot[finite] = rotation_error_deg(est[finite], gt[finite]).numpy()
+        trans[finite] = translation_error(est[finite], gt[finite]).numpy()
+    rpe_rot, rpe_trans = (t.numpy() for t in relative_pose_errors(est, gt))
+    secs = np.asarray(seconds if seconds is not None else [], dtype=np.float64)
+    return {
+        "num_frames": int(est.shape[0]),
+        "num_without_pose": int((~finite).sum()),
+        "ate_rmse": _rmse(trans),
+        "ate_max": float(np.nanmax(trans)) if finite.any() else math.nan,
+        "ate_aligned": False,
+        "rot_rmse_deg": _rmse(rot),
+        "rot_max_deg": float(np.nanmax(rot)) if finite.any() else math.nan,
+        "rpe_trans_rmse": _rmse(rpe_trans),
+        "rpe_rot_rmse_deg": _rmse(rpe_rot),
+        "num_lost": int(np.sum(np.asarray(lost, dtype=bool))) if lost is not None else 0,
+        "num_relocalized": int(np.sum(np.asarray(relocalized, dtype=bool))) if relocalized is not None else 0,
+        "seconds_per_frame_mean": float(secs.mean()) if secs.size else math.nan,
+        "seconds_per_frame_median": float(np.median(secs)) if secs.size else math.nan,
+        "seconds_per_frame_max": float(secs.max()) if secs.size else math.nan,
+        "rot_err_deg": rot.tolist(),
+        "trans_err": trans.tolist(),
+    }

@@ -15,6 +15,10 @@ A protocol with ``initial_pose: none`` (``global``) draws nothing: each query ge
 all NaN and never read; the benchmark starts every method from retrieval + PnP instead (the ``pnp`` method runs
 its ``retrieval`` selection), as ``ns-localize --init retrieval`` does.
 
+A protocol with ``initial_pose: sequence`` (``sequence``) tracks the queries as one sequence in their order: only the
+first frame's start is drawn (trial 0 of query 0, as above); every later frame starts from the frame before
+(:mod:`nerfstudio_gsloc.localize.sequence`, ``gsloc-bench`` reports trajectory metrics).
+
 Seeding: the perturbation of trial ``t`` of query ``q`` is drawn from its own CPU generator seeded from
 ``(protocol seed, q.index, t)`` (:func:`trial_seed`), so every method of a benchmark starts from exactly the same
 initial poses, and so does every later run, whatever the order, batching or subset of queries.
@@ -42,7 +46,7 @@ from nerfstudio_gsloc.localize.queries import Query
 RotationMode = Literal["uniform", "sweep"]
 TranslationMode = Literal["uniform_per_axis", "fixed_length", "uniform_length"]
 TranslationReference = Literal["camera_distance", "scene"]
-InitialPoseMode = Literal["perturb", "none"]
+InitialPoseMode = Literal["perturb", "none", "sequence"]
 
 @dataclass
 class RotationSpec:
@@ -85,7 +89,13 @@ class Protocol:
     """Base seed of the trials' generators."""
     initial_pose: InitialPoseMode = "perturb"
     """``perturb``: the ground truth perturbed as above; ``none``: no prior at all (one trial per query, the methods
-    start from retrieval; rotation and translation are not used)."""
+    start from retrieval; rotation and translation are not used); ``sequence``: the queries are one sequence, only the
+    first frame starts from a perturbed ground truth (one trial per query)."""
+
+    @property
+    def is_sequence(self) -> bool:
+        """True for a tracking protocol (``initial_pose: sequence``)."""
+        return self.initial_pose == "sequence"
 
     @property
     def has_prior(self) -> bool:
@@ -95,7 +105,7 @@ class Protocol:
     @property
     def trials_per_query(self) -> int:
         """Number of trials drawn for each query."""
-        if not self.has_prior:
+        if not self.has_prior or self.is_sequence:
             return 1
         if self.rotation.mode == "sweep":
             return self.trials * len(self.rotation.angles_deg)
@@ -128,8 +138,8 @@ class Protocol:
         """Raise :class:`GslocError` for inconsistent settings."""
         rot, tr = self.rotation, self.translation
         where = f"protocol {self.name!r}"
-        if self.initial_pose not in ("perturb", "none"):
-            raise GslocError(f"{where}: initial_pose must be perturb or none, got {self.initial_pose!r}")
+        if self.initial_pose not in ("perturb", "none", "sequence"):
+            raise GslocError(f"{where}: initial_pose must be perturb, none or sequence, got {self.initial_pose!r}")
         if self.trials < 1:
             raise GslocError(f"{where}: trials must be >= 1, got {self.trials}")
         if rot.mode == "uniform":

@@ -15,6 +15,8 @@ Examples::
 
     # or one command on Ray workers (2 local ones here; --ray HEAD_IP:6379 for a cluster, docs/README-ray.md)
     gsloc-bench --load-config .../config.yml --ray --ray-workers 2 --output-dir outputs/bench/ray
+    # a sequence (a camera path, e.g. gsloc-make-scene --trajectory): gsloc, depth and pnp track it frame by frame
+    gsloc-bench --load-config .../config.yml --queries track/transforms.json --protocol sequence --methods gsloc depth pnp
 
     # new images from a transforms.json, two methods, the rotation sweep, 10 queries
     gsloc-bench --load-config .../config.yml --queries new/transforms.json --methods gsloc pnp \\
@@ -117,6 +119,8 @@ class BenchCLI:
     gsloc_preset: Optional[str] = None
     """An ns-localize preset (configs/localize) or .yaml/.json file for gsloc (and photometric/depth), loaded
     before the --method-settings.gsloc.* options, which override it."""
+    sequence_preset: str = "sequence"
+    """--protocol sequence: the per-frame schedule (a configs/localize preset or file on top of gsloc's settings)."""
     method_settings: LocalizerSettings = field(default_factory=LocalizerSettings)
     """Settings of the methods (gsloc's also apply to photometric and depth, with one loss each)."""
     ray: Optional[str] = None
@@ -158,6 +162,8 @@ def validate(cli: BenchCLI) -> Tuple[List[str], Protocol]:
     if "icomma" in methods and loftr is not None and not Path(loftr).is_file():
         raise GslocError(f"LoFTR weights file not found: {loftr}")
     if cli.ray is not None:
+        if protocol.is_sequence:
+            raise GslocError("--protocol sequence does not run on --ray yet (frames depend on each other)")
         from nerfstudio_gsloc.evaluation.ray_runner import import_ray
 
         import_ray(cli.ray)  # one error line now if Ray is not installed
@@ -335,6 +341,14 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
         "confidence_threshold": cli.method_settings.verification.threshold if cli.method_settings.verification.enabled else None,
         "command": "gsloc-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    if protocol.is_sequence:  # frames tracked in order; trajectory metrics instead of per-trial ones
+        from nerfstudio_gsloc.scripts.bench_sequence import run_sequence_benchmark
+
+        source = QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)
+        run_sequence_benchmark(cli.method_settings, cli.sequence_preset, methods, protocol, pipeline, queries, trials[0],
+                               frame, source, output_dir, meta, CONSOLE)
+        CONSOLE.print(f"results in {output_dir}")
+        return []
     progress = Progress(
         TextColumn("[bold]{task.fields[method]}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), console=CONSOLE, transient=False,

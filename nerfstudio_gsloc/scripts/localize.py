@@ -20,6 +20,9 @@ Examples::
     # the same on Ray workers: every core of this machine, or a cluster (docs/README-ray.md)
     ns-localize --load-config .../config.yml --output-dir outputs/loc --init perturb --ray [HEAD_IP:6379]
 
+    # a sequence (frame order of the file): each frame from the last, re-localized when the track is lost
+    ns-localize --load-config .../config.yml --queries track/transforms.json --sequence --output-dir outputs/track
+
 Outputs in ``--output-dir``:
 
 * ``poses.json`` (schema: :mod:`nerfstudio_gsloc.poses_file`): per query the image, the refined, initial and
@@ -34,6 +37,9 @@ Outputs in ``--output-dir``:
   :func:`~nerfstudio_gsloc.scripts.localize_outputs.read_metrics` reads it back).
 * ``trace.csv`` (loss and errors per iteration, saved with every finished query) and ``trace.png`` (error against
   iteration).
+* with ``--sequence``: ``trajectory.tum`` (TUM format: camera-to-world, OpenCV camera axes, original frame),
+  ``trajectory_gt.tum``, ``sequence.json`` (ATE, rotation RMSE, RPE, lost / re-localized frames, time per frame)
+  and ``sequence.png`` (see :mod:`nerfstudio_gsloc.scripts.localize_sequence`).
 
 Distorted queries (the eval split of a dataset with OPENCV / OPENCV_FISHEYE distortion, or such a query file) are
 undistorted exactly like nerfstudio undistorts the training images; poses are unchanged.
@@ -86,8 +92,10 @@ from nerfstudio_gsloc.localize.registry import (
     make_localizer,
 )
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
+from nerfstudio_gsloc.localize.sequence import SequenceConfig, make_sequence_tracker
 from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, threshold_key
 from nerfstudio_gsloc.poses_file import PoseRecord, QuerySource, read_poses, summarize_records
+from nerfstudio_gsloc.scripts.localize_sequence import sequence_table, track_and_save, write_sequence_outputs
 from nerfstudio_gsloc.scripts.localize_outputs import (  # noqa: F401  (trace helpers re-exported)
     METRICS_FILE,
     POSES_FILE,
@@ -155,6 +163,16 @@ class LocalizeCLI:
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     """The ground-truth-free check of every result: confidence in [0, 1] from the support of the pose among the
     query's matches to the training photos; under --verification.threshold the result is 'rejected'."""
+    sequence: bool = False
+    """Track the queries as one sequence, in order (file-name order of --images, frame order of --queries): each
+    frame starts from the previous refined pose (constant-velocity motion model) with the short --sequence-preset
+    schedule, the first from its prior (else retrieval) with the full one; a frame whose confidence falls under
+    --verification.threshold is re-localized (retrieval + PnP, then the last good pose) and the event recorded."""
+    sequence_preset: str = "sequence"
+    """The per-frame schedule of --sequence: a configs/localize preset or file, applied on top of the other
+    --localization.* settings (which the first frame and re-localizations use)."""
+    sequence_settings: SequenceConfig = field(default_factory=SequenceConfig)
+    """Motion model, re-localization and TUM frame rate of --sequence."""
     viewer: bool = False
     """Show the run in nerfstudio's viewer while localizing (frustums move live) and keep it open until Ctrl-C."""
     viewer_port: Optional[int] = None
@@ -332,12 +350,18 @@ def localize_main(cli: LocalizeCLI) -> None:
         raise GslocError("give either --queries (a transforms.json) or --images (a folder of photos), not both")
     if cli.intrinsics is not None and cli.images is None:
         raise GslocError("--intrinsics applies to --images only (a transforms.json has its own intrinsics)")
+    if cli.sequence and (cli.resume or cli.viewer or cli.ray is not None):
+        raise GslocError("--sequence does not support --resume, --viewer or --ray yet (frames depend on each other)")
+    starting = slice(0, 1) if cli.sequence else slice(None)  # a sequence needs the first frame's start only
+    if cli.sequence:
+        tracking = load_preset(cli.sequence_preset, base=cli.localization)
+        PoseInversion.build_matcher(tracking)
     if cli.queries is not None:
         queries = load_transforms_queries(cli.queries, frame, cli.max_queries)
-        init = _resolve_init(queries, init)
+        init = _resolve_init(queries[starting], init)
     elif cli.images is not None:
         # Files, formats and intrinsics checked now; the run's camera is assumed once the run is loaded.
-        init = _resolve_init(load_image_folder_queries(cli.images, None, cli.intrinsics, cli.max_queries), init)
+        init = _resolve_init(load_image_folder_queries(cli.images, None, cli.intrinsics, cli.max_queries)[starting], init)
     elif init == "prior":
         raise GslocError("the eval split has no prior poses: use --init perturb or retrieval, or --queries with "
                          "prior_transform_matrix")
@@ -368,16 +392,16 @@ def localize_main(cli: LocalizeCLI) -> None:
         queries = load_image_folder_queries(cli.images, training_camera(pipeline), cli.intrinsics, cli.max_queries)
     elif queries is None:
         queries = load_eval_queries(pipeline, cli.max_queries)
-        query_init_sources(queries, init)
+        query_init_sources(queries[starting], init)
         check_queries_suit(method, config, queries)
     settings_all = cli.settings()
-    if method == "pnp" and "retrieval" in query_init_sources(queries, init):
+    if method == "pnp" and "retrieval" in query_init_sources(queries[starting], init):
         settings_all.pnp = dataclasses.replace(settings_all.pnp, selection="retrieval")  # no prior to choose views by
     localizer = make_localizer(method, settings_all, pipeline.model, pipeline, seed=cli.seed)
     source, settings = _query_source(cli), _settings(cli, init)
     previous = _load_previous(output_dir, source, settings) if cli.resume else {}
     todo = [q for q in queries if q.name not in previous]
-    starts = _initial_poses(cli, todo, init, method, pipeline) if todo else []
+    starts = _initial_poses(cli, todo[starting], init, method, pipeline) if todo else []
     live = None
     if cli.viewer:
         from nerfstudio_gsloc.viewer.live import start_live_view
@@ -391,10 +415,20 @@ def localize_main(cli: LocalizeCLI) -> None:
     outputs = LocalizeOutputs(output_dir, source, settings, frame, previous, total=len(previous) + len(todo))
     pool = None
     try:
-        with _ray_pool(cli, method, settings_all, todo) as pool:
-            elapsed = _localize_and_save(cli, localizer, method, todo, starts, outputs, len(previous), init, live, pool)
-        if pool is not None:
-            CONSOLE.print(pool.table())
+        if cli.sequence:
+            started = time.perf_counter()
+            tracker = make_sequence_tracker(method, settings_all, tracking, pipeline.model, pipeline, cli.seed,
+                                            cli.sequence_settings, verifier=localizer.verifier)
+            frames = track_and_save(tracker, method, todo, starts[0], outputs, CONSOLE)
+            sequence = write_sequence_outputs(output_dir, todo, frames, method, outputs, cli.sequence_settings.fps,
+                                              {"command": "ns-localize " + " ".join(sys.argv[1:]), "method": method})
+            elapsed = time.perf_counter() - started
+        else:
+            with _ray_pool(cli, method, settings_all, todo) as pool:
+                elapsed = _localize_and_save(cli, localizer, method, todo, starts, outputs, len(previous), init, live,
+                                             pool)
+            if pool is not None:
+                CONSOLE.print(pool.table())
         # 4. Summaries.
         for record in outputs.records.values():
             if record.failed:
@@ -405,6 +439,8 @@ def localize_main(cli: LocalizeCLI) -> None:
         raise Interrupted(outputs.interrupted_message()) from None
     if metrics is not None:
         CONSOLE.print(metrics_table(metrics))
+    if cli.sequence:
+        CONSOLE.print(sequence_table(method, sequence))
     CONSOLE.print(f"{len(todo)} queries in {elapsed:.1f} s; results in {output_dir}")
     CONSOLE.print(f"view them with: gsloc-view --load-config {cli.load_config} --poses {outputs.poses_path}")
     if live is not None:

@@ -5,9 +5,12 @@ Examples::
     gsloc-make-scene --output-dir data/gsloc_room                     # the default scene (80 views, 128x96)
     gsloc-make-scene --output-dir data/gsloc_queries --queries --seed 1 --num-views 10 --width 160 --height 120
     gsloc-make-scene --output-dir data/gsloc_forward --layout forward --no-depth   # RGB-only forward-facing capture
+    gsloc-make-scene --output-dir data/gsloc_track --trajectory --seed 0 --num-views 300   # a camera path to track
 
 With ``--queries`` it writes novel views (poses not in the dataset) of scene ``--scene-seed`` in the dataset's
-original frame; ``--seed`` then picks the query poses.
+original frame; ``--seed`` then picks the query poses. With ``--trajectory`` it writes a smooth camera path of
+``--num-views`` frames (RGB + depth, in path order; frame 0 with a prior pose) for ``ns-localize --sequence``
+(:mod:`nerfstudio_gsloc.data.trajectory`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import tyro
 from rich.console import Console
 
 from nerfstudio_gsloc.data.procedural_scene import DEFAULT_HFOV_DEG, generate_scene, write_query_set
+from nerfstudio_gsloc.data.trajectory import write_trajectory
 from nerfstudio_gsloc.errors import GslocError, Interrupted, run_cli
 from nerfstudio_gsloc.files import OutputError, check_writable
 
@@ -44,6 +48,11 @@ class MakeScene:
     """Horizontal field of view in degrees."""
     queries: bool = False
     """Write a query set (novel views of scene --scene-seed) instead of a dataset."""
+    trajectory: bool = False
+    """Write a camera path through scene --scene-seed (--num-views frames, --seed picks the path) as a query
+    transforms.json for ns-localize --sequence."""
+    step: float = 0.025
+    """With --trajectory: metres between frames (2.5 times more in two faster segments)."""
     scene_seed: int = 0
     """With --queries: the scene the query views show (the dataset's --seed)."""
     layout: Literal["ring", "forward"] = "ring"
@@ -65,7 +74,14 @@ class MakeScene:
             ) from None
 
     def _generate(self) -> Path:
-        if self.queries:
+        if self.queries and self.trajectory:
+            raise GslocError("give --queries or --trajectory, not both")
+        if self.trajectory:
+            path = write_trajectory(self.output_dir, seed=self.seed, num_frames=self.num_views, width=self.width,
+                                    height=self.height, scene_seed=self.scene_seed, hfov_deg=self.hfov_deg,
+                                    step=self.step)
+            what = f"a {self.num_views}-frame camera path through scene {self.scene_seed}"
+        elif self.queries:
             path = write_query_set(
                 self.output_dir,
                 seed=self.seed,

@@ -1,0 +1,235 @@
+"""Tracking a sequence (issue 14): ``ns-localize --sequence`` on a generated camera path of the embedded scene, a
+sequence with a jump that must be re-localized, the TUM file against poses.json, and the trajectory metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_c2w, to_homogeneous
+from nerfstudio_gsloc.metrics import from_strict_json, relative_pose_errors, summarize_trajectory
+from nerfstudio_gsloc.localize.sequence import EVENT_RELOCALIZED, constant_velocity
+from nerfstudio_gsloc.tum_file import read_tum, tum_lines
+
+#: Frames of the generated path (64 x 48, the trained scene's size), how many the CLI tracks, and the error bounds
+#: of the small run (at 64 x 48 a pixel is about a degree).
+PATH_FRAMES, FRAMES, WIDTH, HEIGHT = 12, 6, 64, 48
+MAX_TRANS, MAX_ROT_DEG = 0.02, 1.0
+#: At 64 x 48 a query has only about 50 map matches: a correct pose gets a confidence of 0.45 to 0.85.
+THRESHOLD = 0.4
+#: The small run's photometric optimum moves by about 5 mm and 0.2 deg from frame to frame (a pixel is a degree):
+#: the tracker's correction limit of the 128 x 96 room (0.004, 0.3 deg) is scaled up accordingly.
+MAX_CORRECTION, MAX_CORRECTION_DEG = 0.012, 1.0
+
+
+@pytest.fixture(scope="module")
+def track_file(tmp_path_factory):
+    from nerfstudio_gsloc.data.trajectory import write_trajectory
+
+    return write_trajectory(tmp_path_factory.mktemp("track"), seed=0, num_frames=PATH_FRAMES, width=WIDTH,
+                            height=HEIGHT, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def tracked(small_gsloc_run, track_file, tmp_path_factory):
+    """``ns-localize --sequence`` on the first frames of the path (the fast preset for frame 0): (output folder,
+    poses.json document)."""
+    from nerfstudio_gsloc.poses_file import read_poses
+    from nerfstudio_gsloc.scripts import localize
+
+    out = tmp_path_factory.mktemp("tracked")
+    localize.main(["--load-config", str(small_gsloc_run), "--queries", str(track_file), "--sequence", "--preset", "fast",
+                   "--max-queries", str(FRAMES), "--output-dir", str(out), "--num-threads", "1", "--pnp.num-views", "6",
+                   "--verification.threshold", str(THRESHOLD), "--sequence-settings.max-correction", str(MAX_CORRECTION),
+                   "--sequence-settings.max-correction-deg", str(MAX_CORRECTION_DEG)])
+    return out, read_poses(out / "poses.json")
+
+
+def test_the_trajectory_is_smooth_deterministic_and_never_a_training_view(track_file, embedded_scene):
+    from nerfstudio_gsloc.data.procedural_scene import build_scene
+    from nerfstudio_gsloc.data.trajectory import motion_stats, trajectory_poses
+
+    meta = json.loads(track_file.read_text())
+    poses = np.array([f["transform_matrix"] for f in meta["frames"]])
+    np.testing.assert_allclose(poses, trajectory_poses(build_scene(0), PATH_FRAMES, 0))
+    assert not np.allclose(poses, trajectory_poses(build_scene(0), PATH_FRAMES, 1))
+    stats = motion_stats(poses)
+    assert 0.02 < stats["step_median_m"] < 0.03 and stats["step_max_m"] < 0.07 and stats["turn_max_deg"] < 5.0
+    assert "prior_transform_matrix" in meta["frames"][0] and all("prior_transform_matrix" not in f for f in meta["frames"][1:])
+    assert all((track_file.parent / f["depth_file_path"]).is_file() for f in meta["frames"])
+    train = np.array([f["transform_matrix"] for f in json.loads(embedded_scene.dataset.read_text())["frames"]])
+    assert np.linalg.norm(train[None, :, :3, 3] - poses[:, None, :3, 3], axis=-1).min() > 1e-3
+
+
+def test_a_generated_sequence_is_tracked_end_to_end(tracked, track_file):
+    out, document = tracked
+    records = sorted(document.records, key=lambda r: r.index)
+    assert [r.image for r in records] == [f"images/frame_{i:05d}.png" for i in range(FRAMES)]
+    errors = np.array([r.errors(document.frame.scale) for r in records], dtype=np.float64)
+    print("rot", errors[:, 0].round(3).tolist(), "trans", errors[:, 1].round(4).tolist())
+    assert errors[:, 0].max() < MAX_ROT_DEG and errors[:, 1].max() < MAX_TRANS
+    sequence = from_strict_json((out / "sequence.json").read_text())["methods"]["gsloc"]
+    assert sequence["num_frames"] == FRAMES and sequence["num_lost"] == 0 and sequence["ate_aligned"] is False
+    assert sequence["events"] == ["initialized"] + ["tracked"] * (FRAMES - 1)
+    assert sequence["ate_rmse"] == pytest.approx(float(np.sqrt(np.mean(errors[:, 1] ** 2))), rel=1e-4)
+    # Frame 0 starts from the file's prior, the others from the motion model (not from the ground truth).
+    prior = torch.tensor(json.loads(track_file.read_text())["frames"][0]["prior_transform_matrix"], dtype=torch.float64)
+    torch.testing.assert_close(records[0].c2w_init, prior, atol=1e-5, rtol=0)
+    assert all(not torch.allclose(r.c2w_init, r.c2w_gt, atol=1e-4) for r in records)
+    assert (out / "sequence.png").stat().st_size > 0
+
+
+def test_the_tum_file_parses_and_matches_poses_json(tracked):
+    out, document = tracked
+    stamps, c2w = read_tum(out / "trajectory.tum")
+    records = sorted(document.records, key=lambda r: r.index)
+    assert len(stamps) == FRAMES and np.allclose(stamps, np.arange(FRAMES) / 30.0)
+    lines = (out / "trajectory.tum").read_text().splitlines()
+    assert lines[0].startswith("#") and all(len(line.split()) == 8 for line in lines[1:])
+    for record, pose in zip(records, c2w):
+        # A quaternion is an exact rotation; the float32 refined matrix is orthonormal to about 1e-6.
+        torch.testing.assert_close(pose, to_homogeneous(record.c2w.double()), atol=1e-5, rtol=0)
+    # The file holds OpenCV camera axes: its rotation's third column is the viewing direction (OpenGL's -z).
+    first = [float(v) for v in lines[1].split()]
+    from nerfstudio_gsloc.tum_file import quaternion_to_rotation
+
+    view = quaternion_to_rotation(first[4:])[:, 2]
+    np.testing.assert_allclose(view, -records[0].c2w[:3, 2].numpy(), atol=1e-6)
+    gt_stamps, gt = read_tum(out / "trajectory_gt.tum")
+    torch.testing.assert_close(gt, torch.stack([to_homogeneous(r.c2w_gt.double()) for r in records]), atol=1e-6, rtol=0)
+
+
+def test_a_jump_in_the_sequence_is_relocalized_and_the_track_recovers(small_gsloc_run, track_file):
+    from nerfstudio_gsloc.localize.pipeline import load_preset
+    from nerfstudio_gsloc.localize.queries import load_transforms_queries, run_frame_transform
+    from nerfstudio_gsloc.localize.registry import LocalizerSettings
+    from nerfstudio_gsloc.localize.sequence import SequenceConfig, make_sequence_tracker
+    from nerfstudio_gsloc.runs import load_run
+
+    _, pipeline = load_run(small_gsloc_run)
+    # Frames 3 to 8 removed: a jump of 17 cm and 7 degrees, more than a per-frame refinement can move.
+    queries = load_transforms_queries(track_file, run_frame_transform(small_gsloc_run))
+    queries = queries[:3] + queries[9:11]
+    settings = LocalizerSettings(gsloc=load_preset("fast"))
+    settings.pnp.num_views = 6
+    settings.verification.threshold = THRESHOLD
+    config = SequenceConfig(max_correction=MAX_CORRECTION, max_correction_deg=MAX_CORRECTION_DEG)
+    tracker = make_sequence_tracker("gsloc", settings, load_preset("sequence", base=settings.gsloc), pipeline.model,
+                                    pipeline, config=config)
+    frames = tracker.track(queries, queries[0].prior_c2w)
+    events = [f.event for f in frames]
+    print(events, [f.attempts for f in frames])
+    assert events == ["initialized", "tracked", "tracked", EVENT_RELOCALIZED, "tracked"]
+    assert frames[3].attempts[0][0] == "motion model" and frames[3].attempts[0][1] < THRESHOLD
+    assert frames[3].result.reason.startswith("relocalized (motion model: confidence")
+    # After a re-localization no motion is known (the jump is none): the next frame starts from the re-localized pose
+    # with the wide basin; the frame after it from the motion model again.
+    torch.testing.assert_close(frames[4].predicted, frames[3].result.c2w)
+    assert frames[4].attempts[0][0] == "previous pose" and frames[2].attempts[0][0] == "motion model"
+    for frame, query in zip(frames, queries):
+        rot = summarize_trajectory(frame.result.c2w[None], query.gt_c2w[None])
+        assert rot["rot_rmse_deg"] < MAX_ROT_DEG and rot["ate_rmse"] < MAX_TRANS, (query.name, rot)
+
+
+def test_constant_velocity_repeats_the_last_motion_and_rpe_measures_jitter():
+    from kornia.geometry.conversions import axis_angle_to_rotation_matrix
+
+    def pose(angle, x):
+        c2w = torch.eye(4, dtype=torch.float64)
+        c2w[:3, :3] = axis_angle_to_rotation_matrix(torch.tensor([[0.0, angle, 0.0]], dtype=torch.float64))[0]
+        c2w[0, 3] = x
+        return c2w[:3]
+
+    # A camera turning 0.1 rad about its y axis and moving 0.2 along x per frame: the next pose repeats the motion.
+    predicted = constant_velocity(pose(0.1, 0.2), pose(0.0, 0.0), pose(0.1, 0.2))
+    step = torch.eye(4, dtype=torch.float64)
+    step[:3] = pose(0.1, 0.2)
+    torch.testing.assert_close(predicted, (step @ step)[:3])
+    torch.testing.assert_close(constant_velocity(pose(0.3, 0.0), pose(0.1, 0.2), pose(0.1, 0.2)), pose(0.3, 0.0))
+    # Float32 poses composed frame after frame stay rotations (their skew would grow by about 2.4 a frame).
+    poses = [pose(0.0, 0.0).float(), pose(0.013, 0.02).float()]
+    for _ in range(30):
+        poses.append(constant_velocity(poses[-1], poses[-2], poses[-1]))
+    rot = poses[-1][:, :3].double()
+    assert (rot.T @ rot - torch.eye(3, dtype=torch.float64)).abs().max() < 1e-5
+    gt = torch.stack([pose(0.01 * i, 0.02 * i) for i in range(6)])
+    shifted = gt.clone()
+    shifted[:, 1, 3] += 0.5  # a constant offset: ATE sees it, RPE (frame to frame) does not
+    rot, trans = relative_pose_errors(shifted, gt)
+    assert trans.max() < 1e-12 and rot.max() < 1e-6
+    jitter = gt.clone()
+    jitter[::2, 2, 3] += 0.01
+    assert relative_pose_errors(jitter, gt)[1].min() == pytest.approx(0.01)
+    summary = summarize_trajectory(shifted, gt, lost=[False] * 5 + [True], relocalized=[True] + [False] * 5, seconds=[1.0] * 6)
+    assert summary["ate_rmse"] == pytest.approx(0.5) and summary["num_lost"] == 1 and summary["num_relocalized"] == 1
+    # A TUM line of a known pose: identity OpenGL pose = camera looking down -z = OpenCV rotation diag(1, -1, -1).
+    line = tum_lines([0.0], [torch.eye(4)[:3]])[1].split()
+    assert [float(v) for v in line[4:]] == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(opengl_c2w_to_opencv_c2w(opengl_c2w_to_opencv_c2w(gt)), gt)
+
+
+def test_the_sequence_protocol_draws_only_the_first_frames_start():
+    from types import SimpleNamespace
+
+    from nerfstudio_gsloc.evaluation.protocols import generate_trials, load_protocol
+
+    protocol = load_protocol("sequence")
+    assert protocol.is_sequence and protocol.has_prior and protocol.trials_per_query == 1
+    gt = torch.eye(4)[:3]
+    queries = [SimpleNamespace(name=f"f{i}", index=i, gt_c2w=gt) for i in range(3)]
+    first = generate_trials(protocol, queries, 1.0)[0]
+    assert first.init_rot_deg == pytest.approx(2.0, abs=1e-4) and first.init_trans == pytest.approx(0.02, abs=1e-6)
+
+
+class _ReachLocalizer:
+    """A stand-in localizer (no model): moves each start straight towards the query's true centre by at most
+    ``reach`` per call; converged when it gets there, else stopped at the iteration limit; confident within 5 mm."""
+
+    max_iterations = 10
+
+    def __init__(self, reach: float) -> None:
+        self.reach, self.calls = reach, 0
+
+    def localize(self, queries, starts):
+        from nerfstudio_gsloc.localize.result import LocalizationResult
+
+        self.calls += 1
+        query, start = queries[0], starts[0][:3, :4].double()
+        gap = query.gt_c2w[:3, 3].double() - start[:, 3]
+        step = gap if gap.norm() <= self.reach else gap / gap.norm() * self.reach
+        c2w = start.clone()
+        c2w[:, 3] += step
+        close = bool((c2w[:, 3] - query.gt_c2w[:3, 3].double()).norm() < 5e-3)
+        status = ("converged" if step.norm() < self.reach else "max_iterations") if close else "rejected"
+        return [LocalizationResult(query.name, query.index, c2w.float(), start.float(), status, iterations=10,
+                                   confidence=1.0 if close else 0.0)]
+
+
+def test_the_tracker_follows_an_acceleration_in_rounds_and_relocalizes_a_jump():
+    from types import SimpleNamespace
+
+    from nerfstudio_gsloc.localize.sequence import SequenceConfig, SequenceTracker
+
+    # Centres along x: steps of 1 cm, then 1.6 cm (an acceleration of 6 mm, more than one round reaches), then a
+    # 30 cm jump.
+    xs = [0.0, 0.01, 0.02, 0.03, 0.046, 0.062, 0.362, 0.372, 0.382]
+    queries = []
+    for i, x in enumerate(xs):
+        gt = torch.eye(4)[:3].clone()
+        gt[0, 3] = x
+        queries.append(SimpleNamespace(name=f"f{i}", index=i, gt_c2w=gt))
+    tracker_loc, wide = _ReachLocalizer(0.0025), _ReachLocalizer(1.0)
+    tracker = SequenceTracker(tracker_loc, wide, SequenceConfig(max_rounds=3, max_correction=0.01))
+    frames = tracker.track(queries, queries[0].gt_c2w)
+    events = [f.event for f in frames]
+    assert events == ["initialized", "tracked", "tracked", "tracked", "tracked", "tracked", "relocalized", "tracked",
+                      "tracked"]
+    # Frame 4: the prediction is 6 mm short, three rounds of 2.5 mm reach it; frame 5 moves on at the new speed.
+    assert frames[4].result.iterations == 30 and frames[5].result.iterations == 10
+    assert frames[6].attempts[0][0].startswith("motion model") and frames[6].attempts[1][0] == "prediction"
+    assert frames[7].attempts[0][0] == "previous pose" and frames[8].attempts[0][0] == "motion model"
+    for frame, query in zip(frames, queries):
+        assert float((frame.result.c2w[:, 3] - query.gt_c2w[:, 3]).norm()) < 1e-3
