@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gsloc-bench's throughput in one process vs on 2 local Ray workers (same trials), with the load average beside it.
 # Usage: bash scripts/bench_ray.sh RUN/config.yml [trials per query, default 4] [output folder, default outputs/bench-ray]
-# Prints both runs' throughput, CPU per trial and whether every trial agrees (docs/README-ray.md).
+# Prints both runs' throughput, CPU per trial and whether every trial agrees (README, "Scaling out with Ray").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=$1

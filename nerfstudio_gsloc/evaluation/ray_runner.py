@@ -17,7 +17,7 @@ The driver (the command) loads the run as before, plans the work and writes ever
   again and run by a new actor (at most :data:`MAX_ATTEMPTS` times); a unit's results are used once.
 
 The driver keeps one unit in flight per worker: a worker's rate is its units' compute time, the driver's cost
-per unit is one result transfer and the atomic rewrite of the outputs (see docs/README-ray.md).
+per unit is one result transfer and the atomic rewrite of the outputs (see the README, "Scaling out with Ray").
 """
 
 from __future__ import annotations

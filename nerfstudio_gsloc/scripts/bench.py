@@ -13,7 +13,7 @@ Examples::
     gsloc-bench --load-config .../config.yml --methods icomma --output-dir outputs/bench/b
     gsloc-bench --merge outputs/bench/a outputs/bench/b --output-dir outputs/bench/all
 
-    # or one command on Ray workers (2 local ones here; --ray HEAD_IP:6379 for a cluster, docs/README-ray.md)
+    # or one command on Ray workers (2 local ones here; --ray HEAD_IP:6379 for a cluster, the README, "Scaling out with Ray")
     gsloc-bench --load-config .../config.yml --ray --ray-workers 2 --output-dir outputs/bench/ray
     # a sequence (a camera path, e.g. gsloc-make-scene --trajectory): gsloc, depth and pnp track it frame by frame
     gsloc-bench --load-config .../config.yml --queries track/transforms.json --protocol sequence --methods gsloc depth pnp
@@ -125,7 +125,7 @@ class BenchCLI:
     """Settings of the methods (gsloc's also apply to photometric and depth, with one loss each)."""
     ray: Optional[str] = None
     """Run the trials on Ray workers: --ray alone starts a local Ray runtime on this machine's cores; --ray ADDRESS
-    joins a running cluster (see docs/README-ray.md). Same trials as without it; needs pip install ray."""
+    joins a running cluster (see the README, "Scaling out with Ray"). Same trials as without it; needs pip install ray."""
     ray_workers: Optional[int] = None
     """Ray workers (actors, each loading the run once); default: the CPUs Ray has, divided by --threads."""
 

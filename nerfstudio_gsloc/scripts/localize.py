@@ -17,7 +17,7 @@ Examples::
     # a folder of photos with no poses and no transforms.json: retrieval + PnP, then refinement
     ns-localize --load-config .../config.yml --images my_photos/ --output-dir outputs/photos
 
-    # the same on Ray workers: every core of this machine, or a cluster (docs/README-ray.md)
+    # the same on Ray workers: every core of this machine, or a cluster (README, "Scaling out with Ray")
     ns-localize --load-config .../config.yml --output-dir outputs/loc --init perturb --ray [HEAD_IP:6379]
 
     # a sequence (frame order of the file): each frame from the last, re-localized when the track is lost
@@ -181,7 +181,7 @@ class LocalizeCLI:
     """Interface --viewer listens on (default: nerfstudio's, 0.0.0.0)."""
     ray: Optional[str] = None
     """Localize on Ray workers: --ray alone starts a local Ray runtime on this machine's cores; --ray ADDRESS
-    joins a running cluster (see docs/README-ray.md). Same poses.json as without it; needs pip install ray."""
+    joins a running cluster (see the README, "Scaling out with Ray"). Same poses.json as without it; needs pip install ray."""
     ray_workers: Optional[int] = None
     """Ray workers (actors, each loading the run once); default: the CPUs Ray has, divided by --num-threads."""
 
