@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from nerfstudio_gsloc.errors import run_cli
 from nerfstudio_gsloc.localize.pose import perturb_pose
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.poses_file import read_poses
-from nerfstudio_gsloc.scripts import localize as localize_cli
 from nerfstudio_gsloc.scripts.localize_outputs import read_metrics
+
+from cli_helpers import run_ns_localize
 
 # A short schedule so that the tests stay fast (the default schedule is for accuracy).
 FAST = [
@@ -28,15 +28,7 @@ FAST = [
 ]
 
 
-def _run(argv, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        run_cli(lambda: localize_cli.main([str(a) for a in argv]))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_ns_localize
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from nerfstudio_gsloc import files, runs
-from nerfstudio_gsloc.errors import run_cli
 from nerfstudio_gsloc.poses_file import read_poses
-from nerfstudio_gsloc.scripts import localize as localize_cli
 from nerfstudio_gsloc.scripts import localize_outputs
 from nerfstudio_gsloc.scripts.localize_outputs import read_metrics
+
+from cli_helpers import run_ns_localize
 
 FAST = [
     "--num-threads", "1",
@@ -28,12 +28,7 @@ FAST = [
 
 def _run(argv, capsys):
     """Run the CLI in-process; returns (exit code, stdout, the non-empty stderr lines)."""
-    code = 0
-    try:
-        run_cli(lambda: localize_cli.main([str(a) for a in argv]))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
+    code, out, err = run_ns_localize(argv, capsys)
     return code, out, [line for line in err.strip().splitlines() if line.strip()]
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from nerfstudio_gsloc.errors import GslocError, run_cli
+from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.image_folder import PinholeCamera, load_image_folder_queries
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.poses_file import read_poses
-from nerfstudio_gsloc.scripts import localize as localize_cli
+
+from cli_helpers import run_ns_localize
 
 CAMERA = PinholeCamera(50.0, 50.0, 32.0, 24.0, 64, 48, "the run's training camera")
 
@@ -27,14 +28,7 @@ def _png(path: Path, width: int, height: int, mode: str = "RGB") -> Path:
     return path
 
 
-def _run(argv, capsys):
-    code = 0
-    try:
-        run_cli(lambda: localize_cli.main([str(a) for a in argv]))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_ns_localize
 
 
 def test_intrinsics_scale_with_the_image_and_overrides_win(tmp_path):

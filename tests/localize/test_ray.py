@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
-from nerfstudio_gsloc.errors import GslocError, run_cli
+from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.evaluation.ray_runner import CRASH_ENV, LOCAL, import_ray, init_ray, ray_argv
-from nerfstudio_gsloc.scripts import localize as localize_cli
 from nerfstudio_gsloc.scripts.localize_outputs import LocalizeOutputs
+
+from cli_helpers import run_ns_localize
 
 FAST = [
     "--num-threads", "1",
@@ -36,14 +37,7 @@ def ray_runtime():
     ray.shutdown()
 
 
-def _run(argv, capsys):
-    code = 0
-    try:
-        run_cli(lambda: localize_cli.main([str(a) for a in argv]))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_ns_localize
 
 
 def _by_image(path):

@@ -1,0 +1,17 @@
+"""Shared by the CLI tests: run ``ns-localize`` in-process (imported by name: pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+from nerfstudio_gsloc.errors import run_cli
+from nerfstudio_gsloc.scripts import localize as localize_cli
+
+
+def run_ns_localize(argv, capsys):
+    """Run ``ns-localize argv`` in-process; returns ``(exit code, stdout, stderr)``."""
+    code = 0
+    try:
+        run_cli(lambda: localize_cli.main([str(a) for a in argv]))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
