@@ -130,3 +130,15 @@ def atomic_write_text(path: Union[str, Path], text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Lay out a matplotlib ``fig``, write it to ``path`` atomically and close it, also when the write fails."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from nerfstudio_gsloc.files import atomic_output, atomic_write_text
+from nerfstudio_gsloc.files import atomic_write_text, save_figure
 from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, failure_errors, precision_recall, summarize, threshold_key
 
 #: Columns of results.csv, in order.
@@ -305,18 +305,6 @@ def _angle_bins(records: Sequence[TrialRecord], sweep_angles: Optional[Sequence[
 _STYLES = (("o", "-", 9), ("s", "--", 7.5), ("^", "-.", 6), ("D", ":", 4.5), ("v", "-", 3.5), ("x", "--", 6))
 
 
-def _save_figure(fig, path: Path) -> None:
-    """Lay out ``fig``, write it to ``path`` atomically (120 dpi) and close it, also when the write fails."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
-
-
 def plot_success_vs_angle(path: Path, records: Sequence[TrialRecord], methods: Sequence[str],
                           sweep_angles: Optional[Sequence[float]] = None, title: str = "",
                           max_angle: Optional[float] = None) -> None:
@@ -361,7 +349,7 @@ def plot_success_vs_angle(path: Path, records: Sequence[TrialRecord], methods: S
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=max(1, len(methods)), frameon=False)
     if title:
         ax.set_title(textwrap.fill(title, 90), fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_error_cdf(path: Path, records: Sequence[TrialRecord], methods: Sequence[str], title: str = "") -> None:
@@ -396,7 +384,7 @@ def plot_error_cdf(path: Path, records: Sequence[TrialRecord], methods: Sequence
     axes[0].legend()
     if title:
         fig.suptitle(textwrap.fill(title, 140), fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_precision_recall(path: Path, records: Sequence[TrialRecord], methods: Sequence[str], title: str = "",
@@ -435,4 +423,4 @@ def plot_precision_recall(path: Path, records: Sequence[TrialRecord], methods: S
     if default_threshold is not None:
         axes[0].axvline(default_threshold, color="grey", lw=0.6, ls="--")
     fig.suptitle(textwrap.fill((title + " " if title else "") + "(correct: within 5 deg and 0.05 units)", 140), fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path)

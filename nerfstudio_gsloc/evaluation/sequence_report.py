@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from nerfstudio_gsloc.camera_conventions import FrameTransform
-from nerfstudio_gsloc.files import atomic_output, atomic_write_text
+from nerfstudio_gsloc.files import atomic_write_text, save_figure
 from nerfstudio_gsloc.metrics import summarize_trajectory, to_strict_json
 from nerfstudio_gsloc.tum_file import write_tum
 
@@ -113,12 +113,7 @@ def plot_sequence(path: Path, estimates: Mapping[str, Tensor], gt: Tensor, summa
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 #: Columns of the sequence table: (key of the summary, header, format).

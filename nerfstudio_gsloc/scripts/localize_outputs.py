@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.errors import GslocError, count
-from nerfstudio_gsloc.files import OutputError, atomic_output, atomic_write_text
+from nerfstudio_gsloc.files import OutputError, atomic_write_text, save_figure
 from nerfstudio_gsloc.localize.result import TRACE_FIELDS
 from nerfstudio_gsloc.metrics import from_strict_json, to_strict_json
 from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, write_poses
@@ -92,12 +92,7 @@ def plot_trace(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
         ax.set_xlabel("iteration")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def read_metrics(path: Path) -> Dict[str, Any]:

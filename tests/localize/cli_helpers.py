@@ -5,6 +5,15 @@ from __future__ import annotations
 from nerfstudio_gsloc.errors import run_cli
 from nerfstudio_gsloc.scripts import localize as localize_cli
 
+# A short schedule so that the tests stay fast (the default schedule is for accuracy).
+FAST = [
+    "--num-threads", "1",
+    "--localization.schedule.matching-iterations", "30",
+    "--localization.schedule.pyramid-scales", "1",
+    "--localization.schedule.pyramid-iterations", "8",
+    "--localization.schedule.refine-matching-weight",
+]
+
 
 def run_ns_localize(argv, capsys):
     """Run ``ns-localize argv`` in-process; returns ``(exit code, stdout, stderr)``."""

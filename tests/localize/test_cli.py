@@ -16,16 +16,7 @@ from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.poses_file import read_poses
 from nerfstudio_gsloc.scripts.localize_outputs import read_metrics
 
-from cli_helpers import run_ns_localize
-
-# A short schedule so that the tests stay fast (the default schedule is for accuracy).
-FAST = [
-    "--num-threads", "1",
-    "--localization.schedule.matching-iterations", "30",
-    "--localization.schedule.pyramid-scales", "1",
-    "--localization.schedule.pyramid-iterations", "8",
-    "--localization.schedule.refine-matching-weight",
-]
+from cli_helpers import FAST, run_ns_localize
 
 
 _run = run_ns_localize

@@ -15,16 +15,10 @@ from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.evaluation.ray_runner import CRASH_ENV, LOCAL, import_ray, init_ray, ray_argv
 from nerfstudio_gsloc.scripts.localize_outputs import LocalizeOutputs
 
+from cli_helpers import FAST as FAST_SCHEDULE
 from cli_helpers import run_ns_localize
 
-FAST = [
-    "--num-threads", "1",
-    "--localization.schedule.matching-iterations", "30",
-    "--localization.schedule.pyramid-scales", "1",
-    "--localization.schedule.pyramid-iterations", "8",
-    "--localization.schedule.refine-matching-weight",
-    "--init", "perturb", "--perturb-deg", "5", "--perturb-trans", "0.05",
-]
+FAST = [*FAST_SCHEDULE, "--init", "perturb", "--perturb-deg", "5", "--perturb-trans", "0.05"]
 
 
 @pytest.fixture(scope="module")
