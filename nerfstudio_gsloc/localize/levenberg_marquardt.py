@@ -87,6 +87,16 @@ class LevenbergMarquardt:
         self.render = render
         self.refresh = max(1, int(refresh))
         self.l1_floor = float(l1_floor)
+        self._targets: Dict[int, Tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = {}
+
+    def target(self, batch: BatchState, i: int, w: int, h: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Query ``i``'s image ``[h, w, 3]``, mask ``[h, w]`` (or ``None``) and depth ``[h, w]`` (or ``None``) at
+        the stage's level, downsampled once per solver (one solver runs one stage) rather than per render."""
+        if i not in self._targets:
+            rgb, masks = batch.level_images([i], w, h)
+            depth = None if batch.depths is None else batch.level_depths([i], w, h, masks)[0, ..., 0]
+            self._targets[i] = (rgb[0], None if masks is None else masks[0, ..., 0], depth)
+        return self._targets[i]
 
     @classmethod
     def for_stage(cls, model, batch: BatchState, stage: Stage, ids: List[int], losses: LossConfig,
@@ -115,7 +125,7 @@ class LevenbergMarquardt:
         P = c2w.shape[0]
         rs, scales, kinds = [], [], []
         if stage.photometric_weight > 0:
-            query_rgb, _ = batch.level_images([i], w, h)
+            query_rgb = self.target(batch, i, w, h)[0]
             rgb = views.rgb
             color = batch.colors([i])
             if color is not None:
@@ -126,7 +136,7 @@ class LevenbergMarquardt:
             scales.append(torch.full((diff[0].numel(),), stage.photometric_weight * (1.0 - cfg.ssim_weight) / count))
             kinds.append("photometric")
         if depth_mask is not None and stage.depth_weight > 0:
-            query_depth = batch.level_depths([i], w, h, batch.level_images([i], w, h)[1])[0, ..., 0]
+            query_depth = self.target(batch, i, w, h)[2]
             diff = views.depth[..., 0][:, depth_mask] - query_depth[depth_mask]
             rs.append(diff)
             scales.append(torch.full((diff.shape[1],), stage.depth_weight / max(1, int(depth_mask.sum()))))
@@ -278,9 +288,9 @@ class LevenbergMarquardt:
         poses, Ks, steps_all, masks = [], [], [], []
         for j, i in enumerate(ids):
             valid = centre.alpha[j, ..., 0] >= self.losses.alpha_threshold
-            _, qmask = batch.level_images([i], w, h)
+            qmask = self.target(batch, i, w, h)[1]
             if qmask is not None:
-                valid = valid & qmask[0, ..., 0]
+                valid = valid & qmask
             depth = centre.depth[j, ..., 0][valid]
             steps = self.parameter_steps(Ks_level[i], depth.median() if depth.numel() else 1.0)
             poses.append(self.moved(states[i].base, states[i].pivot, torch.diag(steps)))  # 6 moved poses
@@ -298,8 +308,7 @@ class LevenbergMarquardt:
                 continue
             depth_mask = None
             if batch.depths is not None and stage.depth_weight > 0:
-                qd = batch.level_depths([i], w, h, batch.level_images([i], w, h)[1])[0, ..., 0]
-                depth_mask = mask & (qd > 0)
+                depth_mask = mask & (self.target(batch, i, w, h)[2] > 0)
             sel = _concat(_select(moved, slice(6 * j, 6 * j + 6)), _select(centre, j))  # the 6 moved, then the pose
             pose_rows = torch.cat([poses[j], states[i].base[None]])
             r, scale, parts = self.residuals(batch, stage, i, sel, pose_rows, mask, depth_mask, w, h)
