@@ -9,6 +9,9 @@
   an interrupted or failed write (Ctrl-C, disk full) leaves the previous complete file. Failures are raised as
   :class:`OutputError` (a :class:`~nerfstudio_gsloc.errors.GslocError`) naming the file, so callers can say what
   was kept and what was lost.
+* :func:`append_line` / :class:`RewriteThrottle`: files that grow by one result at a time (a journal of finished
+  queries, trials.jsonl) get one line appended per result, O(1), and the full files (poses.json) are rewritten
+  only every few seconds and at the end, so the cost of saving does not grow with the number of results.
 
 Files get the normal permissions of a newly created file (``0o666`` minus the umask), unlike
 ``tempfile.mkstemp``'s ``0600``: results are meant to be shared.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,3 +146,49 @@ def save_figure(fig, path: Path, dpi: int = 120) -> None:
             fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
+
+
+def append_line(path: Union[str, Path], line: str) -> None:
+    """Append ``line`` (one line, no newline) to ``path`` and flush it to disk.
+
+    One ``write`` per line, so a crash can tear at most the last line, which readers skip. An ``OSError`` becomes
+    an :class:`OutputError` naming ``path``.
+    """
+    path = Path(path)
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        reason = _reason(err, path.parent)
+        raise OutputError(f"cannot write {path}: {reason}", path, reason) from None
+
+
+class RewriteThrottle:
+    """When a file that holds every result so far is worth rewriting again.
+
+    A full rewrite costs time proportional to the results so far, so rewriting after every result is quadratic in
+    the run's length (0.7 ms per poses.json record: 40 days of writing for 100,000 queries). The throttle allows a
+    rewrite at most every ``min_seconds`` and only once the time since the last one is ``1 / max_fraction`` times
+    what that one took, so writing stays under ``max_fraction`` of the run; what happens in between must be kept
+    elsewhere (a journal, an appended line).
+    """
+
+    def __init__(self, min_seconds: float = 2.0, max_fraction: float = 0.05) -> None:
+        self.min_seconds, self.max_fraction = float(min_seconds), float(max_fraction)
+        self.last_end = -float("inf")
+        self.last_cost = 0.0
+
+    def due(self) -> bool:
+        """Whether a rewrite now keeps within both limits."""
+        since = time.perf_counter() - self.last_end
+        return since >= self.min_seconds and since * self.max_fraction >= self.last_cost
+
+    @contextmanager
+    def rewriting(self) -> Iterator[None]:
+        """Time one rewrite (``with throttle.rewriting(): write(...)``)."""
+        started = time.perf_counter()
+        yield
+        self.last_end = time.perf_counter()
+        self.last_cost = self.last_end - started

@@ -93,3 +93,34 @@ def test_strict_json_writes_infinite_errors_as_strings_and_reads_them_back():
     assert back["rot_deg_mean"] == math.inf and back["rates"] == [math.inf, -math.inf] and math.isnan(back["nan"])
     # metrics.json files written before (bare Infinity) are still read.
     assert from_strict_json('{"rot_deg_mean": Infinity}')["rot_deg_mean"] == math.inf
+
+
+def test_rewrites_are_throttled_to_a_small_share_of_the_time(monkeypatch):
+    """A rewrite is due at most every min_seconds, and not before its last cost is max_fraction of the time since."""
+    now = {"t": 100.0}
+    monkeypatch.setattr(files.time, "perf_counter", lambda: now["t"])
+    throttle = files.RewriteThrottle(min_seconds=2.0, max_fraction=0.05)
+    assert throttle.due()  # nothing written yet
+    with throttle.rewriting():
+        now["t"] += 0.5  # a rewrite that took 0.5 s
+    now["t"] += 2.0
+    assert not throttle.due()  # 2 s since, but 0.5 s is 25% of that
+    now["t"] += 7.9
+    assert not throttle.due()
+    now["t"] += 0.2  # 10.1 s since: 0.5 s is under 5%
+    assert throttle.due()
+    with throttle.rewriting():
+        now["t"] += 0.01
+    now["t"] += 1.0
+    assert not throttle.due()  # cheap now, but min_seconds holds
+    now["t"] += 1.0
+    assert throttle.due()
+
+
+def test_append_line_adds_one_line_and_names_the_file_when_it_fails(tmp_path, read_only_dir):
+    path = tmp_path / "trials.jsonl"
+    files.append_line(path, '{"a": 1}')
+    files.append_line(path, '{"a": 2}')
+    assert path.read_text().splitlines() == ['{"a": 1}', '{"a": 2}']
+    with pytest.raises(OutputError, match=f"cannot write {read_only_dir / 'x.jsonl'}: permission denied"):
+        files.append_line(read_only_dir / "x.jsonl", "{}")

@@ -16,8 +16,9 @@ The driver (the command) loads the run as before, plans the work and writes ever
   in-process), so ``--resume`` works after an interrupted distributed run; a unit whose worker dies is queued
   again and run by a new actor (at most :data:`MAX_ATTEMPTS` times); a unit's results are used once.
 
-The driver keeps one unit in flight per worker: a worker's rate is its units' compute time, the driver's cost
-per unit is one result transfer and the atomic rewrite of the outputs (see the README, "Scaling out with Ray").
+The driver keeps :data:`UNITS_QUEUED_PER_WORKER` units queued on each worker, so a worker goes from one unit to
+the next without waiting for the driver: a worker's rate is its units' compute time, the driver's cost per unit
+is one result transfer and a journal line per result (see the README, "Scaling out with Ray").
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ LOCAL = "local"
 MAX_ATTEMPTS = 3
 #: Units of methods that localize every query on its own hold this many queries.
 UNIT_SIZE = 4
+#: Units queued on each worker: the next one waits on the worker while it runs one, so it never idles while the
+#: driver saves a result and sends more.
+UNITS_QUEUED_PER_WORKER = 2
 #: Test hook: a path; the first worker to start a unit creates the file and dies (``os._exit``) mid-run.
 CRASH_ENV = "GSLOC_RAY_TEST_CRASH_MARKER"
 
@@ -261,14 +265,19 @@ class RayPool:
         queue: Deque[Unit] = collections.deque(units)
         attempts: Dict[int, int] = collections.Counter()
         done: set = set()
-        idle = list(self.slots)
+        queued: Dict[int, int] = collections.Counter()  # units sent to each slot's current actor, not yet back
         pending: Dict[Any, Any] = {}
         while queue or pending:
-            while queue and idle:
-                slot, unit = idle.pop(0), queue.popleft()
-                pending[slot.actor.run.remote(unit)] = (slot, unit)
+            for slot in self.slots:
+                while queue and queued[id(slot)] < UNITS_QUEUED_PER_WORKER:
+                    unit = queue.popleft()
+                    pending[slot.actor.run.remote(unit)] = (slot, slot.actor, slot.stats, unit)
+                    queued[id(slot)] += 1
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            slot, unit = pending.pop(ref)
+            slot, actor, stats, unit = pending.pop(ref)
+            current = slot.actor is actor  # False: the reply of an actor that died and was replaced
+            if current:
+                queued[id(slot)] -= 1
             try:
                 key, unit_results, info = ray.get(ref)
             except ray.exceptions.RayActorError as err:
@@ -281,18 +290,17 @@ class RayPool:
                                      f"queries (first {unit.queries[0].name}): {err}") from None
                 self.retries += 1
                 queue.appendleft(unit)
-                slot.stats.died = True
-                self.retired.append(slot.stats)
-                slot.actor, slot.stats = self._new_actor(), WorkerStats(f"{slot.stats.name}'")
-                idle.append(slot)
+                if current:  # the first of the dead actor's units to come back: replace it (once)
+                    stats.died = True
+                    self.retired.append(stats)
+                    slot.actor, slot.stats = self._new_actor(), WorkerStats(f"{slot.stats.name}'")
+                    queued[id(slot)] = 0
                 continue
             except ray.exceptions.RayTaskError as err:
                 raise err.as_instanceof_cause() from None  # the method's own error, as in-process
-            idle.append(slot)
             if key in done:  # a unit is used once, whatever happened to its worker
                 continue
             done.add(key)
-            stats = slot.stats
             stats.machine, stats.load_seconds = info["machine"], info["load_seconds"]
             stats.units += 1
             stats.queries += len(unit.queries)

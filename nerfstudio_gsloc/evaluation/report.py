@@ -79,8 +79,17 @@ def write_trials_jsonl(path: Path, records: Sequence[TrialRecord]) -> None:
 
 
 def read_trials_jsonl(path: Path) -> List[TrialRecord]:
-    """Inverse of :func:`write_trials_jsonl`."""
-    return [TrialRecord(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Inverse of :func:`write_trials_jsonl`; also reads a run's file while it grows (a line appended per trial),
+    skipping a torn last line (a run killed while appending)."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines):
+        try:
+            records.append(TrialRecord(**json.loads(line)))
+        except (ValueError, TypeError):
+            if number < len(lines) - 1:
+                raise
+    return records
 
 
 # ----------------------------------------------------------------------------------------------------------

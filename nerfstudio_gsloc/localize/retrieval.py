@@ -282,6 +282,9 @@ def load_or_build_index(model, pipeline: Any, config: RetrievalConfig, matcher: 
     CONSOLE.log(f"gsloc: building the retrieval index ({len(views)} training views + "
                 f"{len(views) * max(0, config.rendered_per_view)} rendered)")
     index = build_index(model, views, features, config, depth_edge_tolerance)
+    # Descriptors are stored in half precision: use the stored form from the start, so a run that builds the index
+    # gives exactly the poses of a run (or a Ray worker) that reads it from the cache.
+    index = RetrievalIndex.from_state(index.to_state())
     CONSOLE.log(f"gsloc: retrieval index of {total} views built in {index.build_seconds:.1f} s "
                 f"({index.build_cpu_seconds:.1f} s CPU)"
                 + (f", saved to {path}" if path is not None else ""))

@@ -26,11 +26,13 @@ Outputs in ``--output-dir``:
 
 * ``results.md`` and ``results.csv``: per method the success rates at (1°, 0.01), (2°, 0.02), (5°, 0.05) scene
   units, median and mean rotation/translation errors, median seconds per query, median iterations;
-* ``trials.jsonl``: one record per (method, query, trial): seed, initial and final errors, time, status;
+* ``trials.jsonl``: one record per (method, query, trial): seed, initial and final errors, time, status; a line
+  is appended as each trial finishes (so an interrupted run keeps them) and the file is put in order at the end;
 * ``success_vs_angle.png`` and ``error_cdf.png``;
 * ``bench.json``: the protocol, camera-distance scale, machine and settings of the run.
 * ``poses.json``: the initial, final and ground-truth pose of every (method, query, trial), in the format
-  ``ns-localize`` writes (:mod:`nerfstudio_gsloc.poses_file`), so a benchmark opens in ``gsloc-view``.
+  ``ns-localize`` writes (:mod:`nerfstudio_gsloc.poses_file`), so a benchmark opens in ``gsloc-view``; rewritten
+  every few seconds while the run goes (:class:`~nerfstudio_gsloc.files.RewriteThrottle`), at the end and on Ctrl-C.
 
 Every method starts trial ``t`` of query ``q`` from the same initial pose, drawn from a generator seeded by
 ``(protocol seed, query index, t)``, so reruns and methods are comparable.
@@ -52,6 +54,7 @@ import tyro
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.errors import GslocError, Interrupted, count, run_cli
 from nerfstudio_gsloc.evaluation import report
 from nerfstudio_gsloc.evaluation.protocols import (
@@ -62,7 +65,7 @@ from nerfstudio_gsloc.evaluation.protocols import (
     load_protocol,
     protocol_from_dict,
 )
-from nerfstudio_gsloc.files import OutputError, atomic_write_text, check_writable
+from nerfstudio_gsloc.files import OutputError, RewriteThrottle, append_line, atomic_write_text, check_writable
 from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.initialization import InitialPose, localize_from_initial_poses, retrieval_initial_poses
 from nerfstudio_gsloc.localize.pnp import PnPLocalizer, training_camera_poses
@@ -292,7 +295,7 @@ def write_summaries(output_dir: Path, methods: Sequence[str], records: Sequence[
 
 def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """The body of ``gsloc-bench`` (raises :class:`GslocError` for bad input). Returns the summary rows."""
-    from nerfstudio_gsloc.runs import check_run, load_run
+    from nerfstudio_gsloc.runs import check_run
 
     methods, protocol = validate(cli)
     if cli.threads is not None:
@@ -304,6 +307,16 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     if cli.queries is not None:
         # Validate the query file before loading the model (the model is needed only for the eval split).
         load_transforms_queries(cli.queries, frame, cli.max_queries)
+    # With --ray the workers start now and load the run while this process loads it too (their load overlaps the
+    # driver's instead of following it).
+    with _ray_pool(cli, protocol, methods) as pool:
+        return _run_benchmark(cli, argv, methods, protocol, frame, pool)
+
+
+def _run_benchmark(cli: BenchCLI, argv: Optional[Sequence[str]], methods: List[str], protocol: Protocol,
+                   frame: FrameTransform, pool) -> List[Dict[str, Any]]:
+    """Load the run, draw the trials, run every method (on the Ray workers of ``pool`` when given), save."""
+    from nerfstudio_gsloc.runs import load_run
 
     with CONSOLE.status("loading the run"):
         _, pipeline = load_run(cli.load_config)
@@ -367,23 +380,35 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
         global_inits = retrieval_starts(cli.method_settings, model, pipeline, trial_queries)
         meta["retrieval_seconds"] = sum(init.seconds for init in global_inits)
 
-    def save(method_records: Dict[int, report.TrialRecord], method_poses: Dict[int, PoseRecord]) -> None:
-        """trials.jsonl and poses.json with every finished trial (atomic: an interruption keeps complete files)."""
-        done = records + [method_records[k] for k in sorted(method_records)]
+    def save(method_poses: Dict[int, PoseRecord]) -> None:
+        """poses.json with every finished trial (atomic: an interruption keeps a complete file)."""
+        # keyed: a method's poses are in pose_records and, until the next method starts, in method_poses too
+        finished = {r.key: r for r in pose_records + [method_poses[k] for k in sorted(method_poses)]}
         try:
-            report.write_trials_jsonl(output_dir / "trials.jsonl", done)
-            write_poses(output_dir / POSES_FILE, PosesDocument(
-                frame=frame, queries=source, records=pose_records + [method_poses[k] for k in sorted(method_poses)],
-                settings={"protocol": protocol.name, "command": meta["command"]}))
+            with rewrites.rewriting():
+                write_poses(output_dir / POSES_FILE, PosesDocument(
+                    frame=frame, queries=source, records=list(finished.values()),
+                    settings={"protocol": protocol.name, "command": meta["command"]}))
+        except OutputError as err:
+            raise GslocError(f"{err}; {output_dir / 'trials.jsonl'} keeps all {count(saved[0], 'trial')} finished; "
+                             f"lost: {count(total - saved[0], 'trial')} and the summaries (results.md, plots)") from None
+
+    def append_trial(record: report.TrialRecord) -> None:
+        """One line of trials.jsonl per finished trial (O(1); the file is put in order at the end)."""
+        try:
+            append_line(output_dir / "trials.jsonl", json.dumps(record.to_json()))
         except OutputError as err:
             raise GslocError(f"{err}; {output_dir} keeps {count(saved[0], 'trial')} saved before; lost: "
                              f"{count(total - saved[0], 'trial')} and the summaries (results.md, plots)") from None
-        saved[0] = len(done)
+        saved[0] += 1
 
     saved = [0]
-    pool = None
+    # trials.jsonl gets a line per trial at once; poses.json (all trials so far) is rewritten every few seconds
+    rewrites = RewriteThrottle()
+    report.write_trials_jsonl(output_dir / "trials.jsonl", [])
+    method_poses: Dict[int, PoseRecord] = {}
     try:
-        with _ray_pool(cli, protocol, methods) as pool, progress:
+        with progress:
             for method in methods:
                 task = progress.add_task("setting up", total=len(trials), method=method)
                 method_records: Dict[int, report.TrialRecord] = {}
@@ -393,9 +418,11 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
                               method_records=method_records, method_poses=method_poses) -> None:
                     trial, query = trials[position], trial_queries[position]
                     method_records[position] = trial_records(method, queries, [trial], [result])[0]
-                    if not result.skipped:
+                    append_trial(method_records[position])
+                    if not result.skipped:  # after its trials.jsonl line: poses.json never holds more trials
                         method_poses[position] = pose_record(result, query, frame, method, trial=trial.trial)
-                    save(method_records, method_poses)  # every finished trial, not only every finished method
+                    if rewrites.due():
+                        save(method_poses)
                     progress.update(task, advance=1, description=f"{result.status} {result.seconds:.1f} s")
                     if not CONSOLE.is_terminal:  # no live bar in a log file: one line per finished trial instead
                         CONSOLE.print(f"{method} {len(method_records)}/{len(trials)}: {result.status} {result.seconds:.1f} s")
@@ -421,12 +448,13 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
                     pose_record(result, query, frame, method, trial=trial.trial)
                     for trial, query, result in zip(trials, trial_queries, results) if not result.skipped
                 )
-            save({}, {})
+            save({})
         if pool is not None:
             meta["ray_workers"] = [pool.header()] + pool.lines("trials")
             CONSOLE.print(pool.table("trials"))
         rows = write_summaries(output_dir, methods, records, protocol, meta)
     except KeyboardInterrupt:
+        save(method_poses)  # every finished trial, also those of the last few seconds
         raise Interrupted(f"{output_dir / 'trials.jsonl'} and {output_dir / POSES_FILE} hold "
                           f"{count(saved[0], 'trial')} of {total}; the summaries (results.md, plots) are not complete") from None
     print_results(rows, f"{protocol.name}: {len(queries)} queries x {protocol.trials_per_query} trials", machine_line, output_dir)

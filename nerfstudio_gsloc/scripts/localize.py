@@ -28,8 +28,9 @@ Outputs in ``--output-dir``:
 * ``poses.json`` (schema: :mod:`nerfstudio_gsloc.poses_file`): per query the image, the refined, initial and
   ground-truth OpenGL camera-to-world 4x4 in the dataset's original frame (``dataparser_transforms.json`` undone),
   status (converged / max_iterations / failed) with the reason, final loss, iterations, match inliers and seconds;
-  rewritten atomically as soon as each query is finished, so an interrupted run leaves a valid file and
-  ``--resume`` skips what it holds.
+  each finished query is appended at once to ``poses.journal.jsonl`` and poses.json is rewritten from everything so
+  far (atomically) every few seconds, at the end and on Ctrl-C or an error, so an interrupted run leaves a valid
+  file and ``--resume`` (which first folds in the journal of a killed run) skips what it holds.
 * ``metrics.json`` (and a printed table) when ground truth is known: rotation error (geodesic degrees),
   translation error (scene and original units), mean/median, success rates at (1deg, 0.01), (2deg, 0.02),
   (5deg, 0.05) scene units, by :mod:`nerfstudio_gsloc.metrics`, as gsloc-bench's results.md: failed queries are
@@ -101,8 +102,11 @@ from nerfstudio_gsloc.scripts.localize_outputs import (  # noqa: F401  (trace he
     POSES_FILE,
     TRACE_CSV,
     TRACE_PNG,
+    JOURNAL_FILE,
     LocalizeOutputs,
+    SaveFailed,
     plot_trace,
+    recover_journal,
     read_trace_csv,
     write_trace_csv,
 )
@@ -399,6 +403,10 @@ def localize_main(cli: LocalizeCLI) -> None:
         settings_all.pnp = dataclasses.replace(settings_all.pnp, selection="retrieval")  # no prior to choose views by
     localizer = make_localizer(method, settings_all, pipeline.model, pipeline, seed=cli.seed)
     source, settings = _query_source(cli), _settings(cli, init)
+    if cli.resume:
+        recovered = recover_journal(output_dir)  # what a killed run saved only in its journal
+        if recovered:
+            CONSOLE.print(f"recovered {recovered} finished queries from {output_dir / JOURNAL_FILE}")
     previous = _load_previous(output_dir, source, settings) if cli.resume else {}
     todo = [q for q in queries if q.name not in previous]
     starts = _initial_poses(cli, todo[starting], init, method, pipeline) if todo else []
@@ -411,24 +419,31 @@ def localize_main(cli: LocalizeCLI) -> None:
         for line in live.viewer_state.viewer_info:
             CONSOLE.print(line)
 
-    # 3. Work. Every finished query is saved at once (trace.csv, then poses.json, atomically).
+    # 3. Work. Every finished query is saved at once (a journal line; poses.json and trace.csv every few seconds).
     outputs = LocalizeOutputs(output_dir, source, settings, frame, previous, total=len(previous) + len(todo))
     pool = None
     try:
-        if cli.sequence:
-            started = time.perf_counter()
-            tracker = make_sequence_tracker(method, settings_all, tracking, pipeline.model, pipeline, cli.seed,
-                                            cli.sequence_settings, verifier=localizer.verifier)
-            frames = track_and_save(tracker, method, todo, starts[0], outputs, CONSOLE)
-            sequence = write_sequence_outputs(output_dir, todo, frames, method, outputs, cli.sequence_settings.fps,
-                                              {"command": "ns-localize " + " ".join(sys.argv[1:]), "method": method})
-            elapsed = time.perf_counter() - started
-        else:
-            with _ray_pool(cli, method, settings_all, todo) as pool:
-                elapsed = _localize_and_save(cli, localizer, method, todo, starts, outputs, len(previous), init, live,
-                                             pool)
-            if pool is not None:
-                CONSOLE.print(pool.table())
+        try:
+            if cli.sequence:
+                started = time.perf_counter()
+                tracker = make_sequence_tracker(method, settings_all, tracking, pipeline.model, pipeline, cli.seed,
+                                                cli.sequence_settings, verifier=localizer.verifier)
+                frames = track_and_save(tracker, method, todo, starts[0], outputs, CONSOLE)
+                sequence = write_sequence_outputs(output_dir, todo, frames, method, outputs, cli.sequence_settings.fps,
+                                                  {"command": "ns-localize " + " ".join(sys.argv[1:]), "method": method})
+                elapsed = time.perf_counter() - started
+            else:
+                with _ray_pool(cli, method, settings_all, todo) as pool:
+                    elapsed = _localize_and_save(cli, localizer, method, todo, starts, outputs, len(previous), init, live,
+                                                 pool)
+                if pool is not None:
+                    CONSOLE.print(pool.table())
+        except SaveFailed:
+            raise  # its message says what is kept; writing again would not help
+        except BaseException:
+            outputs.flush()  # every finished query into poses.json, also on Ctrl-C or an error
+            raise
+        outputs.flush()
         # 4. Summaries.
         for record in outputs.records.values():
             if record.failed:

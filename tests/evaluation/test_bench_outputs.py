@@ -10,6 +10,8 @@ import pytest
 from nerfstudio_gsloc import files, training
 from nerfstudio_gsloc.errors import run_cli
 from nerfstudio_gsloc.evaluation import report
+from nerfstudio_gsloc.poses_file import read_poses
+from nerfstudio_gsloc.scripts import bench
 from nerfstudio_gsloc.scripts.bench import main
 
 
@@ -64,7 +66,7 @@ def test_a_full_disk_keeps_every_trial_saved_before(tmp_path, capsys, monkeypatc
     writes = {"n": 0}
 
     def open_until_full(path, *args, **kwargs):
-        if Path(path).name.startswith(".trials."):
+        if Path(path) == out / "trials.jsonl" and args[:1] == ("a",):  # one line appended per finished trial
             writes["n"] += 1
             if writes["n"] > 2:
                 return _FullDisk()
@@ -82,22 +84,24 @@ def test_a_full_disk_keeps_every_trial_saved_before(tmp_path, capsys, monkeypatc
 
 def test_ctrl_c_mid_benchmark_is_one_line_and_keeps_finished_trials(tmp_path, capsys, monkeypatch, small_gsloc_run):
     out = tmp_path / "bench"
-    real_write = report.write_trials_jsonl
+    real_append = bench.append_line
     calls = {"n": 0}
 
-    def interrupted_after_one(path, records):
+    def interrupted_after_one(path, line):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        real_write(path, records)
+        real_append(path, line)
 
-    monkeypatch.setattr(report, "write_trials_jsonl", interrupted_after_one)
+    monkeypatch.setattr(bench, "append_line", interrupted_after_one)
+    monkeypatch.setattr(files.RewriteThrottle, "due", lambda self: False)  # poses.json only at the start and on Ctrl-C
     code, _, err = _run(_bench_args(small_gsloc_run, out), capsys)
     assert code == 130 and err == [
         f"interrupted: {out / 'trials.jsonl'} and {out / 'poses.json'} hold 1 trial of 4; the summaries "
         "(results.md, plots) are not complete"
     ]
     assert len(report.read_trials_jsonl(out / "trials.jsonl")) == 1
+    assert len(read_poses(out / "poses.json").records) == 1
 
 
 @pytest.fixture(autouse=True)

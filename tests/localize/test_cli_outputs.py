@@ -124,37 +124,80 @@ class _FullDisk:
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
+class _NeverDue(localize_outputs.RewriteThrottle):
+    """poses.json rewritten only at the start and at the end (the throttle is time-based, so tests fix it)."""
+
+    def due(self) -> bool:
+        return False
+
+
 def test_a_full_disk_mid_run_keeps_the_finished_queries_and_resume_continues(tmp_path, capsys, monkeypatch,
                                                                                small_gsloc_run):
-    """poses.json can be written for the first query only: one error line saying what is kept and lost."""
+    """The journal takes the first finished query, then the disk is full: one error line saying what is kept and
+    lost; --resume folds the journal into poses.json and localizes the rest."""
     out_dir = tmp_path / "out"
+    journal = out_dir / localize_outputs.JOURNAL_FILE
     real_open = open
-    poses_writes = {"n": 0}
+    appends = {"n": 0}
 
     def open_until_full(path, *args, **kwargs):
-        if Path(path).name.startswith(".poses."):
-            poses_writes["n"] += 1
-            if poses_writes["n"] > 2:  # the empty file at the start, then the first finished query
+        if Path(path) == journal:
+            appends["n"] += 1
+            if appends["n"] > 1:
                 return _FullDisk()
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(files, "open", open_until_full, raising=False)
+    monkeypatch.setattr(localize_outputs, "RewriteThrottle", _NeverDue)
     base = ["--load-config", small_gsloc_run, "--output-dir", out_dir, "--perturb-deg", "3", "--perturb-trans", "0.03",
             "--localization.optim.batch-size", "1", *FAST]
     code, _, err = _run(base, capsys)
     poses = out_dir / "poses.json"
     assert code == 1 and err == [
-        f"error: cannot write {poses}: no space left on the device; {poses} keeps 1 query saved before; lost: the "
-        "query just finished and 1 query not yet localized (rerun with --resume once the folder can be written)"
+        f"error: cannot write {journal}: no space left on the device; {poses} keeps 0 queries saved before and "
+        f"{journal} 1 more (--resume folds them in); lost: the query just finished and 1 query not yet localized "
+        "(rerun with --resume once the folder can be written)"
     ]
-    assert len(read_poses(poses).records) == 1 and _no_partial_files(out_dir)
-    assert not (out_dir / "metrics.json").exists()
+    assert read_poses(poses).records == [] and len(localize_outputs.read_journal(journal)) == 1
+    assert _no_partial_files(out_dir) and not (out_dir / "metrics.json").exists()
 
     monkeypatch.setattr(files, "open", real_open, raising=False)
     code, out, err = _run([*base, "--resume"], capsys)
     assert code == 0, err
-    assert "localizing 2 queries (1 already done)" in out
+    assert "recovered 1 finished queries" in out and "localizing 2 queries (1 already done)" in out
     assert len(read_poses(poses).records) == 3 and read_metrics(out_dir / "metrics.json")["num_queries"] == 3
+    assert not journal.exists()  # folded into poses.json at the end
+    rows = localize_outputs.read_trace_csv(out_dir / "trace.csv")
+    assert {row["query"] for row in rows} == {r.image for r in read_poses(poses).records}
+
+
+def test_ctrl_c_mid_run_writes_every_finished_query_into_poses_json(tmp_path, capsys, monkeypatch, small_gsloc_run):
+    """Between rewrites the finished queries are only in the journal; Ctrl-C still leaves them in poses.json."""
+    out_dir = tmp_path / "out"
+    monkeypatch.setattr(localize_outputs, "RewriteThrottle", _NeverDue)
+    real_add = localize_outputs.LocalizeOutputs.add
+
+    def add_then_interrupt(self, record, trace):
+        real_add(self, record, trace)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(localize_outputs.LocalizeOutputs, "add", add_then_interrupt)
+    code, _, err = _run(["--load-config", small_gsloc_run, "--output-dir", out_dir, "--perturb-deg", "3",
+                         "--perturb-trans", "0.03", "--localization.optim.batch-size", "1", *FAST], capsys)
+    assert code == 130 and err == [
+        f"interrupted: {out_dir / 'poses.json'} holds 1 query of 3; rerun with --resume to continue"
+    ]
+    assert len(read_poses(out_dir / "poses.json").records) == 1 and not (out_dir / localize_outputs.JOURNAL_FILE).exists()
+
+
+def test_a_journal_torn_by_a_crash_loses_only_its_last_line(tmp_path):
+    journal = tmp_path / localize_outputs.JOURNAL_FILE
+    entry = {"record": {"image": "a"}, "trace": [{"iteration": 0}]}
+    journal.write_text(json.dumps(entry) + "\n" + json.dumps(entry)[:20])
+    assert localize_outputs.read_journal(journal) == [({"image": "a"}, [{"iteration": 0}])]
+    journal.write_text(json.dumps(entry)[:20] + "\n" + json.dumps(entry) + "\n")
+    with pytest.raises(Exception, match="line 1 is not a journal entry"):
+        localize_outputs.read_journal(journal)
 
 
 def test_ctrl_c_while_writing_the_summaries_keeps_whole_files_and_resume_writes_them(tmp_path, capsys, monkeypatch,
