@@ -93,7 +93,10 @@ def test_index_cache_is_reused_until_the_checkpoint_changes(tmp_path, point_spla
     assert all(v.points.shape == (len(v.features), 3) and v.K is not None for v in first.views)
     second = load()
     assert second.cached and len(list((tmp_path / "gsloc_index").glob("index-*.pt"))) == 1
-    torch.testing.assert_close(second.descriptors, first.descriptors, atol=1e-3, rtol=0)
+    # exactly equal: the built index is used in its stored (half-precision) form, so building it and reading it give
+    # the same poses (a Ray worker reads what the driver built)
+    assert torch.equal(second.descriptors, first.descriptors)
+    assert all(torch.equal(a.features.desc, b.features.desc) for a, b in zip(first.views, second.views))
     torch.testing.assert_close(second.views[-1].points, first.views[-1].points)
     assert second.build_seconds == pytest.approx(first.build_seconds)
     checkpoint.write_bytes(b"new weights")  # retrained: size and mtime change
