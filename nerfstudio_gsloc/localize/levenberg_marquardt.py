@@ -50,6 +50,11 @@ RenderFn = Callable[[Tensor, Tensor, int, int], RenderedViews]
 _LAMBDA_START, _LAMBDA_MAX = 1e-3, 1e4
 
 
+def _below(step: Tensor, rot_tol_deg: float, trans_tol: float) -> bool:
+    """Whether a pose step ``[6]`` (rotation radians, translation) is under both stopping tolerances."""
+    return float(step[:3].norm()) * 180.0 / math.pi < rot_tol_deg and float(step[3:].norm()) < trans_tol
+
+
 @dataclass
 class _Linearisation:
     """One query's residuals ``r [N]``, Jacobian ``J [N, 6]`` and IRLS weights ``W [N]`` at its current pose, with
@@ -193,13 +198,17 @@ class LevenbergMarquardt:
         return apply_pivoted_correction(base.expand(P, 3, 4), xi[:, :3], xi[:, 3:],
                                         None if pivot is None else pivot.expand(P, 3))
 
-    def solve(self, lin: _Linearisation, lam: float) -> Tensor:
-        """The damped Gauss-Newton step ``[6]`` in parameter units."""
+    def solve(self, lin: _Linearisation, lam: float) -> Tuple[Tensor, float]:
+        """The damped Gauss-Newton step ``[6]`` in parameter units, and the decrease of the weighted squared
+        residuals ``r^T W r`` the linear model predicts for it, as a fraction of their current value."""
         JW = lin.J * lin.W[:, None]
         A = JW.T @ lin.J
         g = JW.T @ lin.r
         damping = lam * torch.diag(torch.diag(A)) + 1e-12 * torch.eye(6, dtype=A.dtype)
-        return -torch.linalg.solve(A + damping, g)
+        delta = -torch.linalg.solve(A + damping, g)
+        # model: (r + J d)^T W (r + J d) = r^T W r + 2 g^T d + d^T A d
+        predicted = -(2.0 * float(g @ delta) + float(delta @ A @ delta))
+        return delta, predicted / max(float((lin.W * lin.r * lin.r).sum()), 1e-30)
 
     def run(self, batch: BatchState, stage: Stage, ids: List[int], after_iteration: Callable[[], None],
             check: Callable[[Stage, int, List[int], Tensor], List[int]], max_iterations: int,
@@ -230,16 +239,18 @@ class LevenbergMarquardt:
                     lins[i] = lin
             stepping = [i for i in active if states[i].active and lins[i] is not None]
             if stepping:
-                self.try_steps(batch, stage, stepping, lins, lams, Ks_level, w, h, rot_tol_deg, trans_tol)
+                self.try_steps(batch, stage, stepping, lins, lams, Ks_level, w, h, rot_tol_deg, trans_tol, optim.lm_ftol)
                 check(stage, it, stepping, torch.stack([states[i].base for i in stepping]))
             batch.share_time(active, started)
             after_iteration()
 
     def try_steps(self, batch: BatchState, stage: Stage, ids: List[int], lins: Dict[int, Optional[_Linearisation]],
-                  lams: Dict[int, float], Ks_level: Tensor, w: int, h: int, rot_tol_deg: float, trans_tol: float) -> None:
+                  lams: Dict[int, float], Ks_level: Tensor, w: int, h: int, rot_tol_deg: float, trans_tol: float,
+                  ftol: float = 0.0) -> None:
         """Solve, render and accept or reject one damped step of each query ``ids`` (one batched render)."""
         states = batch.states
-        deltas = {i: self.solve(lins[i], lams[i]) for i in ids}
+        solved = {i: self.solve(lins[i], lams[i]) for i in ids}
+        deltas = {i: delta for i, (delta, _) in solved.items()}
         trial = torch.stack([self.moved(states[i].base, states[i].pivot, deltas[i][None])[0] for i in ids])
         with torch.no_grad():
             views = self.render(trial, Ks_level[ids], w, h)
@@ -261,8 +272,7 @@ class LevenbergMarquardt:
                     lin.W = self.irls_weights(r[0], scale, self._anchor_count(batch, i))
                 if loss < state.best_loss:
                     state.best_loss, state.best_c2w = loss, state.base.clone()
-                step = deltas[i]
-                if float(step[:3].norm()) * 180.0 / math.pi < rot_tol_deg and float(step[3:].norm()) < trans_tol:
+                if _below(deltas[i], rot_tol_deg, trans_tol):
                     state.converge()
                 event = "lm_step"
             elif lin.age > 0:
@@ -271,8 +281,11 @@ class LevenbergMarquardt:
                 loss, parts = lin.loss, lin.parts
             else:
                 lams[i] *= 4.0
-                if lams[i] > _LAMBDA_MAX:
-                    state.converge()  # no step lowers the loss any more: at its minimum as far as the render resolves
+                # No step lowers the loss any more, or even this rejected one was under the stopping tolerances
+                # (more damping only shortens it), or the model promised almost nothing (``optim.lm_ftol``): at its
+                # minimum as far as the render resolves.
+                if lams[i] > _LAMBDA_MAX or _below(deltas[i], rot_tol_deg, trans_tol) or solved[i][1] < ftol:
+                    state.converge()
                 event = "lm_reject"
                 loss, parts = lin.loss, lin.parts
             _record(batch, stage, i, state.base, loss, parts, event)
