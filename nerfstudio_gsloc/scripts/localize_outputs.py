@@ -142,7 +142,10 @@ def recover_journal(output_dir: Path) -> int:
         record = record_from_json(entry, f"{journal} line {number + 1}")
         records[record.key] = record
     document.records = list(records.values())
-    rows = read_trace_csv(Path(output_dir) / TRACE_CSV) + [row for _, trace in entries for row in trace]
+    # a crash between a rewrite and the journal's removal leaves rows in both: the journal's are kept
+    journaled = {str(entry.get("image")) for entry, _ in entries}
+    rows = [row for row in read_trace_csv(Path(output_dir) / TRACE_CSV) if row.get("query") not in journaled]
+    rows += [row for _, trace in entries for row in trace]
     write_trace_csv(Path(output_dir) / TRACE_CSV, rows)
     write_poses(poses_path, document)
     journal.unlink()
