@@ -87,7 +87,9 @@ class RegressorTrainConfig:
     reprojection_weight: float = 0.5
     weight_loss_weight: float = 0.2
     alpha_threshold: float = 0.5
-    """Grid cells with rendered opacity above this are valid (have a point)."""
+    """Grid cells with rendered opacity above this are valid (have a point) ..."""
+    background_tolerance: float = 0.03
+    """... unless they render within this of the model's background colour in every channel (0: off)."""
     brightness: float = 0.2
     contrast: float = 0.2
     channel_gain: float = 0.08
@@ -132,19 +134,27 @@ def input_shape(width: int, height: int, input_size: int) -> Tuple[int, int]:
             max(STRIDE, int(round(width * scale / STRIDE)) * STRIDE))
 
 
-def _grid_truth(model, c2w: Tensor, K: Tensor, width: int, height: int, grid: Tuple[int, int], alpha_threshold: float):
-    """Render depth/opacity of ``c2w [B, 3, 4]`` on the grid; returns cam points, scene points, valid, rays, c2w_cv."""
+def _grid_truth(model, c2w: Tensor, K: Tensor, width: int, height: int, grid: Tuple[int, int], alpha_threshold: float,
+                background_tolerance: float):
+    """Render depth/opacity/colour of ``c2w [B, 3, 4]`` on the grid; returns cam points, scene points, valid, rays,
+    c2w_cv (see :class:`TrainingSet`)."""
     h, w = grid
     scale = torch.tensor([w / width, h / height, 1.0])[:, None]
     K_grid = K * scale  # pixel centres of the grid render are the cell centres
     with torch.no_grad():
         rendered = render_splat_model(model, c2w, K_grid, w, h)
     depth, alpha = rendered.depth[..., 0].cpu().float(), rendered.alpha[..., 0].cpu().float()
+    # A cell that renders as the background colour shows nothing to localize by; on object scenes trained against
+    # white, Gaussians painted white behind the object are opaque there and would give it far, arbitrary points.
+    background = getattr(model, "background_color", None)
+    blank = torch.zeros_like(alpha, dtype=torch.bool)
+    if background is not None and background_tolerance > 0:
+        blank = ((rendered.rgb.cpu().float() - background.cpu().float()).abs() <= background_tolerance).all(dim=-1)
     rays = torch.stack([grid_rays(K[b], width, height, grid)[1] for b in range(c2w.shape[0])])
     cam = depth[..., None] * rays
     c2w_cv = opengl_c2w_to_opencv_c2w(c2w.cpu().float())[:, :3, :4]
     scene = torch.einsum("bij,bhwj->bhwi", c2w_cv[:, :, :3], cam) + c2w_cv[:, None, None, :, 3]
-    valid = (alpha > alpha_threshold) & (depth > 0)
+    valid = (alpha > alpha_threshold) & (depth > 0) & ~blank
     return cam, scene, valid, rays, c2w_cv
 
 
@@ -171,7 +181,8 @@ def build_training_set(model, views: Sequence[TrainingView], config: RegressorTr
     parts: Dict[str, List[Tensor]] = {k: [] for k in ("images", "cam", "scene", "valid", "c2w", "rays", "real")}
 
     def add(images: Tensor, c2w: Tensor, K: Tensor, w: int, h: int, real: bool) -> None:
-        cam, scene, valid, rays, c2w_cv = _grid_truth(model, c2w, K, w, h, grid, config.alpha_threshold)
+        cam, scene, valid, rays, c2w_cv = _grid_truth(model, c2w, K, w, h, grid, config.alpha_threshold,
+                                                      config.background_tolerance)
         parts["images"].append((resize_image(images, in_h, in_w) * 255).round().to(torch.uint8))
         for key, value in (("cam", cam), ("scene", scene), ("valid", valid), ("c2w", c2w_cv), ("rays", rays)):
             parts[key].append(value)
