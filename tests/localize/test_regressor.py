@@ -137,12 +137,23 @@ def test_weights_are_reused_and_retrained_when_the_checkpoint_changes(tmp_path, 
     assert not run(RegressorTrainConfig(**{**quick.__dict__, "steps": 4}))["reused"]  # other settings
 
 
-@pytest.mark.parametrize("args", [["--init", "regression"], ["--method", "regression"]])
-def test_regression_without_weights_is_one_clear_error(args, tmp_path_factory, embedded_scene, write_fake_run, capsys,
-                                                         tmp_path):
+@pytest.mark.parametrize("command", [["ns-localize", "--init", "regression"], ["ns-localize", "--method", "regression"],
+                                     ["gsloc-bench", "--methods", "regression"],
+                                     ["gsloc-bench", "--methods", "gsloc", "--protocol", "global", "--global-init", "regression"]])
+def test_regression_without_weights_is_one_clear_error(command, tmp_path_factory, embedded_scene, write_fake_run,
+                                                         capsys, tmp_path):
+    from nerfstudio_gsloc.errors import run_cli
+    from nerfstudio_gsloc.scripts import bench
+
     config = write_fake_run(tmp_path_factory.mktemp("fake_run"), Path(embedded_scene.dataset).parent,
                             {"transform": np.eye(4)[:3].tolist(), "scale": 1.0})
-    code, _, err = run_ns_localize(["--load-config", config, "--output-dir", tmp_path / "out", *args], capsys)
-    assert code == 1
+    argv = ["--load-config", config, "--output-dir", tmp_path / "out", *command[1:]]
+    if command[0] == "ns-localize":
+        code, _, err = run_ns_localize(argv, capsys)
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: bench.main([str(a) for a in argv]))
+        code, err = exit_info.value.code, capsys.readouterr().err
+    assert code == 1, err
     assert "no regressor weights in" in err and f"gsloc-train-regressor --load-config {config}" in err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # stopped before writing anything
