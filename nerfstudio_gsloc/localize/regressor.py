@@ -169,6 +169,10 @@ class RegressorInference:
     """A point pair agrees with the pose when its residual is within this fraction of the median depth."""
     full_support: float = 24.0
     """Weight mass of agreeing pairs at which the confidence's coverage factor reaches 1."""
+    refine_px: float = 0.0
+    """When > 0: after the alignment, Levenberg-Marquardt on the reprojection error of the predicted scene points
+    (cells with weight above 0.5) that reproject within this many query pixels (the ``pnp`` method's
+    ``refine_on_tight_inliers``); it removes the error of the predicted depths from the pose. 0: alignment only."""
 
 
 class SceneRegressor:
@@ -211,9 +215,23 @@ class SceneRegressor:
         R, t, _ = robust_rigid_alignment(src, dst, weights, rounds=self.inference.rounds, min_scale=0.25 * tolerance)
         residuals = alignment_residuals(R, t, src, dst)
         confidence = alignment_confidence(residuals, weights, tolerance, self.inference.full_support)
-        c2w = opencv_c2w_to_opengl_c2w(torch.cat([R[0], t[0, :, None]], dim=1)).float()
+        c2w = opencv_c2w_to_opengl_c2w(torch.cat([R[0], t[0, :, None]], dim=1))
+        if self.inference.refine_px > 0:
+            c2w = self._refine(c2w, points.reshape(-1, 3), weights[0], K, width, height)
+        c2w = c2w.float()
         return RegressorPrediction(c2w, float(confidence[0]), weights[0].float(), residuals[0].float(),
                                    time.perf_counter() - started)
+
+
+    def _refine(self, c2w: Tensor, points: Tensor, weights: Tensor, K: Tensor, width: int, height: int) -> Tensor:
+        """``c2w [3, 4]`` refined on the reprojection error of the trusted ``points [N, 3]`` (see ``refine_px``)."""
+        from nerfstudio_gsloc.localize.pnp import refine_on_tight_inliers
+
+        pixels, _ = grid_rays(K, width, height, grid_size(self.config))
+        trusted = weights > 0.5
+        refined, _ = refine_on_tight_inliers(points.double()[trusted], pixels.reshape(-1, 2).double()[trusted],
+                                             K.double().cpu(), c2w.double(), self.inference.refine_px, min_inliers=12)
+        return refined[:3, :4]
 
 
 # ----------------------------------------------------------------------------------------------------------
