@@ -61,7 +61,7 @@ class RegressorTrainConfig:
     """Settings of ``gsloc-train-regressor`` (every field but ``max_minutes`` keys the saved weights)."""
 
     input_size: int = 128
-    """Long side of the network input (rounded down to a multiple of 8); the short side keeps the aspect ratio."""
+    """Long side of the network input (rounded to a multiple of 8); the short side keeps the aspect ratio."""
     channels: Tuple[int, int, int] = (32, 64, 128)
     """Network channels at strides 2, 4, 8."""
     steps: int = 3000
