@@ -109,6 +109,8 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
             if step % 5 == 0 or step == total:
                 text = " ".join(f"{name} {value:.3f}" for name, value in losses.items())
                 progress.update(train_task, completed=step, description=text)
+                if show_progress and not console.is_terminal and step % 250 == 0:  # no live bar in a log file
+                    console.print(f"step {step}/{total} ({time.perf_counter() - started:.0f} s): {text}")
 
         net, summary = train_regressor(data, net_config, config, budget_seconds=max(1.0, budget - data_seconds),
                                        on_step=on_step)
