@@ -103,6 +103,10 @@ LOCALIZERS: Dict[str, str] = {
                   "points with weights, robust weighted rigid alignment; unrefined, the start is never read",
 }
 
+#: Methods that run on any trained run without further files (``gsloc-bench``'s default); ``regression`` needs
+#: ``gsloc-train-regressor`` first.
+DEFAULT_METHODS = tuple(name for name in LOCALIZERS if name != "regression")
+
 #: Methods that find their own pose and never read the initial one: with no prior (``global``, ``--init
 #: retrieval``) they get no separate initialisation.
 SELF_INITIALIZING = ("pnp", "regression")

@@ -70,6 +70,7 @@ from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.initialization import InitialPose, localize_from_initial_poses, retrieval_initial_poses
 from nerfstudio_gsloc.localize.pnp import PnPLocalizer, training_camera_poses
 from nerfstudio_gsloc.localize.registry import (
+    DEFAULT_METHODS,
     LOCALIZERS,
     SELF_INITIALIZING,
     LocalizerSettings,
@@ -109,8 +110,8 @@ class BenchCLI:
     """A nerfstudio transforms.json of query images with ground-truth poses (transform_matrix, dataset's original
     frame). Default: the run's held-out eval split. Distorted photos (OPENCV, OPENCV_FISHEYE) are undistorted like
     nerfstudio's training images."""
-    methods: Tuple[str, ...] = tuple(LOCALIZERS)
-    """Methods to compare (gsloc, photometric, icomma, depth, pnp)."""
+    methods: Tuple[str, ...] = DEFAULT_METHODS
+    """Methods to compare (gsloc, photometric, icomma, depth, pnp; regression once gsloc-train-regressor has run)."""
     protocol: str = "inerf"
     """A protocol preset of configs/protocols (inerf, icomma-sweep, tracking) or a .yaml file."""
     trials: Optional[int] = None
