@@ -15,6 +15,7 @@ a refinement started from them is checked as usual.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Type
 
 import torch
@@ -24,7 +25,7 @@ from nerfstudio_gsloc.localize.initialization import InitialPose
 from nerfstudio_gsloc.localize.live import PosesCallback
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
 from nerfstudio_gsloc.localize.queries import Query
-from nerfstudio_gsloc.localize.regressor import RegressorFiles, SceneRegressor
+from nerfstudio_gsloc.localize.regressor import RegressorInference, SceneRegressor, load_run_regressor
 from nerfstudio_gsloc.localize.result import STATUS_CONVERGED, STATUS_REJECTED, LocalizationResult
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
@@ -35,8 +36,10 @@ class RegressionLocalizerConfig(LocalizerConfig):
 
     _target: Type = field(default_factory=lambda: RegressionLocalizer)
 
-    files: RegressorFiles = field(default_factory=RegressorFiles)
-    """Where the weights are (default: ``<run>/gsloc_regressor``) and how the pose is computed from the outputs."""
+    folder: Optional[Path] = None
+    """Folder of ``regressor.pt`` / ``regressor.json`` (default: ``<run>/gsloc_regressor``)."""
+    inference: RegressorInference = field(default_factory=RegressorInference)
+    """How the pose is computed from the network's outputs (robust alignment, confidence)."""
     threshold: float = 0.0
     """Results whose alignment confidence is below this are ``rejected`` (0: never)."""
 
@@ -58,7 +61,8 @@ class RegressionLocalizer(Localizer):
     def __init__(self, config: RegressionLocalizerConfig, model: nn.Module, pipeline: Any = None, seed: int = 0,
                  regressor: Optional[SceneRegressor] = None) -> None:
         super().__init__(config, model, pipeline, seed)
-        self.regressor = regressor if regressor is not None else config.files.load(pipeline)
+        self.regressor = regressor if regressor is not None else load_run_regressor(pipeline, config.folder,
+                                                                                    config.inference)
         self.notes["regressor_training_seconds"] = self.regressor.meta.get("training_seconds")
 
     def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],

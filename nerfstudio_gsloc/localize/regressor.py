@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -314,29 +314,26 @@ def load_regressor(folder: Path, checkpoint: Optional[Path] = None, config_path:
     return SceneRegressor(net, meta, inference)
 
 
-@dataclass
-class RegressorFiles:
-    """Where a localizer finds the regressor: ``folder`` (default: beside the run of the loaded pipeline)."""
+def run_regressor_folder(run_dir: Optional[Path], folder: Optional[Path] = None) -> Path:
+    """``folder`` when given, else the run's ``<run_dir>/gsloc_regressor``."""
+    if folder is not None:
+        return Path(folder)
+    if run_dir is None:
+        raise GslocError("the regressor needs a weights folder (no run folder to look beside)")
+    return regressor_dir(run_dir)
 
-    folder: Optional[Path] = None
-    inference: RegressorInference = field(default_factory=RegressorInference)
 
-    def folder_for(self, run_dir: Optional[Path]) -> Path:
-        """``folder``, else ``<run_dir>/gsloc_regressor``."""
-        if self.folder is not None:
-            return Path(self.folder)
-        if run_dir is None:
-            raise GslocError("the regressor needs a weights folder (no run folder to look beside)")
-        return regressor_dir(run_dir)
+def check_run_regressor(config_path: Path, folder: Optional[Path] = None) -> None:
+    """Before loading the run of ``config_path``: one error naming ``gsloc-train-regressor`` when there are no
+    weights (in ``folder``, default beside the run)."""
+    check_regressor_files(run_regressor_folder(Path(config_path).parent, folder), config_path)
 
-    def check(self, config_path: Path) -> None:
-        """Before loading the run of ``config_path``: stop with the command to run when there are no weights."""
-        check_regressor_files(self.folder_for(Path(config_path).parent), config_path)
 
-    def load(self, pipeline: Any) -> SceneRegressor:
-        """The regressor of ``pipeline``'s run (``gsloc_run_dir``, ``gsloc_checkpoint`` from
-        :func:`~nerfstudio_gsloc.runs.load_run`), or of ``folder``."""
-        run_dir = getattr(pipeline, "gsloc_run_dir", None)
-        config_path = None if run_dir is None else Path(run_dir) / "config.yml"
-        return load_regressor(self.folder_for(run_dir), getattr(pipeline, "gsloc_checkpoint", None), config_path,
-                              self.inference)
+def load_run_regressor(pipeline: Any, folder: Optional[Path] = None,
+                       inference: Optional[RegressorInference] = None) -> SceneRegressor:
+    """The regressor of a loaded run (``gsloc_run_dir`` and ``gsloc_checkpoint`` from
+    :func:`~nerfstudio_gsloc.runs.load_run`), from ``folder`` when given; checked against the loaded checkpoint."""
+    run_dir = getattr(pipeline, "gsloc_run_dir", None)
+    config_path = None if run_dir is None else Path(run_dir) / "config.yml"
+    return load_regressor(run_regressor_folder(run_dir, folder), getattr(pipeline, "gsloc_checkpoint", None),
+                          config_path, inference)

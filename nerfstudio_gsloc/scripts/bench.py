@@ -79,6 +79,7 @@ from nerfstudio_gsloc.localize.registry import (
     make_verifier,
 )
 from nerfstudio_gsloc.localize.regression import regression_initial_poses
+from nerfstudio_gsloc.localize.regressor import check_run_regressor, load_run_regressor
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
@@ -318,7 +319,7 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
         cli = dataclasses.replace(cli, load_config=train_for_benchmark(cli))
     check_run(cli.load_config)
     if "regression" in methods or (not protocol.has_prior and cli.global_init == "regression"):
-        cli.method_settings.regression.files.check(cli.load_config)  # no weights: the command to run, before loading
+        check_run_regressor(cli.load_config, cli.method_settings.regression.folder)  # no weights: the command to run
     frame = run_frame_transform(cli.load_config)
     if cli.queries is not None:
         # Validate the query file before loading the model (the model is needed only for the eval split).
@@ -386,7 +387,8 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
         # or the scene regressor's.
         meta["global_init"] = cli.global_init
         if cli.global_init == "regression":
-            regressor = cli.method_settings.regression.files.load(pipeline)
+            regression = cli.method_settings.regression
+            regressor = load_run_regressor(pipeline, regression.folder, regression.inference)
             global_inits = regression_initial_poses(trial_queries, regressor)
         else:
             global_inits = retrieval_starts(cli.method_settings, model, pipeline, trial_queries)

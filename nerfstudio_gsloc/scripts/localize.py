@@ -87,6 +87,7 @@ from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
 from nerfstudio_gsloc.localize.pnp import PnPLocalizer, PnPLocalizerConfig
 from nerfstudio_gsloc.localize.regression import RegressionLocalizerConfig, regression_initial_poses
+from nerfstudio_gsloc.localize.regressor import check_run_regressor, load_run_regressor
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 from nerfstudio_gsloc.localize.verification import VerificationConfig
 from nerfstudio_gsloc.localize.registry import (
@@ -240,7 +241,7 @@ def _initial_poses(cli: LocalizeCLI, todo: Sequence[Query], init: str, method: s
         for p in regression:
             inits[p] = InitialPose(no_pose(), "regression")
     elif regression:
-        regressor = cli.regression.files.load(pipeline)
+        regressor = load_run_regressor(pipeline, cli.regression.folder, cli.regression.inference)
         found = regression_initial_poses([todo[p] for p in regression], regressor)
         for p, pose in zip(regression, found):
             inits[p] = pose
@@ -392,7 +393,7 @@ def localize_main(cli: LocalizeCLI) -> None:
     if method == "icomma" and cli.icomma.loftr_weights_path is not None and not Path(cli.icomma.loftr_weights_path).is_file():
         raise GslocError(f"LoFTR weights file not found: {cli.icomma.loftr_weights_path}")
     if method == "regression" or init == "regression":
-        cli.regression.files.check(cli.load_config)  # no weights: one line naming gsloc-train-regressor
+        check_run_regressor(cli.load_config, cli.regression.folder)  # no weights: one line naming gsloc-train-regressor
     if queries is not None:
         check_queries_suit(method, config, queries)
     elif eval_split_has_depth(cli.load_config) is False:
