@@ -163,8 +163,9 @@ class RegressorPrediction:
 class RegressorInference:
     """How a pose is computed from the network's outputs."""
 
-    rounds: int = 3
-    """Reweighting rounds of the robust alignment (0: one weighted alignment)."""
+    rounds: int = 0
+    """Reweighting rounds of the robust alignment after the weighted one (0: the weighted alignment the network
+    was trained through; on lego, 3 rounds gave 60% against 70% at (10 deg, 0.1))."""
     confidence_tolerance: float = 0.03
     """A point pair agrees with the pose when its residual is within this fraction of the median depth."""
     full_support: float = 24.0

@@ -70,7 +70,7 @@ class RegressorTrainConfig:
     """Wall-clock budget of the whole training, rendering included; the learning rate decays over whichever of
     ``steps`` and this budget ends first."""
     batch_size: int = 12
-    real_fraction: float = 0.25
+    real_fraction: float = 0.4
     """Share of each batch drawn from the real training photos (the rest from rendered views)."""
     rendered_views: int = 1500
     """Views rendered around the training cameras before training."""
@@ -80,7 +80,7 @@ class RegressorTrainConfig:
     """Rendered poses: orbit angle ``U[1/3, 1] x orbit_deg``, distance factor, roll (see ``jittered_poses``)."""
     learning_rate: float = 2e-3
     """Adam's rate, cosine-decayed to 5% of it."""
-    pose_weight: float = 1.0
+    pose_weight: float = 4.0
     pose_warmup: float = 0.25
     """The pose loss is off for this fraction of training, then ramps linearly to ``pose_weight`` over as long."""
     consistency_weight: float = 0.5
