@@ -100,7 +100,7 @@ LOCALIZERS: Dict[str, str] = {
            "with no prior (global, --init retrieval) the views come from the retrieval index (VLAD shortlist of "
            "training + rendered views, re-ranked by matches)",
     "regression": "scene regressor (gsloc-train-regressor): one CNN forward pass predicting camera- and scene-frame "
-                  "points with weights, robust weighted rigid alignment; unrefined, the start is never read",
+                  "points with weights, weighted rigid alignment; unrefined, the start is never read",
 }
 
 #: Methods that run on any trained run without further files (``gsloc-bench``'s default); ``regression`` needs

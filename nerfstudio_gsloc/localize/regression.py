@@ -45,7 +45,7 @@ class RegressionLocalizerConfig(LocalizerConfig):
 
 
 class RegressionLocalizer(Localizer):
-    """One forward pass and a robust weighted rigid alignment per query; the initial pose is never read.
+    """One forward pass and a weighted rigid alignment per query; the initial pose is never read.
 
     Args:
         config, model, pipeline, seed: see :class:`~nerfstudio_gsloc.localize.localizer.Localizer`.

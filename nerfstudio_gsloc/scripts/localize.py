@@ -169,7 +169,7 @@ class LocalizeCLI:
     pnp: PnPLocalizerConfig = field(default_factory=PnPLocalizerConfig)
     """Settings of --method pnp (its map of the training views also serves the confidence check)."""
     regression: RegressionLocalizerConfig = field(default_factory=RegressionLocalizerConfig)
-    """Settings of --method regression and --init regression (weights folder, robust alignment)."""
+    """Settings of --method regression and --init regression (weights folder, alignment, confidence)."""
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     """The ground-truth-free check of every result: confidence in [0, 1] from the support of the pose among the
     query's matches to the training photos; under --verification.threshold the result is 'rejected'."""
