@@ -5,7 +5,8 @@ retrieval + PnP against the trained scene (no prior at all).
 the VLAD shortlist of the run's retrieval index (:mod:`nerfstudio_gsloc.localize.retrieval`) re-ranked by SIFT
 matches, pooled 2D-3D matches, RANSAC PnP and Levenberg-Marquardt. A query for which it finds no pose gets no
 initial pose, and :func:`localize_from_initial_poses` reports it as ``failed`` with the reason instead of running
-the method on it. ``auto`` takes each query's prior when it has one, else retrieval.
+the method on it. ``auto`` takes each query's prior when it has one, else retrieval. ``regression`` is the scene
+regressor's one-shot pose (:func:`nerfstudio_gsloc.localize.regression.regression_initial_poses`).
 
 ``perturb`` is the evaluation protocol of iNeRF-style papers: the ground-truth camera is rotated by exactly
 ``angle_deg`` about a random axis through its centre and moved by exactly ``translation`` scene units in a
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 InitMethod = Literal["prior", "perturb"]
 """What :func:`initial_poses` takes (poses that need no model)."""
-InitMode = Literal["auto", "prior", "perturb", "retrieval"]
+InitMode = Literal["auto", "prior", "perturb", "retrieval", "regression"]
 """What ``ns-localize --init`` takes."""
 
 
@@ -64,7 +65,7 @@ def check_initialization(queries: Sequence[Query], method: InitMethod) -> None:
                 + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
             )
     else:
-        raise GslocError(f"unknown initialisation {method!r}; use prior, perturb, retrieval or auto")
+        raise GslocError(f"unknown initialisation {method!r}; use prior, perturb, retrieval, regression or auto")
 
 
 def initial_poses(
@@ -119,9 +120,9 @@ class InitialPose:
 
     Attributes:
         c2w: ``[3, 4]`` OpenGL camera-to-world pose (scene frame), or ``None`` when retrieval found none.
-        source: ``prior``, ``perturb`` or ``retrieval``.
+        source: ``prior``, ``perturb``, ``retrieval`` or ``regression``.
         reason: why there is no pose (``None`` pose), or how retrieval found it.
-        seconds: time spent finding it (retrieval; 0 otherwise), charged to the query's result.
+        seconds: time spent finding it (retrieval, regression; 0 otherwise), charged to the query's result.
         outcome: the retrieval PnP outcome (inlier correspondences, views), ``None`` for other sources.
     """
 
@@ -137,8 +138,8 @@ def query_init_sources(queries: Sequence[Query], mode: str) -> List[str]:
     retrieval); raises :class:`GslocError` when ``prior``/``perturb`` cannot serve every query."""
     if mode == "auto":
         return ["prior" if q.prior_c2w is not None else "retrieval" for q in queries]
-    if mode == "retrieval":
-        return ["retrieval"] * len(queries)
+    if mode in ("retrieval", "regression"):
+        return [mode] * len(queries)
     check_initialization(queries, mode)  # type: ignore[arg-type]
     return [mode] * len(queries)
 

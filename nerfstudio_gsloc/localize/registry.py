@@ -7,6 +7,8 @@
 * ``depth``: the same with only the depth term (L1 + Sobel edges, GSplatLoc); queries without depth are skipped.
 * ``icomma``: :class:`~nerfstudio_gsloc.localize.icomma.IComMaConfig`, iComMa's loss on the shared loop.
 * ``pnp``: :class:`~nerfstudio_gsloc.localize.pnp.PnPLocalizerConfig`, structure-based (SIFT + RANSAC PnP).
+* ``regression``: :class:`~nerfstudio_gsloc.localize.regression.RegressionLocalizerConfig`, the scene regressor's
+  one-shot pose (weights from ``gsloc-train-regressor``), unrefined.
 
 :class:`LocalizerSettings` holds the settings of every method (``--method-settings.*`` of ``gsloc-bench``, the
 method options of ``ns-localize``); :meth:`LocalizerSettings.config` gives the config of one method, and every
@@ -26,6 +28,7 @@ from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig
 from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
+from nerfstudio_gsloc.localize.regression import RegressionLocalizerConfig
 from nerfstudio_gsloc.localize.verification import PoseVerifier, VerificationConfig
 
 
@@ -68,6 +71,8 @@ class LocalizerSettings:
     """Iterations and learning rates of ``photometric`` and ``depth``."""
     icomma: IComMaConfig = field(default_factory=IComMaConfig)
     pnp: PnPLocalizerConfig = field(default_factory=PnPLocalizerConfig)
+    regression: RegressionLocalizerConfig = field(default_factory=RegressionLocalizerConfig)
+    """``regression`` and ``--init regression``: where the regressor's weights are, how the pose is computed."""
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     """The ground-truth-free check of every method's results (confidence, rejection) against the map matches of
     ``pnp``'s map; gsloc also chooses between its hypotheses with it."""
@@ -94,7 +99,17 @@ LOCALIZERS: Dict[str, str] = {
            "depth rendered at the training poses, RANSAC PnP + Levenberg-Marquardt on tight inliers (no gradient step); "
            "with no prior (global, --init retrieval) the views come from the retrieval index (VLAD shortlist of "
            "training + rendered views, re-ranked by matches)",
+    "regression": "scene regressor (gsloc-train-regressor): one CNN forward pass predicting camera- and scene-frame "
+                  "points with weights, weighted rigid alignment; unrefined, the start is never read",
 }
+
+#: Methods that run on any trained run without further files (``gsloc-bench``'s default); ``regression`` needs
+#: ``gsloc-train-regressor`` first.
+DEFAULT_METHODS = tuple(name for name in LOCALIZERS if name != "regression")
+
+#: Methods that find their own pose and never read the initial one: with no prior (``global``, ``--init
+#: retrieval``) they get no separate initialisation.
+SELF_INITIALIZING = ("pnp", "regression")
 
 
 def check_methods(names: Sequence[str]) -> List[str]:
@@ -148,7 +163,11 @@ def make_verifier(settings: LocalizerSettings, model: nn.Module, pipeline: Any) 
 def make_localizer(method: str, settings: LocalizerSettings, model: nn.Module, pipeline: Any = None, seed: int = 0,
                    verifier: Optional[PoseVerifier] = None) -> Localizer:
     """``settings.config(method).setup(model=model, pipeline=pipeline, seed=seed)`` with its verifier (``verifier``,
-    else a new one from :func:`make_verifier`)."""
+    else a new one from :func:`make_verifier`; none for coarse methods, whose poses the pixel-level check would
+    reject by design)."""
     localizer = settings.config(method).setup(model=model, pipeline=pipeline, seed=seed)
-    localizer.verifier = verifier if verifier is not None else make_verifier(settings, model, pipeline)
+    if getattr(localizer, "coarse", False):
+        localizer.verifier = None
+    else:
+        localizer.verifier = verifier if verifier is not None else make_verifier(settings, model, pipeline)
     return localizer

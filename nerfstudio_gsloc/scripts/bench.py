@@ -18,6 +18,9 @@ Examples::
     # a sequence (a camera path, e.g. gsloc-make-scene --trajectory): gsloc, depth and pnp track it frame by frame
     gsloc-bench --load-config .../config.yml --queries track/transforms.json --protocol sequence --methods gsloc depth pnp
 
+    # no prior: the scene regressor alone, gsloc refining its poses (gsloc-train-regressor first), retrieval + PnP
+    gsloc-bench --load-config .../config.yml --protocol global --methods regression gsloc pnp --global-init regression
+
     # new images from a transforms.json, two methods, the rotation sweep, 10 queries
     gsloc-bench --load-config .../config.yml --queries new/transforms.json --methods gsloc pnp \\
         --protocol icomma-sweep --max-queries 10
@@ -47,7 +50,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import tyro
@@ -69,7 +72,17 @@ from nerfstudio_gsloc.files import OutputError, RewriteThrottle, append_line, at
 from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.initialization import InitialPose, localize_from_initial_poses, retrieval_initial_poses
 from nerfstudio_gsloc.localize.pnp import PnPLocalizer, training_camera_poses
-from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, check_methods, make_localizer, make_verifier
+from nerfstudio_gsloc.localize.registry import (
+    DEFAULT_METHODS,
+    LOCALIZERS,
+    SELF_INITIALIZING,
+    LocalizerSettings,
+    check_methods,
+    make_localizer,
+    make_verifier,
+)
+from nerfstudio_gsloc.localize.regression import regression_initial_poses
+from nerfstudio_gsloc.localize.regressor import check_run_regressor, load_run_regressor
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
@@ -101,8 +114,8 @@ class BenchCLI:
     """A nerfstudio transforms.json of query images with ground-truth poses (transform_matrix, dataset's original
     frame). Default: the run's held-out eval split. Distorted photos (OPENCV, OPENCV_FISHEYE) are undistorted like
     nerfstudio's training images."""
-    methods: Tuple[str, ...] = tuple(LOCALIZERS)
-    """Methods to compare (gsloc, photometric, icomma, depth, pnp)."""
+    methods: Tuple[str, ...] = DEFAULT_METHODS
+    """Methods to compare (gsloc, photometric, icomma, depth, pnp; regression once gsloc-train-regressor has run)."""
     protocol: str = "inerf"
     """A protocol preset of configs/protocols (inerf, icomma-sweep, tracking) or a .yaml file."""
     trials: Optional[int] = None
@@ -122,6 +135,9 @@ class BenchCLI:
     gsloc_preset: Optional[str] = None
     """An ns-localize preset (configs/localize) or .yaml/.json file for gsloc (and photometric/depth), loaded
     before the --method-settings.gsloc.* options, which override it."""
+    global_init: Literal["retrieval", "regression"] = "retrieval"
+    """Protocols without a prior (global): where the refining methods start, retrieval + PnP or the scene
+    regressor's pose (weights from gsloc-train-regressor); pnp and regression find their own pose either way."""
     sequence_preset: str = "sequence"
     """--protocol sequence: the per-frame schedule (a configs/localize preset or file on top of gsloc's settings)."""
     method_settings: LocalizerSettings = field(default_factory=LocalizerSettings)
@@ -240,6 +256,8 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
             if meta.get("trained_from") else ""),
         f"- queries: {QuerySource.from_json(meta['queries']).describe()} ({meta['num_queries']} queries x {protocol.trials_per_query} trials)",
         f"- protocol: {meta['protocol_summary']}",
+        *([f"- with no prior the refining methods start from {meta['global_init']} poses (--global-init)"]
+          if meta.get("global_init") else []),
         f"- camera-distance scale: {meta['camera_scale']:.4g} scene units (median distance of the training cameras "
         "to the scene origin)",
         f"- {SAME_POSES_NOTE}",
@@ -303,6 +321,8 @@ def bench_main(cli: BenchCLI, argv: Optional[Sequence[str]] = None) -> List[Dict
     if cli.data is not None:
         cli = dataclasses.replace(cli, load_config=train_for_benchmark(cli))
     check_run(cli.load_config)
+    if "regression" in methods or (not protocol.has_prior and cli.global_init == "regression"):
+        check_run_regressor(cli.load_config, cli.method_settings.regression.folder)  # no weights: the command to run
     frame = run_frame_transform(cli.load_config)
     if cli.queries is not None:
         # Validate the query file before loading the model (the model is needed only for the eval split).
@@ -375,10 +395,17 @@ def _run_benchmark(cli: BenchCLI, argv: Optional[Sequence[str]], methods: List[s
     verifier = make_verifier(cli.method_settings, model, pipeline)
     total = len(trials) * len(methods)
     global_inits = None
-    if not protocol.has_prior and any(m != "pnp" for m in methods):
-        # One retrieval + PnP initial pose per trial, shared by every refining method (pnp runs the same route).
-        global_inits = retrieval_starts(cli.method_settings, model, pipeline, trial_queries)
-        meta["retrieval_seconds"] = sum(init.seconds for init in global_inits)
+    if not protocol.has_prior and any(m not in SELF_INITIALIZING for m in methods):
+        # One initial pose per trial, shared by every refining method: retrieval + PnP (pnp runs the same route)
+        # or the scene regressor's.
+        meta["global_init"] = cli.global_init
+        if cli.global_init == "regression":
+            regression = cli.method_settings.regression
+            regressor = load_run_regressor(pipeline, regression.folder, regression.inference)
+            global_inits = regression_initial_poses(trial_queries, regressor)
+        else:
+            global_inits = retrieval_starts(cli.method_settings, model, pipeline, trial_queries)
+        meta[f"{cli.global_init}_seconds"] = sum(init.seconds for init in global_inits)
 
     def save(method_poses: Dict[int, PoseRecord]) -> None:
         """poses.json with every finished trial (atomic: an interruption keeps a complete file)."""
@@ -432,10 +459,10 @@ def _run_benchmark(cli: BenchCLI, argv: Optional[Sequence[str]], methods: List[s
                 settings = method_settings(cli, protocol, method)
                 localizer = make_localizer(method, settings, model, pipeline, seed=0, verifier=verifier)
                 if pool is not None:  # the same call, unit by unit on the Ray workers
-                    inits = global_inits if global_inits is not None and method != "pnp" else [
+                    inits = global_inits if global_inits is not None and method not in SELF_INITIALIZING else [
                         InitialPose(c2w, "prior") for c2w in trial_starts]
                     results = pool.localize(localizer, method, trial_queries, inits, on_result=on_result)
-                elif global_inits is not None and method != "pnp":
+                elif global_inits is not None and method not in SELF_INITIALIZING:
                     results = localize_from_initial_poses(localizer, trial_queries, global_inits, on_result=on_result)
                 else:
                     results = localizer.localize(trial_queries, trial_starts, on_result=on_result)

@@ -17,6 +17,10 @@ Examples::
     # a folder of photos with no poses and no transforms.json: retrieval + PnP, then refinement
     ns-localize --load-config .../config.yml --images my_photos/ --output-dir outputs/photos
 
+    # no prior: the scene regressor's one-shot pose (gsloc-train-regressor first), alone or refined by gsloc
+    ns-localize --load-config .../config.yml --method regression --output-dir outputs/loc-reg
+    ns-localize --load-config .../config.yml --init regression --output-dir outputs/loc-reg-gsloc
+
     # the same on Ray workers: every core of this machine, or a cluster (README, "Scaling out with Ray")
     ns-localize --load-config .../config.yml --output-dir outputs/loc --init perturb --ray [HEAD_IP:6379]
 
@@ -83,10 +87,13 @@ from nerfstudio_gsloc.localize.initialization import (
 from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
 from nerfstudio_gsloc.localize.pnp import PnPLocalizer, PnPLocalizerConfig
+from nerfstudio_gsloc.localize.regression import RegressionLocalizerConfig, regression_initial_poses
+from nerfstudio_gsloc.localize.regressor import check_run_regressor, load_run_regressor
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 from nerfstudio_gsloc.localize.verification import VerificationConfig
 from nerfstudio_gsloc.localize.registry import (
     LocalizerSettings,
+    SELF_INITIALIZING,
     SingleLossBudget,
     check_methods,
     check_queries_suit,
@@ -133,11 +140,12 @@ class LocalizeCLI:
     camera, scaled to each image's size."""
     intrinsics: Optional[Tuple[float, float, float, float]] = None
     """fx fy cx cy (pixels) of every --images photo, overriding the assumed camera."""
-    init: Literal["auto", "prior", "perturb", "retrieval"] = "auto"
+    init: Literal["auto", "prior", "perturb", "retrieval", "regression"] = "auto"
     """Initial poses: the query file's priors; the ground truth perturbed by --perturb-deg/--perturb-trans
     (evaluation); or retrieval + PnP against the run (no prior: training and rendered views ranked by VLAD, SIFT
     matches, RANSAC PnP; the index is cached in <run>/gsloc_index). auto: each query's prior when it has one,
-    otherwise retrieval. A query retrieval cannot place is reported as failed with the reason."""
+    otherwise retrieval. A query retrieval cannot place is reported as failed with the reason. regression: the
+    scene regressor's one-shot pose (weights from gsloc-train-regressor, beside the run)."""
     perturb_deg: float = 10.0
     """Rotation of the perturbation, degrees, about a random axis through the camera centre."""
     perturb_trans: float = 0.1
@@ -154,7 +162,7 @@ class LocalizeCLI:
     """A preset from configs/localize (default, fast, rgbd, ...) or a .yaml/.json file; loaded before the
     other --localization.* options, which override it."""
     method: str = "gsloc"
-    """The localizer: gsloc, photometric, depth, icomma or pnp (see nerfstudio_gsloc/localize/registry.py)."""
+    """The localizer: gsloc, photometric, depth, icomma, pnp or regression (see nerfstudio_gsloc/localize/registry.py)."""
     localization: PoseInversionConfig = field(default_factory=PoseInversionConfig)
     """gsloc's pose-inversion settings (losses, matcher, schedule, optimiser); photometric and depth use them with
     one loss term each and the --single-loss budget."""
@@ -164,6 +172,8 @@ class LocalizeCLI:
     """Settings of --method icomma."""
     pnp: PnPLocalizerConfig = field(default_factory=PnPLocalizerConfig)
     """Settings of --method pnp (its map of the training views also serves the confidence check)."""
+    regression: RegressionLocalizerConfig = field(default_factory=RegressionLocalizerConfig)
+    """Settings of --method regression and --init regression (weights folder, alignment, confidence)."""
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     """The ground-truth-free check of every result: confidence in [0, 1] from the support of the pose among the
     query's matches to the training photos; under --verification.threshold the result is 'rejected'."""
@@ -192,7 +202,7 @@ class LocalizeCLI:
     def settings(self) -> LocalizerSettings:
         """The settings of every method, as the registry takes them."""
         return LocalizerSettings(gsloc=self.localization, single_loss=self.single_loss, icomma=self.icomma, pnp=self.pnp,
-                                 verification=self.verification)
+                                 regression=self.regression, verification=self.verification)
 
     def main(self) -> None:
         """Validate everything, load the run, localize, write the outputs."""
@@ -221,7 +231,7 @@ def _initial_poses(cli: LocalizeCLI, todo: Sequence[Query], init: str, method: s
     """Per query its initial pose (:class:`InitialPose`): prior, perturbed ground truth, or retrieval + PnP.
 
     With ``--method pnp`` retrieval queries get no separate initialisation: pnp itself runs with
-    ``selection=retrieval`` and never reads their (NaN) start.
+    ``selection=retrieval`` and never reads their (NaN) start; nor do ``--method regression`` queries.
     """
     sources = query_init_sources(todo, init)
     inits: List[Optional[InitialPose]] = [None] * len(todo)
@@ -230,8 +240,17 @@ def _initial_poses(cli: LocalizeCLI, todo: Sequence[Query], init: str, method: s
         poses = initial_poses([todo[p] for p in picked], source, cli.perturb_deg, cli.perturb_trans, cli.seed) if picked else []
         for p, pose in zip(picked, poses):
             inits[p] = InitialPose(pose, source)
+    regression = [p for p, s in enumerate(sources) if s == "regression"]
+    if regression and method in SELF_INITIALIZING:
+        for p in regression:
+            inits[p] = InitialPose(no_pose(), "regression")
+    elif regression:
+        regressor = load_run_regressor(pipeline, cli.regression.folder, cli.regression.inference)
+        found = regression_initial_poses([todo[p] for p in regression], regressor)
+        for p, pose in zip(regression, found):
+            inits[p] = pose
     retrieval = [p for p, s in enumerate(sources) if s == "retrieval"]
-    if retrieval and method == "pnp":
+    if retrieval and method in SELF_INITIALIZING:
         for p in retrieval:
             inits[p] = InitialPose(no_pose(), "retrieval")
     elif retrieval:
@@ -377,6 +396,8 @@ def localize_main(cli: LocalizeCLI) -> None:
         PoseInversion.build_matcher(config)  # schedule and matcher weights checked before loading the model
     if method == "icomma" and cli.icomma.loftr_weights_path is not None and not Path(cli.icomma.loftr_weights_path).is_file():
         raise GslocError(f"LoFTR weights file not found: {cli.icomma.loftr_weights_path}")
+    if method == "regression" or init == "regression":
+        check_run_regressor(cli.load_config, cli.regression.folder)  # no weights: one line naming gsloc-train-regressor
     if queries is not None:
         check_queries_suit(method, config, queries)
     elif eval_split_has_depth(cli.load_config) is False:

@@ -12,7 +12,7 @@ from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.evaluation import report
-from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings
+from nerfstudio_gsloc.localize.registry import DEFAULT_METHODS, LocalizerSettings
 from nerfstudio_gsloc.evaluation.protocols import (
     available_protocols,
     camera_distance_scale,
@@ -247,14 +247,14 @@ def _fast_settings() -> LocalizerSettings:
 
 def test_bench_end_to_end_on_the_embedded_scene(small_gsloc_run, tmp_path):
     out = tmp_path / "bench"
-    cli = BenchCLI(load_config=small_gsloc_run, output_dir=out, methods=tuple(LOCALIZERS), protocol="inerf", trials=2,
+    cli = BenchCLI(load_config=small_gsloc_run, output_dir=out, methods=DEFAULT_METHODS, protocol="inerf", trials=2,
                    max_queries=2, method_settings=_fast_settings())
     rows = bench_main(cli, ["test"])
-    assert [r["method"] for r in rows] == list(LOCALIZERS)
+    assert [r["method"] for r in rows] == list(DEFAULT_METHODS)
 
     # results.csv parses: one row per method with rates in [0, 1] and 2 queries x 2 trials each.
     parsed = report.read_results_csv(out / "results.csv")
-    assert [r["method"] for r in parsed] == list(LOCALIZERS)
+    assert [r["method"] for r in parsed] == list(DEFAULT_METHODS)
     for row in parsed:
         assert row["trials"] == 4  # the embedded scene has depth, so depth runs too
         for key in ("success_1deg_0.01", "success_2deg_0.02", "success_5deg_0.05"):
@@ -266,7 +266,7 @@ def test_bench_end_to_end_on_the_embedded_scene(small_gsloc_run, tmp_path):
 
     # trials.jsonl: every method saw the same four initial poses (same seeds and initial errors).
     records = report.read_trials_jsonl(out / "trials.jsonl")
-    assert len(records) == 4 * len(LOCALIZERS)
+    assert len(records) == 4 * len(DEFAULT_METHODS)
     starts = {}
     for r in records:
         key = (r.query_index, r.trial)
@@ -282,7 +282,7 @@ def test_bench_end_to_end_on_the_embedded_scene(small_gsloc_run, tmp_path):
     assert meta["machine"]["torch_threads"] >= 1 and meta["image_sizes"] == [[80, 60]]
     # poses.json: every (method, query, trial) with the trial's start, in the format gsloc-view reads.
     document = read_poses(out / "poses.json")
-    assert sorted({r.method for r in document.records}) == sorted(LOCALIZERS) and len(document.records) == 4 * len(LOCALIZERS)
+    assert sorted({r.method for r in document.records}) == sorted(DEFAULT_METHODS) and len(document.records) == 4 * len(DEFAULT_METHODS)
     assert document.queries.is_eval_split and {r.trial for r in document.records} == {0, 1}
     by_key = {(r.method, r.index, r.trial): r for r in document.records}
     for record in records:

@@ -15,7 +15,7 @@ import torch
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.initialization import initial_poses
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig
-from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, check_methods, make_localizer
+from nerfstudio_gsloc.localize.registry import DEFAULT_METHODS, LocalizerSettings, check_methods, make_localizer
 from nerfstudio_gsloc.localize.result import STATUS_FAILED, STATUS_SKIPPED, LocalizationResult
 from nerfstudio_gsloc.errors import GslocError
 
@@ -53,7 +53,7 @@ def _errors(poses, queries):
     return rotation_error_deg(est, gt), translation_error(est, gt)
 
 
-@pytest.mark.parametrize("method", list(LOCALIZERS))
+@pytest.mark.parametrize("method", list(DEFAULT_METHODS))  # regression: tests/localize/test_regressor.py
 def test_each_method_through_the_one_interface_gets_closer_to_the_truth(method, scene):
     pipeline, queries, starts = scene
     config = fast_settings().config(method)

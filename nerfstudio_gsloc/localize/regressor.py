@@ -1,0 +1,340 @@
+"""A scene-specific network that localizes one image in one forward pass (implicit geometry + rigid alignment).
+
+After "Implicit Learning of Scene Geometry from Poses for Global Localization" (Altillawi et al., arXiv
+2312.02029): for a grid of pixels the network predicts each pixel's 3D point twice, in the **camera frame** and in
+the **scene frame**, with a weight; the camera pose is the weighted rigid alignment of the two point sets
+(:mod:`~nerfstudio_gsloc.localize.rigid_alignment`), differentiable end to end. Here it is trained from the
+Gaussian scene itself (:mod:`~nerfstudio_gsloc.localize.regressor_training`), which renders exact depth.
+
+Conventions and shapes:
+
+* input: ``[B, 3, H_in, W_in]`` colours in ``[0, 1]`` (query images are resized to the training input size);
+* output grid: stride 8, ``h = H_in / 8``, ``w = W_in / 8``; grid cell ``(i, j)`` stands for the query pixel at
+  ``((j + 0.5) W / w, (i + 0.5) H / h)`` (pixel centres at ``+0.5``, the convention of ``K``);
+* camera-frame points are predicted as a **z-depth along each cell's ray** (OpenCV camera frame: x right, y down,
+  z forward): ``P_c = d K^-1 [u, v, 1]``, so they always lie on the pixel's ray; a query whose focal length (in
+  input pixels) differs from the training camera's gets its depths scaled by the ratio (same apparent size);
+* scene-frame points ``X`` are in the scene (dataparser) frame; ``[R | t]`` aligning ``P_c`` onto ``X`` is the
+  OpenCV camera-to-world pose, returned as nerfstudio's OpenGL camera-to-world ``[3, 4]``.
+
+Weights and metadata live beside the run (:data:`REGRESSOR_FOLDER`): ``regressor.pt`` (network config and
+state dict) and ``regressor.json`` (the checkpoint it was trained for, the training settings, time and losses).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nerfstudio_gsloc.camera_conventions import opencv_c2w_to_opengl_c2w
+from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.files import atomic_output, atomic_write_text
+from nerfstudio_gsloc.localize.retrieval import checkpoint_fingerprint
+from nerfstudio_gsloc.localize.rigid_alignment import alignment_confidence, alignment_residuals, robust_rigid_alignment
+
+REGRESSOR_FOLDER = "gsloc_regressor"
+WEIGHTS_FILE = "regressor.pt"
+META_FILE = "regressor.json"
+#: Bumped when the saved layout or the network changes (older weights are then retrained).
+REGRESSOR_FORMAT = 1
+STRIDE = 8
+
+
+@dataclass
+class RegressorNetConfig:
+    """Shape of the network and the scene normalisation it predicts in (saved with the weights)."""
+
+    input_height: int = 128
+    input_width: int = 128
+    """Network input size (multiples of 8); every image is resized to it."""
+    channels: Tuple[int, int, int] = (32, 64, 128)
+    """Channels at strides 2, 4 and 8."""
+    center: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Scene-frame centre of the training views' visible points: scene points are ``center + scale * output``."""
+    scale: float = 1.0
+    """RMS distance of those points to ``center`` (scene units)."""
+    depth_ref: float = 1.0
+    """Median depth of the training views: depths are ``depth_ref * exp(output)``."""
+    focal_input: float = 1.0
+    """The training camera's focal length in input pixels (a query's depths are scaled by its own over this)."""
+
+
+class _Residual(nn.Module):
+    """``x + relu(conv(x))`` with a dilated 3x3 convolution: a wide receptive field at stride 8, cheaply."""
+
+    def __init__(self, channels: int, dilation: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
+        self.norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.relu(self.norm(self.conv(x)))
+
+
+class SceneRegressorNet(nn.Module):
+    """Fully convolutional: image ``[B, 3, H_in, W_in]`` -> per cell of the stride-8 grid a depth, a scene point
+    and a weight logit (see the module docstring)."""
+
+    def __init__(self, config: RegressorNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        c1, c2, c3 = config.channels
+
+        def conv(cin: int, cout: int, stride: int = 1) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU(inplace=True))
+
+        self.body = nn.Sequential(
+            conv(3, c1, 2), conv(c1, c1), conv(c1, c2, 2), conv(c2, c2), conv(c2, c3, 2), conv(c3, c3),
+            _Residual(c3, 2), _Residual(c3, 4), _Residual(c3, 8),
+        )
+        self.head = nn.Sequential(nn.Conv2d(c3, c3, 1), nn.ReLU(inplace=True), nn.Conv2d(c3, 5, 1))
+        self.register_buffer("center", torch.tensor(config.center, dtype=torch.float32), persistent=False)
+
+    def forward(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Args: ``images [B, 3, H_in, W_in]`` in ``[0, 1]``.
+
+        Returns:
+            ``depth [B, h, w]`` (scene units, training focal length), ``points [B, h, w, 3]`` (scene frame) and
+            ``logits [B, h, w]`` (the alignment weight is their sigmoid).
+        """
+        out = self.head(self.body(images - 0.5)).permute(0, 2, 3, 1)
+        depth = self.config.depth_ref * torch.exp(out[..., 0].clamp(-5.0, 5.0))
+        points = self.center + self.config.scale * out[..., 1:4]
+        return depth, points, out[..., 4]
+
+
+def grid_size(config: RegressorNetConfig) -> Tuple[int, int]:
+    """``(h, w)`` of the output grid."""
+    return config.input_height // STRIDE, config.input_width // STRIDE
+
+
+def grid_rays(K: Tensor, width: int, height: int, grid: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+    """Pixels and OpenCV camera rays of the grid cells of a ``width x height`` image with intrinsics ``K [3, 3]``.
+
+    Returns:
+        ``pixels [h, w, 2]`` (x, y; centres at +0.5) and ``rays [h, w, 3]`` with ``z = 1``.
+    """
+    h, w = grid
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) * (height / h)
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) * (width / w)
+    v, u = torch.meshgrid(ys, xs, indexing="ij")
+    K = K.float().cpu()
+    rays = torch.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], torch.ones_like(u)], dim=-1)
+    return torch.stack([u, v], dim=-1), rays
+
+
+def resize_image(image: Tensor, height: int, width: int) -> Tensor:
+    """``[H, W, 3]`` (or ``[B, H, W, 3]``) in ``[0, 1]`` -> ``[B, 3, height, width]`` (antialiased bilinear)."""
+    batch = image if image.ndim == 4 else image[None]
+    x = batch.permute(0, 3, 1, 2).float()
+    if x.shape[-2:] == (height, width):
+        return x.contiguous()
+    return F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+@dataclass
+class RegressorPrediction:
+    """The network's pose of one query and what it rests on.
+
+    Attributes:
+        c2w: ``[3, 4]`` OpenGL camera-to-world pose, scene frame.
+        confidence: :func:`~nerfstudio_gsloc.localize.rigid_alignment.alignment_confidence` of the alignment.
+        weights: ``[N]`` the network's weights (sigmoid of the logits), ``N = h * w``.
+        residuals: ``[N]`` alignment residuals (scene units).
+        seconds: time of the forward pass and the alignment (resizing included).
+    """
+
+    c2w: Tensor
+    confidence: float
+    weights: Tensor
+    residuals: Tensor
+    seconds: float
+
+
+@dataclass
+class RegressorInference:
+    """How a pose is computed from the network's outputs."""
+
+    rounds: int = 0
+    """Reweighting rounds of the robust alignment after the weighted one (0: the weighted alignment the network
+    was trained through; on lego, 3 rounds gave 60% against 70% at (10 deg, 0.1))."""
+    confidence_tolerance: float = 0.03
+    """A point pair agrees with the pose when its residual is within this fraction of the median depth."""
+    full_support: float = 24.0
+    """Weight mass of agreeing pairs at which the confidence's coverage factor reaches 1."""
+    refine_px: float = 0.0
+    """When > 0: after the alignment, Levenberg-Marquardt on the reprojection error of the predicted scene points
+    (cells with weight above 0.5) that reproject within this many query pixels (the ``pnp`` method's
+    ``refine_on_tight_inliers``); it removes the error of the predicted depths from the pose. 0: alignment only."""
+
+
+class SceneRegressor:
+    """A trained :class:`SceneRegressorNet` ready to localize query images (CPU, no gradient).
+
+    Args:
+        net: the network (put in eval mode).
+        meta: the contents of ``regressor.json``.
+        inference: pose computation settings.
+    """
+
+    def __init__(self, net: SceneRegressorNet, meta: Optional[Dict[str, Any]] = None,
+                 inference: Optional[RegressorInference] = None) -> None:
+        self.net = net.eval()
+        self.meta = dict(meta or {})
+        self.inference = inference or RegressorInference()
+
+    @property
+    def config(self) -> RegressorNetConfig:
+        return self.net.config
+
+    @torch.no_grad()
+    def predict(self, image: Tensor, K: Tensor) -> RegressorPrediction:
+        """Localize one image.
+
+        Args:
+            image: ``[H, W, 3]`` colours in ``[0, 1]``.
+            K: ``[3, 3]`` its intrinsics (pixels).
+        """
+        started = time.perf_counter()
+        cfg = self.config
+        height, width = int(image.shape[0]), int(image.shape[1])
+        depth, points, logits = self.net(resize_image(image.cpu(), cfg.input_height, cfg.input_width))
+        _, rays = grid_rays(K, width, height, grid_size(cfg))
+        focal_input = float(K[0, 0]) * cfg.input_width / width
+        cam = (depth[0] * (focal_input / cfg.focal_input))[..., None] * rays  # on each cell's ray
+        src, dst = cam.reshape(1, -1, 3).double(), points.reshape(1, -1, 3).double()
+        weights = torch.sigmoid(logits).reshape(1, -1).double()
+        tolerance = self.inference.confidence_tolerance * float(depth.median())
+        R, t, _ = robust_rigid_alignment(src, dst, weights, rounds=self.inference.rounds, min_scale=0.25 * tolerance)
+        residuals = alignment_residuals(R, t, src, dst)
+        confidence = alignment_confidence(residuals, weights, tolerance, self.inference.full_support)
+        c2w = opencv_c2w_to_opengl_c2w(torch.cat([R[0], t[0, :, None]], dim=1))
+        if self.inference.refine_px > 0:
+            c2w = self._refine(c2w, points.reshape(-1, 3), weights[0], K, width, height)
+        c2w = c2w.float()
+        return RegressorPrediction(c2w, float(confidence[0]), weights[0].float(), residuals[0].float(),
+                                   time.perf_counter() - started)
+
+
+    def _refine(self, c2w: Tensor, points: Tensor, weights: Tensor, K: Tensor, width: int, height: int) -> Tensor:
+        """``c2w [3, 4]`` refined on the reprojection error of the trusted ``points [N, 3]`` (see ``refine_px``)."""
+        from nerfstudio_gsloc.localize.pnp import refine_on_tight_inliers
+
+        pixels, _ = grid_rays(K, width, height, grid_size(self.config))
+        trusted = weights > 0.5
+        refined, _ = refine_on_tight_inliers(points.double()[trusted], pixels.reshape(-1, 2).double()[trusted],
+                                             K.double().cpu(), c2w.double(), self.inference.refine_px, min_inliers=12)
+        return refined[:3, :4]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files beside the run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def regressor_dir(run_dir: Path) -> Path:
+    """Where a run's regressor lives: ``<run_dir>/gsloc_regressor``."""
+    return Path(run_dir) / REGRESSOR_FOLDER
+
+
+def train_command(config_path: Optional[Path]) -> str:
+    """The command that trains the regressor of a run (for messages)."""
+    return f"gsloc-train-regressor --load-config {config_path if config_path is not None else 'RUN/config.yml'}"
+
+
+def save_regressor(folder: Path, net: SceneRegressorNet, meta: Dict[str, Any]) -> None:
+    """Write ``regressor.pt`` and ``regressor.json`` atomically (the json last: it marks a complete pair)."""
+    folder = Path(folder)
+    with atomic_output(folder / WEIGHTS_FILE) as tmp:
+        torch.save({"format": REGRESSOR_FORMAT, "net": asdict(net.config), "state": net.state_dict()}, tmp)
+    atomic_write_text(folder / META_FILE, json.dumps({"format": REGRESSOR_FORMAT, **meta}, indent=2) + "\n")
+
+
+def read_meta(folder: Path) -> Optional[Dict[str, Any]]:
+    """``regressor.json`` of ``folder`` (``None`` when missing or unreadable)."""
+    path = Path(folder) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_up_to_date(folder: Path, checkpoint: Optional[Path], settings_key: Optional[str] = None) -> bool:
+    """True when ``folder`` holds weights trained for ``checkpoint`` as it is now (path, size, modification
+    time) and, when given, with the settings of ``settings_key``."""
+    meta = read_meta(folder)
+    if meta is None or meta.get("format") != REGRESSOR_FORMAT or not (Path(folder) / WEIGHTS_FILE).is_file():
+        return False
+    if checkpoint is not None and meta.get("checkpoint") != checkpoint_fingerprint(Path(checkpoint)):
+        return False
+    return settings_key is None or meta.get("settings_key") == settings_key
+
+
+def check_regressor_files(folder: Path, config_path: Optional[Path] = None) -> None:
+    """Raise :class:`GslocError` (naming ``gsloc-train-regressor``) when ``folder`` holds no complete regressor;
+    for the checks before a run is loaded (the checkpoint it was trained for is checked when loading)."""
+    meta = read_meta(folder)
+    if meta is None or not (Path(folder) / WEIGHTS_FILE).is_file():
+        raise GslocError(f"no regressor weights in {folder}: train them first with `{train_command(config_path)}`")
+
+
+def load_regressor(folder: Path, checkpoint: Optional[Path] = None, config_path: Optional[Path] = None,
+                   inference: Optional[RegressorInference] = None) -> SceneRegressor:
+    """Load the regressor of ``folder``, checking that it was trained for ``checkpoint`` (when given).
+
+    Raises:
+        GslocError: no weights (run ``gsloc-train-regressor``), unreadable weights, or weights trained for another
+            checkpoint; the message names the command to run.
+    """
+    folder = Path(folder)
+    command = train_command(config_path)
+    check_regressor_files(folder, config_path)
+    meta = read_meta(folder) or {}
+    if meta.get("format") != REGRESSOR_FORMAT:
+        raise GslocError(f"the regressor in {folder} was written by another version: retrain it with `{command}`")
+    if checkpoint is not None and meta.get("checkpoint") != checkpoint_fingerprint(Path(checkpoint)):
+        raise GslocError(f"the regressor in {folder} was trained for another checkpoint than {checkpoint}: "
+                         f"retrain it with `{command}`")
+    try:
+        state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        net_config = RegressorNetConfig(**{**state["net"], "channels": tuple(state["net"]["channels"]),
+                                           "center": tuple(state["net"]["center"])})
+        net = SceneRegressorNet(net_config)
+        net.load_state_dict(state["state"])
+    except Exception as err:  # a truncated or foreign file
+        raise GslocError(f"cannot read {folder / WEIGHTS_FILE} ({type(err).__name__}): retrain it with `{command}`") from None
+    return SceneRegressor(net, meta, inference)
+
+
+def run_regressor_folder(run_dir: Optional[Path], folder: Optional[Path] = None) -> Path:
+    """``folder`` when given, else the run's ``<run_dir>/gsloc_regressor``."""
+    if folder is not None:
+        return Path(folder)
+    if run_dir is None:
+        raise GslocError("the regressor needs a weights folder (no run folder to look beside)")
+    return regressor_dir(run_dir)
+
+
+def check_run_regressor(config_path: Path, folder: Optional[Path] = None) -> None:
+    """Before loading the run of ``config_path``: one error naming ``gsloc-train-regressor`` when there are no
+    weights (in ``folder``, default beside the run)."""
+    check_regressor_files(run_regressor_folder(Path(config_path).parent, folder), config_path)
+
+
+def load_run_regressor(pipeline: Any, folder: Optional[Path] = None,
+                       inference: Optional[RegressorInference] = None) -> SceneRegressor:
+    """The regressor of a loaded run (``gsloc_run_dir`` and ``gsloc_checkpoint`` from
+    :func:`~nerfstudio_gsloc.runs.load_run`), from ``folder`` when given; checked against the loaded checkpoint."""
+    run_dir = getattr(pipeline, "gsloc_run_dir", None)
+    config_path = None if run_dir is None else Path(run_dir) / "config.yml"
+    return load_regressor(run_regressor_folder(run_dir, folder), getattr(pipeline, "gsloc_checkpoint", None),
+                          config_path, inference)

@@ -1,0 +1,147 @@
+"""`gsloc-train-regressor`: train the scene regressor of a run (for ``--method regression`` / ``--init regression``).
+
+Examples::
+
+    gsloc-train-regressor --load-config outputs/lego-200/gsloc/<ts>/config.yml            # train or reuse
+    gsloc-train-regressor --load-config .../config.yml --training.max-minutes 5 --force   # retrain, 5 minutes
+
+The network (:mod:`nerfstudio_gsloc.localize.regressor`) is trained from scratch on the CPU, no downloaded
+weights, from the run's training photos and views rendered from its Gaussian scene around the training cameras
+(:mod:`nerfstudio_gsloc.localize.regressor_training`). Weights and metadata go to ``<run>/gsloc_regressor/``
+(``regressor.pt``, ``regressor.json``); a later call with the same settings reuses them while the run's
+checkpoint is unchanged (path, size and modification time) and retrains when it changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import tyro
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from nerfstudio_gsloc.errors import GslocError, run_cli
+from nerfstudio_gsloc.files import check_writable
+from nerfstudio_gsloc.localize.regressor import is_up_to_date, read_meta, regressor_dir, save_regressor
+from nerfstudio_gsloc.localize.regressor_training import RegressorTrainConfig, build_training_set, train_regressor
+from nerfstudio_gsloc.localize.retrieval import checkpoint_fingerprint
+from nerfstudio_gsloc.localize.scene_map import TrainingView, load_training_views
+
+CONSOLE = Console(width=None if sys.stdout.isatty() else 160)
+
+
+@dataclass
+class TrainRegressorCLI:
+    """Train the scene regressor of a gsloc run (global localization in one forward pass)."""
+
+    load_config: Path
+    """The run's config.yml."""
+    training: RegressorTrainConfig = field(default_factory=RegressorTrainConfig)
+    """Network size, data, losses, schedule."""
+    output_dir: Optional[Path] = None
+    """Where regressor.pt and regressor.json go (default: <run>/gsloc_regressor, where ns-localize looks)."""
+    force: bool = False
+    """Retrain even when up-to-date weights exist."""
+    num_threads: Optional[int] = None
+    """torch CPU threads (default: torch's choice)."""
+
+    def main(self) -> None:
+        from nerfstudio_gsloc.runs import check_run, load_run
+
+        if self.num_threads is not None:
+            if self.num_threads < 1:
+                raise GslocError("--num-threads must be at least 1")
+            torch.set_num_threads(self.num_threads)
+        check_run(self.load_config)
+        folder = Path(self.output_dir) if self.output_dir is not None else regressor_dir(Path(self.load_config).parent)
+        check_writable(folder, "--output-dir")
+        with CONSOLE.status("loading the run"):
+            _, pipeline = load_run(self.load_config)
+        train_or_reuse(pipeline.model, load_training_views(pipeline), pipeline.gsloc_checkpoint, folder,
+                       self.training, self.force, console=CONSOLE)
+
+
+def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Path], folder: Path,
+                   config: RegressorTrainConfig, force: bool = False, console: Optional[Console] = None,
+                   show_progress: bool = True) -> Dict[str, Any]:
+    """Train the regressor of ``model`` into ``folder``, or reuse what is there.
+
+    Weights are reused when ``regressor.json`` records the same ``checkpoint`` (path, size, modification time)
+    and the same settings (:meth:`RegressorTrainConfig.key`), unless ``force``.
+
+    Args:
+        model: the trained Gaussian scene; views: its training photos (scene frame).
+        checkpoint: the checkpoint file the model was loaded from (``None``: weights are never reused).
+        folder: where ``regressor.pt`` / ``regressor.json`` go.
+        config: training settings.
+
+    Returns:
+        the metadata written (or read), with ``"reused": True/False``.
+    """
+    console = console or CONSOLE
+    key = config.key()
+    if not force and checkpoint is not None and is_up_to_date(folder, checkpoint, key):
+        meta = read_meta(folder) or {}
+        console.print(f"regressor in {folder} is up to date (trained in {meta.get('training_seconds', 0):.0f} s for "
+                      f"this checkpoint): reused; --force retrains it")
+        return {**meta, "reused": True}
+    if (Path(folder) / "regressor.json").is_file() and not force:
+        console.print(f"regressor in {folder} was trained for another checkpoint or settings: retraining")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    budget = 60.0 * config.max_minutes
+    progress = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                        disable=not show_progress, transient=False)
+    with progress:
+        render_task = progress.add_task("", total=len(views) + config.rendered_views, stage="training views")
+        data, net_config = build_training_set(
+            model, views, config, on_progress=lambda done, total: progress.update(render_task, completed=done))
+        data_seconds = time.perf_counter() - started
+        train_task = progress.add_task("", total=config.steps, stage="training")
+
+        def on_step(step: int, total: int, losses: Dict[str, float]) -> None:
+            if step % 5 == 0 or step == total:
+                text = " ".join(f"{name} {value:.3f}" for name, value in losses.items())
+                progress.update(train_task, completed=step, description=text)
+                if show_progress and not console.is_terminal and step % 250 == 0:  # no live bar in a log file
+                    console.print(f"step {step}/{total} ({time.perf_counter() - started:.0f} s): {text}")
+
+        net, summary = train_regressor(data, net_config, config, budget_seconds=max(1.0, budget - data_seconds),
+                                       on_step=on_step)
+    seconds = time.perf_counter() - started
+    meta = {
+        "checkpoint": None if checkpoint is None else checkpoint_fingerprint(Path(checkpoint)),
+        "settings_key": key,
+        "settings": dataclasses.asdict(config),
+        "training_seconds": round(seconds, 1),
+        "training_cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "data_seconds": round(data_seconds, 1),
+        "threads": torch.get_num_threads(),
+        "views": {"real": int(data.real.sum()), "rendered": int((~data.real).sum())},
+        "input_size": [net_config.input_height, net_config.input_width],
+        "parameters": sum(p.numel() for p in net.parameters()),
+        **summary,
+    }
+    save_regressor(folder, net, meta)
+    console.print(f"regressor trained in {seconds / 60:.1f} min ({data_seconds:.0f} s rendering {len(data.real)} views, "
+                  f"{summary['steps']} steps, {torch.get_num_threads()} thread(s)); saved to {folder}")
+    return {**meta, "reused": False}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    tyro.cli(TrainRegressorCLI, args=list(sys.argv[1:] if argv is None else argv)).main()
+
+
+def entrypoint() -> None:
+    """Console script ``gsloc-train-regressor``."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    entrypoint()

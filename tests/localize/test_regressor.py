@@ -1,0 +1,159 @@
+"""The scene regressor: differentiable weighted rigid alignment, training from a Gaussian scene, weights beside the
+run (reuse / retrain), and its use by ns-localize (--method regression, --init regression)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import run_ns_localize
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
+
+from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.localize.regression import RegressionLocalizer, RegressionLocalizerConfig, regression_initial_poses
+from nerfstudio_gsloc.localize.regressor import load_regressor
+from nerfstudio_gsloc.localize.regressor_training import RegressorTrainConfig
+from nerfstudio_gsloc.localize.rigid_alignment import robust_rigid_alignment, weighted_rigid_alignment
+from nerfstudio_gsloc.localize.scene_map import TrainingView
+from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
+from nerfstudio_gsloc.scripts.train_regressor import train_or_reuse
+
+#: A network and data small enough to train in seconds: 64x48 input, 8x6 grid.
+TINY = RegressorTrainConfig(input_size=64, channels=(16, 32, 48), steps=300, batch_size=8, rendered_views=96,
+                            max_minutes=2.0, pose_warmup=0.3)
+
+
+def _known_pose(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(3)
+    R = axis_angle_to_rotation_matrix(torch.tensor([[0.4, -1.1, 0.7]], dtype=dtype))
+    t = torch.tensor([[0.5, -2.0, 1.5]], dtype=dtype)
+    src = torch.randn(1, 80, 3, generator=gen, dtype=dtype) * torch.tensor([2.0, 1.0, 0.5], dtype=dtype) + 3.0
+    dst = torch.einsum("bij,bnj->bni", R, src) + t[:, None]
+    return R, t, src, dst, gen
+
+
+def _angle_deg(Ra, Rb):
+    cos = ((Ra.transpose(-1, -2) @ Rb).diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0
+    return float(torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0))).max())
+
+
+def test_alignment_recovers_a_known_pose_with_noise_and_outlier_weights():
+    R, t, src, dst, gen = _known_pose()
+    noisy = dst + 0.01 * torch.randn(dst.shape, generator=gen, dtype=dst.dtype)
+    outliers = noisy.clone()
+    outliers[:, :20] = 10.0 * torch.randn(1, 20, 3, generator=gen, dtype=dst.dtype)  # 25% garbage pairs
+    weights = torch.ones(1, 80, dtype=dst.dtype)
+    R0, t0 = weighted_rigid_alignment(src, dst, weights)  # exact pairs: exact pose, a proper rotation
+    assert _angle_deg(R0, R) < 1e-6 and float((t0 - t).norm()) < 1e-6
+    assert float(torch.det(R0)) == pytest.approx(1.0, abs=1e-9)
+    R1, t1 = weighted_rigid_alignment(src, outliers, weights)
+    assert _angle_deg(R1, R) > 5.0  # garbage pairs with full weight ruin a plain alignment ...
+    zero = weights.clone()
+    zero[:, :20] = 0.0
+    R2, t2 = weighted_rigid_alignment(src, outliers, zero)  # ... their weight set to 0 removes them
+    assert _angle_deg(R2, R) < 0.5 and float((t2 - t).norm()) < 0.05
+    R3, t3, effective = robust_rigid_alignment(src, outliers, weights, rounds=5)  # reweighting finds them itself
+    assert _angle_deg(R3, R) < 1.0 and float((t3 - t).norm()) < 0.1
+    assert float(effective[0, :20].mean()) < 0.1 * float(effective[0, 20:].mean())
+    with pytest.raises(ValueError, match="weights must be"):
+        weighted_rigid_alignment(src, dst, weights[:, :5])
+
+
+def test_alignment_gradient_matches_finite_differences():
+    _, _, src, dst, gen = _known_pose()
+    src, dst = src[:, :10], dst[:, :10] + 0.05 * torch.randn(1, 10, 3, generator=gen, dtype=torch.float64)
+    weights = torch.rand(1, 10, generator=gen, dtype=torch.float64) + 0.2
+    inputs = tuple(x.clone().requires_grad_(True) for x in (src, dst, weights))
+    assert torch.autograd.gradcheck(weighted_rigid_alignment, inputs, eps=1e-6, atol=1e-5)
+
+
+def _views(point_splat_views):
+    rgb, _, K, c2w = point_splat_views
+    return [TrainingView(f"view{i}", rgb[i], K[i], c2w[i]) for i in range(rgb.shape[0])]
+
+
+@pytest.fixture(scope="module")
+def tiny_regressor(tmp_path_factory, point_splat, point_splat_views):
+    folder = tmp_path_factory.mktemp("regressor")
+    checkpoint = folder / "step-000000001.ckpt"
+    checkpoint.write_bytes(b"weights")
+    meta = train_or_reuse(point_splat, _views(point_splat_views), checkpoint, folder / "gsloc_regressor", TINY,
+                          show_progress=False)
+    return folder / "gsloc_regressor", checkpoint, meta
+
+
+def test_a_tiny_regressor_localizes_its_training_views_better_than_chance(tiny_regressor, point_splat_views):
+    folder, checkpoint, meta = tiny_regressor
+    assert not meta["reused"] and meta["steps"] == TINY.steps and meta["skipped_steps"] < TINY.steps // 10
+    regressor = load_regressor(folder, checkpoint)
+    rgb, _, K, c2w = point_splat_views
+    queries = [Query(f"view{i}", Path(f"view{i}.png"), rgb[i], K[i], rgb.shape[2], rgb.shape[1], gt_c2w=c2w[i], index=i)
+               for i in range(rgb.shape[0])]
+    inits = regression_initial_poses(queries, regressor)
+    est = torch.stack([init.c2w for init in inits]).double()
+    gt = c2w.double()
+    rot, trans = rotation_error_deg(est, gt), translation_error(est, gt)
+    # Chance: answering with another training view's pose (every pairing of distinct views).
+    pairs = [(i, j) for i in range(len(gt)) for j in range(len(gt)) if i != j]
+    chance_rot = rotation_error_deg(gt[[j for _, j in pairs]], gt[[i for i, _ in pairs]]).median()
+    chance_trans = translation_error(gt[[j for _, j in pairs]], gt[[i for i, _ in pairs]]).median()
+    assert float(rot.median()) < 0.5 * float(chance_rot), (rot, chance_rot)
+    assert float(trans.median()) < 0.5 * float(chance_trans), (trans, chance_trans)
+    # The localizer gives the same poses, unrefined, with the alignment's confidence and its forward-pass time.
+    localizer = RegressionLocalizer(RegressionLocalizerConfig(), None, regressor=regressor)
+    results = localizer.localize(queries[:2], [torch.full((3, 4), math.nan)] * 2)
+    assert localizer.coarse and localizer.verifier is None
+    for result, init in zip(results, inits):
+        assert result.status == "converged" and torch.allclose(result.c2w, init.c2w)
+        assert 0.0 <= result.confidence <= 1.0 and result.seconds > 0 and result.rot_err_deg is not None
+
+
+def test_weights_are_reused_and_retrained_when_the_checkpoint_changes(tmp_path, point_splat, point_splat_views):
+    views = _views(point_splat_views)[:4]
+    checkpoint = tmp_path / "step-000000001.ckpt"
+    checkpoint.write_bytes(b"weights")
+    folder = tmp_path / "gsloc_regressor"
+    quick = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=3, batch_size=2, rendered_views=2)
+
+    def run(config=quick):
+        return train_or_reuse(point_splat, views, checkpoint, folder, config, show_progress=False)
+
+    assert not run()["reused"]
+    assert sorted(p.name for p in folder.iterdir()) == ["regressor.json", "regressor.pt"]
+    assert run()["reused"]
+    load_regressor(folder, checkpoint)
+    checkpoint.write_bytes(b"new weights")  # retrained scene: size and modification time change
+    with pytest.raises(GslocError, match="trained for another checkpoint.*gsloc-train-regressor"):
+        load_regressor(folder, checkpoint)
+    assert not run()["reused"]
+    assert run()["reused"]
+    os.utime(checkpoint, ns=(0, 0))  # same size, other modification time
+    assert not run()["reused"]
+    assert not run(RegressorTrainConfig(**{**quick.__dict__, "steps": 4}))["reused"]  # other settings
+
+
+@pytest.mark.parametrize("command", [["ns-localize", "--init", "regression"], ["ns-localize", "--method", "regression"],
+                                     ["gsloc-bench", "--methods", "regression"],
+                                     ["gsloc-bench", "--methods", "gsloc", "--protocol", "global", "--global-init", "regression"]])
+def test_regression_without_weights_is_one_clear_error(command, tmp_path_factory, embedded_scene, write_fake_run,
+                                                         capsys, tmp_path):
+    from nerfstudio_gsloc.errors import run_cli
+    from nerfstudio_gsloc.scripts import bench
+
+    config = write_fake_run(tmp_path_factory.mktemp("fake_run"), Path(embedded_scene.dataset).parent,
+                            {"transform": np.eye(4)[:3].tolist(), "scale": 1.0})
+    argv = ["--load-config", config, "--output-dir", tmp_path / "out", *command[1:]]
+    if command[0] == "ns-localize":
+        code, _, err = run_ns_localize(argv, capsys)
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: bench.main([str(a) for a in argv]))
+        code, err = exit_info.value.code, capsys.readouterr().err
+    assert code == 1, err
+    assert "no regressor weights in" in err and f"gsloc-train-regressor --load-config {config}" in err
+    assert not (tmp_path / "out").exists()  # stopped before writing anything
