@@ -345,7 +345,7 @@ def test_bench_dataset_mode_bad_inputs(tmp_path, capsys):
 
 def _results_folder(folder: Path, method: str, errors, init_rot=(10.0, 20.0), load_config="run/config.yml"):
     """A results folder as gsloc-bench writes it: one query, one trial per initial angle."""
-    from nerfstudio_gsloc.scripts.bench import write_outputs
+    from nerfstudio_gsloc.scripts.bench_outputs import write_outputs
 
     protocol = load_protocol("inerf", trials=len(errors))
     records = [report.TrialRecord(method, "q0", 0, t, 100 + t, init_rot[t], 0.1, init_rot[t], rot, trans, 2.0, 5,
@@ -358,7 +358,7 @@ def _results_folder(folder: Path, method: str, errors, init_rot=(10.0, 20.0), lo
 
 
 def test_merge_combines_methods_run_apart_into_one_table(tmp_path, capsys):
-    from nerfstudio_gsloc.scripts.bench import merge_results
+    from nerfstudio_gsloc.scripts.bench_outputs import merge_results
 
     _results_folder(tmp_path / "a", "pnp", [(0.1, 0.002), (0.2, 0.004)])
     _results_folder(tmp_path / "b", "gsloc", [(0.01, 0.0005), (9.0, 0.3)])
