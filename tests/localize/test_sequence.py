@@ -102,6 +102,28 @@ def test_the_tum_file_parses_and_matches_poses_json(tracked):
     torch.testing.assert_close(gt, torch.stack([to_homogeneous(r.c2w_gt.double()) for r in records]), atol=1e-6, rtol=0)
 
 
+def test_the_lm_tracking_preset_keeps_every_frame_within_bounds(small_gsloc_run, track_file, tmp_path):
+    """``--sequence-preset sequence-lm`` (Levenberg-Marquardt per frame) tracks the same frames: no frame lost, every
+    pose within the bounds, each frame a handful of LM iterations."""
+    from nerfstudio_gsloc.poses_file import read_poses
+    from nerfstudio_gsloc.scripts import localize
+
+    localize.main(["--load-config", str(small_gsloc_run), "--queries", str(track_file), "--sequence", "--preset", "fast",
+                   "--sequence-preset", "sequence-lm", "--max-queries", str(FRAMES), "--output-dir", str(tmp_path),
+                   "--num-threads", "1", "--pnp.num-views", "6", "--verification.threshold", str(THRESHOLD),
+                   "--sequence-settings.max-correction", str(MAX_CORRECTION),
+                   "--sequence-settings.max-correction-deg", str(MAX_CORRECTION_DEG)])
+    document = read_poses(tmp_path / "poses.json")
+    records = sorted(document.records, key=lambda r: r.index)
+    errors = np.array([r.errors(document.frame.scale) for r in records], dtype=np.float64)
+    print("rot", errors[:, 0].round(3).tolist(), "trans", errors[:, 1].round(4).tolist(), [r.reason[:40] for r in records])
+    assert len(records) == FRAMES and errors[:, 0].max() < MAX_ROT_DEG and errors[:, 1].max() < MAX_TRANS
+    sequence = from_strict_json((tmp_path / "sequence.json").read_text())["methods"]["gsloc"]
+    assert sequence["num_lost"] == 0
+    rows = [row for row in localize.read_trace_csv(tmp_path / "trace.csv") if row["query"] == records[2].image]
+    assert {row["event"] for row in rows} & {"lm_step"}  # a tracked frame's steps are LM's
+
+
 def test_a_jump_in_the_sequence_is_relocalized_and_the_track_recovers(small_gsloc_run, track_file):
     from nerfstudio_gsloc.localize.pipeline import load_preset
     from nerfstudio_gsloc.localize.queries import load_transforms_queries, run_frame_transform
