@@ -65,6 +65,9 @@ class LiveView:
             self.panel.update(label)
 
     def stop(self) -> None:
+        from nerfstudio_gsloc.viewer.server import stop_render_threads
+
+        stop_render_threads()
         self.viewer_state.viser_server.stop()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+import threading
 from threading import Lock
 from typing import Any, Dict, Optional
 
@@ -106,4 +107,21 @@ def serve_until_interrupted(viewer_state: Any, console: Any, message: str) -> No
         while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
+        stop_render_threads()
         viewer_state.viser_server.stop()
+
+
+def stop_render_threads(timeout: float = 10.0) -> None:
+    """Stop nerfstudio's render threads (one per browser tab, daemon threads) and wait for their current render.
+
+    A daemon thread still inside torch when the interpreter exits can abort the process (SIGABRT after Ctrl-C, seen
+    once in the browser test); a stopped thread leaves its loop after the render it is in.
+    """
+    from nerfstudio.viewer.render_state_machine import RenderStateMachine
+
+    threads = [t for t in threading.enumerate() if isinstance(t, RenderStateMachine)]
+    for thread in threads:
+        thread.running = False
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
