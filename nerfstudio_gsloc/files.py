@@ -20,12 +20,13 @@ Files get the normal permissions of a newly created file (``0o666`` minus the um
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import Any, Iterator, List, Optional, Union
 
 from nerfstudio_gsloc.errors import GslocError
 
@@ -163,6 +164,32 @@ def append_line(path: Union[str, Path], line: str) -> None:
     except OSError as err:
         reason = _reason(err, path.parent)
         raise OutputError(f"cannot write {path}: {reason}", path, reason) from None
+
+
+class JSONLinesError(ValueError):
+    """A line other than the last of a JSON-lines file does not parse; ``line`` is its number (1-based, among the
+    non-empty lines)."""
+
+    def __init__(self, path: Path, line: int) -> None:
+        super().__init__(f"{path}: line {line} is not JSON")
+        self.line = line
+
+
+def read_json_lines(path: Union[str, Path]) -> List[Any]:
+    """The JSON value of every non-empty line of a file written by :func:`append_line`, in order.
+
+    A last line that does not parse is skipped (a run killed while appending tears at most that one); any other
+    raises :class:`JSONLinesError`.
+    """
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    values = []
+    for number, line in enumerate(lines):
+        try:
+            values.append(json.loads(line))
+        except ValueError:
+            if number < len(lines) - 1:
+                raise JSONLinesError(Path(path), number + 1) from None
+    return values
 
 
 class RewriteThrottle:

@@ -124,3 +124,13 @@ def test_append_line_adds_one_line_and_names_the_file_when_it_fails(tmp_path, re
     assert path.read_text().splitlines() == ['{"a": 1}', '{"a": 2}']
     with pytest.raises(OutputError, match=f"cannot write {read_only_dir / 'x.jsonl'}: permission denied"):
         files.append_line(read_only_dir / "x.jsonl", "{}")
+
+
+def test_json_lines_skip_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "trials.jsonl"
+    files.append_line(path, '{"a": 1}')
+    path.write_text(path.read_text() + '{"a": 2')  # a run killed while appending
+    assert files.read_json_lines(path) == [{"a": 1}]
+    path.write_text('{"a": 1\n\n{"a": 2}\n')
+    with pytest.raises(files.JSONLinesError, match="line 1 is not JSON"):
+        files.read_json_lines(path)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from nerfstudio_gsloc.files import atomic_write_text, save_figure
+from nerfstudio_gsloc.files import atomic_write_text, read_json_lines, save_figure
 from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, failure_errors, precision_recall, summarize, threshold_key
 
 #: Columns of results.csv, in order.
@@ -81,15 +81,7 @@ def write_trials_jsonl(path: Path, records: Sequence[TrialRecord]) -> None:
 def read_trials_jsonl(path: Path) -> List[TrialRecord]:
     """Inverse of :func:`write_trials_jsonl`; also reads a run's file while it grows (a line appended per trial),
     skipping a torn last line (a run killed while appending)."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines):
-        try:
-            records.append(TrialRecord(**json.loads(line)))
-        except (ValueError, TypeError):
-            if number < len(lines) - 1:
-                raise
-    return records
+    return [TrialRecord(**value) for value in read_json_lines(path)]
 
 
 # ----------------------------------------------------------------------------------------------------------

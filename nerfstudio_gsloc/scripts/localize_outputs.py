@@ -29,7 +29,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.errors import GslocError, count
-from nerfstudio_gsloc.files import OutputError, RewriteThrottle, append_line, atomic_write_text, save_figure
+from nerfstudio_gsloc.files import (
+    JSONLinesError,
+    OutputError,
+    RewriteThrottle,
+    append_line,
+    atomic_write_text,
+    read_json_lines,
+    save_figure,
+)
 from nerfstudio_gsloc.localize.result import TRACE_FIELDS
 from nerfstudio_gsloc.metrics import from_strict_json, to_strict_json
 from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, read_poses, record_from_json, write_poses
@@ -114,16 +122,16 @@ class SaveFailed(GslocError):
 def read_journal(path: Path) -> List[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
     """The ``(record JSON, trace rows)`` entries of a journal, in order; a torn last line (a crash while
     appending) is skipped."""
-    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        values = read_json_lines(path)
+    except JSONLinesError as err:
+        raise GslocError(f"{path}: line {err.line} is not a journal entry") from None
     entries = []
-    for number, line in enumerate(lines):
+    for number, entry in enumerate(values, start=1):
         try:
-            entry = json.loads(line)
             entries.append((entry["record"], list(entry["trace"])))
-        except (ValueError, KeyError, TypeError):
-            if number == len(lines) - 1:
-                break
-            raise GslocError(f"{path}: line {number + 1} is not a journal entry") from None
+        except (KeyError, TypeError):
+            raise GslocError(f"{path}: line {number} is not a journal entry") from None
     return entries
 
 
