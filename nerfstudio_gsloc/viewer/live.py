@@ -19,7 +19,13 @@ from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.poses_file import PoseRecord, QuerySource, pose_to_original
 from nerfstudio_gsloc.viewer.overlay import STATUS_RUNNING, LocalizationOverlay
 from nerfstudio_gsloc.viewer.panel import LocalizationPanel
-from nerfstudio_gsloc.viewer.server import checkpoint_step, query_shapes, start_nerfstudio_viewer, training_shape
+from nerfstudio_gsloc.viewer.server import (
+    checkpoint_step,
+    query_shapes,
+    start_nerfstudio_viewer,
+    stop_viewer,
+    training_shape,
+)
 
 
 def running_record(query: Query, start_c2w: Tensor, frame: FrameTransform, method: str) -> PoseRecord:
@@ -65,10 +71,7 @@ class LiveView:
             self.panel.update(label)
 
     def stop(self) -> None:
-        from nerfstudio_gsloc.viewer.server import stop_render_threads
-
-        stop_render_threads()
-        self.viewer_state.viser_server.stop()
+        stop_viewer(self.viewer_state)
 
 
 def start_live_view(run_config: Any, pipeline: Any, checkpoint_dir: Path, frame: FrameTransform,

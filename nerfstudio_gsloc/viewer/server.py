@@ -6,9 +6,9 @@ Shared by ``gsloc-view`` (finished results) and ``ns-localize --viewer`` (live r
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
-import threading
 from threading import Lock
 from typing import Any, Dict, Optional
 
@@ -107,8 +107,13 @@ def serve_until_interrupted(viewer_state: Any, console: Any, message: str) -> No
         while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
-        stop_render_threads()
-        viewer_state.viser_server.stop()
+        stop_viewer(viewer_state)
+
+
+def stop_viewer(viewer_state: Any) -> None:
+    """Stop the render threads (:func:`stop_render_threads`), then the viewer's server."""
+    stop_render_threads()
+    viewer_state.viser_server.stop()
 
 
 def stop_render_threads(timeout: float = 10.0) -> None:
