@@ -271,12 +271,24 @@ def read_meta(folder: Path) -> Optional[Dict[str, Any]]:
 def is_up_to_date(folder: Path, checkpoint: Optional[Path], settings_key: Optional[str] = None) -> bool:
     """True when ``folder`` holds weights trained for ``checkpoint`` as it is now (path, size, modification
     time) and, when given, with the settings of ``settings_key``."""
+    if unusable_reason(folder, checkpoint) is not None:
+        return False
+    return settings_key is None or (read_meta(folder) or {}).get("settings_key") == settings_key
+
+
+def unusable_reason(folder: Path, checkpoint: Optional[Path], config_path: Optional[Path] = None) -> Optional[str]:
+    """Why the weights in ``folder`` cannot serve ``checkpoint`` (when given): none, another format, another
+    checkpoint; the message names the command to run. ``None`` when they can."""
+    folder, command = Path(folder), train_command(config_path)
     meta = read_meta(folder)
-    if meta is None or meta.get("format") != REGRESSOR_FORMAT or not (Path(folder) / WEIGHTS_FILE).is_file():
-        return False
+    if meta is None or not (folder / WEIGHTS_FILE).is_file():
+        return f"no regressor weights in {folder}: train them first with `{command}`"
+    if meta.get("format") != REGRESSOR_FORMAT:
+        return f"the regressor in {folder} was written by another version: retrain it with `{command}`"
     if checkpoint is not None and meta.get("checkpoint") != checkpoint_fingerprint(Path(checkpoint)):
-        return False
-    return settings_key is None or meta.get("settings_key") == settings_key
+        return (f"the regressor in {folder} was trained for another checkpoint than {checkpoint}: "
+                f"retrain it with `{command}`")
+    return None
 
 
 def check_regressor_files(folder: Path, config_path: Optional[Path] = None) -> None:
@@ -297,13 +309,10 @@ def load_regressor(folder: Path, checkpoint: Optional[Path] = None, config_path:
     """
     folder = Path(folder)
     command = train_command(config_path)
-    check_regressor_files(folder, config_path)
+    reason = unusable_reason(folder, checkpoint, config_path)
+    if reason is not None:
+        raise GslocError(reason)
     meta = read_meta(folder) or {}
-    if meta.get("format") != REGRESSOR_FORMAT:
-        raise GslocError(f"the regressor in {folder} was written by another version: retrain it with `{command}`")
-    if checkpoint is not None and meta.get("checkpoint") != checkpoint_fingerprint(Path(checkpoint)):
-        raise GslocError(f"the regressor in {folder} was trained for another checkpoint than {checkpoint}: "
-                         f"retrain it with `{command}`")
     try:
         state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         net_config = RegressorNetConfig(**{**state["net"], "channels": tuple(state["net"]["channels"]),
