@@ -215,7 +215,7 @@ class LocalizeOutputs:
         except OutputError as err:
             self._fail(err, lost_now=1)
         self.unwritten += 1
-        self.saved += 1
+        self.saved = len(self.records)  # in poses.json or the journal
         if self.throttle.due():
             self._save(lost_now=1)
 
