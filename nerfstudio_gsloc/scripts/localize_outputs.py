@@ -217,7 +217,7 @@ class LocalizeOutputs:
         self.unwritten += 1
         self.saved = len(self.records)  # in poses.json or the journal
         if self.throttle.due():
-            self._save(lost_now=1)
+            self._save(lost_now=0)  # the query just finished is in the journal: a failed rewrite does not lose it
 
     def flush(self) -> None:
         """Rewrite trace.csv and poses.json with every query so far, if the journal holds any not in them."""
