@@ -19,8 +19,9 @@ One iteration for a query:
    lower (``lambda`` shrinks), otherwise ``lambda`` grows and the step is solved again from the same Jacobian.
 
 The Jacobian is kept for ``refresh`` accepted steps (chord steps: the trial render gives the new residuals). A
-query converges when an accepted step is below the stopping tolerances, or when no step lowers the loss any
-more (``lambda`` past its cap). Not modelled: the D-SSIM part of the photometric term and the depth-edge part of
+query converges when an accepted step is below the stopping tolerances (or, with ``lm_gain_tol``, lowered the
+loss by less than that fraction), or when no step lowers the loss any more (``lambda`` past its cap, or a rejected
+step whose model promised less than ``lm_ftol``). Not modelled: the D-SSIM part of the photometric term and the depth-edge part of
 the depth term (both are zero at a perfect fit, and the L1 parts pull towards the same pose).
 
 Shapes: ``n`` queries, ``P = 7`` poses per query for the Jacobian, ``h x w`` the stage's level.
@@ -239,14 +240,15 @@ class LevenbergMarquardt:
                     lins[i] = lin
             stepping = [i for i in active if states[i].active and lins[i] is not None]
             if stepping:
-                self.try_steps(batch, stage, stepping, lins, lams, Ks_level, w, h, rot_tol_deg, trans_tol, optim.lm_ftol)
+                self.try_steps(batch, stage, stepping, lins, lams, Ks_level, w, h, rot_tol_deg, trans_tol, optim.lm_ftol,
+                               optim.lm_gain_tol)
                 check(stage, it, stepping, torch.stack([states[i].base for i in stepping]))
             batch.share_time(active, started)
             after_iteration()
 
     def try_steps(self, batch: BatchState, stage: Stage, ids: List[int], lins: Dict[int, Optional[_Linearisation]],
                   lams: Dict[int, float], Ks_level: Tensor, w: int, h: int, rot_tol_deg: float, trans_tol: float,
-                  ftol: float = 0.0) -> None:
+                  ftol: float = 0.0, gain_tol: float = 0.0) -> None:
         """Solve, render and accept or reject one damped step of each query ``ids`` (one batched render)."""
         states = batch.states
         solved = {i: self.solve(lins[i], lams[i]) for i in ids}
@@ -261,6 +263,7 @@ class LevenbergMarquardt:
             loss = float((scale * self.rho(r[0], self._anchor_count(batch, i))).sum())
             state.iterations += 1
             if loss < lin.loss:
+                gain = (lin.loss - loss) / max(lin.loss, 1e-30)
                 state.base = trial[j].detach().clone()
                 lams[i] = max(lams[i] / 3.0, 1e-7)
                 # Chord step: over a step of a few hundredths of a degree the Jacobian barely changes, so it is
@@ -272,7 +275,7 @@ class LevenbergMarquardt:
                     lin.W = self.irls_weights(r[0], scale, self._anchor_count(batch, i))
                 if loss < state.best_loss:
                     state.best_loss, state.best_c2w = loss, state.base.clone()
-                if _below(deltas[i], rot_tol_deg, trans_tol):
+                if _below(deltas[i], rot_tol_deg, trans_tol) or gain < gain_tol:
                     state.converge()
                 event = "lm_step"
             elif lin.age > 0:

@@ -115,6 +115,11 @@ class OptimConfig:
     ends the query (converged): the model's optimum is that close and the render cannot confirm it. Without it a
     query at its noise floor spent 6-10 renders growing the damping from ~1e-4 (where it does not change the step)
     until a step of a few thousandths of a degree was accepted (measured on the room sequence)."""
+    lm_gain_tol: float = 0.0
+    """An accepted Levenberg-Marquardt step that lowered the loss by less than this fraction ends the query
+    (converged); 0: off. The ``sequence-lm`` tracking preset sets 0.005: a frame the motion model predicted within a
+    hair of its optimum otherwise crawls on in steps gaining 0.2-0.3% each (a render apiece), which moved the room
+    path's poses by tenths of a millimetre and cost a third of the time per frame (README, "Tracking")."""
     lm_l1_floor: float = 0.03
     """Colour and depth residuals under this size count quadratically in ``lm`` (smooth L1): with a floor near
     zero the IRLS weights of nearly-fitting pixels explode and the steps get timid (measured on fox: 0.03 beats

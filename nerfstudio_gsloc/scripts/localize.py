@@ -64,36 +64,26 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import List, Literal, Optional, Sequence, Tuple
 
 import torch
 import tyro
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.errors import GslocError, Interrupted, run_cli
 from nerfstudio_gsloc.files import check_writable
 from nerfstudio_gsloc.localize.image_folder import load_image_folder_queries, training_camera
-from nerfstudio_gsloc.localize.initialization import (
-    InitialPose,
-    initial_poses,
-    localize_from_initial_poses,
-    no_pose,
-    query_init_sources,
-    retrieval_initial_poses,
-)
+from nerfstudio_gsloc.localize.initialization import localize_from_initial_poses, no_pose, query_init_sources
 from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
-from nerfstudio_gsloc.localize.pnp import PnPLocalizer, PnPLocalizerConfig
-from nerfstudio_gsloc.localize.regression import RegressionLocalizerConfig, regression_initial_poses
-from nerfstudio_gsloc.localize.regressor import check_run_regressor, load_run_regressor
+from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
+from nerfstudio_gsloc.localize.regression import RegressionLocalizerConfig
+from nerfstudio_gsloc.localize.regressor import check_run_regressor
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
 from nerfstudio_gsloc.localize.verification import VerificationConfig
 from nerfstudio_gsloc.localize.registry import (
     LocalizerSettings,
-    SELF_INITIALIZING,
     SingleLossBudget,
     check_methods,
     check_queries_suit,
@@ -101,21 +91,15 @@ from nerfstudio_gsloc.localize.registry import (
 )
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
 from nerfstudio_gsloc.localize.sequence import SequenceConfig, make_sequence_tracker
-from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, threshold_key
-from nerfstudio_gsloc.poses_file import PoseRecord, QuerySource, read_poses, summarize_records
 from nerfstudio_gsloc.scripts.localize_sequence import sequence_table, track_and_save, write_sequence_outputs
-from nerfstudio_gsloc.scripts.localize_outputs import (  # noqa: F401  (trace helpers re-exported)
-    METRICS_FILE,
-    POSES_FILE,
-    TRACE_CSV,
-    TRACE_PNG,
+from nerfstudio_gsloc.scripts.localize_starts import initial_poses_of, load_previous, query_source, resolve_init, run_settings
+from nerfstudio_gsloc.scripts.localize_outputs import (
     JOURNAL_FILE,
     LocalizeOutputs,
     SaveFailed,
-    plot_trace,
+    compute_metrics,
+    metrics_table,
     recover_journal,
-    read_trace_csv,
-    write_trace_csv,
 )
 
 CONSOLE = Console()
@@ -214,142 +198,6 @@ class LocalizeCLI:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _query_source(cli: LocalizeCLI) -> QuerySource:
-    if cli.images is not None:
-        return QuerySource.images(cli.images)
-    return QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)
-
-
-def _resolve_init(queries: Sequence[Query], init: str) -> str:
-    """The init mode written to poses.json: the one source of every query's initial pose, or ``auto`` when they
-    differ; raises :class:`GslocError` when ``prior``/``perturb`` cannot serve every query."""
-    sources = set(query_init_sources(queries, init))
-    return sources.pop() if len(sources) == 1 else init
-
-
-def _initial_poses(cli: LocalizeCLI, todo: Sequence[Query], init: str, method: str, pipeline) -> List[InitialPose]:
-    """Per query its initial pose (:class:`InitialPose`): prior, perturbed ground truth, or retrieval + PnP.
-
-    With ``--method pnp`` retrieval queries get no separate initialisation: pnp itself runs with
-    ``selection=retrieval`` and never reads their (NaN) start; nor do ``--method regression`` queries.
-    """
-    sources = query_init_sources(todo, init)
-    inits: List[Optional[InitialPose]] = [None] * len(todo)
-    for source in ("prior", "perturb"):
-        picked = [p for p, s in enumerate(sources) if s == source]
-        poses = initial_poses([todo[p] for p in picked], source, cli.perturb_deg, cli.perturb_trans, cli.seed) if picked else []
-        for p, pose in zip(picked, poses):
-            inits[p] = InitialPose(pose, source)
-    regression = [p for p, s in enumerate(sources) if s == "regression"]
-    if regression and method in SELF_INITIALIZING:
-        for p in regression:
-            inits[p] = InitialPose(no_pose(), "regression")
-    elif regression:
-        regressor = load_run_regressor(pipeline, cli.regression.folder, cli.regression.inference)
-        found = regression_initial_poses([todo[p] for p in regression], regressor)
-        for p, pose in zip(regression, found):
-            inits[p] = pose
-    retrieval = [p for p, s in enumerate(sources) if s == "retrieval"]
-    if retrieval and method in SELF_INITIALIZING:
-        for p in retrieval:
-            inits[p] = InitialPose(no_pose(), "retrieval")
-    elif retrieval:
-        config = dataclasses.replace(cli.pnp, selection="retrieval")
-        baseline = PnPLocalizer(config, pipeline.model, pipeline, seed=cli.seed).build_map()
-        with CONSOLE.status(f"retrieval + PnP initial poses of {len(retrieval)} queries"):
-            found = retrieval_initial_poses([todo[p] for p in retrieval], baseline, seed=cli.seed)
-        for p, pose in zip(retrieval, found):
-            inits[p] = pose
-        failed = sum(pose.c2w is None for pose in found)
-        CONSOLE.print(f"retrieval placed {len(found) - failed} of {len(found)} queries"
-                      + (f" ({failed} fail: no pose)" if failed else ""))
-    return [pose for pose in inits if pose is not None]
-
-
-def _settings(cli: LocalizeCLI, init: str) -> Dict[str, Any]:
-    """What a resumed run must share with the run that wrote poses.json (besides the query source)."""
-    return {
-        "config": str(Path(cli.load_config).resolve()),
-        "init": init,
-        "perturb_deg": cli.perturb_deg if init == "perturb" else None,
-        "perturb_trans": cli.perturb_trans if init == "perturb" else None,
-        "seed": cli.seed,
-        "method": cli.method,
-    }
-
-
-def _load_previous(output_dir: Path, queries: QuerySource, settings: Dict[str, Any]) -> Dict[str, PoseRecord]:
-    """Finished records of an earlier run's poses.json, keyed by query name (for --resume)."""
-    path = output_dir / POSES_FILE
-    if not path.is_file():
-        return {}
-    try:
-        previous = read_poses(path)
-    except GslocError as err:
-        raise GslocError(f"cannot resume: {err}") from None
-    if previous.queries != queries:
-        raise GslocError(f"cannot resume: {path} holds queries of {previous.queries.describe()}, now {queries.describe()}")
-    for key, value in settings.items():
-        # Files from before --method existed were written by gsloc.
-        old = previous.settings.get(key, "gsloc" if key == "method" else None)
-        if old != value:
-            raise GslocError(f"cannot resume: {path} was written with {key}={old!r}, now {value!r}")
-    return {record.image: record for record in previous.records}
-
-
-def compute_metrics(records: Sequence[PoseRecord], frame: FrameTransform) -> Optional[Dict[str, Any]]:
-    """metrics.json: the :mod:`nerfstudio_gsloc.metrics` summary of the records with ground truth (``None``: none).
-
-    Failed (or rejected) queries are failures with infinite error in the success rates, means and medians, as in
-    gsloc-bench's results.md. Success thresholds are in scene units, as the errors' ``trans_scene``.
-    """
-    summary = summarize_records(records, frame.scale)
-    if summary is None:
-        return None
-    return {
-        "num_queries": summary["num_queries"],
-        "num_failed": summary["num_failed"],
-        "rot_deg_mean": summary["rot_deg_mean"],
-        "rot_deg_median": summary["rot_deg_median"],
-        "trans_scene_mean": summary["trans_mean"],
-        "trans_scene_median": summary["trans_median"],
-        "trans_original_mean": summary["trans_mean"] / frame.scale,
-        "trans_original_median": summary["trans_median"] / frame.scale,
-        "success_rates_scene_units": summary["success_rates"],
-        "seconds_per_query_mean": summary["seconds_mean"],
-        "seconds_per_query_median": summary["seconds_median"],
-        "iterations_median": summary["iterations_median"],
-        "precision": summary["precision"],
-        "recall": summary["recall"],
-        "dataparser_scale": frame.scale,
-    }
-
-
-def metrics_table(metrics: Dict[str, Any]) -> Table:
-    """Rich table of :func:`compute_metrics` output."""
-    title = f"Localization of {metrics['num_queries']} queries ({metrics['num_failed']} failed"
-    table = Table(title=title + (": infinite errors in means and medians)" if metrics["num_failed"] else ")"))
-    table.add_column("metric")
-    table.add_column("mean", justify="right")
-    table.add_column("median", justify="right")
-    table.add_row("rotation error (deg)", f"{metrics['rot_deg_mean']:.4f}", f"{metrics['rot_deg_median']:.4f}")
-    table.add_row(
-        "translation error (scene units)", f"{metrics['trans_scene_mean']:.5f}", f"{metrics['trans_scene_median']:.5f}"
-    )
-    table.add_row(
-        "translation error (original units)",
-        f"{metrics['trans_original_mean']:.5f}",
-        f"{metrics['trans_original_median']:.5f}",
-    )
-    for deg, dist in SUCCESS_THRESHOLDS:
-        rate = metrics["success_rates_scene_units"][threshold_key(deg, dist)]
-        table.add_row(f"success at ({deg:g} deg, {dist:g} scene units)", f"{100.0 * rate:.1f}%", "")
-    table.add_row("seconds per query", f"{metrics['seconds_per_query_mean']:.2f}", "")
-    return table
-
-
-
-
 def localize_main(cli: LocalizeCLI) -> None:
     """The body of ``ns-localize`` (raises :class:`GslocError` for bad input)."""
     from nerfstudio_gsloc.runs import check_run, eval_split_has_depth, load_run
@@ -381,10 +229,10 @@ def localize_main(cli: LocalizeCLI) -> None:
         PoseInversion.build_matcher(tracking)
     if cli.queries is not None:
         queries = load_transforms_queries(cli.queries, frame, cli.max_queries)
-        init = _resolve_init(queries[starting], init)
+        init = resolve_init(queries[starting], init)
     elif cli.images is not None:
         # Files, formats and intrinsics checked now; the run's camera is assumed once the run is loaded.
-        init = _resolve_init(load_image_folder_queries(cli.images, None, cli.intrinsics, cli.max_queries)[starting], init)
+        init = resolve_init(load_image_folder_queries(cli.images, None, cli.intrinsics, cli.max_queries)[starting], init)
     elif init == "prior":
         raise GslocError("the eval split has no prior poses: use --init perturb or retrieval, or --queries with "
                          "prior_transform_matrix")
@@ -423,14 +271,14 @@ def localize_main(cli: LocalizeCLI) -> None:
     if method == "pnp" and "retrieval" in query_init_sources(queries[starting], init):
         settings_all.pnp = dataclasses.replace(settings_all.pnp, selection="retrieval")  # no prior to choose views by
     localizer = make_localizer(method, settings_all, pipeline.model, pipeline, seed=cli.seed)
-    source, settings = _query_source(cli), _settings(cli, init)
+    source, settings = query_source(cli), run_settings(cli, init)
     if cli.resume:
         recovered = recover_journal(output_dir)  # what a killed run saved only in its journal
         if recovered:
             CONSOLE.print(f"recovered {recovered} finished queries from {output_dir / JOURNAL_FILE}")
-    previous = _load_previous(output_dir, source, settings) if cli.resume else {}
+    previous = load_previous(output_dir, source, settings) if cli.resume else {}
     todo = [q for q in queries if q.name not in previous]
-    starts = _initial_poses(cli, todo[starting], init, method, pipeline) if todo else []
+    starts = initial_poses_of(cli, todo[starting], init, method, pipeline, CONSOLE) if todo else []
     live = None
     if cli.viewer:
         from nerfstudio_gsloc.viewer.live import start_live_view

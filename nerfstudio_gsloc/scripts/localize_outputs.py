@@ -27,6 +27,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from rich.table import Table
+
 from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.errors import GslocError, count
 from nerfstudio_gsloc.files import (
@@ -39,8 +41,16 @@ from nerfstudio_gsloc.files import (
     save_figure,
 )
 from nerfstudio_gsloc.localize.result import TRACE_FIELDS
-from nerfstudio_gsloc.metrics import from_strict_json, to_strict_json
-from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, read_poses, record_from_json, write_poses
+from nerfstudio_gsloc.metrics import SUCCESS_THRESHOLDS, from_strict_json, threshold_key, to_strict_json
+from nerfstudio_gsloc.poses_file import (
+    PoseRecord,
+    PosesDocument,
+    QuerySource,
+    read_poses,
+    record_from_json,
+    summarize_records,
+    write_poses,
+)
 
 POSES_FILE = "poses.json"
 METRICS_FILE = "metrics.json"
@@ -284,3 +294,54 @@ class LocalizeOutputs:
             return f"{self.poses_path} holds every query ({count(self.total, 'query', 'queries')}); every file is written"
         return (f"{self.poses_path} holds every query ({count(self.total, 'query', 'queries')}); rerun with --resume "
                 f"to write {' and '.join(missing)}")
+
+
+def compute_metrics(records: Sequence[PoseRecord], frame: FrameTransform) -> Optional[Dict[str, Any]]:
+    """metrics.json: the :mod:`nerfstudio_gsloc.metrics` summary of the records with ground truth (``None``: none).
+
+    Failed (or rejected) queries are failures with infinite error in the success rates, means and medians, as in
+    gsloc-bench's results.md. Success thresholds are in scene units, as the errors' ``trans_scene``.
+    """
+    summary = summarize_records(records, frame.scale)
+    if summary is None:
+        return None
+    return {
+        "num_queries": summary["num_queries"],
+        "num_failed": summary["num_failed"],
+        "rot_deg_mean": summary["rot_deg_mean"],
+        "rot_deg_median": summary["rot_deg_median"],
+        "trans_scene_mean": summary["trans_mean"],
+        "trans_scene_median": summary["trans_median"],
+        "trans_original_mean": summary["trans_mean"] / frame.scale,
+        "trans_original_median": summary["trans_median"] / frame.scale,
+        "success_rates_scene_units": summary["success_rates"],
+        "seconds_per_query_mean": summary["seconds_mean"],
+        "seconds_per_query_median": summary["seconds_median"],
+        "iterations_median": summary["iterations_median"],
+        "precision": summary["precision"],
+        "recall": summary["recall"],
+        "dataparser_scale": frame.scale,
+    }
+
+
+def metrics_table(metrics: Dict[str, Any]) -> Table:
+    """Rich table of :func:`compute_metrics` output."""
+    title = f"Localization of {metrics['num_queries']} queries ({metrics['num_failed']} failed"
+    table = Table(title=title + (": infinite errors in means and medians)" if metrics["num_failed"] else ")"))
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("median", justify="right")
+    table.add_row("rotation error (deg)", f"{metrics['rot_deg_mean']:.4f}", f"{metrics['rot_deg_median']:.4f}")
+    table.add_row(
+        "translation error (scene units)", f"{metrics['trans_scene_mean']:.5f}", f"{metrics['trans_scene_median']:.5f}"
+    )
+    table.add_row(
+        "translation error (original units)",
+        f"{metrics['trans_original_mean']:.5f}",
+        f"{metrics['trans_original_median']:.5f}",
+    )
+    for deg, dist in SUCCESS_THRESHOLDS:
+        rate = metrics["success_rates_scene_units"][threshold_key(deg, dist)]
+        table.add_row(f"success at ({deg:g} deg, {dist:g} scene units)", f"{100.0 * rate:.1f}%", "")
+    table.add_row("seconds per query", f"{metrics['seconds_per_query_mean']:.2f}", "")
+    return table

@@ -15,7 +15,7 @@ from nerfstudio_gsloc.evaluation.protocols import load_protocol
 from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, read_poses, write_poses
 from nerfstudio_gsloc.scripts.bench_outputs import write_outputs
 from nerfstudio_gsloc.metrics import to_strict_json
-from nerfstudio_gsloc.scripts.localize import METRICS_FILE, compute_metrics
+from nerfstudio_gsloc.scripts.localize_outputs import METRICS_FILE, compute_metrics
 from nerfstudio_gsloc.scripts.localize_outputs import read_metrics
 
 FRAME = FrameTransform(

@@ -107,6 +107,7 @@ def test_the_lm_tracking_preset_keeps_every_frame_within_bounds(small_gsloc_run,
     pose within the bounds, each frame a handful of LM iterations."""
     from nerfstudio_gsloc.poses_file import read_poses
     from nerfstudio_gsloc.scripts import localize
+    from nerfstudio_gsloc.scripts.localize_outputs import read_trace_csv
 
     localize.main(["--load-config", str(small_gsloc_run), "--queries", str(track_file), "--sequence", "--preset", "fast",
                    "--sequence-preset", "sequence-lm", "--max-queries", str(FRAMES), "--output-dir", str(tmp_path),
@@ -120,7 +121,7 @@ def test_the_lm_tracking_preset_keeps_every_frame_within_bounds(small_gsloc_run,
     assert len(records) == FRAMES and errors[:, 0].max() < MAX_ROT_DEG and errors[:, 1].max() < MAX_TRANS
     sequence = from_strict_json((tmp_path / "sequence.json").read_text())["methods"]["gsloc"]
     assert sequence["num_lost"] == 0
-    rows = [row for row in localize.read_trace_csv(tmp_path / "trace.csv") if row["query"] == records[2].image]
+    rows = [row for row in read_trace_csv(tmp_path / "trace.csv") if row["query"] == records[2].image]
     assert {row["event"] for row in rows} & {"lm_step"}  # a tracked frame's steps are LM's
 
 
