@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the CLI imports this module
 
 
 def query_source(cli: "LocalizeCLI") -> QuerySource:
+    """Where the queries come from, as poses.json records it: ``--images``, ``--queries`` or the run's eval split."""
     if cli.images is not None:
         return QuerySource.images(cli.images)
     return QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)
@@ -49,7 +50,8 @@ def resolve_init(queries: Sequence[Query], init: str) -> str:
 
 def initial_poses_of(cli: "LocalizeCLI", todo: Sequence[Query], init: str, method: str, pipeline,
                      console: Console) -> List[InitialPose]:
-    """Per query its initial pose (:class:`InitialPose`): prior, perturbed ground truth, or retrieval + PnP.
+    """Per query its initial pose (:class:`InitialPose`): prior, perturbed ground truth, the scene regressor's pose,
+    or retrieval + PnP.
 
     With ``--method pnp`` retrieval queries get no separate initialisation: pnp itself runs with
     ``selection=retrieval`` and never reads their (NaN) start; nor do ``--method regression`` queries.
