@@ -7,7 +7,8 @@ One map serves the ``pnp`` localizer and retrieval initialisation (:mod:`nerfstu
 * **rendered views** (optional): the model rendered at poses *around* the training cameras
   (:func:`jittered_poses`: each training camera orbited about the point it looks at, moved closer or farther and
   rolled), so that a query between or beyond the training views still finds a close view; their keypoints are
-  detected on the render itself and lifted with the same render's depth.
+  detected on the render itself and lifted with the same render's depth. :func:`between_poses` places views
+  between neighbouring training cameras instead (an option of the scene regressor's training).
 
 Keypoints on depth discontinuities (where bilinear depth would mix foreground and background) or on transparent
 pixels are dropped. Poses are OpenGL camera-to-world ``[3, 4]`` in the scene (dataparser) frame; keypoints
@@ -18,12 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from kornia.geometry.conversions import axis_angle_to_rotation_matrix
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix, rotation_matrix_to_axis_angle
 from torch import Tensor
 
 from nerfstudio_gsloc.errors import GslocError
@@ -203,6 +204,46 @@ def jittered_poses(c2w: Tensor, target_depth: Tensor, count: int, orbit_deg: flo
     if not out:
         return torch.zeros(0, 3, 4), torch.zeros(0, dtype=torch.long)
     return torch.stack(out), torch.tensor(parents, dtype=torch.long)
+
+
+def between_poses(c2w: Tensor, target_depth: Tensor, count: int, neighbours: int, overshoot: float,
+                  generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Camera poses *between* neighbouring cameras: where a query taken like the training photos would be.
+
+    Each pose picks a camera ``i``, one of its ``neighbours`` nearest cameras ``j`` (camera centres) and
+    ``u ~ U[-overshoot, 1 + overshoot]``, and interpolates the two cameras as orbits: the looked-at point
+    (``centre + target_depth * forward``) linearly, the rotation along the geodesic from ``R_i`` to ``R_j``, the
+    distance to the looked-at point geometrically; the camera sits that far behind the point along its own view.
+    Unlike :func:`jittered_poses` it keeps the capture's distance and roll, so its views stay on the manifold of
+    the training cameras (on an object orbit, the sphere they lie on).
+
+    Args:
+        c2w: ``[N, 3, 4]`` OpenGL camera-to-world poses (``forward = -z``).
+        target_depth: ``[N]`` distance to the looked-at point (``<= 0``: that camera is not used).
+        count: number of poses.
+        neighbours: ``j`` is drawn from this many nearest usable cameras of ``i``.
+        overshoot: how far past either camera ``u`` may go (fraction of the pair's gap).
+        generator: CPU generator (the poses are a pure function of it).
+
+    Returns:
+        ``[count, 3, 4]`` float32 poses (fewer than two usable cameras: none) and ``[count]`` long index of ``i``.
+    """
+    usable = torch.nonzero(target_depth > 0).flatten()
+    if usable.numel() < 2 or count <= 0:
+        return torch.zeros(0, 3, 4), torch.zeros(0, dtype=torch.long)
+    rot, centre, depth = c2w[usable, :, :3].double(), c2w[usable, :, 3].double(), target_depth[usable].double()
+    target = centre - depth[:, None] * rot[:, :, 2]
+    gaps = torch.cdist(centre, centre)
+    gaps.fill_diagonal_(math.inf)
+    near = gaps.topk(min(neighbours, usable.numel() - 1), dim=1, largest=False).indices  # [n, k]
+    i = torch.randint(usable.numel(), (count,), generator=generator)
+    j = near[i, torch.randint(near.shape[1], (count,), generator=generator)]
+    u = (-overshoot + (1.0 + 2.0 * overshoot) * torch.rand(count, generator=generator, dtype=torch.float64))[:, None]
+    relative = rotation_matrix_to_axis_angle(rot[i].transpose(1, 2) @ rot[j])  # [count, 3], angle < pi
+    new_rot = rot[i] @ axis_angle_to_rotation_matrix(relative * u)
+    new_depth = depth[i] ** (1.0 - u[:, 0]) * depth[j] ** u[:, 0]
+    new_centre = target[i] + u * (target[j] - target[i]) + new_depth[:, None] * new_rot[:, :, 2]
+    return torch.cat([new_rot, new_centre[:, :, None]], dim=2).float(), usable[i]
 
 
 def build_rendered_view(model, c2w: Tensor, K: Tensor, width: int, height: int, features: SiftFeatures,

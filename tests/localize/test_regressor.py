@@ -19,7 +19,7 @@ from nerfstudio_gsloc.localize.regression import RegressionLocalizer, Regression
 from nerfstudio_gsloc.localize.regressor import load_regressor
 from nerfstudio_gsloc.localize.regressor_training import RegressorTrainConfig
 from nerfstudio_gsloc.localize.rigid_alignment import robust_rigid_alignment, weighted_rigid_alignment
-from nerfstudio_gsloc.localize.scene_map import TrainingView
+from nerfstudio_gsloc.localize.scene_map import TrainingView, between_poses
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.scripts.train_regressor import train_or_reuse
 
@@ -70,6 +70,35 @@ def test_alignment_gradient_matches_finite_differences():
     weights = torch.rand(1, 10, generator=gen, dtype=torch.float64) + 0.2
     inputs = tuple(x.clone().requires_grad_(True) for x in (src, dst, weights))
     assert torch.autograd.gradcheck(weighted_rigid_alignment, inputs, eps=1e-6, atol=1e-5)
+
+
+def _orbit_camera(azimuth_deg: float, radius: float = 4.0) -> torch.Tensor:
+    """OpenGL ``[3, 4]`` camera on the horizontal circle of ``radius``, looking at the origin, no roll."""
+    a = math.radians(azimuth_deg)
+    centre = torch.tensor([radius * math.cos(a), radius * math.sin(a), 0.0])
+    back = centre / radius  # OpenGL z points away from what the camera looks at
+    up = torch.tensor([0.0, 0.0, 1.0])
+    right = torch.linalg.cross(up, back)
+    return torch.cat([torch.stack([right, up, back], dim=1), centre[:, None]], dim=1)
+
+
+def test_between_poses_stay_on_the_orbit_of_the_cameras_they_join():
+    c2w = torch.stack([_orbit_camera(a) for a in (0.0, 20.0, 40.0, 180.0)])
+    depth = torch.tensor([4.0, 4.0, 4.0, -1.0])  # camera 3 renders nothing: never used
+    poses, parents = between_poses(c2w, depth, 200, neighbours=1, overshoot=0.25,
+                                   generator=torch.Generator().manual_seed(0))
+    assert poses.shape == (200, 3, 4) and set(parents.tolist()) == {0, 1, 2}
+    centre = poses[:, :, 3]
+    assert torch.allclose(centre.norm(dim=-1), torch.full((200,), 4.0), atol=1e-4)  # same distance, same circle
+    assert torch.allclose(-poses[:, :, 2], -centre / 4.0, atol=1e-5)  # still looking at the origin
+    assert torch.allclose(poses[:, :, 1], torch.tensor([0.0, 0.0, 1.0]).expand(200, 3), atol=1e-5)  # no roll
+    azimuth = torch.rad2deg(torch.atan2(centre[:, 1], centre[:, 0]))
+    # neighbours=1: 0 <-> 20 and 40 <-> 20 only, a quarter of the gap past either end at most
+    assert float(azimuth.min()) >= -5.0 - 1e-3 and float(azimuth.max()) <= 45.0 + 1e-3
+    assert float(azimuth.min()) < 0.0 and float(azimuth.max()) > 40.0  # the overshoot is used
+    assert ((azimuth - 20.0).abs() > 1.0).float().mean() > 0.9  # mostly new poses, not copies of the cameras
+    empty, _ = between_poses(c2w[:1], depth[:1], 5, 4, 0.25, torch.Generator())
+    assert empty.shape == (0, 3, 4)  # one camera: nothing to interpolate
 
 
 def _views(point_splat_views):
