@@ -8,6 +8,7 @@ loader reports for the undistorted query.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -133,24 +134,31 @@ def test_distorted_query_localizes_to_the_pose_of_its_undistorted_copy(distorted
 
     frame = run_frame_transform(small_gsloc_run)
     query, copy = (load_transforms_queries(path, frame)[0] for path in distorted_pair.files)
+    # The control: the copy told a principal point half a pixel off (nerfstudio's +0.5 pixel-centre convention
+    # missed), the error this test exists to catch, localized in the same batch from the same start.
+    shifted_K = copy.K.clone()
+    shifted_K[:2, 2] += 0.5
+    shifted = dataclasses.replace(copy, K=shifted_K)
     _, pipeline = load_run(small_gsloc_run)
     start = initial_poses([query], "perturb", angle_deg=5.0, translation=0.05, seed=4)
     config = PoseInversionConfig()
     config.schedule.matching_iterations = 30
-    config.schedule.pyramid_iterations = (10, 10, 80)  # long enough for both to converge
-    results = config.setup(model=pipeline.model).localize([query, copy], start + start)
+    config.schedule.pyramid_iterations = (10, 10, 80)  # long enough for all three to converge
+    results = config.setup(model=pipeline.model).localize([query, copy, shifted], start * 3)
     poses = torch.stack([r.c2w for r in results])
-    gt = query.gt_c2w[None].expand(2, 3, 4)
+    gt = query.gt_c2w[None].expand(3, 3, 4)
     rot, trans = rotation_error_deg(poses, gt), translation_error(poses, gt)
-    between_rot = rotation_error_deg(poses[:1], poses[1:]).item()
-    between_trans = translation_error(poses[:1], poses[1:]).item()
-    print(f"errors to gt (deg, scene units): {rot.tolist()}, {trans.tolist()}; "
-          f"between them {between_rot:.4f} deg, {between_trans:.5f}")
+    between_rot = rotation_error_deg(poses[:1], poses[1:2]).item()
+    control_rot = rotation_error_deg(poses[2:], poses[1:2]).item()
+    print(f"errors to gt (deg, scene units): {rot.tolist()}, {trans.tolist()}; distorted to copy "
+          f"{between_rot:.4f} deg, {translation_error(poses[:1], poses[1:2]).item():.5f}; half-pixel control to "
+          f"copy {control_rot:.4f} deg")
     assert all(r.status != "failed" for r in results)
-    # Both end far closer to the truth than the 5 deg / 0.05 start, and at the same place: measured 0.03 deg apart,
-    # where a copy with its principal point half a pixel off (nerfstudio's +0.5 convention missed) ends 0.4 deg away.
-    assert (rot < 1.0).all() and (trans < 0.025).all(), (rot, trans)
-    assert between_rot < 0.15 and between_trans < 0.003
+    # Both end far closer to the truth than the 5 deg / 0.05 start. The distorted query ends where its copy does,
+    # well inside what half a pixel of principal point moves the pose: measured 0.03 deg apart on the earlier CI
+    # machine and 0.16 on an AMD EPYC (the brief model's optimum moves with the vector code), the control 0.73 away.
+    assert (rot[:2] < 1.0).all() and (trans[:2] < 0.025).all(), (rot, trans)
+    assert between_rot < 0.6 * control_rot, (between_rot, control_rot)
 
 
 def _smooth_image(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
