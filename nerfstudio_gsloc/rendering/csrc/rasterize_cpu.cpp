@@ -25,6 +25,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -355,6 +357,37 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
 // increasing order; they are sorted front to back by `depths` [C,N] (stable: ties keep id order, as
 // torch.argsort(stable=True)), then each is appended to every tile its bounding box (centre +- extents
 // [C,N,2]) touches, so every tile's list comes out front to back. Returns (offsets [C*tiles+1], flatten_ids [M]).
+// Monotonic unsigned key of a float: a < b (as floats, not NaN) exactly when key(a) < key(b), except that -0
+// sorts before +0 (visible Gaussians have depths beyond the near plane, never either).
+static inline uint32_t float_sort_key(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// The ids sorted by depth[id], stable (equal depths keep their order): the order of std::stable_sort with <, by an
+// LSD radix sort on the 32-bit keys (4 passes of 8 bits, a pass skipped when every key shares its byte). Linear
+// time and sequential memory access: the indirect comparison sort took 12% of a lego query's CPU (2026-12-03).
+static std::vector<int64_t> sort_ids_by_depth(const int64_t* ids, int64_t K, const float* depth) {
+  std::vector<int64_t> order(ids, ids + K), scratch(K);
+  std::vector<uint32_t> keys(K), keys_scratch(K);
+  for (int64_t i = 0; i < K; ++i) keys[i] = float_sort_key(depth[ids[i]]);
+  for (int shift = 0; shift < 32; shift += 8) {
+    int64_t start[257] = {0};
+    for (int64_t i = 0; i < K; ++i) ++start[((keys[i] >> shift) & 0xFFu) + 1];
+    if (std::any_of(start + 1, start + 257, [K](int64_t n) { return n == K; })) continue;
+    for (int b = 0; b < 256; ++b) start[b + 1] += start[b];
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t dst = start[(keys[i] >> shift) & 0xFFu]++;
+      keys_scratch[dst] = keys[i];
+      scratch[dst] = order[i];
+    }
+    keys.swap(keys_scratch);
+    order.swap(scratch);
+  }
+  return order;
+}
+
 std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor depths,
                                      torch::Tensor visible, int64_t width, int64_t height, int64_t tile_size) {
   TORCH_CHECK(means2d.dtype() == torch::kFloat32 && extents.dtype() == torch::kFloat32 &&
@@ -363,8 +396,7 @@ std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extent
               "bin_tiles: float32 means2d, extents and depths, contiguous int64 visible ids expected");
   const int64_t C = means2d.size(0), N = means2d.size(1), K = visible.size(0);
   const float* depth = depths.data_ptr<float>();
-  std::vector<int64_t> sorted(visible.data_ptr<int64_t>(), visible.data_ptr<int64_t>() + K);
-  std::stable_sort(sorted.begin(), sorted.end(), [depth](int64_t a, int64_t b) { return depth[a] < depth[b]; });
+  const std::vector<int64_t> sorted = sort_ids_by_depth(visible.data_ptr<int64_t>(), K, depth);
   const int64_t* ord = sorted.data();
   const int64_t tiles_x = (width + tile_size - 1) / tile_size, tiles_y = (height + tile_size - 1) / tile_size;
   const int64_t n_tiles = tiles_x * tiles_y;
