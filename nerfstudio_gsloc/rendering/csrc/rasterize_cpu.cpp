@@ -353,10 +353,6 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
   return {grads};
 }
 
-// Tile binning by counting sort. `visible` [K] lists the flat ids (c * N + n) of the visible Gaussians in
-// increasing order; they are sorted front to back by `depths` [C,N] (stable: ties keep id order, as
-// torch.argsort(stable=True)), then each is appended to every tile its bounding box (centre +- extents
-// [C,N,2]) touches, so every tile's list comes out front to back. Returns (offsets [C*tiles+1], flatten_ids [M]).
 // Monotonic unsigned key of a float: a < b (as floats, not NaN) exactly when key(a) < key(b), except that -0
 // sorts before +0 (visible Gaussians have depths beyond the near plane, never either).
 static inline uint32_t float_sort_key(float value) {
@@ -388,6 +384,10 @@ static std::vector<int64_t> sort_ids_by_depth(const int64_t* ids, int64_t K, con
   return order;
 }
 
+// Tile binning by counting sort. `visible` [K] lists the flat ids (c * N + n) of the visible Gaussians in
+// increasing order; they are sorted front to back by `depths` [C,N] (stable: ties keep id order, as
+// torch.argsort(stable=True)), then each is appended to every tile its bounding box (centre +- extents
+// [C,N,2]) touches, so every tile's list comes out front to back. Returns (offsets [C*tiles+1], flatten_ids [M]).
 std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor depths,
                                      torch::Tensor visible, int64_t width, int64_t height, int64_t tile_size) {
   TORCH_CHECK(means2d.dtype() == torch::kFloat32 && extents.dtype() == torch::kFloat32 &&
