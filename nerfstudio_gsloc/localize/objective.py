@@ -60,8 +60,11 @@ class LossConfig:
     keeps this term small next to the photometric one."""
     depth_edge_weight: float = 1.0
     """Weight of the Sobel depth-edge part inside the depth term."""
-    alpha_threshold: float = 0.5
-    """Pixels whose rendered alpha is below this are ignored by photometric and depth terms."""
+    alpha_threshold: float = 0.97
+    """Pixels whose rendered alpha is below this are ignored by photometric and depth terms (and keypoints there
+    are not lifted to 3D). A model's silhouettes are soft and a little off where its training views disagree, so
+    only pixels it renders (nearly) opaque are trusted: on lego-200's 8,000-step model 0.97 instead of 0.5 lowers
+    gsloc's median error from 0.031 deg / 0.0023 to 0.028 deg / 0.0020 (README, hypotheses section)."""
 
 
 @dataclass
