@@ -21,8 +21,10 @@ MAX_TRANS, MAX_ROT_DEG = 0.02, 1.0
 #: At 64 x 48 a query has only about 50 map matches: a correct pose gets a confidence of 0.45 to 0.85.
 THRESHOLD = 0.4
 #: The small run's photometric optimum moves by about 5 mm and 0.2 deg from frame to frame (a pixel is a degree):
-#: the tracker's correction limit of the 128 x 96 room (0.004, 0.3 deg) is scaled up accordingly.
-MAX_CORRECTION, MAX_CORRECTION_DEG = 0.012, 1.0
+#: the tracker's correction limit of the 128 x 96 room (0.004, 0.3 deg) is scaled up accordingly. With the loss's
+#: alpha threshold at 0.97 (fewer of this brief model's pixels count) a frame moved 12.3 mm from its prediction,
+#: so 0.015 (0.012 before); the jump test's gap is 17 cm.
+MAX_CORRECTION, MAX_CORRECTION_DEG = 0.015, 1.0
 
 
 @pytest.fixture(scope="module")
