@@ -21,7 +21,7 @@ One iteration for a query:
 The Jacobian is kept for ``refresh`` accepted steps (chord steps: the trial render gives the new residuals). A
 query converges when an accepted step is below the stopping tolerances (or, with ``lm_gain_tol``, lowered the
 loss by less than that fraction), or when no step lowers the loss any more (``lambda`` past its cap, or a rejected
-step whose model promised less than ``lm_ftol``). Not modelled: the D-SSIM part of the photometric term and the depth-edge part of
+step whose model promised less than ``lm_ftol``, with a fresh or a kept Jacobian). Not modelled: the D-SSIM part of the photometric term and the depth-edge part of
 the depth term (both are zero at a perfect fit, and the L1 parts pull towards the same pose).
 
 Shapes: ``n`` queries, ``P = 7`` poses per query for the Jacobian, ``h x w`` the stage's level.
@@ -278,6 +278,12 @@ class LevenbergMarquardt:
                 if _below(deltas[i], rot_tol_deg, trans_tol) or gain < gain_tol:
                     state.converge()
                 event = "lm_step"
+            elif lin.age > 0 and solved[i][1] < ftol:
+                # Rejected, and even the (older) model promised almost nothing: at the noise floor, where a new
+                # Jacobian (7 renders) would promise as little.
+                state.converge()
+                event = "lm_reject"
+                loss, parts = lin.loss, lin.parts
             elif lin.age > 0:
                 lins[i] = None  # an old Jacobian may be what failed: measure it again before damping more
                 event = "lm_refresh"

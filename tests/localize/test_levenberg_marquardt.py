@@ -100,6 +100,24 @@ def test_lm_stops_when_its_model_promises_almost_nothing(point_splat, rendered_q
     assert quick.rot_err_deg < patient.rot_err_deg + 0.01 and quick.trans_err < patient.trans_err + 0.0005
 
 
+def test_lm_does_not_measure_a_new_jacobian_at_its_noise_floor(point_splat, rendered_queries, refine_only):
+    """A step of a kept (chord) Jacobian that is rejected while promising under ``lm_ftol`` of the loss ends the
+    query: at the noise floor a fresh Jacobian (6 more renders) promises as little. Without ``lm_ftol`` LM measures
+    one again (``lm_refresh``) and renders more for a pose no closer to the truth."""
+    clean = rendered_queries[1]
+    noise = torch.randn(clean.image.shape, generator=torch.Generator().manual_seed(2)) * 0.05
+    query = dataclasses.replace(clean, image=(clean.image + noise).clamp(0, 1))
+    start = initial_poses([query], "perturb", angle_deg=0.5, translation=0.005, seed=3)
+    quick = refine_only(40, final_solver="lm").setup(model=point_splat).localize([query], start)[0]
+    patient = refine_only(40, final_solver="lm", lm_ftol=0.0).setup(model=point_splat).localize([query], start)[0]
+    events = lambda result: [row["event"] for row in result.trace]  # noqa: E731
+    print("ftol:", events(quick), quick.rot_err_deg, "| none:", events(patient), patient.rot_err_deg)
+    assert quick.status == STATUS_CONVERGED
+    assert "lm_refresh" in events(patient) and "lm_refresh" not in events(quick)
+    assert events(quick).count("lm_step") >= 2  # it ended on a kept Jacobian, not on its first one
+    assert quick.rot_err_deg < patient.rot_err_deg + 0.01 and quick.trans_err < patient.trans_err + 0.0005
+
+
 def test_lm_gain_tolerance_ends_a_query_whose_steps_gain_almost_nothing(point_splat, rendered_queries, refine_only):
     """With ``lm_gain_tol`` an accepted step that lowered the loss by less than that fraction ends the query (the
     tracking preset's stop: a frame predicted within a hair of its optimum takes one or two steps, not a crawl of
