@@ -21,8 +21,8 @@ One iteration for a query:
 The Jacobian is kept for ``refresh`` accepted steps (chord steps: the trial render gives the new residuals). A
 query converges when an accepted step is below the stopping tolerances (or, with ``lm_gain_tol``, lowered the
 loss by less than that fraction), or when no step lowers the loss any more (``lambda`` past its cap, or a rejected
-step whose model promised less than ``lm_ftol``, with a fresh or a kept Jacobian). Not modelled: the D-SSIM part of the photometric term and the depth-edge part of
-the depth term (both are zero at a perfect fit, and the L1 parts pull towards the same pose).
+step whose model promised less than ``lm_ftol``, with a fresh or a kept Jacobian). Not modelled: the D-SSIM part
+of the photometric term and the depth-edge part of the depth term (both are zero at a perfect fit, and the L1 parts pull towards the same pose).
 
 Shapes: ``n`` queries, ``P = 7`` poses per query for the Jacobian, ``h x w`` the stage's level.
 """

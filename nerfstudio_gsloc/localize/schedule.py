@@ -116,7 +116,7 @@ class OptimConfig:
     query at its noise floor spent 6-10 renders growing the damping from ~1e-4 (where it does not change the step)
     until a step of a few thousandths of a degree was accepted (measured on the room sequence). This holds for a
     Jacobian kept from earlier steps too: measuring it again (6 renders) near the floor promised as little (lego
-    8k and room ``inerf``: the same errors, a quarter to a third less time per query; README, hypotheses section)."""
+    8k and room ``inerf``: the same errors, 13% and 29% less time per query; README, hypotheses section)."""
     lm_gain_tol: float = 0.0
     """An accepted Levenberg-Marquardt step that lowered the loss by less than this fraction ends the query
     (converged); 0: off. The ``sequence-lm`` tracking preset sets 0.005: a frame the motion model predicted within a
