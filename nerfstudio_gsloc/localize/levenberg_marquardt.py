@@ -278,14 +278,11 @@ class LevenbergMarquardt:
                 if _below(deltas[i], rot_tol_deg, trans_tol) or gain < gain_tol:
                     state.converge()
                 event = "lm_step"
-            elif lin.age > 0 and solved[i][1] < ftol:
-                # Rejected, and even the (older) model promised almost nothing: at the noise floor, where a new
-                # Jacobian (7 renders) would promise as little.
-                state.converge()
-                event = "lm_reject"
-                loss, parts = lin.loss, lin.parts
-            elif lin.age > 0:
-                lins[i] = None  # an old Jacobian may be what failed: measure it again before damping more
+            elif lin.age > 0 and solved[i][1] >= ftol:
+                # An old Jacobian may be what failed: measure it again before damping more. Not when even it
+                # promised almost nothing (noise floor: a new one, 7 renders, would promise as little), which the
+                # ``lm_ftol`` rule below ends as for a fresh Jacobian.
+                lins[i] = None
                 event = "lm_refresh"
                 loss, parts = lin.loss, lin.parts
             else:

@@ -28,6 +28,12 @@ def rendered_queries(point_splat, embedded_scene):
     return out
 
 
+def _noisy(query, seed: int):
+    """``query`` with pixel noise (sigma 0.05), as an imperfect model leaves: the loss has a floor no step gets under."""
+    noise = torch.randn(query.image.shape, generator=torch.Generator().manual_seed(seed)) * 0.05
+    return dataclasses.replace(query, image=(query.image + noise).clamp(0, 1))
+
+
 def test_irls_weights_reproduce_the_loss_gradient():
     """``W r`` is the gradient of ``sum(scale * rho(r))``: the quadratic model LM solves has the loss's slope, on
     both sides of the smooth-L1 floor and of the anchor's Huber threshold."""
@@ -87,10 +93,7 @@ def test_lm_stops_when_its_model_promises_almost_nothing(point_splat, rendered_q
     """From a pose a hair off the optimum, the steps the model proposes are rejected (they promise under
     ``lm_ftol`` of the loss): LM ends converged after a few renders instead of growing its damping render after
     render, and ends as close to the truth (the noise sets the floor at ~0.07 deg on this 64x48 scene)."""
-    clean = rendered_queries[1]
-    # pixel noise, as an imperfect model leaves: the loss has a floor that no step gets under
-    noise = torch.randn(clean.image.shape, generator=torch.Generator().manual_seed(0)) * 0.05
-    query = dataclasses.replace(clean, image=(clean.image + noise).clamp(0, 1))
+    query = _noisy(rendered_queries[1], seed=0)
     start = initial_poses([query], "perturb", angle_deg=0.05, translation=0.001, seed=7)
     quick = refine_only(40, final_solver="lm").setup(model=point_splat).localize([query], start)[0]
     patient = refine_only(40, final_solver="lm", lm_ftol=0.0).setup(model=point_splat).localize([query], start)[0]
@@ -104,9 +107,7 @@ def test_lm_does_not_measure_a_new_jacobian_at_its_noise_floor(point_splat, rend
     """A step of a kept (chord) Jacobian that is rejected while promising under ``lm_ftol`` of the loss ends the
     query: at the noise floor a fresh Jacobian (6 more renders) promises as little. Without ``lm_ftol`` LM measures
     one again (``lm_refresh``) and renders more for a pose no closer to the truth."""
-    clean = rendered_queries[1]
-    noise = torch.randn(clean.image.shape, generator=torch.Generator().manual_seed(2)) * 0.05
-    query = dataclasses.replace(clean, image=(clean.image + noise).clamp(0, 1))
+    query = _noisy(rendered_queries[1], seed=2)
     start = initial_poses([query], "perturb", angle_deg=0.5, translation=0.005, seed=3)
     quick = refine_only(40, final_solver="lm").setup(model=point_splat).localize([query], start)[0]
     patient = refine_only(40, final_solver="lm", lm_ftol=0.0).setup(model=point_splat).localize([query], start)[0]
@@ -122,9 +123,7 @@ def test_lm_gain_tolerance_ends_a_query_whose_steps_gain_almost_nothing(point_sp
     """With ``lm_gain_tol`` an accepted step that lowered the loss by less than that fraction ends the query (the
     tracking preset's stop: a frame predicted within a hair of its optimum takes one or two steps, not a crawl of
     steps gaining 0.2% each); the pose is as good as the one the crawl reaches."""
-    clean = rendered_queries[1]
-    noise = torch.randn(clean.image.shape, generator=torch.Generator().manual_seed(1)) * 0.05
-    query = dataclasses.replace(clean, image=(clean.image + noise).clamp(0, 1))
+    query = _noisy(rendered_queries[1], seed=1)
     start = initial_poses([query], "perturb", angle_deg=0.1, translation=0.002, seed=11)
     crawl = refine_only(40, final_solver="lm", lm_ftol=0.0).setup(model=point_splat).localize([query], start)[0]
     quick = refine_only(40, final_solver="lm", lm_ftol=0.0, lm_gain_tol=0.05).setup(model=point_splat).localize([query], start)[0]
