@@ -10,7 +10,9 @@ One iteration for a query:
 
 1. render its current pose and the pose moved along each of the 6 parameters (rotation about the stage's pivot,
    centre translation) by a step that moves the image by about ``lm_step_px`` pixels: forward-only renders, batched
-   over the queries; the Jacobian of the residuals is their forward difference;
+   over the queries; the Jacobian of the residuals is their forward difference (``optim.lm_jacobian
+   render-gradient``: no moved renders, the Jacobian comes from the current render's gradients, see
+   :mod:`~nerfstudio_gsloc.localize.image_jacobian`);
 2. residuals (smooth L1 below ``l1_floor``): colour differences over the pixels the current render covers (alpha and query mask), depth
    differences where the query has depth, and the anchor's reprojection errors; each term is reweighted as in
    iteratively reweighted least squares so that the quadratic model matches the loss gradient-descent uses
@@ -37,8 +39,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
-from nerfstudio_gsloc.localize.losses import apply_color_affine
+from nerfstudio_gsloc.localize.image_jacobian import render_jacobian
+from nerfstudio_gsloc.localize.losses import apply_color_affine, huber, reprojection_errors, smooth_l1
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.pose import apply_pivoted_correction
 from nerfstudio_gsloc.localize.schedule import OptimConfig, Stage, scale_intrinsics
@@ -84,16 +86,24 @@ class LevenbergMarquardt:
             Jacobian fails).
         l1_floor: colour / depth residuals below this size count quadratically (smooth L1), so that the IRLS
             weights ``1 / |r|`` stay bounded and the many nearly-fitting pixels do not dominate the step.
+        jacobian: ``finite-difference`` (6 moved renders) or ``render-gradient`` (from the current render).
     """
 
     def __init__(self, losses: LossConfig, step_px: float, render: RenderFn, refresh: int = 4,
-                 l1_floor: float = 0.03) -> None:
+                 l1_floor: float = 0.03, jacobian: str = "finite-difference") -> None:
+        if jacobian not in ("finite-difference", "render-gradient"):
+            raise ValueError(f"unknown Jacobian {jacobian!r}: finite-difference or render-gradient")
         self.losses = losses
         self.step_px = float(step_px)
         self.render = render
-        self.refresh = max(1, int(refresh))
+        self.jacobian = jacobian
+        # a render-gradient Jacobian costs no render: measure it at every accepted step (Gauss-Newton proper)
+        self.refresh = 1 if jacobian == "render-gradient" else max(1, int(refresh))
         self.l1_floor = float(l1_floor)
         self._targets: Dict[int, Tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = {}
+        # each query's latest render at its base pose (the accepted trial or the linearisation's centre), so that
+        # measuring the Jacobian again at that pose does not render it again
+        self._base_views: Dict[int, Tuple[Tensor, RenderedViews]] = {}
 
     def target(self, batch: BatchState, i: int, w: int, h: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """Query ``i``'s image ``[h, w, 3]``, mask ``[h, w]`` (or ``None``) and depth ``[h, w]`` (or ``None``) at
@@ -118,7 +128,8 @@ class LevenbergMarquardt:
         def render(c2w: Tensor, Ks: Tensor, width: int, height: int) -> RenderedViews:
             return render_splat_model(visible, c2w, Ks, width, height, background=batch.background)
 
-        return cls(losses, optim.lm_step_px, render, refresh=optim.lm_refresh, l1_floor=optim.lm_l1_floor)
+        return cls(losses, optim.lm_step_px, render, refresh=optim.lm_refresh, l1_floor=optim.lm_l1_floor,
+                   jacobian=optim.lm_jacobian)
 
     # -- the loss and its residuals --------------------------------------------------------------------------
 
@@ -132,11 +143,7 @@ class LevenbergMarquardt:
         rs, scales, kinds = [], [], []
         if stage.photometric_weight > 0:
             query_rgb = self.target(batch, i, w, h)[0]
-            rgb = views.rgb
-            color = batch.colors([i])
-            if color is not None:
-                rgb = apply_color_affine(rgb, color.detach().expand(P, 3, 4))
-            diff = (rgb - query_rgb)[:, mask]  # [P, m, 3]
+            diff = (self._compared_rgb(batch, i, views) - query_rgb)[:, mask]  # [P, m, 3]
             count = max(1, int(mask.sum())) * 3
             rs.append(diff.reshape(P, -1))
             scales.append(torch.full((diff[0].numel(),), stage.photometric_weight * (1.0 - cfg.ssim_weight) / count))
@@ -149,7 +156,7 @@ class LevenbergMarquardt:
             kinds.append("depth")
         anchor = batch.states[i].anchor
         if cfg.anchor_weight > 0 and anchor is not None and anchor.points_world.shape[0] > 0:
-            err = _reprojection_errors(c2w, batch.Ks[i], anchor.points_world, anchor.kpts_query)
+            err = reprojection_errors(c2w, batch.Ks[i], anchor.points_world, anchor.kpts_query)
             rs.append(err)
             scales.append(torch.full((err.shape[1],), cfg.anchor_weight / err.shape[1]))
             kinds.append("anchor")
@@ -160,16 +167,24 @@ class LevenbergMarquardt:
         for part, kind in zip(rs, kinds):
             n = part.shape[1]
             last = r[-1, start:start + n]
-            rho = _huber(last, cfg.huber_delta_px) if kind == "anchor" else _smooth_l1(last, self.l1_floor)
+            rho = huber(last, cfg.huber_delta_px) if kind == "anchor" else smooth_l1(last, self.l1_floor)
             parts[kind] = float((scale[start:start + n] * rho).sum())
             start += n
         return r, scale, (parts["anchor"], parts["photometric"], parts["depth"])
 
+    @staticmethod
+    def _compared_rgb(batch: BatchState, i: int, views: RenderedViews) -> Tensor:
+        """``[P, h, w, 3]`` the renders as the colour residuals compare them (query ``i``'s colour transform, if any)."""
+        color = batch.colors([i])
+        if color is None:
+            return views.rgb
+        return apply_color_affine(views.rgb, color.detach().expand(views.rgb.shape[0], 3, 4))
+
     def rho(self, r: Tensor, anchor_count: int) -> Tensor:
         """Per-residual loss: smooth L1 for colour and depth, Huber for the last ``anchor_count`` (anchor) ones."""
-        rho = _smooth_l1(r, self.l1_floor)
+        rho = smooth_l1(r, self.l1_floor)
         if anchor_count:
-            rho[-anchor_count:] = _huber(r[-anchor_count:], self.losses.huber_delta_px)
+            rho[-anchor_count:] = huber(r[-anchor_count:], self.losses.huber_delta_px)
         return rho
 
     def irls_weights(self, r: Tensor, scale: Tensor, anchor_count: int) -> Tensor:
@@ -265,6 +280,7 @@ class LevenbergMarquardt:
             if loss < lin.loss:
                 gain = (lin.loss - loss) / max(lin.loss, 1e-30)
                 state.base = trial[j].detach().clone()
+                self._base_views[i] = (state.base, _select(views, j))
                 lams[i] = max(lams[i] / 3.0, 1e-7)
                 # Chord step: over a step of a few hundredths of a degree the Jacobian barely changes, so it is
                 # kept (the trial's render already gives the new residuals) and measured again every few steps.
@@ -299,12 +315,11 @@ class LevenbergMarquardt:
     def linearise(self, batch: BatchState, stage: Stage, ids: List[int], Ks_level: Tensor, w: int, h: int,
                   min_coverage: float) -> List[Optional[_Linearisation]]:
         """Residuals, Jacobians and weights of ``ids`` at their current (base) poses: one render call of the poses
-        (their masks and depths set the steps), one of their 6 moved copies. A query whose render covers too
-        little of the image fails (``None``)."""
+        not rendered there yet (their masks and depths set the steps) and, for a finite-difference Jacobian, one
+        of their 6 moved copies. A query whose render covers too little of the image fails (``None``)."""
         states = batch.states
-        with torch.no_grad():
-            centre = self.render(torch.stack([states[i].base for i in ids]), Ks_level[ids], w, h)
-        poses, Ks, steps_all, masks = [], [], [], []
+        centre = self._centre_views(batch, ids, Ks_level, w, h)
+        poses, steps_all, masks = [], [], []
         for j, i in enumerate(ids):
             valid = centre.alpha[j, ..., 0] >= self.losses.alpha_threshold
             qmask = self.target(batch, i, w, h)[1]
@@ -313,11 +328,12 @@ class LevenbergMarquardt:
             depth = centre.depth[j, ..., 0][valid]
             steps = self.parameter_steps(Ks_level[i], depth.median() if depth.numel() else 1.0)
             poses.append(self.moved(states[i].base, states[i].pivot, torch.diag(steps)))  # 6 moved poses
-            Ks.append(Ks_level[i].expand(6, 3, 3))
             steps_all.append(steps)
             masks.append(valid)
-        with torch.no_grad():
-            moved = self.render(torch.cat(poses), torch.cat(Ks), w, h)
+        moved = None
+        if self.jacobian == "finite-difference":
+            with torch.no_grad():
+                moved = self.render(torch.cat(poses), torch.cat([Ks_level[i].expand(6, 3, 3) for i in ids]), w, h)
         out: List[Optional[_Linearisation]] = []
         for j, i in enumerate(ids):
             mask = masks[j]
@@ -328,20 +344,56 @@ class LevenbergMarquardt:
             depth_mask = None
             if batch.depths is not None and stage.depth_weight > 0:
                 depth_mask = mask & (self.target(batch, i, w, h)[2] > 0)
-            sel = _concat(_select(moved, slice(6 * j, 6 * j + 6)), _select(centre, j))  # the 6 moved, then the pose
-            pose_rows = torch.cat([poses[j], states[i].base[None]])
+            if moved is not None:
+                sel = _concat(_select(moved, slice(6 * j, 6 * j + 6)), _select(centre, j))  # the 6 moved, then the pose
+                pose_rows = torch.cat([poses[j], states[i].base[None]])
+            else:
+                sel, pose_rows = _select(centre, j), states[i].base[None]
             r, scale, parts = self.residuals(batch, stage, i, sel, pose_rows, mask, depth_mask, w, h)
             if not bool(torch.isfinite(r).all()):
                 states[i].fail(f"non-finite residuals at {stage.name} (Levenberg-Marquardt)")
                 out.append(None)
                 continue
-            J = (r[:6] - r[6:7]).T / steps_all[j][None, :]  # [N, 6] forward differences
-            W = self.irls_weights(r[6], scale, self._anchor_count(batch, i))
-            loss = float((scale * self.rho(r[6], self._anchor_count(batch, i))).sum())
+            if moved is not None:
+                J = (r[:6] - r[6:7]).T / steps_all[j][None, :]  # [N, 6] forward differences
+            else:
+                J = self.gradient_jacobian(batch, stage, i, _select(centre, j), poses[j], steps_all[j], Ks_level[i],
+                                           mask, depth_mask)
+            r = r[-1]
+            W = self.irls_weights(r, scale, self._anchor_count(batch, i))
+            loss = float((scale * self.rho(r, self._anchor_count(batch, i))).sum())
             if loss < states[i].best_loss:  # the starting pose is a candidate too
                 states[i].best_loss, states[i].best_c2w = loss, states[i].base.clone()
-            out.append(_Linearisation(r[6], J, W, mask, depth_mask, steps_all[j], loss, parts))
+            out.append(_Linearisation(r, J, W, mask, depth_mask, steps_all[j], loss, parts))
         return out
+
+    def _centre_views(self, batch: BatchState, ids: List[int], Ks_level: Tensor, w: int, h: int) -> RenderedViews:
+        """Renders ``[n]`` of ``ids`` at their base poses: the remembered render where the pose is the same, one
+        batched render of the others."""
+        states = batch.states
+        fresh = [i for i in ids if i not in self._base_views or not torch.equal(self._base_views[i][0], states[i].base)]
+        if fresh:
+            with torch.no_grad():
+                views = self.render(torch.stack([states[i].base for i in fresh]), Ks_level[fresh], w, h)
+            for j, i in enumerate(fresh):
+                self._base_views[i] = (states[i].base.clone(), _select(views, j))
+        return _concat(*[self._base_views[i][1] for i in ids])
+
+    def gradient_jacobian(self, batch: BatchState, stage: Stage, i: int, view: RenderedViews, moved: Tensor,
+                          steps: Tensor, K: Tensor, mask: Tensor, depth_mask: Optional[Tensor]) -> Tensor:
+        """``[N, 6]`` Jacobian of query ``i``'s residuals (rows as :meth:`residuals` orders them) from its render
+        ``view`` (batch of 1) at the base pose alone: colour and depth rows from the render's gradients and each
+        pixel's motion, anchor rows by differencing the reprojection errors at the ``moved [6, 3, 4]`` poses."""
+        base = batch.states[i].base
+        rgb = self._compared_rgb(batch, i, view)[0] if stage.photometric_weight > 0 else None
+        use_depth = depth_mask is not None and stage.depth_weight > 0
+        rows = [render_jacobian(base, moved, steps, K, view.depth[0, ..., 0], mask, rgb, depth_mask if use_depth else None)]
+        anchor = batch.states[i].anchor
+        if self.losses.anchor_weight > 0 and anchor is not None and anchor.points_world.shape[0] > 0:
+            err = reprojection_errors(torch.cat([moved, base[None]]), batch.Ks[i], anchor.points_world,
+                                       anchor.kpts_query)
+            rows.append((err[:6] - err[6:7]).T / steps.double()[None, :])
+        return torch.cat(rows).double()
 
     def _anchor_count(self, batch: BatchState, i: int) -> int:
         anchor = batch.states[i].anchor
@@ -364,26 +416,6 @@ def _select(views: RenderedViews, index) -> RenderedViews:
     return RenderedViews(views.rgb[index], views.depth[index], views.alpha[index])
 
 
-def _concat(a: RenderedViews, b: RenderedViews) -> RenderedViews:
-    return RenderedViews(torch.cat([a.rgb, b.rgb]), torch.cat([a.depth, b.depth]), torch.cat([a.alpha, b.alpha]))
-
-
-def _huber(r: Tensor, delta: float) -> Tensor:
-    a = r.abs()
-    return torch.where(a <= delta, 0.5 * a * a, delta * (a - 0.5 * delta))
-
-
-def _smooth_l1(r: Tensor, floor: float) -> Tensor:
-    """``|r|`` above ``floor``, the matching parabola below it (value and slope continuous)."""
-    a = r.abs()
-    return torch.where(a <= floor, 0.5 * a * a / floor, a - 0.5 * floor)
-
-
-def _reprojection_errors(c2w: Tensor, K: Tensor, points: Tensor, kpts: Tensor) -> Tensor:
-    """``[P, M]`` pixel distances of ``points [M, 3]`` projected through each of ``c2w [P, 3, 4]`` (OpenGL) to
-    ``kpts [M, 2]`` (full-resolution pixels, centres at ``+0.5``)."""
-    w2c = opengl_c2w_to_opencv_w2c(c2w.double())
-    cam = torch.einsum("pij,mj->pmi", w2c[:, :3, :3], points.double()) + w2c[:, None, :3, 3]
-    uv = torch.einsum("ij,pmj->pmi", K.double(), cam)
-    uv = uv[..., :2] / uv[..., 2:3].clamp_min(1e-9)
-    return torch.linalg.norm(uv - kpts.double()[None], dim=-1)
+def _concat(*views: RenderedViews) -> RenderedViews:
+    return RenderedViews(torch.cat([v.rgb for v in views]), torch.cat([v.depth for v in views]),
+                         torch.cat([v.alpha for v in views]))

@@ -208,8 +208,29 @@ def reprojection_loss(
     residual = torch.stack([u, v], dim=-1) - keypoints_query.to(device=c2w.device, dtype=c2w.dtype)
     # sqrt(r^2 + eps) keeps the gradient finite at a zero residual.
     dist = torch.sqrt((residual**2).sum(dim=-1) + 1e-12)
-    huber = torch.where(dist <= huber_delta_px, 0.5 * dist**2, huber_delta_px * (dist - 0.5 * huber_delta_px))
     weight = in_front.to(c2w.dtype)
-    total = out.index_add(0, query_index, huber * weight)
+    total = out.index_add(0, query_index, huber(dist, huber_delta_px) * weight)
     count = torch.zeros_like(out).index_add(0, query_index, weight)
     return total / count.clamp_min(1.0)
+
+
+def huber(r: Tensor, delta: float) -> Tensor:
+    """``0.5 r^2`` for ``|r| <= delta``, ``delta (|r| - 0.5 delta)`` above."""
+    a = r.abs()
+    return torch.where(a <= delta, 0.5 * a * a, delta * (a - 0.5 * delta))
+
+
+def smooth_l1(r: Tensor, floor: float) -> Tensor:
+    """``|r|`` above ``floor``, the matching parabola below it (value and slope continuous)."""
+    a = r.abs()
+    return torch.where(a <= floor, 0.5 * a * a / floor, a - 0.5 * floor)
+
+
+def reprojection_errors(c2w: Tensor, K: Tensor, points: Tensor, kpts: Tensor) -> Tensor:
+    """``[P, M]`` pixel distances of ``points [M, 3]`` projected through each of ``c2w [P, 3, 4]`` (OpenGL) to
+    ``kpts [M, 2]`` (full-resolution pixels, centres at ``+0.5``)."""
+    w2c = opengl_c2w_to_opencv_w2c(c2w.double())
+    cam = torch.einsum("pij,mj->pmi", w2c[:, :3, :3], points.double()) + w2c[:, None, :3, 3]
+    uv = torch.einsum("ij,pmj->pmi", K.double(), cam)
+    uv = uv[..., :2] / uv[..., 2:3].clamp_min(1e-9)
+    return torch.linalg.norm(uv - kpts.double()[None], dim=-1)

@@ -107,7 +107,13 @@ class OptimConfig:
     """Most Levenberg-Marquardt iterations of the final level (each renders one trial pose per query); the
     schedule's iterations of that level cap it too."""
     lm_refresh: int = 4
-    """The Jacobian (6 extra renders) is measured again after this many accepted steps, or when a step fails."""
+    """The Jacobian is measured again after this many accepted steps, or when a step fails (``finite-difference``:
+    6 extra renders; ``render-gradient`` measures it at every accepted step, for free)."""
+    lm_jacobian: Literal["finite-difference", "render-gradient", "hybrid"] = "finite-difference"
+    """How ``lm`` measures the Jacobian of the residuals: ``finite-difference`` renders the pose moved along each of
+    the 6 parameters; ``render-gradient`` takes it from the current render alone, its image (and depth) gradient
+    times the motion of each pixel's surface point (:mod:`~nerfstudio_gsloc.localize.image_jacobian`);
+    ``hybrid`` takes render-gradient steps until they converge, then goes on from a finite-difference Jacobian."""
     lm_step_px: float = 0.5
     """Image motion (pixels of the level) of the finite-difference steps of the Jacobian."""
     lm_ftol: float = 5e-3

@@ -9,6 +9,7 @@ original frame (no dataparser normalisation).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,6 +105,22 @@ def point_splat_views(embedded_scene):
 def point_splat(point_splat_views):
     """A :class:`PointSplat` of the scene's training views (original frame)."""
     return point_splat_from_views(*point_splat_views)
+
+
+@pytest.fixture(scope="session")
+def rendered_queries(point_splat, embedded_scene):
+    """The novel query views re-rendered from the point splat itself (colour and depth), so that the objective's
+    optimum is exactly the ground-truth pose and the test measures the solver, not the model."""
+    from nerfstudio_gsloc.localize.queries import FrameTransform, load_transforms_queries
+    from nerfstudio_gsloc.rendering.splat_render import render_splat_model
+
+    queries = load_transforms_queries(embedded_scene.queries, FrameTransform.identity())
+    out = []
+    for query in queries:
+        with torch.no_grad():
+            views = render_splat_model(point_splat, query.gt_c2w[None], query.K[None], query.width, query.height)
+        out.append(dataclasses.replace(query, image=views.rgb[0].clamp(0, 1), depth=views.depth[0, ..., 0]))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -10,22 +10,8 @@ import torch
 from nerfstudio_gsloc.localize.initialization import initial_poses
 from nerfstudio_gsloc.localize.levenberg_marquardt import LevenbergMarquardt
 from nerfstudio_gsloc.localize.objective import LossConfig
-from nerfstudio_gsloc.localize.queries import FrameTransform, load_transforms_queries
 from nerfstudio_gsloc.localize.result import STATUS_CONVERGED
 from nerfstudio_gsloc.rendering.splat_render import frustum_subset, render_splat_model
-
-
-@pytest.fixture(scope="module")
-def rendered_queries(point_splat, embedded_scene):
-    """The novel query views re-rendered from the point splat itself (colour and depth), so that the objective's
-    optimum is exactly the ground-truth pose and the test measures the solver, not the model."""
-    queries = load_transforms_queries(embedded_scene.queries, FrameTransform.identity())
-    out = []
-    for query in queries:
-        with torch.no_grad():
-            views = render_splat_model(point_splat, query.gt_c2w[None], query.K[None], query.width, query.height)
-        out.append(dataclasses.replace(query, image=views.rgb[0].clamp(0, 1), depth=views.depth[0, ..., 0]))
-    return out
 
 
 def _noisy(query, seed: int):
