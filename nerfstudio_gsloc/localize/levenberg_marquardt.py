@@ -8,11 +8,11 @@ reaches the minimum in a handful of steps.
 
 One iteration for a query:
 
-1. render its current pose and the pose moved along each of the 6 parameters (rotation about the stage's pivot,
-   centre translation) by a step that moves the image by about ``lm_step_px`` pixels: forward-only renders, batched
-   over the queries; the Jacobian of the residuals is their forward difference (``optim.lm_jacobian
-   render-gradient``: no moved renders, the Jacobian comes from the current render's gradients, see
-   :mod:`~nerfstudio_gsloc.localize.image_jacobian`);
+1. render its current pose (forward only, batched over the queries) and take the Jacobian of the residuals with
+   respect to the 6 pose parameters (rotation about the stage's pivot, centre translation) from that render: its
+   image and depth gradients times each pixel's motion (``optim.lm_jacobian render-gradient``, the default, see
+   :mod:`~nerfstudio_gsloc.localize.image_jacobian`), or (``finite-difference``) the forward difference of renders
+   of the pose moved along each parameter by a step that moves the image by about ``lm_step_px`` pixels;
 2. residuals (smooth L1 below ``l1_floor``): colour differences over the pixels the current render covers (alpha and query mask), depth
    differences where the query has depth, and the anchor's reprojection errors; each term is reweighted as in
    iteratively reweighted least squares so that the quadratic model matches the loss gradient-descent uses
@@ -20,13 +20,15 @@ One iteration for a query:
 3. solve ``(J^T W J + lambda diag(J^T W J)) delta = -J^T W r`` and render the trial pose: accepted when the loss is
    lower (``lambda`` shrinks), otherwise ``lambda`` grows and the step is solved again from the same Jacobian.
 
-The Jacobian is kept for ``refresh`` accepted steps (chord steps: the trial render gives the new residuals). A
+A finite-difference Jacobian is kept for ``refresh`` accepted steps (chord steps: the trial render gives the new
+residuals); a render-gradient one is taken again from each accepted trial's render. A
 query converges when an accepted step is below the stopping tolerances (or, with ``lm_gain_tol``, lowered the
 loss by less than that fraction), or when no step lowers the loss any more (``lambda`` past its cap, or a rejected
 step whose model promised less than ``lm_ftol``, with a fresh or a kept Jacobian). Not modelled: the D-SSIM part
 of the photometric term and the depth-edge part of the depth term (both are zero at a perfect fit, and the L1 parts pull towards the same pose).
 
-Shapes: ``n`` queries, ``P = 7`` poses per query for the Jacobian, ``h x w`` the stage's level.
+Shapes: ``n`` queries, ``P = 7`` poses per query for a finite-difference Jacobian (1 otherwise), ``h x w`` the
+stage's level.
 """
 
 from __future__ import annotations
@@ -86,11 +88,11 @@ class LevenbergMarquardt:
             Jacobian fails).
         l1_floor: colour / depth residuals below this size count quadratically (smooth L1), so that the IRLS
             weights ``1 / |r|`` stay bounded and the many nearly-fitting pixels do not dominate the step.
-        jacobian: ``finite-difference`` (6 moved renders) or ``render-gradient`` (from the current render).
+        jacobian: ``render-gradient`` (from the current render) or ``finite-difference`` (6 moved renders).
     """
 
     def __init__(self, losses: LossConfig, step_px: float, render: RenderFn, refresh: int = 4,
-                 l1_floor: float = 0.03, jacobian: str = "finite-difference") -> None:
+                 l1_floor: float = 0.03, jacobian: str = "render-gradient") -> None:
         if jacobian not in ("finite-difference", "render-gradient"):
             raise ValueError(f"unknown Jacobian {jacobian!r}: finite-difference or render-gradient")
         self.losses = losses

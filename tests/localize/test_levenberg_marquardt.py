@@ -92,11 +92,13 @@ def test_lm_stops_when_its_model_promises_almost_nothing(point_splat, rendered_q
 def test_lm_does_not_measure_a_new_jacobian_at_its_noise_floor(point_splat, rendered_queries, refine_only):
     """A step of a kept (chord) Jacobian that is rejected while promising under ``lm_ftol`` of the loss ends the
     query: at the noise floor a fresh Jacobian (6 more renders) promises as little. Without ``lm_ftol`` LM measures
-    one again (``lm_refresh``) and renders more for a pose no closer to the truth."""
+    one again (``lm_refresh``) and renders more for a pose no closer to the truth. (Only finite-difference
+    Jacobians are kept across steps; a render-gradient one is taken from every accepted trial's render.)"""
     query = _noisy(rendered_queries[1], seed=2)
     start = initial_poses([query], "perturb", angle_deg=0.5, translation=0.005, seed=3)
-    quick = refine_only(40, final_solver="lm").setup(model=point_splat).localize([query], start)[0]
-    patient = refine_only(40, final_solver="lm", lm_ftol=0.0).setup(model=point_splat).localize([query], start)[0]
+    fd = dict(final_solver="lm", lm_jacobian="finite-difference")
+    quick = refine_only(40, **fd).setup(model=point_splat).localize([query], start)[0]
+    patient = refine_only(40, lm_ftol=0.0, **fd).setup(model=point_splat).localize([query], start)[0]
     events = lambda result: [row["event"] for row in result.trace]  # noqa: E731
     print("ftol:", events(quick), quick.rot_err_deg, "| none:", events(patient), patient.rot_err_deg)
     assert quick.status == STATUS_CONVERGED
