@@ -36,3 +36,21 @@ def test_stage_profiler_times_render_stages_and_uninstalls():
     stages = [row[0] for row in profiler.rows(1.0, 1.0, 3, "render")]
     assert [s for s in stages if s in ("projection", "binning", "compositing")] == ["projection", "binning", "compositing"]
     assert stages[-1] == "total wall-clock per render"
+
+
+def test_stage_profiler_charges_nothing_while_disabled():
+    """Work outside the profiled window (a localizer's set-up before its queries) is not charged to any stage:
+    the per-query totals do not contain it either, and charging it made "other" negative."""
+    scene = synthetic_scene(500)
+    Ks = torch.tensor([[[40.0, 0.0, 16.0], [0.0, 40.0, 16.0], [0.0, 0.0, 1.0]]])
+    profiler = StageProfiler(enabled=False)
+    profiler.install()
+    try:
+        with torch.no_grad():
+            rasterization(viewmats=torch.eye(4)[None], Ks=Ks, width=32, height=32, **scene)
+            assert not profiler.calls and not profiler.forward
+            profiler.enabled = True
+            rasterization(viewmats=torch.eye(4)[None], Ks=Ks, width=32, height=32, **scene)
+    finally:
+        profiler.uninstall()
+    assert profiler.calls["compositing"] == 1 and profiler.forward["compositing"] > 0
