@@ -59,7 +59,7 @@ def pixel_motion(base: Tensor, moved: Tensor, steps: Tensor, K: Tensor, depth: T
     cam_moved = torch.einsum("kij,mj->kmi", w2c[:, :3, :3], world) + w2c[:, None, :3, 3]  # [6, m, 3]
     z = cam_moved[..., 2]
     uv = torch.einsum("ij,kmj->kmi", K, cam_moved)[..., :2] / z.clamp_min(1e-9)[..., None]
-    scale = steps.double()[:, None]
+    scale = steps.to(device=uv.device, dtype=torch.float64)[:, None]
     flow = (uv - uv1[None, :, :2]) / scale[..., None]
     dz = (z - depth.double()[None]) / scale
     return flow, dz
@@ -108,4 +108,4 @@ def render_jacobian(base: Tensor, moved: Tensor, steps: Tensor, K: Tensor, depth
     if depth_mask is not None:
         keep = depth_mask[mask]
         rows.append(depth_jacobian(depth, depth_mask, flow[:, keep], dz[:, keep]))
-    return torch.cat(rows) if rows else torch.zeros(0, 6, dtype=torch.float64)
+    return torch.cat(rows) if rows else torch.zeros(0, 6, dtype=torch.float64, device=depth.device)

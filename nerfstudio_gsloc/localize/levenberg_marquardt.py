@@ -162,7 +162,8 @@ class LevenbergMarquardt:
             rs.append(err)
             scales.append(torch.full((err.shape[1],), cfg.anchor_weight / err.shape[1]))
             kinds.append("anchor")
-        r = torch.cat(rs, dim=1).double()
+        # the solver's arithmetic runs on the CPU in float64 (a few 10^4 residuals), whatever the model's device
+        r = torch.cat(rs, dim=1).double().cpu()
         scale = torch.cat(scales).double()
         parts = {"anchor": 0.0, "photometric": 0.0, "depth": 0.0}
         start = 0
@@ -394,8 +395,8 @@ class LevenbergMarquardt:
         if self.losses.anchor_weight > 0 and anchor is not None and anchor.points_world.shape[0] > 0:
             err = reprojection_errors(torch.cat([moved, base[None]]), batch.Ks[i], anchor.points_world,
                                        anchor.kpts_query)
-            rows.append((err[:6] - err[6:7]).T / steps.double()[None, :])
-        return torch.cat(rows).double()
+            rows.append((err[:6] - err[6:7]).T / steps.to(err)[None, :])
+        return torch.cat(rows).double().cpu()
 
     def _anchor_count(self, batch: BatchState, i: int) -> int:
         anchor = batch.states[i].anchor
