@@ -26,7 +26,8 @@ from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_c2w, opengl
 
 
 def image_gradients(image: Tensor) -> Tuple[Tensor, Tensor]:
-    """Central differences ``(d/dx, d/dy)`` of ``image [h, w, C]`` per pixel (one-sided at the borders)."""
+    """Central differences ``(d/dx, d/dy)`` of ``image [h, w, C]`` per pixel, one-sided at the borders (kornia's
+    ``spatial_gradient(mode="diff", normalized=True)`` inside; its replicate padding halves them at the borders)."""
     padded_x = torch.cat([image[:, :1], image, image[:, -1:]], dim=1)
     padded_y = torch.cat([image[:1], image, image[-1:]], dim=0)
     gx = 0.5 * (padded_x[:, 2:] - padded_x[:, :-2])
