@@ -75,6 +75,24 @@ opencv_c2w_to_opengl_c2w = opengl_c2w_to_opencv_c2w
 """OpenCV camera-to-world -> OpenGL camera-to-world (the same axis flip)."""
 
 
+def project_points(c2w: Tensor, K: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+    """Pixels and depths of world points seen through each of several OpenGL camera-to-world poses.
+
+    Args:
+        c2w: ``[P, 3|4, 4]`` OpenGL camera-to-world poses.
+        K: ``[3, 3]`` intrinsics (pixel centres at ``+0.5``).
+        points: ``[M, 3]`` world points.
+
+    Returns:
+        ``uv [P, M, 2]`` pixel coordinates and ``z [P, M]`` OpenCV depths, float64 on the inputs' device (``uv`` of
+        points at or behind a camera is divided by ``1e-9`` instead of their depth: callers mask them by ``z``).
+    """
+    w2c = opengl_c2w_to_opencv_w2c(c2w.double())
+    cam = torch.einsum("pij,mj->pmi", w2c[:, :3, :3], points.double()) + w2c[:, None, :3, 3]
+    uvw = torch.einsum("ij,pmj->pmi", K.double(), cam)
+    return uvw[..., :2] / uvw[..., 2:3].clamp_min(1e-9), cam[..., 2]
+
+
 def original_to_scene_frame(c2w_original: Tensor, transform: Tensor, scale: float) -> Tensor:
     """Dataset-frame camera-to-world ``[..., 3|4, 4]`` -> nerfstudio's normalised scene frame ``[..., 3, 4]``.
 

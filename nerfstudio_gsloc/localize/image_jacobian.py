@@ -22,7 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_c2w, opengl_c2w_to_opencv_w2c
+from nerfstudio_gsloc.camera_conventions import project_points
+from nerfstudio_gsloc.localize.matching import lift_keypoints
 
 
 def image_gradients(image: Tensor) -> Tuple[Tensor, Tensor]:
@@ -45,24 +46,18 @@ def pixel_motion(base: Tensor, moved: Tensor, steps: Tensor, K: Tensor, depth: T
         base: ``[3, 4]`` OpenGL camera-to-world pose of the render.
         moved: ``[6, 3, 4]`` the base moved by ``steps [6]`` along each parameter.
         K: ``[3, 3]`` intrinsics of the level.
-        depth: ``[m]`` rendered z-depth (OpenCV camera axis) at ``pixels``.
+        depth: ``[h, w]`` the render's z-depth (OpenCV camera axis), positive at ``pixels``.
         pixels: ``[m, 2]`` integer pixel indices ``(x, y)``.
 
     Returns:
         ``flow [6, m, 2]`` pixels per unit parameter and ``dz [6, m]`` depth per unit parameter.
     """
-    K = K.double()
-    uv1 = torch.cat([pixels.double() + 0.5, torch.ones_like(depth.double())[:, None]], dim=1)  # [m, 3]
-    cam = (torch.linalg.solve(K, uv1.T).T) * depth.double()[:, None]  # [m, 3] OpenCV camera frame
-    c2w_cv = opengl_c2w_to_opencv_c2w(base.double())
-    world = cam @ c2w_cv[:3, :3].T + c2w_cv[:3, 3]
-    w2c = opengl_c2w_to_opencv_w2c(moved.double())  # [6, 4, 4]
-    cam_moved = torch.einsum("kij,mj->kmi", w2c[:, :3, :3], world) + w2c[:, None, :3, 3]  # [6, m, 3]
-    z = cam_moved[..., 2]
-    uv = torch.einsum("ij,kmj->kmi", K, cam_moved)[..., :2] / z.clamp_min(1e-9)[..., None]
+    centres = pixels.double() + 0.5
+    world, _ = lift_keypoints(centres, depth.double(), K, base, interpolation="nearest")
+    uv, z = project_points(moved, K, world)
     scale = steps.to(device=uv.device, dtype=torch.float64)[:, None]
-    flow = (uv - uv1[None, :, :2]) / scale[..., None]
-    dz = (z - depth.double()[None]) / scale
+    flow = (uv - centres[None]) / scale[..., None]
+    dz = (z - depth.double()[pixels[:, 1], pixels[:, 0]][None]) / scale
     return flow, dz
 
 
@@ -102,7 +97,7 @@ def render_jacobian(base: Tensor, moved: Tensor, steps: Tensor, K: Tensor, depth
         depth: ``[h, w]`` the render's depth.
     """
     pixels = mask.nonzero()[:, [1, 0]]  # (x, y), in the order of [mask] selections
-    flow, dz = pixel_motion(base, moved, steps, K, depth[mask], pixels)
+    flow, dz = pixel_motion(base, moved, steps, K, depth, pixels)
     rows = []
     if rgb is not None:
         rows.append(photometric_jacobian(rgb, mask, flow))

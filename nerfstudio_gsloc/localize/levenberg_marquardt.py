@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from nerfstudio_gsloc.localize.image_jacobian import render_jacobian
-from nerfstudio_gsloc.localize.losses import apply_color_affine, huber, reprojection_errors, smooth_l1
+from nerfstudio_gsloc.camera_conventions import project_points
+from nerfstudio_gsloc.localize.losses import apply_color_affine, huber, smooth_l1
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.pose import apply_pivoted_correction
 from nerfstudio_gsloc.localize.schedule import OptimConfig, Stage, scale_intrinsics
@@ -158,7 +159,7 @@ class LevenbergMarquardt:
             kinds.append("depth")
         anchor = batch.states[i].anchor
         if cfg.anchor_weight > 0 and anchor is not None and anchor.points_world.shape[0] > 0:
-            err = reprojection_errors(c2w, batch.Ks[i], anchor.points_world, anchor.kpts_query)
+            err = _anchor_errors(c2w, batch.Ks[i], anchor.points_world, anchor.kpts_query)
             rs.append(err)
             scales.append(torch.full((err.shape[1],), cfg.anchor_weight / err.shape[1]))
             kinds.append("anchor")
@@ -393,8 +394,7 @@ class LevenbergMarquardt:
         rows = [render_jacobian(base, moved, steps, K, view.depth[0, ..., 0], mask, rgb, depth_mask if use_depth else None)]
         anchor = batch.states[i].anchor
         if self.losses.anchor_weight > 0 and anchor is not None and anchor.points_world.shape[0] > 0:
-            err = reprojection_errors(torch.cat([moved, base[None]]), batch.Ks[i], anchor.points_world,
-                                       anchor.kpts_query)
+            err = _anchor_errors(torch.cat([moved, base[None]]), batch.Ks[i], anchor.points_world, anchor.kpts_query)
             rows.append((err[:6] - err[6:7]).T / steps.to(err)[None, :])
         return torch.cat(rows).double().cpu()
 
@@ -422,3 +422,11 @@ def _select(views: RenderedViews, index) -> RenderedViews:
 def _concat(*views: RenderedViews) -> RenderedViews:
     return RenderedViews(torch.cat([v.rgb for v in views]), torch.cat([v.depth for v in views]),
                          torch.cat([v.alpha for v in views]))
+
+
+def _anchor_errors(c2w: Tensor, K: Tensor, points: Tensor, kpts: Tensor) -> Tensor:
+    """``[P, M]`` pixel distances of ``points [M, 3]`` projected through each of ``c2w [P, 3, 4]`` to ``kpts [M, 2]``
+    (finite even behind a camera, unlike :func:`~nerfstudio_gsloc.localize.pnp.reprojection_errors`'s ``inf``:
+    LM differences them)."""
+    uv, _ = project_points(c2w, K, points)
+    return torch.linalg.norm(uv - kpts.double()[None], dim=-1)

@@ -224,13 +224,3 @@ def smooth_l1(r: Tensor, floor: float) -> Tensor:
     """``|r|`` above ``floor``, the matching parabola below it (value and slope continuous)."""
     a = r.abs()
     return torch.where(a <= floor, 0.5 * a * a / floor, a - 0.5 * floor)
-
-
-def reprojection_errors(c2w: Tensor, K: Tensor, points: Tensor, kpts: Tensor) -> Tensor:
-    """``[P, M]`` pixel distances of ``points [M, 3]`` projected through each of ``c2w [P, 3, 4]`` (OpenGL) to
-    ``kpts [M, 2]`` (full-resolution pixels, centres at ``+0.5``)."""
-    w2c = opengl_c2w_to_opencv_w2c(c2w.double())
-    cam = torch.einsum("pij,mj->pmi", w2c[:, :3, :3], points.double()) + w2c[:, None, :3, 3]
-    uv = torch.einsum("ij,pmj->pmi", K.double(), cam)
-    uv = uv[..., :2] / uv[..., 2:3].clamp_min(1e-9)
-    return torch.linalg.norm(uv - kpts.double()[None], dim=-1)

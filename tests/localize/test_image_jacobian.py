@@ -38,7 +38,9 @@ def test_pixel_motion_of_sideways_and_forward_camera_steps():
     steps = torch.tensor([step, step, 1.0, 1.0, 1.0, 1.0])
     pixels = torch.tensor([[31, 23], [50, 10]])  # pixel centres at +0.5: (31.5, 23.5) and (50.5, 10.5)
     depth = torch.tensor([2.0, 4.0])
-    flow, dz = pixel_motion(base, moved, steps, K, depth, pixels)
+    depth_map = torch.ones(48, 64)
+    depth_map[pixels[:, 1], pixels[:, 0]] = depth
+    flow, dz = pixel_motion(base, moved, steps, K, depth_map, pixels)
     torch.testing.assert_close(flow[0, :, 0], -f / depth.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(flow[0, :, 1], torch.zeros(2, dtype=torch.float64), atol=1e-6, rtol=0)
     torch.testing.assert_close(dz[0], torch.zeros(2, dtype=torch.float64), atol=1e-6, rtol=0)
