@@ -93,6 +93,28 @@ def project_points(c2w: Tensor, K: Tensor, points: Tensor) -> tuple[Tensor, Tens
     return uvw[..., :2] / uvw[..., 2:3].clamp_min(1e-9), cam[..., 2]
 
 
+def unproject_points(c2w: Tensor, K: Tensor, pixels: Tensor, z: Tensor) -> Tensor:
+    """World points seen at ``pixels`` with OpenCV depth ``z``: the inverse of :func:`project_points` for one camera.
+
+    Args:
+        c2w: ``[3|4, 4]`` OpenGL camera-to-world pose.
+        K: ``[3, 3]`` intrinsics (pixel centres at ``+0.5``; a skew ``K[0, 1]`` is honoured).
+        pixels: ``[M, 2]`` continuous pixel coordinates ``(x, y)``.
+        z: ``[M]`` depths along the camera's optical axis (z-depth, not ray length).
+
+    Returns:
+        ``[M, 3]`` world points, in the dtype and on the device of ``z``.
+    """
+    dtype, device = z.dtype, z.device
+    K = K.to(device=device, dtype=dtype)
+    x, y = pixels[:, 0].to(device=device, dtype=dtype), pixels[:, 1].to(device=device, dtype=dtype)
+    y_norm = (y - K[1, 2]) / K[1, 1]
+    x_norm = (x - K[0, 2] - K[0, 1] * y_norm) / K[0, 0]
+    cam = torch.stack([x_norm * z, y_norm * z, z], dim=-1)  # OpenCV camera frame
+    c2w_cv = rigid_inverse(opengl_c2w_to_opencv_w2c(c2w.to(device=device, dtype=dtype)))
+    return cam @ c2w_cv[:3, :3].T + c2w_cv[:3, 3]
+
+
 def original_to_scene_frame(c2w_original: Tensor, transform: Tensor, scale: float) -> Tensor:
     """Dataset-frame camera-to-world ``[..., 3|4, 4]`` -> nerfstudio's normalised scene frame ``[..., 3, 4]``.
 

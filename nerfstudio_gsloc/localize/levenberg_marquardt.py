@@ -16,7 +16,7 @@ One iteration for a query:
 2. residuals (smooth L1 below ``l1_floor``): colour differences over the pixels the current render covers (alpha and query mask), depth
    differences where the query has depth, and the anchor's reprojection errors; each term is reweighted as in
    iteratively reweighted least squares so that the quadratic model matches the loss gradient-descent uses
-   (L1 colour and depth, Huber anchor), with the objective's weights;
+   (L1 colour and depth, Huber anchor), with the objective's weights (:mod:`~nerfstudio_gsloc.localize.lm_residuals`);
 3. solve ``(J^T W J + lambda diag(J^T W J)) delta = -J^T W r`` and render the trial pose: accepted when the loss is
    lower (``lambda`` shrinks), otherwise ``lambda`` grows and the step is solved again from the same Jacobian.
 
@@ -41,9 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from nerfstudio_gsloc.localize.image_jacobian import render_jacobian
-from nerfstudio_gsloc.camera_conventions import project_points
-from nerfstudio_gsloc.localize.losses import apply_color_affine, huber, smooth_l1
+from nerfstudio_gsloc.localize.lm_residuals import LMResiduals
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.pose import apply_pivoted_correction
 from nerfstudio_gsloc.localize.schedule import OptimConfig, Stage, scale_intrinsics
@@ -102,20 +100,10 @@ class LevenbergMarquardt:
         self.jacobian = jacobian
         # a render-gradient Jacobian costs no render: measure it at every accepted step (Gauss-Newton proper)
         self.refresh = 1 if jacobian == "render-gradient" else max(1, int(refresh))
-        self.l1_floor = float(l1_floor)
-        self._targets: Dict[int, Tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = {}
+        self.terms = LMResiduals(losses, l1_floor)
         # each query's latest render at its base pose (the accepted trial or the linearisation's centre), so that
         # measuring the Jacobian again at that pose does not render it again
         self._base_views: Dict[int, Tuple[Tensor, RenderedViews]] = {}
-
-    def target(self, batch: BatchState, i: int, w: int, h: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """Query ``i``'s image ``[h, w, 3]``, mask ``[h, w]`` (or ``None``) and depth ``[h, w]`` (or ``None``) at
-        the stage's level, downsampled once per solver (one solver runs one stage) rather than per render."""
-        if i not in self._targets:
-            rgb, masks = batch.level_images([i], w, h)
-            depth = None if batch.depths is None else batch.level_depths([i], w, h, masks)[0, ..., 0]
-            self._targets[i] = (rgb[0], None if masks is None else masks[0, ..., 0], depth)
-        return self._targets[i]
 
     @classmethod
     def for_stage(cls, model, batch: BatchState, stage: Stage, ids: List[int], losses: LossConfig,
@@ -133,73 +121,6 @@ class LevenbergMarquardt:
 
         return cls(losses, optim.lm_step_px, render, refresh=optim.lm_refresh, l1_floor=optim.lm_l1_floor,
                    jacobian=optim.lm_jacobian)
-
-    # -- the loss and its residuals --------------------------------------------------------------------------
-
-    def residuals(self, batch: BatchState, stage: Stage, i: int, views: RenderedViews, c2w: Tensor,
-                  mask: Tensor, depth_mask: Optional[Tensor], w: int, h: int) -> Tuple[Tensor, Tensor, Tuple[float, float, float]]:
-        """Residuals ``[P, N]`` of query ``i`` at ``P`` poses ``c2w [P, 3, 4]`` rendered as ``views`` and, for the
-        last pose, the loss and its ``(anchor, photometric, depth)`` parts; returns ``(r, scale [N], parts)``
-        where ``scale`` holds each residual's term weight divided by its count (the loss is ``sum(scale * rho(r))``)."""
-        cfg = self.losses
-        P = c2w.shape[0]
-        rs, scales, kinds = [], [], []
-        if stage.photometric_weight > 0:
-            query_rgb = self.target(batch, i, w, h)[0]
-            diff = (self._compared_rgb(batch, i, views) - query_rgb)[:, mask]  # [P, m, 3]
-            count = max(1, int(mask.sum())) * 3
-            rs.append(diff.reshape(P, -1))
-            scales.append(torch.full((diff[0].numel(),), stage.photometric_weight * (1.0 - cfg.ssim_weight) / count))
-            kinds.append("photometric")
-        if depth_mask is not None and stage.depth_weight > 0:
-            query_depth = self.target(batch, i, w, h)[2]
-            diff = views.depth[..., 0][:, depth_mask] - query_depth[depth_mask]
-            rs.append(diff)
-            scales.append(torch.full((diff.shape[1],), stage.depth_weight / max(1, int(depth_mask.sum()))))
-            kinds.append("depth")
-        anchor = batch.states[i].anchor
-        if cfg.anchor_weight > 0 and anchor is not None and anchor.points_world.shape[0] > 0:
-            err = _anchor_errors(c2w, batch.Ks[i], anchor.points_world, anchor.kpts_query)
-            rs.append(err)
-            scales.append(torch.full((err.shape[1],), cfg.anchor_weight / err.shape[1]))
-            kinds.append("anchor")
-        # the solver's arithmetic runs on the CPU in float64 (a few 10^4 residuals), whatever the model's device
-        r = torch.cat(rs, dim=1).double().cpu()
-        scale = torch.cat(scales).double()
-        parts = {"anchor": 0.0, "photometric": 0.0, "depth": 0.0}
-        start = 0
-        for part, kind in zip(rs, kinds):
-            n = part.shape[1]
-            last = r[-1, start:start + n]
-            rho = huber(last, cfg.huber_delta_px) if kind == "anchor" else smooth_l1(last, self.l1_floor)
-            parts[kind] = float((scale[start:start + n] * rho).sum())
-            start += n
-        return r, scale, (parts["anchor"], parts["photometric"], parts["depth"])
-
-    @staticmethod
-    def _compared_rgb(batch: BatchState, i: int, views: RenderedViews) -> Tensor:
-        """``[P, h, w, 3]`` the renders as the colour residuals compare them (query ``i``'s colour transform, if any)."""
-        color = batch.colors([i])
-        if color is None:
-            return views.rgb
-        return apply_color_affine(views.rgb, color.detach().expand(views.rgb.shape[0], 3, 4))
-
-    def rho(self, r: Tensor, anchor_count: int) -> Tensor:
-        """Per-residual loss: smooth L1 for colour and depth, Huber for the last ``anchor_count`` (anchor) ones."""
-        rho = smooth_l1(r, self.l1_floor)
-        if anchor_count:
-            rho[-anchor_count:] = huber(r[-anchor_count:], self.losses.huber_delta_px)
-        return rho
-
-    def irls_weights(self, r: Tensor, scale: Tensor, anchor_count: int) -> Tensor:
-        """Weights ``W`` with ``sum(W r^2) / 2`` matching the loss's gradient at ``r``: ``scale / |r|`` for L1 terms,
-        the Huber weight for the anchor (the last ``anchor_count`` residuals)."""
-        W = scale / r.abs().clamp_min(self.l1_floor)
-        if anchor_count:
-            a = r[-anchor_count:].abs()
-            delta = self.losses.huber_delta_px
-            W[-anchor_count:] = scale[-anchor_count:] * torch.where(a <= delta, torch.ones_like(a), delta / a)
-        return W
 
     # -- one query's linearisation ---------------------------------------------------------------------------
 
@@ -277,9 +198,9 @@ class LevenbergMarquardt:
             views = self.render(trial, Ks_level[ids], w, h)
         for j, i in enumerate(ids):
             lin, state = lins[i], states[i]
-            r, scale, parts = self.residuals(batch, stage, i, _select(views, j), trial[j:j + 1], lin.mask,
+            r, scale, parts = self.terms.residuals(batch, stage, i, _select(views, j), trial[j:j + 1], lin.mask,
                                              lin.depth_mask, w, h)
-            loss = float((scale * self.rho(r[0], self._anchor_count(batch, i))).sum())
+            loss = float((scale * self.terms.rho(r[0], self.terms.anchor_count(batch, i))).sum())
             state.iterations += 1
             if loss < lin.loss:
                 gain = (lin.loss - loss) / max(lin.loss, 1e-30)
@@ -292,7 +213,7 @@ class LevenbergMarquardt:
                     lins[i] = None
                 else:
                     lin.r, lin.loss, lin.parts, lin.age = r[0], loss, parts, lin.age + 1
-                    lin.W = self.irls_weights(r[0], scale, self._anchor_count(batch, i))
+                    lin.W = self.terms.irls_weights(r[0], scale, self.terms.anchor_count(batch, i))
                 if loss < state.best_loss:
                     state.best_loss, state.best_c2w = loss, state.base.clone()
                 if _below(deltas[i], rot_tol_deg, trans_tol) or gain < gain_tol:
@@ -326,7 +247,7 @@ class LevenbergMarquardt:
         poses, steps_all, masks = [], [], []
         for j, i in enumerate(ids):
             valid = centre.alpha[j, ..., 0] >= self.losses.alpha_threshold
-            qmask = self.target(batch, i, w, h)[1]
+            qmask = self.terms.target(batch, i, w, h)[1]
             if qmask is not None:
                 valid = valid & qmask
             depth = centre.depth[j, ..., 0][valid]
@@ -347,13 +268,13 @@ class LevenbergMarquardt:
                 continue
             depth_mask = None
             if batch.depths is not None and stage.depth_weight > 0:
-                depth_mask = mask & (self.target(batch, i, w, h)[2] > 0)
+                depth_mask = mask & (self.terms.target(batch, i, w, h)[2] > 0)
             if moved is not None:
                 sel = _concat(_select(moved, slice(6 * j, 6 * j + 6)), _select(centre, j))  # the 6 moved, then the pose
                 pose_rows = torch.cat([poses[j], states[i].base[None]])
             else:
                 sel, pose_rows = _select(centre, j), states[i].base[None]
-            r, scale, parts = self.residuals(batch, stage, i, sel, pose_rows, mask, depth_mask, w, h)
+            r, scale, parts = self.terms.residuals(batch, stage, i, sel, pose_rows, mask, depth_mask, w, h)
             if not bool(torch.isfinite(r).all()):
                 states[i].fail(f"non-finite residuals at {stage.name} (Levenberg-Marquardt)")
                 out.append(None)
@@ -361,11 +282,11 @@ class LevenbergMarquardt:
             if moved is not None:
                 J = (r[:6] - r[6:7]).T / steps_all[j][None, :]  # [N, 6] forward differences
             else:
-                J = self.gradient_jacobian(batch, stage, i, _select(centre, j), poses[j], steps_all[j], Ks_level[i],
+                J = self.terms.gradient_jacobian(batch, stage, i, _select(centre, j), poses[j], steps_all[j], Ks_level[i],
                                            mask, depth_mask)
             r = r[-1]
-            W = self.irls_weights(r, scale, self._anchor_count(batch, i))
-            loss = float((scale * self.rho(r, self._anchor_count(batch, i))).sum())
+            W = self.terms.irls_weights(r, scale, self.terms.anchor_count(batch, i))
+            loss = float((scale * self.terms.rho(r, self.terms.anchor_count(batch, i))).sum())
             if loss < states[i].best_loss:  # the starting pose is a candidate too
                 states[i].best_loss, states[i].best_c2w = loss, states[i].base.clone()
             out.append(_Linearisation(r, J, W, mask, depth_mask, steps_all[j], loss, parts))
@@ -382,28 +303,6 @@ class LevenbergMarquardt:
             for j, i in enumerate(fresh):
                 self._base_views[i] = (states[i].base.clone(), _select(views, j))
         return _concat(*[self._base_views[i][1] for i in ids])
-
-    def gradient_jacobian(self, batch: BatchState, stage: Stage, i: int, view: RenderedViews, moved: Tensor,
-                          steps: Tensor, K: Tensor, mask: Tensor, depth_mask: Optional[Tensor]) -> Tensor:
-        """``[N, 6]`` Jacobian of query ``i``'s residuals (rows as :meth:`residuals` orders them) from its render
-        ``view`` (batch of 1) at the base pose alone: colour and depth rows from the render's gradients and each
-        pixel's motion, anchor rows by differencing the reprojection errors at the ``moved [6, 3, 4]`` poses."""
-        base = batch.states[i].base
-        rgb = self._compared_rgb(batch, i, view)[0] if stage.photometric_weight > 0 else None
-        use_depth = depth_mask is not None and stage.depth_weight > 0
-        rows = [render_jacobian(base, moved, steps, K, view.depth[0, ..., 0], mask, rgb, depth_mask if use_depth else None)]
-        anchor = batch.states[i].anchor
-        if self.losses.anchor_weight > 0 and anchor is not None and anchor.points_world.shape[0] > 0:
-            err = _anchor_errors(torch.cat([moved, base[None]]), batch.Ks[i], anchor.points_world, anchor.kpts_query)
-            rows.append((err[:6] - err[6:7]).T / steps.to(err)[None, :])
-        return torch.cat(rows).double().cpu()
-
-    def _anchor_count(self, batch: BatchState, i: int) -> int:
-        anchor = batch.states[i].anchor
-        if self.losses.anchor_weight <= 0 or anchor is None:
-            return 0
-        return int(anchor.points_world.shape[0])
-
 
 def _record(batch: BatchState, stage: Stage, i: int, c2w: Tensor, loss: float, parts: Tuple[float, float, float],
             event: str) -> None:
@@ -423,10 +322,3 @@ def _concat(*views: RenderedViews) -> RenderedViews:
     return RenderedViews(torch.cat([v.rgb for v in views]), torch.cat([v.depth for v in views]),
                          torch.cat([v.alpha for v in views]))
 
-
-def _anchor_errors(c2w: Tensor, K: Tensor, points: Tensor, kpts: Tensor) -> Tensor:
-    """``[P, M]`` pixel distances of ``points [M, 3]`` projected through each of ``c2w [P, 3, 4]`` to ``kpts [M, 2]``
-    (finite even behind a camera, unlike :func:`~nerfstudio_gsloc.localize.pnp.reprojection_errors`'s ``inf``:
-    LM differences them)."""
-    uv, _ = project_points(c2w, K, points)
-    return torch.linalg.norm(uv - kpts.double()[None], dim=-1)

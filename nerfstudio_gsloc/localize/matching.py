@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nerfstudio_gsloc.camera_conventions import opencv_w2c_to_opengl_c2w, opengl_c2w_to_opencv_w2c, rigid_inverse
+from nerfstudio_gsloc.camera_conventions import opencv_w2c_to_opengl_c2w, unproject_points
 from nerfstudio_gsloc.errors import GslocError
 
 MatcherKind = Literal["sift", "disk_lightglue", "loftr"]
@@ -373,12 +373,7 @@ def lift_keypoints(
     else:
         raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
 
-    K = K.to(device=device, dtype=dtype)
-    y_norm = (y - K[1, 2]) / K[1, 1]
-    x_norm = (x - K[0, 2] - K[0, 1] * y_norm) / K[0, 0]
-    cam = torch.stack([x_norm * z, y_norm * z, z], dim=-1)  # OpenCV camera frame
-    c2w_cv = rigid_inverse(opengl_c2w_to_opencv_w2c(c2w.to(device=device, dtype=dtype)))
-    world = cam @ c2w_cv[:3, :3].T + c2w_cv[:3, 3]
+    world = unproject_points(c2w, K, kpts, z)
     valid = valid & torch.isfinite(world).all(dim=-1)
     world = torch.where(valid[:, None], world, torch.zeros_like(world))
     return world, valid

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nerfstudio_gsloc.camera_conventions import opencv_w2c_to_opengl_c2w, opengl_c2w_to_opencv_w2c
+from nerfstudio_gsloc.camera_conventions import opencv_w2c_to_opengl_c2w, opengl_c2w_to_opencv_w2c, project_points
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.features import Features, SiftFeatures
 from nerfstudio_gsloc.localize.live import PosesCallback
@@ -283,12 +283,9 @@ def reprojection_errors(c2w: Tensor, K: Tensor, kpts: Tensor, points: Tensor) ->
     """``[M]`` pixel distance between each point projected through ``c2w`` and its keypoint (``inf`` behind the
     camera). ``c2w [3, 4]`` OpenGL camera-to-world, ``K [3, 3]``, ``kpts [M, 2]`` (centres at ``+0.5``),
     ``points [M, 3]`` (scene frame)."""
-    w2c = opengl_c2w_to_opencv_w2c(c2w[:3, :4].double().cpu())
-    cam = points.double().cpu() @ w2c[:3, :3].T + w2c[:3, 3]
-    z = cam[:, 2]
-    uv = (cam @ K.double().cpu().T)[:, :2] / z.clamp_min(1e-9)[:, None]
-    err = torch.linalg.norm(uv - kpts.double().cpu(), dim=-1)
-    return torch.where(z > 1e-6, err, torch.full_like(err, math.inf))
+    uv, z = project_points(c2w[None, :3, :4].cpu(), K.cpu(), points.cpu())
+    err = torch.linalg.norm(uv[0] - kpts.double().cpu(), dim=-1)
+    return torch.where(z[0] > 1e-6, err, torch.full_like(err, math.inf))
 
 
 def refine_on_tight_inliers(

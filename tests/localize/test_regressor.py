@@ -3,6 +3,8 @@ run (reuse / retrain), and its use by ns-localize (--method regression, --init r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -16,7 +18,8 @@ from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.regression import RegressionLocalizer, RegressionLocalizerConfig, regression_initial_poses
-from nerfstudio_gsloc.localize.regressor import load_regressor
+from nerfstudio_gsloc.camera_conventions import opencv_c2w_to_opengl_c2w
+from nerfstudio_gsloc.localize.regressor import grid_rays, grid_size, load_regressor, resize_image
 from nerfstudio_gsloc.localize.regressor_training import RegressorTrainConfig
 from nerfstudio_gsloc.localize.rigid_alignment import robust_rigid_alignment, weighted_rigid_alignment
 from nerfstudio_gsloc.localize.scene_map import TrainingView, between_poses
@@ -25,7 +28,7 @@ from nerfstudio_gsloc.scripts.train_regressor import train_or_reuse
 
 #: A network and data small enough to train in seconds: 64x48 input, 8x6 grid.
 TINY = RegressorTrainConfig(input_size=64, channels=(16, 32, 48), steps=300, batch_size=8, rendered_views=96,
-                            max_minutes=2.0, pose_warmup=0.3)
+                            max_minutes=2.0, pose_warmup=0.3, members=1)
 
 
 def _known_pose(dtype=torch.float64):
@@ -147,7 +150,7 @@ def test_weights_are_reused_and_retrained_when_the_checkpoint_changes(tmp_path, 
     checkpoint = tmp_path / "step-000000001.ckpt"
     checkpoint.write_bytes(b"weights")
     folder = tmp_path / "gsloc_regressor"
-    quick = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=3, batch_size=2, rendered_views=2)
+    quick = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=3, batch_size=2, rendered_views=2, members=1)
 
     def run(config=quick):
         return train_or_reuse(point_splat, views, checkpoint, folder, config, show_progress=False)
@@ -164,6 +167,53 @@ def test_weights_are_reused_and_retrained_when_the_checkpoint_changes(tmp_path, 
     os.utime(checkpoint, ns=(0, 0))  # same size, other modification time
     assert not run()["reused"]
     assert not run(RegressorTrainConfig(**{**quick.__dict__, "steps": 4}))["reused"]  # other settings
+
+
+def test_an_ensemble_trains_its_members_side_by_side_and_aligns_all_their_points(tmp_path, point_splat,
+                                                                                   point_splat_views):
+    views = _views(point_splat_views)[:4]
+    checkpoint = tmp_path / "step-000000001.ckpt"
+    checkpoint.write_bytes(b"weights")
+    single = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=3, batch_size=2, rendered_views=2, members=1)
+    pair = RegressorTrainConfig(**{**single.__dict__, "members": 2})
+    # one network keeps the settings key it had before the option existed; two networks are other settings
+    legacy = {k: v for k, v in single.__dict__.items() if k not in ("max_minutes", "members")}
+    assert single.key() == hashlib.sha1(json.dumps(legacy, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert pair.key() != single.key()
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    metas = [train_or_reuse(point_splat, views, checkpoint, folder, pair, show_progress=False) for folder in folders]
+    assert all(len(meta["members"]) == 2 and meta["steps"] == 3 for meta in metas)
+    first, second = (load_regressor(folder, checkpoint) for folder in folders)
+    assert len(first.nets) == 2
+    # members differ (their own seeds) and a seed gives the same members whatever the threads' interleaving
+    for net_a, net_b in zip(first.nets, second.nets):
+        for p_a, p_b in zip(net_a.state_dict().values(), net_b.state_dict().values()):
+            assert torch.equal(p_a, p_b)
+    assert not torch.equal(*(next(iter(net.state_dict().values())) for net in first.nets))
+
+    # the pose is one weighted alignment of both members' point pairs
+    rgb, _, K, _ = point_splat_views
+    prediction = first.predict(rgb[0], K[0])
+    cfg, (height, width) = first.config, rgb.shape[1:3]
+    _, rays = grid_rays(K[0], width, height, grid_size(cfg))
+    src, dst, weights = [], [], []
+    for net in first.nets:  # each member's camera-frame points (on the cells' rays), scene points and weights
+        depth, points, logits = net(resize_image(rgb[0], cfg.input_height, cfg.input_width))
+        focal_ratio = float(K[0, 0, 0]) * cfg.input_width / width / cfg.focal_input
+        src.append(((depth[0] * focal_ratio)[..., None] * rays).reshape(-1, 3))
+        dst.append(points.reshape(-1, 3))
+        weights.append(torch.sigmoid(logits).reshape(-1))
+    src, dst = torch.cat(src)[None].double().detach(), torch.cat(dst)[None].double().detach()
+    weights = torch.cat(weights)[None].double().detach()
+    assert prediction.weights.shape[0] == weights.shape[1] == 2 * grid_size(cfg)[0] * grid_size(cfg)[1]
+    R, t, _ = robust_rigid_alignment(src, dst, weights, rounds=0)
+    expected = opencv_c2w_to_opengl_c2w(torch.cat([R[0], t[0, :, None]], dim=1)).float()
+    torch.testing.assert_close(prediction.c2w, expected, atol=1e-5, rtol=0)
+
+    with pytest.raises(GslocError, match="members must be at least 1"):
+        train_or_reuse(point_splat, views, checkpoint, tmp_path / "c", RegressorTrainConfig(
+            **{**single.__dict__, "members": 0}), show_progress=False)
 
 
 @pytest.mark.parametrize("command", [["ns-localize", "--init", "regression"], ["ns-localize", "--method", "regression"],
