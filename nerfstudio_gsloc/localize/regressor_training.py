@@ -305,10 +305,20 @@ def batch_losses(net: SceneRegressorNet, data: TrainingSet, idx: Tensor, images:
 StepCallback = Callable[[int, int, Dict[str, float]], None]
 
 
-def train_members(data: TrainingSet, net_config: RegressorNetConfig, config: RegressorTrainConfig,
+def member_configs(config: RegressorTrainConfig) -> List[RegressorTrainConfig]:
+    """The settings of each network of ``config``'s ensemble: member ``m`` draws its rendered views, initial
+    weights, batches and augmentation with seed ``config.seed + m``."""
+    if config.members < 1:
+        raise GslocError(f"--training.members must be at least 1, got {config.members}")
+    return [dataclasses.replace(config, seed=config.seed + m, members=1) for m in range(config.members)]
+
+
+def train_members(datasets: Sequence[TrainingSet], net_config: RegressorNetConfig, config: RegressorTrainConfig,
                   budget_seconds: Optional[float] = None,
                   on_step: Optional[Callable[[int], Optional[StepCallback]]] = None) -> Tuple[List[SceneRegressorNet], List[Dict[str, object]]]:
-    """Train ``config.members`` networks on ``data`` at the same time, member ``m`` with seed ``config.seed + m``.
+    """Train the ``config.members`` networks of an ensemble at the same time, member ``m`` on ``datasets[m]`` (its
+    own rendered views: members that saw different views make less correlated errors) with the settings of
+    :func:`member_configs`.
 
     One member trains in this thread as :func:`train_regressor`; several train in as many Python threads, with
     torch's intra-op threads shared out between them (the convolutions release the GIL, so on 2 cores two
@@ -321,23 +331,23 @@ def train_members(data: TrainingSet, net_config: RegressorNetConfig, config: Reg
     Returns:
         the trained networks and their summaries, in member order.
     """
-    if config.members < 1:
-        raise GslocError(f"--training.members must be at least 1, got {config.members}")
-    configs = [dataclasses.replace(config, seed=config.seed + m, members=1) for m in range(config.members)]
+    configs = member_configs(config)
+    if len(datasets) != len(configs):
+        raise ValueError(f"{len(configs)} members need as many training sets, got {len(datasets)}")
     nets = []
     for member in configs:
         torch.manual_seed(member.seed)
         nets.append(SceneRegressorNet(net_config))
     callbacks = [None if on_step is None else on_step(m) for m in range(len(configs))]
     if len(configs) == 1:
-        net, summary = train_regressor(data, net_config, configs[0], budget_seconds, callbacks[0], net=nets[0])
+        net, summary = train_regressor(datasets[0], net_config, configs[0], budget_seconds, callbacks[0], net=nets[0])
         return [net], [summary]
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // len(configs)))
     try:
         with ThreadPoolExecutor(max_workers=len(configs)) as pool:
             futures = [pool.submit(train_regressor, data, net_config, member, budget_seconds, callback, net)
-                       for member, callback, net in zip(configs, callbacks, nets)]
+                       for data, member, callback, net in zip(datasets, configs, callbacks, nets)]
             results = [future.result() for future in futures]
     finally:
         torch.set_num_threads(threads)

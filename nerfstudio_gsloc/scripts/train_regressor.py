@@ -29,7 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.files import check_writable
 from nerfstudio_gsloc.localize.regressor import is_up_to_date, read_meta, regressor_dir, save_regressor
-from nerfstudio_gsloc.localize.regressor_training import RegressorTrainConfig, build_training_set, train_members
+from nerfstudio_gsloc.localize.regressor_training import (RegressorTrainConfig, build_training_set, member_configs,
+                                                          train_members)
 from nerfstudio_gsloc.localize.retrieval import checkpoint_fingerprint
 from nerfstudio_gsloc.localize.scene_map import TrainingView, load_training_views
 
@@ -99,9 +100,15 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
                         TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                         disable=not show_progress, transient=False)
     with progress:
-        render_task = progress.add_task("", total=len(views) + config.rendered_views, stage="training views")
-        data, net_config = build_training_set(
-            model, views, config, on_progress=lambda done, total: progress.update(render_task, completed=done))
+        members = member_configs(config)
+        per_member = len(views) + config.rendered_views
+        render_task = progress.add_task("", total=len(members) * per_member, stage="training views")
+        datasets = []
+        for m, member in enumerate(members):  # each member its own rendered views (its seed), the same photos
+            data, net_config = build_training_set(
+                model, views, member,
+                on_progress=lambda done, total, m=m: progress.update(render_task, completed=m * per_member + done))
+            datasets.append(data)
         data_seconds = time.perf_counter() - started
         def member_callback(member: int):
             name = "training" if config.members == 1 else f"training {member + 1}/{config.members}"
@@ -116,7 +123,7 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
 
             return on_step
 
-        nets, summaries = train_members(data, net_config, config, budget_seconds=max(1.0, budget - data_seconds),
+        nets, summaries = train_members(datasets, net_config, config, budget_seconds=max(1.0, budget - data_seconds),
                                         on_step=member_callback)
     summary = summaries[0] if len(summaries) == 1 else {
         "steps": min(s["steps"] for s in summaries), "skipped_steps": sum(s["skipped_steps"] for s in summaries),
@@ -131,14 +138,15 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
         "training_cpu_seconds": round(time.process_time() - cpu_started, 1),
         "data_seconds": round(data_seconds, 1),
         "threads": torch.get_num_threads(),
-        "views": {"real": int(data.real.sum()), "rendered": int((~data.real).sum())},
+        "views": {"real": int(data.real.sum()), "rendered": sum(int((~d.real).sum()) for d in datasets)},
         "input_size": [net_config.input_height, net_config.input_width],
         "parameters": sum(p.numel() for net in nets for p in net.parameters()),
         **summary,
     }
     save_regressor(folder, nets, meta)
     networks = "" if len(nets) == 1 else f"{len(nets)} networks side by side, "
-    console.print(f"regressor trained in {seconds / 60:.1f} min ({data_seconds:.0f} s rendering {len(data.real)} views, "
+    console.print(f"regressor trained in {seconds / 60:.1f} min ({data_seconds:.0f} s rendering "
+                  f"{sum(len(d.real) for d in datasets)} views, "
                   f"{networks}{summary['steps']} steps, {torch.get_num_threads()} thread(s)); saved to {folder}")
     return {**meta, "reused": False}
 
