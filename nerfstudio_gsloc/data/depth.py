@@ -21,7 +21,7 @@ from nerfstudio.data.utils.data_utils import get_depth_image_from_path
 from nerfstudio.utils.rich_utils import CONSOLE
 from PIL import Image
 
-from nerfstudio_gsloc.camera_conventions import unproject_points
+from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c, rigid_inverse
 from nerfstudio_gsloc.data.validation import check_dataparser_images
 from nerfstudio_gsloc.errors import GslocError
 
@@ -65,7 +65,6 @@ def backproject_depth_points(
     num_views = len(outputs.image_filenames)
     per_view = max(1, max_points // max(num_views, 1))
     gen = np.random.default_rng(seed)
-    intrinsics = cameras.get_intrinsics_matrices()
     all_xyz, all_rgb = [], []
     for i in range(num_views):
         height, width = int(cameras.height[i].item()), int(cameras.width[i].item())
@@ -76,9 +75,15 @@ def backproject_depth_points(
             continue
         pick = gen.choice(len(u), size=min(per_view, len(u)), replace=False)
         u, v = u[pick], v[pick]
-        z = torch.from_numpy(depth[v, u]).float()
-        centres = torch.from_numpy(np.stack([u, v], axis=-1)).float() + 0.5
-        all_xyz.append(unproject_points(cameras.camera_to_worlds[i], intrinsics[i], centres, z))
+        z = torch.from_numpy(depth[v, u])
+        fx, fy = cameras.fx[i].item(), cameras.fy[i].item()
+        cx, cy = cameras.cx[i].item(), cameras.cy[i].item()
+        # OpenCV camera coordinates of the pixel centres, then to the world with the camera's c2w
+        x = (torch.from_numpy(u).float() + 0.5 - cx) / fx * z
+        y = (torch.from_numpy(v).float() + 0.5 - cy) / fy * z
+        cam_pts = torch.stack([x, y, z, torch.ones_like(z)], dim=-1)
+        c2w_cv = rigid_inverse(opengl_c2w_to_opencv_w2c(cameras.camera_to_worlds[i]))
+        all_xyz.append((cam_pts @ c2w_cv.T)[:, :3])
         all_rgb.append(torch.from_numpy(rgb[v, u]))
     if not all_xyz:
         raise GslocError("the dataset's depth images hold no valid depth (all zero)")

@@ -4,11 +4,13 @@ Examples::
 
     gsloc-train-regressor --load-config outputs/lego-200/gsloc/<ts>/config.yml            # train or reuse
     gsloc-train-regressor --load-config .../config.yml --training.max-minutes 5 --force   # retrain, 5 minutes
+    gsloc-train-regressor --load-config .../config.yml --training.members 1              # one network, not two
 
 The network (:mod:`nerfstudio_gsloc.localize.regressor`) is trained from scratch on the CPU, no downloaded
 weights, from the run's training photos and views rendered from its Gaussian scene around the training cameras
 (:mod:`nerfstudio_gsloc.localize.regressor_training`). Weights and metadata go to ``<run>/gsloc_regressor/``
-(``regressor.pt``, ``regressor.json``); a later call with the same settings reuses them while the run's
+(``regressor.pt``, ``regressor.json``). By default two networks train side by side, one per core, and localize
+together (``--training.members``); a later call with the same settings reuses them while the run's
 checkpoint is unchanged (path, size and modification time) and retrains when it changed.
 """
 
