@@ -106,12 +106,13 @@ class RegressorTrainConfig:
     noise: float = 0.02
     """Photometric augmentation: factors ``1 +- U[0, x]`` and Gaussian noise of this standard deviation."""
     seed: int = 0
-    """Member ``m`` of an ensemble trains with seed ``seed + m`` (initial weights, batches, augmentation)."""
+    """Member ``m`` of an ensemble draws its rendered views, initial weights, batches and augmentation with seed
+    ``seed + m``."""
     members: int = 2
-    """Networks trained side by side on the same views (an ensemble, one thread group each, so on 2 cores two
-    members take the wall-clock time of one); inference aligns all their point pairs together. On lego-200 two
-    members trained in parallel took 13.7 min and gave 82% within (10 deg, 0.1) against 64% and 70% for each
-    alone. 1: a single network (with one core, two members share it and each gets half the steps)."""
+    """Networks trained side by side, each on its own rendered views (an ensemble, one thread group each, so on 2
+    cores two members take the wall-clock time of one); inference aligns all their point pairs together. On
+    lego-200 two members gave 76-82% within (10 deg, 0.1) in three trainings of 13-14 min on 2 cores, where single
+    networks measured 64-78%. 1: a single network (with one core, two members share it and each gets half the steps)."""
 
     def key(self) -> str:
         """Hash of the settings that change the weights (``max_minutes`` excluded; ``members`` only when above 1,
