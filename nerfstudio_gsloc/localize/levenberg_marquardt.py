@@ -199,7 +199,7 @@ class LevenbergMarquardt:
         for j, i in enumerate(ids):
             lin, state = lins[i], states[i]
             r, scale, parts = self.terms.residuals(batch, stage, i, _select(views, j), trial[j:j + 1], lin.mask,
-                                             lin.depth_mask, w, h)
+                                                   lin.depth_mask, w, h)
             loss = float((scale * self.terms.rho(r[0], self.terms.anchor_count(batch, i))).sum())
             state.iterations += 1
             if loss < lin.loss:
@@ -282,11 +282,12 @@ class LevenbergMarquardt:
             if moved is not None:
                 J = (r[:6] - r[6:7]).T / steps_all[j][None, :]  # [N, 6] forward differences
             else:
-                J = self.terms.gradient_jacobian(batch, stage, i, _select(centre, j), poses[j], steps_all[j], Ks_level[i],
-                                           mask, depth_mask)
+                J = self.terms.gradient_jacobian(batch, stage, i, _select(centre, j), poses[j], steps_all[j],
+                                                 Ks_level[i], mask, depth_mask)
             r = r[-1]
-            W = self.terms.irls_weights(r, scale, self.terms.anchor_count(batch, i))
-            loss = float((scale * self.terms.rho(r, self.terms.anchor_count(batch, i))).sum())
+            anchor_count = self.terms.anchor_count(batch, i)
+            W = self.terms.irls_weights(r, scale, anchor_count)
+            loss = float((scale * self.terms.rho(r, anchor_count)).sum())
             if loss < states[i].best_loss:  # the starting pose is a candidate too
                 states[i].best_loss, states[i].best_c2w = loss, states[i].base.clone()
             out.append(_Linearisation(r, J, W, mask, depth_mask, steps_all[j], loss, parts))
@@ -303,6 +304,7 @@ class LevenbergMarquardt:
             for j, i in enumerate(fresh):
                 self._base_views[i] = (states[i].base.clone(), _select(views, j))
         return _concat(*[self._base_views[i][1] for i in ids])
+
 
 def _record(batch: BatchState, stage: Stage, i: int, c2w: Tensor, loss: float, parts: Tuple[float, float, float],
             event: str) -> None:

@@ -26,7 +26,7 @@ from nerfstudio_gsloc.localize.image_jacobian import render_jacobian
 from nerfstudio_gsloc.localize.losses import apply_color_affine, huber, smooth_l1
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.schedule import Stage
-from nerfstudio_gsloc.localize.state import BatchState
+from nerfstudio_gsloc.localize.state import BatchState, MatchState
 from nerfstudio_gsloc.rendering import RenderedViews
 
 
@@ -74,8 +74,8 @@ class LMResiduals:
             rs.append(diff)
             scales.append(torch.full((diff.shape[1],), stage.depth_weight / max(1, int(depth_mask.sum()))))
             kinds.append("depth")
-        anchor = batch.states[i].anchor
-        if cfg.anchor_weight > 0 and anchor is not None and anchor.points_world.shape[0] > 0:
+        anchor = self._anchor(batch, i)
+        if anchor is not None:
             err = _anchor_errors(c2w, batch.Ks[i], anchor.points_world, anchor.kpts_query)
             rs.append(err)
             scales.append(torch.full((err.shape[1],), cfg.anchor_weight / err.shape[1]))
@@ -127,17 +127,23 @@ class LMResiduals:
         rgb = self._compared_rgb(batch, i, view)[0] if stage.photometric_weight > 0 else None
         use_depth = depth_mask is not None and stage.depth_weight > 0
         rows = [render_jacobian(base, moved, steps, K, view.depth[0, ..., 0], mask, rgb, depth_mask if use_depth else None)]
-        anchor = batch.states[i].anchor
-        if self.losses.anchor_weight > 0 and anchor is not None and anchor.points_world.shape[0] > 0:
+        anchor = self._anchor(batch, i)
+        if anchor is not None:
             err = _anchor_errors(torch.cat([moved, base[None]]), batch.Ks[i], anchor.points_world, anchor.kpts_query)
             rows.append((err[:6] - err[6:7]).T / steps.to(err)[None, :])
         return torch.cat(rows).double().cpu()
 
     def anchor_count(self, batch: BatchState, i: int) -> int:
+        """How many anchor residuals query ``i`` has (the last ones of its residual vector)."""
+        anchor = self._anchor(batch, i)
+        return 0 if anchor is None else int(anchor.points_world.shape[0])
+
+    def _anchor(self, batch: BatchState, i: int) -> Optional[MatchState]:
+        """Query ``i``'s anchor matches when the anchor term is on and it has any, else ``None``."""
         anchor = batch.states[i].anchor
-        if self.losses.anchor_weight <= 0 or anchor is None:
-            return 0
-        return int(anchor.points_world.shape[0])
+        if self.losses.anchor_weight <= 0 or anchor is None or anchor.points_world.shape[0] == 0:
+            return None
+        return anchor
 
 
 def _anchor_errors(c2w: Tensor, K: Tensor, points: Tensor, kpts: Tensor) -> Tensor:
