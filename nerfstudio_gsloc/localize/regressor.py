@@ -110,7 +110,9 @@ class SceneRegressorNet(nn.Module):
             ``depth [B, h, w]`` (scene units, training focal length), ``points [B, h, w, 3]`` (scene frame) and
             ``logits [B, h, w]`` (the alignment weight is their sigmoid).
         """
-        out = self.head(self.body(images - 0.5)).permute(0, 2, 3, 1)
+        features = self.body(images - 0.5)
+        with torch.autocast("cpu", enabled=False):  # the heads stay float32 under bfloat16 training (see training)
+            out = self.head(features.float()).permute(0, 2, 3, 1)
         depth = self.config.depth_ref * torch.exp(out[..., 0].clamp(-5.0, 5.0))
         points = self.center + self.config.scale * out[..., 1:4]
         return depth, points, out[..., 4]

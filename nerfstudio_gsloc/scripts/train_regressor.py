@@ -4,13 +4,13 @@ Examples::
 
     gsloc-train-regressor --load-config outputs/lego-200/gsloc/<ts>/config.yml            # train or reuse
     gsloc-train-regressor --load-config .../config.yml --training.max-minutes 5 --force   # retrain, 5 minutes
-    gsloc-train-regressor --load-config .../config.yml --training.members 1              # one network, not two
+    gsloc-train-regressor --load-config .../config.yml --training.members 1              # one network
 
 The network (:mod:`nerfstudio_gsloc.localize.regressor`) is trained from scratch on the CPU, no downloaded
 weights, from the run's training photos and views rendered from its Gaussian scene around the training cameras
 (:mod:`nerfstudio_gsloc.localize.regressor_training`). Weights and metadata go to ``<run>/gsloc_regressor/``
-(``regressor.pt``, ``regressor.json``). By default two networks train side by side, one per core, and localize
-together (``--training.members``); a later call with the same settings reuses them while the run's
+(``regressor.pt``, ``regressor.json``). By default three networks (bfloat16 convolutions, on CPUs that have them)
+or two (float32) train side by side and localize together (``--training.members``, ``--training.precision``); a later call with the same settings reuses them while the run's
 checkpoint is unchanged (path, size and modification time) and retrains when it changed.
 """
 
@@ -113,7 +113,7 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
             datasets.append(data)
         data_seconds = time.perf_counter() - started
         def member_callback(member: int):
-            name = "training" if config.members == 1 else f"training {member + 1}/{config.members}"
+            name = "training" if len(members) == 1 else f"training {member + 1}/{len(members)}"
             task = progress.add_task("", total=config.steps, stage=name)
 
             def on_step(step: int, total: int, losses: Dict[str, float]) -> None:
@@ -130,7 +130,7 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
     summary = summaries[0] if len(summaries) == 1 else {
         "steps": min(s["steps"] for s in summaries), "skipped_steps": sum(s["skipped_steps"] for s in summaries),
         "seconds": max(s["seconds"] for s in summaries), "final_losses": summaries[0]["final_losses"],
-        "members": summaries}
+        "precision": summaries[0]["precision"], "members": summaries}
     seconds = time.perf_counter() - started
     meta = {
         "checkpoint": None if checkpoint is None else checkpoint_fingerprint(Path(checkpoint)),
@@ -149,7 +149,8 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
     networks = "" if len(nets) == 1 else f"{len(nets)} networks side by side, "
     console.print(f"regressor trained in {seconds / 60:.1f} min ({data_seconds:.0f} s rendering "
                   f"{sum(len(d.real) for d in datasets)} views, "
-                  f"{networks}{summary['steps']} steps, {torch.get_num_threads()} thread(s)); saved to {folder}")
+                  f"{networks}{summary['steps']} steps, {summary['precision']}, {torch.get_num_threads()} thread(s)); "
+                  f"saved to {folder}")
     return {**meta, "reused": False}
 
 

@@ -20,7 +20,7 @@ from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.regression import RegressionLocalizer, RegressionLocalizerConfig, regression_initial_poses
 from nerfstudio_gsloc.camera_conventions import opencv_c2w_to_opengl_c2w
 from nerfstudio_gsloc.localize.regressor import grid_rays, grid_size, load_regressor, resize_image
-from nerfstudio_gsloc.localize.regressor_training import RegressorTrainConfig
+from nerfstudio_gsloc.localize.regressor_training import RegressorTrainConfig, cpu_has_native_bfloat16
 from nerfstudio_gsloc.localize.rigid_alignment import robust_rigid_alignment, weighted_rigid_alignment
 from nerfstudio_gsloc.localize.scene_map import TrainingView, between_poses
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
@@ -150,7 +150,8 @@ def test_weights_are_reused_and_retrained_when_the_checkpoint_changes(tmp_path, 
     checkpoint = tmp_path / "step-000000001.ckpt"
     checkpoint.write_bytes(b"weights")
     folder = tmp_path / "gsloc_regressor"
-    quick = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=3, batch_size=2, rendered_views=2, members=1)
+    quick = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=3, batch_size=2, rendered_views=2, members=1,
+                                 precision="float32")  # the float32 path (the other tests take this CPU's "auto")
 
     def run(config=quick):
         return train_or_reuse(point_splat, views, checkpoint, folder, config, show_progress=False)
@@ -176,9 +177,10 @@ def test_an_ensemble_trains_its_members_side_by_side_and_aligns_all_their_points
     checkpoint.write_bytes(b"weights")
     single = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=3, batch_size=2, rendered_views=2, members=1)
     pair = RegressorTrainConfig(**{**single.__dict__, "members": 2})
-    # one network keeps the settings key it had before the option existed; two networks are other settings
-    legacy = {k: v for k, v in single.__dict__.items() if k not in ("max_minutes", "members")}
-    assert single.key() == hashlib.sha1(json.dumps(legacy, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    # one float32 network keeps the settings key it had before the options existed; two networks are other settings
+    legacy = {k: v for k, v in single.__dict__.items() if k not in ("max_minutes", "members", "precision")}
+    legacy_key = hashlib.sha1(json.dumps(legacy, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert RegressorTrainConfig(**{**single.__dict__, "precision": "float32"}).key() == legacy_key
     assert pair.key() != single.key()
 
     folders = [tmp_path / "a", tmp_path / "b"]
@@ -214,6 +216,33 @@ def test_an_ensemble_trains_its_members_side_by_side_and_aligns_all_their_points
     with pytest.raises(GslocError, match="members must be at least 1"):
         train_or_reuse(point_splat, views, checkpoint, tmp_path / "c", RegressorTrainConfig(
             **{**single.__dict__, "members": 0}), show_progress=False)
+
+
+def test_bfloat16_training_keeps_the_heads_in_float32_and_is_its_own_setting(tmp_path, point_splat, point_splat_views):
+    base = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=4, batch_size=2, rendered_views=2, members=1)
+    f32, bf16 = (RegressorTrainConfig(**{**base.__dict__, "precision": p}) for p in ("float32", "bfloat16"))
+    assert f32.body_dtype() == torch.float32 and bf16.body_dtype() == torch.bfloat16
+    assert f32.key() != bf16.key()  # other arithmetic, other weights
+    assert base.key() == (bf16 if cpu_has_native_bfloat16() else f32).key()  # "auto" is what this CPU does well
+
+    views = _views(point_splat_views)[:4]
+    checkpoint = tmp_path / "step-000000001.ckpt"
+    checkpoint.write_bytes(b"weights")
+    meta = train_or_reuse(point_splat, views, checkpoint, tmp_path / "bf16", bf16, show_progress=False)
+    assert meta["precision"] == "bfloat16" and meta["skipped_steps"] < bf16.steps
+    regressor = load_regressor(tmp_path / "bf16", checkpoint)
+    net = regressor.nets[0]
+    images = torch.rand(2, 3, net.config.input_height, net.config.input_width)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in training: the body in bfloat16, the heads not
+        assert net.body(images).dtype == torch.bfloat16
+        outputs = net(images)
+    assert all(x.dtype == torch.float32 and bool(torch.isfinite(x).all()) for x in outputs)
+    # inference is float32, and close to what the same weights give under the training's autocast
+    depth, points, _ = net(images)
+    assert depth.dtype == torch.float32
+    torch.testing.assert_close(points, outputs[1], atol=0.05 * net.config.scale, rtol=0)
+    rgb, _, K, _ = point_splat_views
+    assert torch.isfinite(regressor.predict(rgb[0], K[0]).c2w).all()
 
 
 @pytest.mark.parametrize("command", [["ns-localize", "--init", "regression"], ["ns-localize", "--method", "regression"],
