@@ -224,6 +224,10 @@ def test_bfloat16_training_keeps_the_heads_in_float32_and_is_its_own_setting(tmp
     assert f32.body_dtype() == torch.float32 and bf16.body_dtype() == torch.bfloat16
     assert f32.key() != bf16.key()  # other arithmetic, other weights
     assert base.key() == (bf16 if cpu_has_native_bfloat16() else f32).key()  # "auto" is what this CPU does well
+    # the default ensemble: three networks where bfloat16 makes room for them in the budget, else two
+    assert RegressorTrainConfig(precision="bfloat16").member_count() == 3
+    assert RegressorTrainConfig(precision="float32").member_count() == 2
+    assert RegressorTrainConfig(precision="bfloat16", members=2).member_count() == 2
 
     views = _views(point_splat_views)[:4]
     checkpoint = tmp_path / "step-000000001.ckpt"
