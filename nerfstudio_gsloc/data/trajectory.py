@@ -11,7 +11,7 @@ gets a ``prior_transform_matrix``: its true pose moved by ``prior_deg`` about a 
 metres in a random direction, the start a tracker gets (every later frame starts from the one before).
 
 Poses: ``[N, 4, 4]`` OpenGL camera-to-world in the scene's original frame (metres), like
-:func:`~nerfstudio_gsloc.data.procedural_scene.query_poses`.
+:func:`~nerfstudio_gsloc.data.room_layout.query_poses`.
 """
 
 from __future__ import annotations
@@ -23,21 +23,19 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from nerfstudio_gsloc.data.procedural_scene import (
-    _RING_FRACTION,
-    _ROOM_HALF_X,
-    _ROOM_HALF_Y,
+from nerfstudio_gsloc.data.procedural_scene import render_and_write, scene_info, validate_request
+from nerfstudio_gsloc.data.room_geometry import ProceduralScene
+from nerfstudio_gsloc.data.room_layout import (
     DEFAULT_HFOV_DEG,
-    ProceduralScene,
-    _clamp_pitch,
-    _render_and_write,
-    _scene_info,
-    _validate,
-    _yawed,
+    RING_FRACTION,
+    ROOM_HALF_X,
+    ROOM_HALF_Y,
     build_scene,
     camera_is_valid,
+    clamp_pitch,
     focal_from_hfov,
     look_at_opengl,
+    yawed,
 )
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.files import atomic_write_text
@@ -62,7 +60,7 @@ def trajectory_poses(scene: ProceduralScene, num_frames: int, seed: int, step: f
     """The camera path (see the module docstring).
 
     Args:
-        scene: from :func:`~nerfstudio_gsloc.data.procedural_scene.build_scene`.
+        scene: from :func:`~nerfstudio_gsloc.data.room_layout.build_scene`.
         num_frames: number of frames ``N`` (at least 2).
         seed: picks the start on the loop and the phases of the height, radius, target and roll waves.
         step: metres between consecutive frames outside the fast segments.
@@ -74,7 +72,7 @@ def trajectory_poses(scene: ProceduralScene, num_frames: int, seed: int, step: f
     rng = np.random.default_rng([scene.seed, seed, 17])
     phases = rng.uniform(0.0, 2.0 * np.pi, size=7)
     direction = 1.0 if rng.uniform() < 0.5 else -1.0
-    half = np.array([_ROOM_HALF_X * _RING_FRACTION[0], _ROOM_HALF_Y * _RING_FRACTION[1]])
+    half = np.array([ROOM_HALF_X * RING_FRACTION[0], ROOM_HALF_Y * RING_FRACTION[1]])
     region = np.array(scene.object_region)
 
     def position(theta: np.ndarray) -> np.ndarray:
@@ -99,11 +97,11 @@ def trajectory_poses(scene: ProceduralScene, num_frames: int, seed: int, step: f
             0.5 * region[1] * math.sin(2.0 * theta + phases[4]),
             0.6 + 0.2 * math.sin(theta + phases[5]),
         ])
-        forward = _yawed(target - pos, math.radians(15.0) * math.sin(2.0 * theta + phases[6]))
+        forward = yawed(target - pos, math.radians(15.0) * math.sin(2.0 * theta + phases[6]))
         roll = math.radians(3.0) * math.sin(3.0 * theta + phases[5])
         if not camera_is_valid(scene, pos):
             raise RuntimeError("trajectory camera collides with the scene (generator bug)")
-        poses.append(look_at_opengl(pos, _clamp_pitch(forward), roll=roll))
+        poses.append(look_at_opengl(pos, clamp_pitch(forward), roll=roll))
     return np.stack(poses)
 
 
@@ -146,11 +144,11 @@ def write_trajectory(output_dir: Path, seed: int = 0, num_frames: int = 300, wid
     """
     if not (0.0 < step <= 0.5 and fast_factor >= 1.0 and prior_deg >= 0.0 and prior_trans >= 0.0):
         raise GslocError("the trajectory needs 0 < step <= 0.5 m, fast_factor >= 1 and a prior offset >= 0")
-    output_dir = _validate(output_dir, num_frames, width, height, hfov_deg, min_views=2)
+    output_dir = validate_request(output_dir, num_frames, width, height, hfov_deg, min_views=2)
     scene = build_scene(scene_seed)
     poses = trajectory_poses(scene, num_frames, seed, step, fast_factor)
     focal = focal_from_hfov(width, hfov_deg)
-    names = _render_and_write(scene, output_dir, poses, width, height, focal, f"rendering trajectory {seed}",
+    names = render_and_write(scene, output_dir, poses, width, height, focal, f"rendering trajectory {seed}",
                               show_progress)
     prior = perturbed(poses[0], prior_deg, prior_trans, np.random.default_rng([scene_seed, seed, 19]))
     frames = []
@@ -165,7 +163,7 @@ def write_trajectory(output_dir: Path, seed: int = 0, num_frames: int = 300, wid
         "camera_model": "OPENCV", "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
         "frames": frames,
         "train_filenames": files, "val_filenames": files, "test_filenames": files,
-        "gsloc_scene": {**_scene_info(scene), "trajectory_seed": seed, "step_m": step, "fast_factor": fast_factor,
+        "gsloc_scene": {**scene_info(scene), "trajectory_seed": seed, "step_m": step, "fast_factor": fast_factor,
                         "prior_deg": prior_deg, "prior_trans_m": prior_trans, **motion_stats(poses)},
     }
     path = output_dir / "transforms.json"

@@ -22,7 +22,8 @@ from typing import Literal
 import tyro
 from rich.console import Console
 
-from nerfstudio_gsloc.data.procedural_scene import DEFAULT_HFOV_DEG, generate_scene, write_query_set
+from nerfstudio_gsloc.data.procedural_scene import generate_scene, write_query_set
+from nerfstudio_gsloc.data.room_layout import DEFAULT_HFOV_DEG
 from nerfstudio_gsloc.data.trajectory import write_trajectory
 from nerfstudio_gsloc.errors import GslocError, Interrupted, run_cli
 from nerfstudio_gsloc.files import OutputError, check_writable

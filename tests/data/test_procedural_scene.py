@@ -14,16 +14,9 @@ import torch
 from PIL import Image
 
 from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c, rigid_inverse
-from nerfstudio_gsloc.data.procedural_scene import (
-    build_scene,
-    camera_is_valid,
-    dataset_poses,
-    eval_indices,
-    generate_scene,
-    load_depth_png,
-    render_views,
-    write_query_set,
-)
+from nerfstudio_gsloc.data.procedural_scene import eval_indices, generate_scene, load_depth_png, write_query_set
+from nerfstudio_gsloc.data.room_layout import build_scene, camera_is_valid, dataset_poses
+from nerfstudio_gsloc.data.room_raycast import render_views
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.scripts import make_scene
 

@@ -12,7 +12,9 @@ from PIL import Image
 
 from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
 from nerfstudio_gsloc.data import seeding
-from nerfstudio_gsloc.data.procedural_scene import build_scene, generate_scene, trace
+from nerfstudio_gsloc.data.procedural_scene import generate_scene
+from nerfstudio_gsloc.data.room_layout import build_scene
+from nerfstudio_gsloc.data.room_raycast import trace
 from nerfstudio_gsloc.data.seeding import GSLocDatamanagerConfig, SeedingWarning, estimate_depth_range
 from nerfstudio_gsloc.data.triangulation import SparseMap, triangulate_views
 

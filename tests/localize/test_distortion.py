@@ -33,7 +33,8 @@ _CV_SHIFT = np.array([[0.0, 0.0, 0.5], [0.0, 0.0, 0.5], [0.0, 0.0, 0.0]])
 
 def _render(pose: np.ndarray, K: np.ndarray, width: int, height: int) -> np.ndarray:
     """``[H, W, 3]`` uint8 pinhole render of the embedded scene (seed 0) at ``K`` (pixel centres at +0.5)."""
-    from nerfstudio_gsloc.data.procedural_scene import build_scene, render_views
+    from nerfstudio_gsloc.data.room_layout import build_scene
+    from nerfstudio_gsloc.data.room_raycast import render_views
 
     rgb, _ = render_views(build_scene(0), pose[None], K[0, 0], K[1, 1], K[0, 2], K[1, 2], width, height, supersample=2)
     return rgb[0]

@@ -51,7 +51,7 @@ def tracked(small_gsloc_run, track_file, tmp_path_factory):
 
 
 def test_the_trajectory_is_smooth_deterministic_and_never_a_training_view(track_file, embedded_scene):
-    from nerfstudio_gsloc.data.procedural_scene import build_scene
+    from nerfstudio_gsloc.data.room_layout import build_scene
     from nerfstudio_gsloc.data.trajectory import motion_stats, trajectory_poses
 
     meta = json.loads(track_file.read_text())
