@@ -1,13 +1,8 @@
 """Training the scene regressor (:mod:`~nerfstudio_gsloc.localize.regressor`) from a trained Gaussian scene.
 
-Data (:func:`build_training_set`): the run's training photos at their poses, and views *rendered* from the
-Gaussian scene at poses around the training cameras (:func:`~nerfstudio_gsloc.localize.scene_map.jittered_poses`:
-orbited about the looked-at point, moved closer or farther, rolled; optionally a share of them between
-neighbouring cameras, :func:`~nerfstudio_gsloc.localize.scene_map.between_poses`). For every view the scene also
-renders its depth and opacity on the network's output grid (a render at grid resolution samples exactly the cell
-centres), which gives each cell's ground-truth camera-frame and scene-frame point. Photometric augmentation
-(brightness, contrast, per-channel gain, noise) keeps the real photos from being out of distribution for a network
-that mostly sees renders.
+The data come from :mod:`~nerfstudio_gsloc.localize.regressor_training_set` (training photos and renders around
+them, with ground truth on the network's grid), the settings from
+:mod:`~nerfstudio_gsloc.localize.regressor_settings`. This module holds the losses and the optimisation.
 
 Losses of one batch (cells with opacity above ``alpha_threshold`` are "valid"; distances are divided by the
 scene scale ``s`` of the network config, pixel errors by the focal length):
@@ -31,275 +26,19 @@ keep nerfstudio's OpenGL camera-to-world convention and are converted with :mod:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_c2w
-from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.regressor import (
-    STRIDE,
-    RegressorNetConfig,
-    SceneRegressorNet,
-    grid_rays,
-    grid_size,
-    resize_image,
-)
+from nerfstudio_gsloc.localize.regressor import RegressorNetConfig, SceneRegressorNet
+from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, member_configs
+from nerfstudio_gsloc.localize.regressor_training_set import TrainingSet, augment
 from nerfstudio_gsloc.localize.rigid_alignment import weighted_rigid_alignment
-from nerfstudio_gsloc.localize.scene_map import TrainingView, between_poses, jittered_poses
-from nerfstudio_gsloc.rendering import render_splat_model
-
-LOSS_NAMES = ("depth", "scene", "weight", "consistency", "reprojection", "pose")
-
-
-def cpu_has_native_bfloat16() -> bool:
-    """True when this CPU computes bfloat16 convolutions natively (AVX512-BF16 or AMX), where they run much
-    faster than float32 ones; elsewhere oneDNN emulates them, slower than float32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
-@dataclass
-class RegressorTrainConfig:
-    """Settings of ``gsloc-train-regressor`` (every field but ``max_minutes`` keys the saved weights)."""
-
-    input_size: int = 128
-    """Long side of the network input (rounded to a multiple of 8); the short side keeps the aspect ratio."""
-    channels: Tuple[int, int, int] = (32, 64, 128)
-    """Network channels at strides 2, 4, 8."""
-    steps: int = 3000
-    """Optimisation steps (fewer when ``max_minutes`` runs out first)."""
-    max_minutes: float = 14.0
-    """Wall-clock budget of the whole training, rendering included; the learning rate decays over whichever of
-    ``steps`` and this budget ends first."""
-    batch_size: int = 12
-    real_fraction: float = 0.4
-    """Share of each batch drawn from the real training photos (the rest from rendered views)."""
-    rendered_views: int = 1500
-    """Views rendered around the training cameras before training."""
-    orbit_deg: float = 25.0
-    distance_range: Tuple[float, float] = (0.8, 1.25)
-    roll_deg: float = 20.0
-    """Rendered poses: orbit angle ``U[1/3, 1] x orbit_deg``, distance factor, roll (see ``jittered_poses``)."""
-    between_fraction: float = 0.0
-    """Share of the rendered views placed *between* neighbouring training cameras instead (``between_poses``:
-    the capture's own distance and roll), the rest jittered as above."""
-    between_neighbours: int = 4
-    between_overshoot: float = 0.25
-    """``between_poses``: partner among this many nearest cameras, interpolation ``U[-x, 1 + x]``."""
-    learning_rate: float = 2e-3
-    """Adam's rate, cosine-decayed to 5% of it."""
-    pose_weight: float = 10.0
-    pose_warmup: float = 0.15
-    """The pose loss is off for this fraction of training, then ramps linearly to ``pose_weight`` over as long.
-    On lego-200, weight 10 from 15% gave 78% within (10 deg, 0.1) against 70% for weight 4 from 25%; weight 20
-    from 10% gave 78% too, with worse medians and point losses."""
-    consistency_weight: float = 0.5
-    reprojection_weight: float = 0.5
-    weight_loss_weight: float = 0.2
-    alpha_threshold: float = 0.5
-    """Grid cells with rendered opacity above this are valid (have a point) ..."""
-    background_tolerance: float = 0.03
-    """... unless they render within this of the model's background colour in every channel (0: off)."""
-    brightness: float = 0.2
-    contrast: float = 0.2
-    channel_gain: float = 0.08
-    noise: float = 0.02
-    """Photometric augmentation: factors ``1 +- U[0, x]`` and Gaussian noise of this standard deviation."""
-    seed: int = 0
-    """Member ``m`` of an ensemble draws its rendered views, initial weights, batches and augmentation with seed
-    ``seed + m``."""
-    members: Optional[int] = None
-    """Networks trained side by side, each on its own rendered views (an ensemble, one thread group each, so on 2
-    cores two members take the wall-clock time of one); inference aligns all their point pairs together. On
-    lego-200 two float32 members gave 76-82% within (10 deg, 0.1) in three trainings of 13-14 min on 2 cores, where
-    single networks measured 64-78%; three bfloat16 members 80% and 82% in two trainings of 13.8-14 min. 1: a single
-    network (with one core, two members share it and each gets half the steps). Default: 3 where the training runs
-    in bfloat16 (``precision``), else 2 (three float32 members get two thirds of the steps each: 62%)."""
-
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Arithmetic of the network body in training. ``bfloat16``: its convolutions under autocast (the heads, the
-    losses and the alignment stay float32), about 1.5x faster per training step on CPUs with native bfloat16
-    (AVX512-BF16 or AMX: 0.147 s against 0.226 s on this project's machine), emulated and slower on others; ``auto``: bfloat16 where the CPU has it, else float32. Inference is
-    float32 either way."""
-
-    def body_dtype(self) -> torch.dtype:
-        """The dtype ``precision`` resolves to on this machine."""
-        if self.precision == "auto":
-            return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
-        return torch.bfloat16 if self.precision == "bfloat16" else torch.float32
-
-    def member_count(self) -> int:
-        """The number of networks ``members`` resolves to on this machine."""
-        if self.members is None:
-            return 3 if self.body_dtype() == torch.bfloat16 else 2
-        return self.members
-
-    def key(self) -> str:
-        """Hash of the settings that change the weights (``max_minutes`` excluded; ``members`` only when above 1
-        and the precision only when it resolves to bfloat16, so that weights trained before those options
-        existed keep their key)."""
-        data = dataclasses.asdict(self)
-        data.pop("max_minutes")
-        data["members"] = self.member_count()
-        if data["members"] == 1:
-            data.pop("members")
-        data.pop("precision")
-        if self.body_dtype() == torch.bfloat16:
-            data["precision"] = "bfloat16"
-        return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-@dataclass
-class TrainingSet:
-    """Views with their ground truth on the network's grid (``V`` views, grid ``h x w``).
-
-    Attributes:
-        images: ``[V, 3, H_in, W_in]`` uint8 network inputs.
-        cam_points: ``[V, h, w, 3]`` OpenCV camera-frame points of the grid cells.
-        scene_points: ``[V, h, w, 3]`` the same points in the scene frame.
-        valid: ``[V, h, w]`` bool, cells that hit the scene.
-        c2w_cv: ``[V, 3, 4]`` OpenCV camera-to-world poses.
-        rays: ``[V, h, w, 3]`` OpenCV rays (``z = 1``) of the cells.
-        real: ``[V]`` bool, real training photos.
-    """
-
-    images: Tensor
-    cam_points: Tensor
-    scene_points: Tensor
-    valid: Tensor
-    c2w_cv: Tensor
-    rays: Tensor
-    real: Tensor
-
-
-def input_shape(width: int, height: int, input_size: int) -> Tuple[int, int]:
-    """``(H_in, W_in)``: the long side ``input_size``, aspect kept, both multiples of :data:`STRIDE`."""
-    scale = input_size / max(width, height)
-    return (max(STRIDE, int(round(height * scale / STRIDE)) * STRIDE),
-            max(STRIDE, int(round(width * scale / STRIDE)) * STRIDE))
-
-
-def _grid_truth(model, c2w: Tensor, K: Tensor, width: int, height: int, grid: Tuple[int, int], alpha_threshold: float,
-                background_tolerance: float):
-    """Render depth/opacity/colour of ``c2w [B, 3, 4]`` on the grid; returns cam points, scene points, valid, rays,
-    c2w_cv (see :class:`TrainingSet`)."""
-    h, w = grid
-    scale = torch.tensor([w / width, h / height, 1.0])[:, None]
-    K_grid = K * scale  # pixel centres of the grid render are the cell centres
-    with torch.no_grad():
-        rendered = render_splat_model(model, c2w, K_grid, w, h)
-    depth, alpha = rendered.depth[..., 0].cpu().float(), rendered.alpha[..., 0].cpu().float()
-    # A cell that renders as the background colour shows nothing to localize by; on object scenes trained against
-    # white, Gaussians painted white behind the object are opaque there and would give it far, arbitrary points.
-    background = getattr(model, "background_color", None)
-    blank = torch.zeros_like(alpha, dtype=torch.bool)
-    if background is not None and background_tolerance > 0:
-        blank = ((rendered.rgb.cpu().float() - background.cpu().float()).abs() <= background_tolerance).all(dim=-1)
-    rays = torch.stack([grid_rays(K[b], width, height, grid)[1] for b in range(c2w.shape[0])])
-    cam = depth[..., None] * rays
-    c2w_cv = opengl_c2w_to_opencv_c2w(c2w.cpu().float())[:, :3, :4]
-    scene = torch.einsum("bij,bhwj->bhwi", c2w_cv[:, :, :3], cam) + c2w_cv[:, None, None, :, 3]
-    valid = (alpha > alpha_threshold) & (depth > 0) & ~blank
-    return cam, scene, valid, rays, c2w_cv
-
-
-def build_training_set(model, views: Sequence[TrainingView], config: RegressorTrainConfig,
-                       on_progress: Optional[Callable[[int, int], None]] = None, chunk: int = 8) -> Tuple[TrainingSet, RegressorNetConfig]:
-    """Training photos plus ``config.rendered_views`` renders around them, with ground truth on the grid.
-
-    Args:
-        model: the trained Gaussian scene (renders depth, opacity and the rendered views' colours).
-        views: the training photos (``[H, W, 3]`` images, ``K``, OpenGL ``c2w`` in the scene frame).
-        config: settings.
-        on_progress: called with ``(done, total)`` views.
-
-    Returns:
-        the :class:`TrainingSet` and the network config (input size, scene normalisation from the photos).
-    """
-    if not views:
-        raise GslocError("the run has no training views to train the regressor on")
-    height, width = views[0].image.shape[:2]
-    in_h, in_w = input_shape(width, height, config.input_size)
-    net_config = RegressorNetConfig(input_height=in_h, input_width=in_w, channels=tuple(config.channels))
-    grid = grid_size(net_config)
-    total = len(views) + config.rendered_views
-    parts: Dict[str, List[Tensor]] = {k: [] for k in ("images", "cam", "scene", "valid", "c2w", "rays", "real")}
-
-    def add(images: Tensor, c2w: Tensor, K: Tensor, w: int, h: int, real: bool) -> None:
-        cam, scene, valid, rays, c2w_cv = _grid_truth(model, c2w, K, w, h, grid, config.alpha_threshold,
-                                                      config.background_tolerance)
-        parts["images"].append((resize_image(images, in_h, in_w) * 255).round().to(torch.uint8))
-        for key, value in (("cam", cam), ("scene", scene), ("valid", valid), ("c2w", c2w_cv), ("rays", rays)):
-            parts[key].append(value)
-        parts["real"].append(torch.full((c2w.shape[0],), real))
-        if on_progress is not None:
-            on_progress(sum(len(r) for r in parts["real"]), total)
-
-    for start in range(0, len(views), chunk):
-        batch = views[start:start + chunk]
-        h, w = batch[0].image.shape[:2]
-        if any(v.image.shape[:2] != (h, w) for v in batch):
-            raise GslocError("the regressor needs training images of one size")
-        add(torch.stack([v.image for v in batch]), torch.stack([v.c2w[:3, :4] for v in batch]),
-            torch.stack([v.K for v in batch]), w, h, True)
-    real_depth = torch.cat(parts["cam"])[..., 2][torch.cat(parts["valid"])]
-    real_scene = torch.cat(parts["scene"])[torch.cat(parts["valid"])]
-    if real_depth.numel() < 3:
-        raise GslocError("the scene renders (almost) nothing at the training poses: cannot train the regressor")
-    center = real_scene.mean(dim=0)
-    net_config.center = tuple(float(c) for c in center)
-    net_config.scale = float((real_scene - center).norm(dim=-1).pow(2).mean().sqrt())
-    net_config.depth_ref = float(real_depth.median())
-    net_config.focal_input = float(views[0].K[0, 0]) * in_w / width
-
-    if config.rendered_views > 0:
-        generator = torch.Generator().manual_seed(config.seed)
-        c2w = torch.stack([v.c2w[:3, :4] for v in views])
-        per_view_depth = torch.stack([
-            c[..., 2][m].median() if m.any() else torch.tensor(0.0) for c, m in zip(torch.cat(parts["cam"]), torch.cat(parts["valid"]))])
-        num_between = round(config.rendered_views * config.between_fraction)
-        num_jittered = config.rendered_views - num_between
-        per_camera = math.ceil(num_jittered / len(views))
-        poses, parents = jittered_poses(c2w, per_view_depth, per_camera, config.orbit_deg, config.distance_range,
-                                        config.roll_deg, generator)
-        pick = torch.randperm(poses.shape[0], generator=generator)[:num_jittered].sort().values
-        between, between_parents = between_poses(c2w, per_view_depth, num_between, config.between_neighbours,
-                                                 config.between_overshoot, generator)
-        poses, parents = torch.cat([poses[pick], between]), torch.cat([parents[pick], between_parents])
-        for start in range(0, poses.shape[0], chunk):
-            c2w_b, parent = poses[start:start + chunk], parents[start:start + chunk]
-            K = torch.stack([views[int(p)].K for p in parent])
-            with torch.no_grad():
-                rgb = render_splat_model(model, c2w_b, K, width, height).rgb.cpu().float()
-            add(rgb, c2w_b, K, width, height, False)
-    data = TrainingSet(torch.cat(parts["images"]), torch.cat(parts["cam"]), torch.cat(parts["scene"]),
-                       torch.cat(parts["valid"]), torch.cat(parts["c2w"]), torch.cat(parts["rays"]),
-                       torch.cat(parts["real"]))
-    return data, net_config
-
-
-def augment(images: Tensor, config: RegressorTrainConfig, generator: torch.Generator) -> Tensor:
-    """Photometric augmentation of ``[B, 3, H, W]`` images in ``[0, 1]`` (brightness, contrast, gain, noise)."""
-    b = images.shape[0]
-
-    def factor(strength: float, *shape: int) -> Tensor:
-        return 1.0 + strength * (2.0 * torch.rand(b, *shape, generator=generator) - 1.0)
-
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    out = (images - mean) * factor(config.contrast, 1, 1, 1) + mean
-    out = out * factor(config.brightness, 1, 1, 1) * factor(config.channel_gain, 3, 1, 1)
-    out = out + config.noise * torch.randn(out.shape, generator=generator)
-    return out.clamp(0.0, 1.0)
 
 
 def batch_losses(net: SceneRegressorNet, data: TrainingSet, idx: Tensor, images: Tensor, pose_weight: float,
@@ -341,16 +80,6 @@ def batch_losses(net: SceneRegressorNet, data: TrainingSet, idx: Tensor, images:
 
 
 StepCallback = Callable[[int, int, Dict[str, float]], None]
-
-
-def member_configs(config: RegressorTrainConfig) -> List[RegressorTrainConfig]:
-    """The settings of each network of ``config``'s ensemble: member ``m`` draws its rendered views, initial
-    weights, batches and augmentation with seed ``config.seed + m``."""
-    count = config.member_count()
-    if count < 1:
-        raise GslocError(f"--training.members must be at least 1, got {count}")
-    return [dataclasses.replace(config, seed=config.seed + m, members=1) for m in range(count)]
-
 
 def train_members(datasets: Sequence[TrainingSet], net_config: RegressorNetConfig, config: RegressorTrainConfig,
                   budget_seconds: Optional[float] = None,

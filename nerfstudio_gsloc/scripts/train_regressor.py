@@ -32,8 +32,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.files import check_writable
 from nerfstudio_gsloc.localize.regressor import is_up_to_date, read_meta, regressor_dir, save_regressor
-from nerfstudio_gsloc.localize.regressor_training import (RegressorTrainConfig, build_training_set, member_configs,
-                                                          train_members)
+from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, member_configs
+from nerfstudio_gsloc.localize.regressor_training import train_members
+from nerfstudio_gsloc.localize.regressor_training_set import build_training_set
 from nerfstudio_gsloc.localize.retrieval import checkpoint_fingerprint
 from nerfstudio_gsloc.localize.scene_map import TrainingView, load_training_views
 

@@ -20,7 +20,7 @@ from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.regression import RegressionLocalizer, RegressionLocalizerConfig, regression_initial_poses
 from nerfstudio_gsloc.camera_conventions import opencv_c2w_to_opengl_c2w
 from nerfstudio_gsloc.localize.regressor import grid_rays, grid_size, load_regressor, resize_image
-from nerfstudio_gsloc.localize.regressor_training import RegressorTrainConfig, cpu_has_native_bfloat16
+from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, cpu_has_native_bfloat16
 from nerfstudio_gsloc.localize.rigid_alignment import robust_rigid_alignment, weighted_rigid_alignment
 from nerfstudio_gsloc.localize.scene_map import TrainingView, between_poses
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
