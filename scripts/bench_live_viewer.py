@@ -30,7 +30,8 @@ def main() -> None:
     from nerfstudio_gsloc.localize.initialization import initial_poses
     from nerfstudio_gsloc.localize.live import PosesThrottle
     from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
-    from nerfstudio_gsloc.localize.queries import load_eval_queries, run_frame_transform
+    from nerfstudio_gsloc.localize.frame_transform import run_frame_transform
+    from nerfstudio_gsloc.localize.queries import load_eval_queries
     from nerfstudio_gsloc.runs import load_run
     from nerfstudio_gsloc.viewer.live import LiveView
     from nerfstudio_gsloc.viewer.overlay import LocalizationOverlay

@@ -33,7 +33,8 @@ import torch
 from PIL import Image
 
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.queries import Query, _make_view
+from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.localize.query_images import make_view
 
 #: Extensions of the files read as queries (case-insensitive).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -173,6 +174,6 @@ def load_image_folder_queries(folder: Path, camera: Optional[PinholeCamera] = No
             K = assumed.scaled_to(width, height, where)
         else:
             K = np.eye(3)
-        view = _make_view(rgb, alpha, K, None, None, None, torch.ones(3), alpha_as_mask=True)
+        view = make_view(rgb, alpha, K, None, None, None, torch.ones(3), alpha_as_mask=True)
         queries.append(Query(name=path.name, image_path=path.resolve(), index=index, **view))
     return queries

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from nerfstudio_gsloc.camera_conventions import project_points
-from nerfstudio_gsloc.localize.matching import lift_keypoints
+from nerfstudio_gsloc.localize.absolute_pose import lift_keypoints
 
 
 def image_gradients(image: Tensor) -> Tuple[Tensor, Tensor]:

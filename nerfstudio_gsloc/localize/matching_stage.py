@@ -20,8 +20,9 @@ import cv2
 import torch
 from torch import Tensor, nn
 
+from nerfstudio_gsloc.localize.absolute_pose import PnPResult, lift_keypoints, pnp_ransac
 from nerfstudio_gsloc.localize.losses import reprojection_loss
-from nerfstudio_gsloc.localize.matching import Matcher, PnPResult, lift_keypoints, pnp_ransac
+from nerfstudio_gsloc.localize.matching import Matcher
 from nerfstudio_gsloc.localize.objective import LossConfig
 from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from nerfstudio_gsloc.localize.schedule import OptimConfig, ScheduleConfig, Stage

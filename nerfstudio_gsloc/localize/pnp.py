@@ -3,8 +3,8 @@
 What a user would pick instead of pose refinement through a Gaussian scene (hloc-style, no gradient step):
 
 1. **Map** (once per benchmark): every training image gets kornia SIFT keypoints and descriptors (on the real
-   training photo, upsampled like the query); the trained scene is rendered at each *training* pose and the
-   keypoints are lifted to 3D with that rendered depth (:func:`~nerfstudio_gsloc.localize.matching.lift_keypoints`).
+   training photo, upsampled like the query); the trained scene is rendered at each *training* pose and the keypoints
+   are lifted to 3D with that rendered depth (:func:`~nerfstudio_gsloc.localize.absolute_pose.lift_keypoints`).
    Keypoints on depth discontinuities (where bilinear depth would mix foreground and background) or on
    transparent pixels are dropped. The map is :mod:`~nerfstudio_gsloc.localize.scene_map`'s, kept in the run's
    retrieval index (:func:`~nerfstudio_gsloc.localize.retrieval.load_or_build_index`, cached beside the run).
@@ -16,7 +16,7 @@ What a user would pick instead of pose refinement through a Gaussian scene (hloc
    views plus views rendered around them) re-ranked by matches. All query features are then matched against the
    kept views.
 3. **Pose**: all 2D-3D correspondences of the kept views go into RANSAC PnP with Levenberg-Marquardt refinement
-   on the inliers (:func:`~nerfstudio_gsloc.localize.matching.pnp_ransac`, OpenCV; pycolmap is not installable
+   on the inliers (:func:`~nerfstudio_gsloc.localize.absolute_pose.pnp_ransac`, OpenCV; pycolmap is not installable
    here).
 
 The method never uses the query's ground truth (it only reports errors against it). RANSAC is seeded per query
@@ -39,10 +39,11 @@ from torch import Tensor, nn
 
 from nerfstudio_gsloc.camera_conventions import opencv_w2c_to_opengl_c2w, opengl_c2w_to_opencv_w2c, project_points
 from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.localize.absolute_pose import pnp_ransac
 from nerfstudio_gsloc.localize.features import Features, SiftFeatures
 from nerfstudio_gsloc.localize.live import PosesCallback
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
-from nerfstudio_gsloc.localize.matching import MatcherConfig, pnp_ransac
+from nerfstudio_gsloc.localize.matching import MatcherConfig
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.result import STATUS_CONVERGED, STATUS_FAILED, LocalizationResult

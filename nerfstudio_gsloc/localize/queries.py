@@ -12,7 +12,8 @@ The file follows nerfstudio's transforms.json format, with two pose keys per fra
 
 Both are OpenGL camera-to-world ``4x4`` (or ``3x4``) matrices in the dataset's original frame, i.e. the frame of
 the training dataset's own transforms.json. They are converted to the scene frame with the run's
-``dataparser_transforms.json`` (see :class:`FrameTransform`). Other keys, global or per frame (per frame wins):
+``dataparser_transforms.json`` (see :mod:`~nerfstudio_gsloc.localize.frame_transform`). Other keys, global or
+per frame (per frame wins):
 
 * intrinsics, required: ``fl_x``, ``fl_y``, ``cx``, ``cy`` (pixels, pixel centres at +0.5 like nerfstudio) and
   ``w``, ``h``; the image must have exactly that size.
@@ -49,27 +50,23 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from nerfstudio_gsloc.camera_conventions import FrameTransform, rigid_inverse, to_homogeneous
+from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.poses_file import parse_pose_matrix
-from nerfstudio_gsloc.runs import read_run_config
+from nerfstudio_gsloc.localize.query_images import make_view, read_depth, read_mask, read_rgb
 from nerfstudio_gsloc.localize.undistort import (
     DISTORTION_KEYS,
     FISHEYE_MODELS,
     PERSPECTIVE_MODELS,
     check_distortion,
     is_distorted,
-    undistort_view,
 )
 
 #: nerfstudio's default unit of 16-bit depth images (millimetres).
 DEFAULT_DEPTH_UNIT_SCALE = 1e-3
 _INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
-# nerfstudio's value of applied_transform for colmap datasets written before the key existed.
-_LEGACY_COLMAP_APPLIED = [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0]]
 
 
 @dataclass
@@ -105,130 +102,9 @@ class Query:
     index: int = 0
 
 
-def dataset_applied_transform(data_path: Optional[Path]) -> Optional[Tensor]:
-    """The ``applied_transform`` ``[3, 4]`` that nerfstudio's dataparser folds into ``dataparser_transforms.json``.
-
-    Mirrors nerfstudio's nerfstudio-dataparser: the key of the dataset's transforms.json, or the legacy colmap
-    value when ``colmap/sparse/0`` exists; ``None`` otherwise (e.g. blender datasets).
-
-    Args:
-        data_path: the dataparser's ``data`` (a folder or a transforms.json file).
-    """
-    if data_path is None:
-        return None
-    data_path = Path(data_path)
-    meta_path = data_path if data_path.suffix == ".json" else data_path / "transforms.json"
-    folder = data_path.parent if data_path.suffix == ".json" else data_path
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(meta, dict) and "applied_transform" in meta:
-        return torch.tensor(meta["applied_transform"], dtype=torch.float64)[:3]
-    if (folder / "colmap" / "sparse" / "0").exists():
-        return torch.tensor(_LEGACY_COLMAP_APPLIED, dtype=torch.float64)
-    return None
-
-
-def load_frame_transform(
-    dataparser_transforms_path: Optional[Path],
-    data_path: Optional[Path] = None,
-    fallback: Optional[FrameTransform] = None,
-) -> FrameTransform:
-    """Read a run's ``dataparser_transforms.json`` (composed with the dataset's ``applied_transform``).
-
-    Args:
-        dataparser_transforms_path: the run's ``dataparser_transforms.json``.
-        data_path: the dataset (to look up ``applied_transform``); ``None`` skips that.
-        fallback: used when the file does not exist (e.g. the pipeline's in-memory dataparser outputs).
-
-    Raises:
-        GslocError: the file is missing (and no fallback) or malformed.
-    """
-    if dataparser_transforms_path is None or not Path(dataparser_transforms_path).is_file():
-        if fallback is None:
-            raise GslocError(f"dataparser transforms not found: {dataparser_transforms_path}")
-        frame = fallback
-    else:
-        try:
-            meta = json.loads(Path(dataparser_transforms_path).read_text())
-            transform = torch.tensor(meta["transform"], dtype=torch.float64)[:3]
-            scale = float(meta["scale"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise GslocError(f"cannot read {dataparser_transforms_path}: {err}") from None
-        if transform.shape != (3, 4) or not math.isfinite(scale) or scale <= 0:
-            raise GslocError(f"malformed {dataparser_transforms_path}: need a 3x4 transform and a positive scale")
-        frame = FrameTransform(transform, scale, str(dataparser_transforms_path))
-    applied = dataset_applied_transform(data_path)
-    if applied is not None:
-        composed = to_homogeneous(frame.transform.double()) @ rigid_inverse(applied)
-        frame = FrameTransform(composed[:3], frame.scale, f"{frame.source} + inverse applied_transform of {data_path}")
-    return frame
-
-
 # ----------------------------------------------------------------------------------------------------------
 # transforms.json queries
 # ----------------------------------------------------------------------------------------------------------
-
-
-def run_frame_transform(config_path: Path) -> FrameTransform:
-    """Original <-> scene frame of a trained run: its ``dataparser_transforms.json`` (beside ``config.yml``)
-    composed with its dataset's ``applied_transform``. Raises :class:`GslocError` as :func:`load_frame_transform`."""
-    config = read_run_config(config_path)
-    datamanager = config.pipeline.datamanager
-    data = datamanager.data or getattr(datamanager.dataparser, "data", None)
-    return load_frame_transform(Path(config_path).parent / "dataparser_transforms.json", data)
-
-
-def _read_rgb(path: Path, where: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Decode an image fully. Returns ``([H, W, 3] uint8, alpha [H, W] uint8 or None)``."""
-    if not path.is_file():
-        raise GslocError(f"{where}: image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            has_alpha = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
-            rgba = np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
-    except Exception as err:  # PIL raises many types for corrupt files
-        raise GslocError(f"{where}: cannot read image {path}: {type(err).__name__}: {err}") from None
-    if has_alpha:
-        return rgba[..., :3], rgba[..., 3]
-    return rgba, None
-
-
-def _read_depth(path: Path, where: str) -> np.ndarray:
-    """Decode a depth map (16/32-bit image or ``.npy``) to ``[H, W]`` float32 raw units."""
-    if not path.is_file():
-        raise GslocError(f"{where}: depth file not found: {path}")
-    try:
-        if path.suffix == ".npy":
-            depth = np.load(path).astype(np.float32)
-        else:
-            with Image.open(path) as img:
-                img.load()
-                depth = np.asarray(img).astype(np.float32)
-    except Exception as err:
-        raise GslocError(f"{where}: cannot read depth {path}: {type(err).__name__}: {err}") from None
-    if depth.ndim == 3 and depth.shape[-1] == 1:
-        depth = depth[..., 0]
-    if depth.ndim != 2:
-        raise GslocError(f"{where}: depth {path} must have one channel, got shape {depth.shape}")
-    return depth
-
-
-def _read_mask(path: Path, where: str) -> np.ndarray:
-    """Decode a mask image to ``[H, W]`` bool (non-zero = valid)."""
-    if not path.is_file():
-        raise GslocError(f"{where}: mask not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mask = np.asarray(img.convert("L")) > 0
-    except Exception as err:
-        raise GslocError(f"{where}: cannot read mask {path}: {type(err).__name__}: {err}") from None
-    return mask
 
 
 def _number(meta: Dict[str, Any], frame: Dict[str, Any], key: str, where: str, default: Any = None) -> Any:
@@ -292,19 +168,19 @@ def load_transforms_queries(
         if width <= 0 or height <= 0 or values["fl_x"] <= 0 or values["fl_y"] <= 0:
             raise GslocError(f"{where}: w, h, fl_x and fl_y must be positive")
 
-        rgb, alpha = _read_rgb(image_path, where)
+        rgb, alpha = read_rgb(image_path, where)
         if rgb.shape[:2] != (height, width):
             raise GslocError(
                 f"{where}: image is {rgb.shape[1]}x{rgb.shape[0]} but its intrinsics say w={width}, h={height}"
             )
         file_mask: Optional[np.ndarray] = None
         if frame.get("mask_path") is not None:
-            file_mask = _read_mask(root / str(frame["mask_path"]), where)
+            file_mask = read_mask(root / str(frame["mask_path"]), where)
             if file_mask.shape != (height, width):
                 raise GslocError(f"{where}: mask is {file_mask.shape[1]}x{file_mask.shape[0]}, image is {width}x{height}")
         depth: Optional[np.ndarray] = None
         if frame.get("depth_file_path") is not None:
-            raw = _read_depth(root / str(frame["depth_file_path"]), where)
+            raw = read_depth(root / str(frame["depth_file_path"]), where)
             unit = _number(meta, frame, "depth_unit_scale_factor", where, DEFAULT_DEPTH_UNIT_SCALE)
             if raw.shape != (height, width):
                 # Same rule as nerfstudio's depth loader: nearest-neighbour resize to the image size.
@@ -313,7 +189,7 @@ def load_transforms_queries(
             depth = raw * float(unit) * frame_transform.scale
             depth = np.where(np.isfinite(depth), depth, 0.0).astype(np.float32)
         K = np.array([[values["fl_x"], 0.0, values["cx"]], [0.0, values["fl_y"], values["cy"]], [0.0, 0.0, 1.0]])
-        view = _make_view(rgb, alpha, K, file_mask, depth, distortion, torch.ones(3), alpha_as_mask=True)
+        view = make_view(rgb, alpha, K, file_mask, depth, distortion, torch.ones(3), alpha_as_mask=True)
         gt = prior = None
         if frame.get("transform_matrix") is not None:
             gt = frame_transform.to_scene(parse_pose_matrix(frame["transform_matrix"], "transform_matrix", where)).float()
@@ -384,7 +260,7 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
             raise GslocError(f"{where}: image is {pixels.shape[1]}x{pixels.shape[0]} but its camera says {width}x{height}")
         file_mask: Optional[np.ndarray] = None
         if outputs.mask_filenames is not None:
-            file_mask = _read_mask(Path(outputs.mask_filenames[index]), where)
+            file_mask = read_mask(Path(outputs.mask_filenames[index]), where)
             if file_mask.shape != (height, width):
                 resized = torch.nn.functional.interpolate(
                     torch.from_numpy(file_mask)[None, None].float(), size=(height, width), mode="nearest"
@@ -399,7 +275,7 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
         K = camera.get_intrinsics_matrices().double().numpy()
         alpha = pixels[..., 3] if pixels.shape[-1] == 4 else None
         background = alpha_color.float() if alpha_color is not None else torch.ones(3)
-        view = _make_view(pixels[..., :3], alpha, K, file_mask, depth, distortion, background, alpha_color is None)
+        view = make_view(pixels[..., :3], alpha, K, file_mask, depth, distortion, background, alpha_color is None)
         queries.append(
             Query(
                 name=str(image_path),
@@ -413,7 +289,7 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
 
 
 # ----------------------------------------------------------------------------------------------------------
-# shared by both sources
+# lens model of a query file
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -435,52 +311,3 @@ def _file_distortion(meta: Dict[str, Any], frame: Dict[str, Any], where: str) ->
     fisheye = camera_model in FISHEYE_MODELS
     check_distortion(params, fisheye, where)
     return (params, fisheye) if is_distorted(params) else None
-
-
-def _make_view(
-    rgb: np.ndarray,
-    alpha: Optional[np.ndarray],
-    K: np.ndarray,
-    mask: Optional[np.ndarray],
-    depth: Optional[np.ndarray],
-    distortion: Optional[tuple],
-    background: Tensor,
-    alpha_as_mask: bool,
-) -> Dict[str, Any]:
-    """The image fields of a :class:`Query`: undistorted when ``distortion`` is given, alpha composited after.
-
-    Args:
-        rgb: ``[H, W, 3]`` uint8; alpha: ``[H, W]`` uint8 or ``None``; K: ``[3, 3]`` intrinsics of ``rgb``.
-        mask: ``[H, W]`` bool or ``None``; depth: ``[H, W]`` float32 scene units (0 = missing) or ``None``.
-        distortion: ``None`` or ``(params [6], fisheye)`` from :func:`_file_distortion` / the eval cameras.
-        background: ``[3]`` colour that alpha is composited onto.
-        alpha_as_mask: alpha ``> 0.5`` joins the mask (when transparency means "not part of the scene").
-
-    Returns:
-        keyword arguments ``image, K, width, height, mask, depth, background`` of :class:`Query`.
-    """
-    if distortion is not None:
-        # Colour and alpha go through nerfstudio's remap together (uint8, like gsloc's training image cache).
-        pixels = rgb if alpha is None else np.concatenate([rgb, alpha[..., None]], axis=-1)
-        view = undistort_view(pixels, K, distortion[0], distortion[1], mask, depth)
-        rgb, alpha = view.image[..., :3], (None if alpha is None else view.image[..., 3])
-        K, depth = view.K, view.depth
-        mask = None if mask is None and view.valid.all() else view.mask
-    image = torch.from_numpy(rgb.astype(np.float32) / 255.0)
-    mask_t = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
-    used_background: Optional[Tensor] = None
-    if alpha is not None:
-        alpha_t = torch.from_numpy(alpha.astype(np.float32) / 255.0)[..., None]
-        used_background = background
-        image = image * alpha_t + background * (1.0 - alpha_t)
-        if alpha_as_mask:
-            mask_t = alpha_t[..., 0] > 0.5 if mask_t is None else mask_t & (alpha_t[..., 0] > 0.5)
-    return {
-        "image": image.contiguous(),
-        "K": torch.from_numpy(np.asarray(K, dtype=np.float32)),
-        "width": int(image.shape[1]),
-        "height": int(image.shape[0]),
-        "mask": mask_t,
-        "depth": None if depth is None else torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32)),
-        "background": used_background,
-    }

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.features import Features, SiftFeatures
-from nerfstudio_gsloc.localize.matching import lift_keypoints
+from nerfstudio_gsloc.localize.absolute_pose import lift_keypoints
 from nerfstudio_gsloc.rendering import render_splat_model
 
 ViewSource = Literal["train", "rendered"]

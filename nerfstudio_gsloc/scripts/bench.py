@@ -75,7 +75,8 @@ from nerfstudio_gsloc.localize.registry import (
 from nerfstudio_gsloc.localize.regression import regression_initial_poses
 from nerfstudio_gsloc.localize.regressor import check_run_regressor, load_run_regressor
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
-from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries, run_frame_transform
+from nerfstudio_gsloc.localize.frame_transform import run_frame_transform
+from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries
 from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, write_poses
 from nerfstudio_gsloc.scripts.bench_outputs import (
     CONSOLE,

@@ -23,7 +23,7 @@ import tyro
 from rich.console import Console
 
 from nerfstudio_gsloc.errors import GslocError, run_cli
-from nerfstudio_gsloc.localize.queries import run_frame_transform
+from nerfstudio_gsloc.localize.frame_transform import run_frame_transform
 from nerfstudio_gsloc.poses_file import read_poses
 from nerfstudio_gsloc.viewer.overlay import LocalizationOverlay, add_localization_overlay, check_same_frame
 from nerfstudio_gsloc.viewer.server import (

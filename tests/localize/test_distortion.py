@@ -130,7 +130,7 @@ def test_undistorted_query_matches_its_pinhole_copy(distorted_pair):
 def test_distorted_query_localizes_to_the_pose_of_its_undistorted_copy(distorted_pair, small_gsloc_run):
     """(b) From the same perturbed start, the distorted query and its pinhole copy end at the same pose
     (a gsloc model trained briefly on the scene; the query is one of its held-out views)."""
-    from nerfstudio_gsloc.localize.queries import run_frame_transform
+    from nerfstudio_gsloc.localize.frame_transform import run_frame_transform
     from nerfstudio_gsloc.runs import load_run
 
     frame = run_frame_transform(small_gsloc_run)

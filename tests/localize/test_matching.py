@@ -7,13 +7,8 @@ import torch
 import kornia.feature as KF
 
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.matching import (
-    Matcher,
-    MatcherConfig,
-    lift_keypoints,
-    make_matcher,
-    pnp_ransac,
-)
+from nerfstudio_gsloc.localize.absolute_pose import lift_keypoints, pnp_ransac
+from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 

@@ -16,11 +16,11 @@ from PIL import Image
 from nerfstudio_gsloc.camera_conventions import to_homogeneous
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.initialization import check_initialization, initial_poses
+from nerfstudio_gsloc.localize.frame_transform import load_frame_transform
 from nerfstudio_gsloc.localize.queries import (
     FrameTransform,
     Query,
     load_eval_queries,
-    load_frame_transform,
     load_transforms_queries,
 )
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error

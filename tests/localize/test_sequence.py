@@ -129,7 +129,8 @@ def test_the_lm_tracking_preset_keeps_every_frame_within_bounds(small_gsloc_run,
 
 def test_a_jump_in_the_sequence_is_relocalized_and_the_track_recovers(small_gsloc_run, track_file):
     from nerfstudio_gsloc.localize.pipeline import load_preset
-    from nerfstudio_gsloc.localize.queries import load_transforms_queries, run_frame_transform
+    from nerfstudio_gsloc.localize.frame_transform import run_frame_transform
+    from nerfstudio_gsloc.localize.queries import load_transforms_queries
     from nerfstudio_gsloc.localize.registry import LocalizerSettings
     from nerfstudio_gsloc.localize.sequence import SequenceConfig, make_sequence_tracker
     from nerfstudio_gsloc.runs import load_run
