@@ -1,5 +1,6 @@
 """gsloc-bench's result files: trial records, results.md / results.csv / trials.jsonl / bench.json and the plots,
-the printed summary, and ``--merge`` of results folders (the run itself is :mod:`nerfstudio_gsloc.scripts.bench`)."""
+the printed summary, and ``--merge`` of results folders (the run itself is
+:mod:`nerfstudio_gsloc.scripts.bench_run`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from rich.console import Console
 
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.evaluation import report
+from nerfstudio_gsloc.evaluation import report, report_plots
 from nerfstudio_gsloc.evaluation.protocols import Protocol, Trial, protocol_from_dict
 from nerfstudio_gsloc.files import OutputError, atomic_write_text, check_writable
 from nerfstudio_gsloc.localize.queries import Query
@@ -101,11 +102,11 @@ def write_outputs(output_dir: Path, methods: Sequence[str], records: Sequence[re
     sweep = protocol.rotation.angles_deg if protocol.rotation.mode == "sweep" else None
     max_angle = max(abs(a) for a in protocol.rotation.range_deg) if sweep is None else None
     if protocol.has_prior:  # without a prior there is no initial angle to plot against
-        report.plot_success_vs_angle(output_dir / "success_vs_angle.png", records, methods, sweep,
-                                     title=meta["protocol_summary"], max_angle=max_angle)
-    report.plot_error_cdf(output_dir / "error_cdf.png", records, methods, title=meta["protocol_summary"])
-    report.plot_precision_recall(output_dir / "precision_recall.png", records, methods, title=meta["protocol_summary"],
-                                 default_threshold=meta.get("confidence_threshold"))
+        report_plots.plot_success_vs_angle(output_dir / "success_vs_angle.png", records, methods, sweep,
+                                           title=meta["protocol_summary"], max_angle=max_angle)
+    report_plots.plot_error_cdf(output_dir / "error_cdf.png", records, methods, title=meta["protocol_summary"])
+    report_plots.plot_precision_recall(output_dir / "precision_recall.png", records, methods,
+                                       title=meta["protocol_summary"], default_threshold=meta.get("confidence_threshold"))
     return rows
 
 

@@ -11,7 +11,7 @@ from nerfstudio_gsloc import files, training
 from nerfstudio_gsloc.errors import run_cli
 from nerfstudio_gsloc.evaluation import report
 from nerfstudio_gsloc.poses_file import read_poses
-from nerfstudio_gsloc.scripts import bench
+from nerfstudio_gsloc.scripts import bench_run
 from nerfstudio_gsloc.scripts.bench import main
 
 
@@ -84,7 +84,7 @@ def test_a_full_disk_keeps_every_trial_saved_before(tmp_path, capsys, monkeypatc
 
 def test_ctrl_c_mid_benchmark_is_one_line_and_keeps_finished_trials(tmp_path, capsys, monkeypatch, small_gsloc_run):
     out = tmp_path / "bench"
-    real_append = bench.append_line
+    real_append = bench_run.append_line
     calls = {"n": 0}
 
     def interrupted_after_one(path, line):
@@ -93,7 +93,7 @@ def test_ctrl_c_mid_benchmark_is_one_line_and_keeps_finished_trials(tmp_path, ca
             raise KeyboardInterrupt
         real_append(path, line)
 
-    monkeypatch.setattr(bench, "append_line", interrupted_after_one)
+    monkeypatch.setattr(bench_run, "append_line", interrupted_after_one)
     monkeypatch.setattr(files.RewriteThrottle, "due", lambda self: False)  # poses.json only at the start and on Ctrl-C
     code, _, err = _run(_bench_args(small_gsloc_run, out), capsys)
     assert code == 130 and err == [
