@@ -26,6 +26,12 @@ def cpu_has_native_bfloat16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+def cpu_has_avx512() -> bool:
+    """True when torch's CPU kernels run AVX-512 here: twice the float32 width of AVX2, so about twice the
+    convolution throughput per core (the network's float32 convolutions run at the FMA units' peak)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 @dataclass
 class RegressorTrainConfig:
     """Settings of ``gsloc-train-regressor`` (every field but ``max_minutes`` keys the saved weights)."""
@@ -78,11 +84,13 @@ class RegressorTrainConfig:
     ``seed + m``."""
     members: Optional[int] = None
     """Networks trained side by side, each on its own rendered views (an ensemble, one thread group each, so on 2
-    cores two members take the wall-clock time of one); inference aligns all their point pairs together. On
-    lego-200 two float32 members gave 76-82% within (10 deg, 0.1) in three trainings of 13-14 min on 2 cores, where
-    single networks measured 64-78%; three bfloat16 members 80% and 82% in two trainings of 13.8-14 min. 1: a single
-    network (with one core, two members share it and each gets half the steps). Default: 3 where the training runs
-    in bfloat16 (``precision``), else 2 (three float32 members get two thirds of the steps each: 62%)."""
+    cores two members take the wall-clock time of one); inference aligns all their point pairs together. More
+    networks only help while each still gets (nearly) its ``steps`` within ``max_minutes``. On lego-200 (within
+    (10 deg, 0.1), trainings of 13-14 min on 2 cores): on an AVX-512 CPU two float32 members gave 76-82% in three
+    trainings where single networks measured 64-78%, three bfloat16 members 80% and 82%; on an AVX2 CPU, where a
+    float32 step takes about twice as long, two members got 1,478 steps each and 54%, one network 2,741 steps and
+    74%. Default: 3 where the training runs in bfloat16 (``precision``), else 2 on AVX-512 CPUs (three float32
+    members get two thirds of the steps each: 62%), else 1."""
 
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """Arithmetic of the network body in training. ``bfloat16``: its convolutions under autocast (the heads, the
@@ -99,7 +107,9 @@ class RegressorTrainConfig:
     def member_count(self) -> int:
         """The number of networks ``members`` resolves to on this machine."""
         if self.members is None:
-            return 3 if self.body_dtype() == torch.bfloat16 else 2
+            if self.body_dtype() == torch.bfloat16:
+                return 3
+            return 2 if cpu_has_avx512() else 1
         return self.members
 
     def key(self) -> str:

@@ -218,16 +218,22 @@ def test_an_ensemble_trains_its_members_side_by_side_and_aligns_all_their_points
             **{**single.__dict__, "members": 0}), show_progress=False)
 
 
-def test_bfloat16_training_keeps_the_heads_in_float32_and_is_its_own_setting(tmp_path, point_splat, point_splat_views):
+def test_bfloat16_training_keeps_the_heads_in_float32_and_is_its_own_setting(tmp_path, point_splat, point_splat_views,
+                                                                           monkeypatch):
     base = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=4, batch_size=2, rendered_views=2, members=1)
     f32, bf16 = (RegressorTrainConfig(**{**base.__dict__, "precision": p}) for p in ("float32", "bfloat16"))
     assert f32.body_dtype() == torch.float32 and bf16.body_dtype() == torch.bfloat16
     assert f32.key() != bf16.key()  # other arithmetic, other weights
     assert base.key() == (bf16 if cpu_has_native_bfloat16() else f32).key()  # "auto" is what this CPU does well
-    # the default ensemble: three networks where bfloat16 makes room for them in the budget, else two
+    # the default ensemble: three networks where bfloat16 makes room for them in the budget, two in float32 on
+    # AVX-512, one on narrower CPUs (where two would each get about half their steps)
     assert RegressorTrainConfig(precision="bfloat16").member_count() == 3
-    assert RegressorTrainConfig(precision="float32").member_count() == 2
+    for capability, count in (("AVX512", 2), ("AVX2", 1), ("DEFAULT", 1)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert RegressorTrainConfig(precision="float32").member_count() == count
+    monkeypatch.undo()
     assert RegressorTrainConfig(precision="bfloat16", members=2).member_count() == 2
+    assert RegressorTrainConfig(precision="float32", members=3).member_count() == 3
 
     views = _views(point_splat_views)[:4]
     checkpoint = tmp_path / "step-000000001.ckpt"
