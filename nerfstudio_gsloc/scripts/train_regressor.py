@@ -11,8 +11,8 @@ weights, from the run's training photos and views rendered from its Gaussian sce
 (:mod:`nerfstudio_gsloc.localize.regressor_training`). Weights and metadata go to ``<run>/gsloc_regressor/``
 (``regressor.pt``, ``regressor.json``). By default three networks (bfloat16 convolutions, on CPUs that have them),
 two (float32, AVX-512) or one (float32, narrower CPUs) train side by side and localize together
-(``--training.members``, ``--training.precision``); a later call with the same settings reuses them while the run's checkpoint is unchanged (path, size and modification
-time) and retrains when it changed.
+(``--training.members``, ``--training.precision``); a later call with the same settings reuses them while the
+run's checkpoint is unchanged (path, size and modification time) and retrains when it changed.
 """
 
 from __future__ import annotations
