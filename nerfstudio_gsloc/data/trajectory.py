@@ -149,7 +149,7 @@ def write_trajectory(output_dir: Path, seed: int = 0, num_frames: int = 300, wid
     poses = trajectory_poses(scene, num_frames, seed, step, fast_factor)
     focal = focal_from_hfov(width, hfov_deg)
     names = render_and_write(scene, output_dir, poses, width, height, focal, f"rendering trajectory {seed}",
-                              show_progress)
+                             show_progress)
     prior = perturbed(poses[0], prior_deg, prior_trans, np.random.default_rng([scene_seed, seed, 19]))
     frames = []
     for i, (name, pose) in enumerate(zip(names, poses)):

@@ -1,8 +1,8 @@
 """Settings of ``gsloc-train-regressor``: :class:`RegressorTrainConfig` (data, network input, schedule, loss weights,
 augmentation, ensemble size, arithmetic) and the key that ties saved weights to them.
 
-The defaults depend on the CPU: :func:`cpu_has_native_bfloat16` decides the arithmetic (``precision="auto"``) and
-with it the number of networks (``members=None``). Every field but ``max_minutes`` changes the weights and so
+The defaults depend on the CPU: :func:`cpu_has_native_bfloat16` decides the arithmetic (``precision="auto"``), and
+the arithmetic with :func:`cpu_has_avx512` the number of networks (``members=None``). Every field but ``max_minutes`` changes the weights and so
 enters :meth:`RegressorTrainConfig.key`.
 """
 
