@@ -213,7 +213,7 @@ def generate_scene(
     poses = dataset_poses(scene, num_views) if layout == "ring" else forward_facing_poses(scene, num_views)
     focal = focal_from_hfov(width, hfov_deg)
     names = render_and_write(scene, output_dir, poses, width, height, focal, f"rendering scene {seed}", show_progress,
-                              with_depth)
+                             with_depth)
     if not with_depth and not any((output_dir / "depth").iterdir()):
         (output_dir / "depth").rmdir()  # an RGB-only dataset has no depth folder
 
