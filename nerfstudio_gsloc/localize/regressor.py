@@ -46,9 +46,10 @@ REGRESSOR_FOLDER = "gsloc_regressor"
 WEIGHTS_FILE = "regressor.pt"
 META_FILE = "regressor.json"
 #: Bumped when the saved layout or the network changes; weights of a format not in READABLE_FORMATS are retrained.
-REGRESSOR_FORMAT = 2
-#: 1: one network (``net``, ``state``); 2: a list of ``members``, each ``{net, state}``.
-READABLE_FORMATS = (1, 2)
+REGRESSOR_FORMAT = 3
+#: 1: one network (``net``, ``state``); 2: a list of ``members``, each ``{net, state}``; 3: as 2, the network
+#: config with its ``architecture``.
+READABLE_FORMATS = (1, 2, 3)
 STRIDE = 8
 
 
@@ -61,6 +62,10 @@ class RegressorNetConfig:
     """Network input size (multiples of 8); every image is resized to it."""
     channels: Tuple[int, int, int] = (32, 64, 128)
     """Channels at strides 2, 4 and 8."""
+    architecture: str = "plain"
+    """``plain``: two 3x3 convolutions per stride, full-width residual blocks at stride 8; ``compact``: one
+    (strided) convolution at strides 2 and 4 and bottleneck residual blocks, half the arithmetic (see
+    :class:`SceneRegressorNet`). Weights saved before this option existed are ``plain``."""
     center: Tuple[float, float, float] = (0.0, 0.0, 0.0)
     """Scene-frame centre of the training views' visible points: scene points are ``center + scale * output``."""
     scale: float = 1.0
@@ -69,6 +74,12 @@ class RegressorNetConfig:
     """Median depth of the training views: depths are ``depth_ref * exp(output)``."""
     focal_input: float = 1.0
     """The training camera's focal length in input pixels (a query's depths are scaled by its own over this)."""
+
+
+def _conv(cin: int, cout: int, stride: int = 1, kernel: int = 3, dilation: int = 1) -> nn.Module:
+    """Convolution (no bias), batch norm, ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride=stride, padding=dilation * (kernel // 2),
+                                   dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class _Residual(nn.Module):
@@ -83,23 +94,49 @@ class _Residual(nn.Module):
         return x + F.relu(self.norm(self.conv(x)))
 
 
+class _Bottleneck(nn.Module):
+    """``x + relu(expand(conv(reduce(x))))``: the dilated 3x3 convolution at half the channels between two 1x1
+    ones, about a third of :class:`_Residual`'s arithmetic."""
+
+    def __init__(self, channels: int, dilation: int) -> None:
+        super().__init__()
+        mid = max(1, channels // 2)
+        self.reduce = _conv(channels, mid, kernel=1)
+        self.conv = _conv(mid, mid, dilation=dilation)
+        self.expand = nn.Conv2d(mid, channels, 1, bias=False)
+        self.norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.relu(self.norm(self.expand(self.conv(self.reduce(x)))))
+
+
+ARCHITECTURES = ("plain", "compact")
+
+
 class SceneRegressorNet(nn.Module):
     """Fully convolutional: image ``[B, 3, H_in, W_in]`` -> per cell of the stride-8 grid a depth, a scene point
-    and a weight logit (see the module docstring)."""
+    and a weight logit (see the module docstring).
+
+    Body (``config.architecture``): ``plain`` has two 3x3 convolutions at strides 2, 4 and 8 and three full-width
+    dilated residual blocks (dilations 2, 4, 8) at stride 8; ``compact`` keeps only the strided convolution at
+    strides 2 and 4 and makes the residual blocks bottlenecks. On a 128x128 input ``compact`` is about 125 million
+    multiply-adds per image against 270 million, and trains about twice as fast per step on an AVX2 CPU; the
+    receptive field at stride 8 stays over 100 input pixels wide.
+    """
 
     def __init__(self, config: RegressorNetConfig) -> None:
         super().__init__()
+        if config.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown regressor architecture {config.architecture!r}; one of {ARCHITECTURES}")
         self.config = config
         c1, c2, c3 = config.channels
-
-        def conv(cin: int, cout: int, stride: int = 1) -> nn.Module:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
-                                 nn.ReLU(inplace=True))
-
-        self.body = nn.Sequential(
-            conv(3, c1, 2), conv(c1, c1), conv(c1, c2, 2), conv(c2, c2), conv(c2, c3, 2), conv(c3, c3),
-            _Residual(c3, 2), _Residual(c3, 4), _Residual(c3, 8),
-        )
+        if config.architecture == "plain":
+            layers = [_conv(3, c1, 2), _conv(c1, c1), _conv(c1, c2, 2), _conv(c2, c2), _conv(c2, c3, 2),
+                      _conv(c3, c3), _Residual(c3, 2), _Residual(c3, 4), _Residual(c3, 8)]
+        else:
+            layers = [_conv(3, c1, 2), _conv(c1, c2, 2), _conv(c2, c3, 2), _conv(c3, c3),
+                      _Bottleneck(c3, 2), _Bottleneck(c3, 4), _Bottleneck(c3, 8)]
+        self.body = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Conv2d(c3, c3, 1), nn.ReLU(inplace=True), nn.Conv2d(c3, 5, 1))
         self.register_buffer("center", torch.tensor(config.center, dtype=torch.float32), persistent=False)
 

@@ -2,8 +2,8 @@
 augmentation, ensemble size, arithmetic) and the key that ties saved weights to them.
 
 The defaults depend on the CPU: :func:`cpu_has_native_bfloat16` decides the arithmetic (``precision="auto"``), and
-the arithmetic with :func:`cpu_has_avx512` the number of networks (``members=None``). Every field but ``max_minutes`` changes the weights and so
-enters :meth:`RegressorTrainConfig.key`.
+the arithmetic (with :func:`cpu_has_avx512` for ``plain`` networks) the number of networks (``members=None``).
+Every field but ``max_minutes`` changes the weights and so enters :meth:`RegressorTrainConfig.key`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class RegressorTrainConfig:
     """Long side of the network input (rounded to a multiple of 8); the short side keeps the aspect ratio."""
     channels: Tuple[int, int, int] = (32, 64, 128)
     """Network channels at strides 2, 4, 8."""
+    architecture: Literal["plain", "compact"] = "compact"
+    """Network body (:class:`~nerfstudio_gsloc.localize.regressor.SceneRegressorNet`): ``compact`` does half the
+    arithmetic of ``plain`` per image, so twice the steps fit in ``max_minutes``."""
     steps: int = 3000
     """Optimisation steps (fewer when ``max_minutes`` runs out first)."""
     max_minutes: float = 14.0
@@ -86,11 +89,13 @@ class RegressorTrainConfig:
     """Networks trained side by side, each on its own rendered views (an ensemble, one thread group each, so on 2
     cores two members take the wall-clock time of one); inference aligns all their point pairs together. More
     networks only help while each still gets (nearly) its ``steps`` within ``max_minutes``. On lego-200 (within
-    (10 deg, 0.1), trainings of 13-14 min on 2 cores): on an AVX-512 CPU two float32 members gave 76-82% in three
-    trainings where single networks measured 64-78%, three bfloat16 members 80% and 82%; on an AVX2 CPU, where a
-    float32 step takes about twice as long, two members got 1,478 steps each and 54%, one network 2,741 steps and
-    74%. Default: 3 where the training runs in bfloat16 (``precision``), else 2 on AVX-512 CPUs (three float32
-    members get two thirds of the steps each: 62%), else 1."""
+    (10 deg, 0.1), trainings of 13-14 min on 2 cores), ``plain`` networks: on an AVX-512 CPU two float32 members
+    gave 76-82% in three trainings where single networks measured 64-78%, three bfloat16 members 80% and 82%; on
+    an AVX2 CPU, where a float32 step takes about twice as long, two members got 1,478 steps each and 54%, one
+    network 2,741 steps and 74%. ``compact`` networks on an AVX2 CPU: two members 2,828 steps each and 84%
+    (one ``plain`` network on that machine: 2,218 steps, 68%). Default: 3 where the training runs in bfloat16
+    (``precision``), else 2 (``plain``: 2 on AVX-512 CPUs, where three float32 members get two thirds of the steps
+    each, 62%, and 1 on narrower ones)."""
 
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """Arithmetic of the network body in training. ``bfloat16``: its convolutions under autocast (the heads, the
@@ -109,18 +114,20 @@ class RegressorTrainConfig:
         if self.members is None:
             if self.body_dtype() == torch.bfloat16:
                 return 3
-            return 2 if cpu_has_avx512() else 1
+            return 2 if cpu_has_avx512() or self.architecture == "compact" else 1
         return self.members
 
     def key(self) -> str:
-        """Hash of the settings that change the weights (``max_minutes`` excluded; ``members`` only when above 1
-        and the precision only when it resolves to bfloat16, so that weights trained before those options
-        existed keep their key)."""
+        """Hash of the settings that change the weights (``max_minutes`` excluded; ``members`` only when above 1,
+        the precision only when it resolves to bfloat16 and the architecture only when not ``plain``, so that
+        weights trained before those options existed keep their key)."""
         data = dataclasses.asdict(self)
         data.pop("max_minutes")
         data["members"] = self.member_count()
         if data["members"] == 1:
             data.pop("members")
+        if data["architecture"] == "plain":
+            data.pop("architecture")
         data.pop("precision")
         if self.body_dtype() == torch.bfloat16:
             data["precision"] = "bfloat16"

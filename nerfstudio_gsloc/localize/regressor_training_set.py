@@ -102,7 +102,8 @@ def build_training_set(model, views: Sequence[TrainingView], config: RegressorTr
         raise GslocError("the run has no training views to train the regressor on")
     height, width = views[0].image.shape[:2]
     in_h, in_w = input_shape(width, height, config.input_size)
-    net_config = RegressorNetConfig(input_height=in_h, input_width=in_w, channels=tuple(config.channels))
+    net_config = RegressorNetConfig(input_height=in_h, input_width=in_w, channels=tuple(config.channels),
+                                    architecture=config.architecture)
     grid = grid_size(net_config)
     total = len(views) + config.rendered_views
     parts: Dict[str, List[Tensor]] = {k: [] for k in ("images", "cam", "scene", "valid", "c2w", "rays", "real")}

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.regression import RegressionLocalizer, RegressionLocalizerConfig, regression_initial_poses
 from nerfstudio_gsloc.camera_conventions import opencv_c2w_to_opengl_c2w
-from nerfstudio_gsloc.localize.regressor import grid_rays, grid_size, load_regressor, resize_image
+from nerfstudio_gsloc.localize.regressor import (RegressorNetConfig, SceneRegressor, SceneRegressorNet, grid_rays,
+                                                 grid_size, load_regressor, resize_image, save_regressor)
+from nerfstudio_gsloc.localize.retrieval import checkpoint_fingerprint
 from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, cpu_has_native_bfloat16
 from nerfstudio_gsloc.localize.rigid_alignment import robust_rigid_alignment, weighted_rigid_alignment
 from nerfstudio_gsloc.localize.scene_map import TrainingView, between_poses
@@ -177,10 +180,13 @@ def test_an_ensemble_trains_its_members_side_by_side_and_aligns_all_their_points
     checkpoint.write_bytes(b"weights")
     single = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=3, batch_size=2, rendered_views=2, members=1)
     pair = RegressorTrainConfig(**{**single.__dict__, "members": 2})
-    # one float32 network keeps the settings key it had before the options existed; two networks are other settings
-    legacy = {k: v for k, v in single.__dict__.items() if k not in ("max_minutes", "members", "precision")}
+    # one float32 plain network keeps the settings key it had before the options existed; two networks or the
+    # compact architecture are other settings
+    legacy = {k: v for k, v in single.__dict__.items() if k not in ("max_minutes", "members", "precision", "architecture")}
     legacy_key = hashlib.sha1(json.dumps(legacy, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    assert RegressorTrainConfig(**{**single.__dict__, "precision": "float32"}).key() == legacy_key
+    plain = RegressorTrainConfig(**{**single.__dict__, "precision": "float32", "architecture": "plain"})
+    assert plain.key() == legacy_key
+    assert RegressorTrainConfig(**{**plain.__dict__, "architecture": "compact"}).key() != legacy_key
     assert pair.key() != single.key()
 
     folders = [tmp_path / "a", tmp_path / "b"]
@@ -218,6 +224,39 @@ def test_an_ensemble_trains_its_members_side_by_side_and_aligns_all_their_points
             **{**single.__dict__, "members": 0}), show_progress=False)
 
 
+def test_both_architectures_predict_the_same_grid_and_weights_saved_before_the_option_load_as_plain(tmp_path,
+                                                                                                     point_splat_views):
+    rgb, _, K, _ = point_splat_views
+    config = RegressorNetConfig(input_height=48, input_width=64, channels=(8, 16, 16), focal_input=float(K[0, 0, 0]))
+    nets = {name: SceneRegressorNet(replace(config, architecture=name)) for name in ("plain", "compact")}
+    images = torch.rand(2, 3, 48, 64)
+    for net in nets.values():
+        depth, points, logits = net.eval()(images)
+        assert depth.shape == logits.shape == (2, 6, 8) and points.shape == (2, 6, 8, 3)
+    # compact: fewer weights (and multiply-adds) than plain for the same channels
+    assert sum(p.numel() for p in nets["compact"].parameters()) < 0.7 * sum(p.numel() for p in nets["plain"].parameters())
+    with pytest.raises(ValueError, match="unknown regressor architecture"):
+        SceneRegressorNet(replace(config, architecture="huge"))
+
+    # a format-2 file (written before the option existed: no "architecture" in the network config) is a plain net
+    checkpoint = tmp_path / "step-000000001.ckpt"
+    checkpoint.write_bytes(b"weights")
+    old_config = {k: v for k, v in asdict(nets["plain"].config).items() if k != "architecture"}
+    folder = tmp_path / "old"
+    folder.mkdir()
+    torch.save({"format": 2, "members": [{"net": old_config, "state": nets["plain"].state_dict()}]}, folder / "regressor.pt")
+    (folder / "regressor.json").write_text(json.dumps({"format": 2, "checkpoint": checkpoint_fingerprint(checkpoint)}))
+    loaded = load_regressor(folder, checkpoint)
+    assert loaded.config.architecture == "plain"
+    torch.testing.assert_close(loaded.predict(rgb[0], K[0]).c2w,
+                               SceneRegressor(nets["plain"]).predict(rgb[0], K[0]).c2w)
+    # what is saved now names its architecture and loads back as the same network
+    save_regressor(tmp_path / "new", nets["compact"], {"checkpoint": checkpoint_fingerprint(checkpoint)})
+    reloaded = load_regressor(tmp_path / "new", checkpoint)
+    assert reloaded.config.architecture == "compact"
+    torch.testing.assert_close(reloaded.predict(rgb[0], K[0]).c2w, SceneRegressor(nets["compact"]).predict(rgb[0], K[0]).c2w)
+
+
 def test_bfloat16_training_keeps_the_heads_in_float32_and_is_its_own_setting(tmp_path, point_splat, point_splat_views,
                                                                            monkeypatch):
     base = RegressorTrainConfig(input_size=32, channels=(8, 8, 8), steps=4, batch_size=2, rendered_views=2, members=1)
@@ -225,12 +264,14 @@ def test_bfloat16_training_keeps_the_heads_in_float32_and_is_its_own_setting(tmp
     assert f32.body_dtype() == torch.float32 and bf16.body_dtype() == torch.bfloat16
     assert f32.key() != bf16.key()  # other arithmetic, other weights
     assert base.key() == (bf16 if cpu_has_native_bfloat16() else f32).key()  # "auto" is what this CPU does well
-    # the default ensemble: three networks where bfloat16 makes room for them in the budget, two in float32 on
-    # AVX-512, one on narrower CPUs (where two would each get about half their steps)
+    # the default ensemble: three networks where bfloat16 makes room for them in the budget, else two; with the
+    # plain architecture two in float32 on AVX-512 and one on narrower CPUs (where two would each get about half
+    # their steps)
     assert RegressorTrainConfig(precision="bfloat16").member_count() == 3
-    for capability, count in (("AVX512", 2), ("AVX2", 1), ("DEFAULT", 1)):
+    for capability, plain_count in (("AVX512", 2), ("AVX2", 1), ("DEFAULT", 1)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
-        assert RegressorTrainConfig(precision="float32").member_count() == count
+        assert RegressorTrainConfig(precision="float32", architecture="plain").member_count() == plain_count
+        assert RegressorTrainConfig(precision="float32").member_count() == 2
     monkeypatch.undo()
     assert RegressorTrainConfig(precision="bfloat16", members=2).member_count() == 2
     assert RegressorTrainConfig(precision="float32", members=3).member_count() == 3
