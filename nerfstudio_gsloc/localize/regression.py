@@ -25,7 +25,8 @@ from nerfstudio_gsloc.localize.initialization import InitialPose
 from nerfstudio_gsloc.localize.live import PosesCallback
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
 from nerfstudio_gsloc.localize.queries import Query
-from nerfstudio_gsloc.localize.regressor import RegressorInference, SceneRegressor, load_run_regressor
+from nerfstudio_gsloc.localize.regressor import RegressorInference, SceneRegressor
+from nerfstudio_gsloc.localize.regressor_files import load_run_regressor
 from nerfstudio_gsloc.localize.result import STATUS_CONVERGED, STATUS_REJECTED, LocalizationResult
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 

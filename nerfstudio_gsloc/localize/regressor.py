@@ -20,16 +20,13 @@ Conventions and shapes:
 A regressor may hold several networks trained side by side from different seeds (``--training.members``, an
 ensemble): each predicts its point pairs and weights, and one weighted alignment of all of them gives the pose.
 
-Weights and metadata live beside the run (:data:`REGRESSOR_FOLDER`): ``regressor.pt`` (each network's config and
-state dict) and ``regressor.json`` (the checkpoint it was trained for, the training settings, time and losses).
+Weights and metadata live beside the run (:mod:`~nerfstudio_gsloc.localize.regressor_files`).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -37,19 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.camera_conventions import opencv_c2w_to_opengl_c2w
-from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.files import atomic_output, atomic_write_text
-from nerfstudio_gsloc.localize.retrieval import checkpoint_fingerprint
 from nerfstudio_gsloc.localize.rigid_alignment import alignment_confidence, alignment_residuals, robust_rigid_alignment
 
-REGRESSOR_FOLDER = "gsloc_regressor"
-WEIGHTS_FILE = "regressor.pt"
-META_FILE = "regressor.json"
-#: Bumped when the saved layout or the network changes; weights of a format not in READABLE_FORMATS are retrained.
-REGRESSOR_FORMAT = 3
-#: 1: one network (``net``, ``state``); 2: a list of ``members``, each ``{net, state}``; 3: as 2, the network
-#: config with its ``architecture``.
-READABLE_FORMATS = (1, 2, 3)
 STRIDE = 8
 
 
@@ -288,123 +274,3 @@ class SceneRegressor:
         refined, _ = refine_on_tight_inliers(points.double()[trusted], pixels[trusted],
                                              K.double().cpu(), c2w.double(), self.inference.refine_px, min_inliers=12)
         return refined[:3, :4]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# files beside the run
-# ----------------------------------------------------------------------------------------------------------
-
-
-def regressor_dir(run_dir: Path) -> Path:
-    """Where a run's regressor lives: ``<run_dir>/gsloc_regressor``."""
-    return Path(run_dir) / REGRESSOR_FOLDER
-
-
-def train_command(config_path: Optional[Path]) -> str:
-    """The command that trains the regressor of a run (for messages)."""
-    return f"gsloc-train-regressor --load-config {config_path if config_path is not None else 'RUN/config.yml'}"
-
-
-def save_regressor(folder: Path, nets: Union[SceneRegressorNet, Sequence[SceneRegressorNet]], meta: Dict[str, Any]) -> None:
-    """Write ``regressor.pt`` (every network's config and weights) and ``regressor.json`` atomically (the json
-    last: it marks a complete pair)."""
-    folder = Path(folder)
-    nets = [nets] if isinstance(nets, nn.Module) else list(nets)
-    members = [{"net": asdict(net.config), "state": net.state_dict()} for net in nets]
-    with atomic_output(folder / WEIGHTS_FILE) as tmp:
-        torch.save({"format": REGRESSOR_FORMAT, "members": members}, tmp)
-    atomic_write_text(folder / META_FILE, json.dumps({"format": REGRESSOR_FORMAT, **meta}, indent=2) + "\n")
-
-
-def read_meta(folder: Path) -> Optional[Dict[str, Any]]:
-    """``regressor.json`` of ``folder`` (``None`` when missing or unreadable)."""
-    path = Path(folder) / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
-def is_up_to_date(folder: Path, checkpoint: Optional[Path], settings_key: Optional[str] = None) -> bool:
-    """True when ``folder`` holds weights trained for ``checkpoint`` as it is now (path, size, modification
-    time) and, when given, with the settings of ``settings_key``."""
-    if unusable_reason(folder, checkpoint) is not None:
-        return False
-    return settings_key is None or (read_meta(folder) or {}).get("settings_key") == settings_key
-
-
-def unusable_reason(folder: Path, checkpoint: Optional[Path], config_path: Optional[Path] = None) -> Optional[str]:
-    """Why the weights in ``folder`` cannot serve ``checkpoint`` (when given): none, another format, another
-    checkpoint; the message names the command to run. ``None`` when they can."""
-    folder, command = Path(folder), train_command(config_path)
-    meta = read_meta(folder)
-    if meta is None or not (folder / WEIGHTS_FILE).is_file():
-        return f"no regressor weights in {folder}: train them first with `{command}`"
-    if meta.get("format") not in READABLE_FORMATS:
-        return f"the regressor in {folder} was written by another version: retrain it with `{command}`"
-    if checkpoint is not None and meta.get("checkpoint") != checkpoint_fingerprint(Path(checkpoint)):
-        return (f"the regressor in {folder} was trained for another checkpoint than {checkpoint}: "
-                f"retrain it with `{command}`")
-    return None
-
-
-def check_regressor_files(folder: Path, config_path: Optional[Path] = None) -> None:
-    """Raise :class:`GslocError` (naming ``gsloc-train-regressor``) when ``folder`` holds no complete regressor;
-    for the checks before a run is loaded (the checkpoint it was trained for is checked when loading)."""
-    meta = read_meta(folder)
-    if meta is None or not (Path(folder) / WEIGHTS_FILE).is_file():
-        raise GslocError(f"no regressor weights in {folder}: train them first with `{train_command(config_path)}`")
-
-
-def load_regressor(folder: Path, checkpoint: Optional[Path] = None, config_path: Optional[Path] = None,
-                   inference: Optional[RegressorInference] = None) -> SceneRegressor:
-    """Load the regressor of ``folder``, checking that it was trained for ``checkpoint`` (when given).
-
-    Raises:
-        GslocError: no weights (run ``gsloc-train-regressor``), unreadable weights, or weights trained for another
-            checkpoint; the message names the command to run.
-    """
-    folder = Path(folder)
-    command = train_command(config_path)
-    reason = unusable_reason(folder, checkpoint, config_path)
-    if reason is not None:
-        raise GslocError(reason)
-    meta = read_meta(folder) or {}
-    try:
-        state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        nets = []
-        for member in state.get("members", [state]):  # format 1 held one network at the top level
-            net_config = RegressorNetConfig(**{**member["net"], "channels": tuple(member["net"]["channels"]),
-                                               "center": tuple(member["net"]["center"])})
-            nets.append(SceneRegressorNet(net_config))
-            nets[-1].load_state_dict(member["state"])
-        regressor = SceneRegressor(nets, meta, inference)
-    except Exception as err:  # a truncated or foreign file
-        raise GslocError(f"cannot read {folder / WEIGHTS_FILE} ({type(err).__name__}): retrain it with `{command}`") from None
-    return regressor
-
-
-def run_regressor_folder(run_dir: Optional[Path], folder: Optional[Path] = None) -> Path:
-    """``folder`` when given, else the run's ``<run_dir>/gsloc_regressor``."""
-    if folder is not None:
-        return Path(folder)
-    if run_dir is None:
-        raise GslocError("the regressor needs a weights folder (no run folder to look beside)")
-    return regressor_dir(run_dir)
-
-
-def check_run_regressor(config_path: Path, folder: Optional[Path] = None) -> None:
-    """Before loading the run of ``config_path``: one error naming ``gsloc-train-regressor`` when there are no
-    weights (in ``folder``, default beside the run)."""
-    check_regressor_files(run_regressor_folder(Path(config_path).parent, folder), config_path)
-
-
-def load_run_regressor(pipeline: Any, folder: Optional[Path] = None,
-                       inference: Optional[RegressorInference] = None) -> SceneRegressor:
-    """The regressor of a loaded run (``gsloc_run_dir`` and ``gsloc_checkpoint`` from
-    :func:`~nerfstudio_gsloc.runs.load_run`), from ``folder`` when given; checked against the loaded checkpoint."""
-    run_dir = getattr(pipeline, "gsloc_run_dir", None)
-    config_path = None if run_dir is None else Path(run_dir) / "config.yml"
-    return load_regressor(run_regressor_folder(run_dir, folder), getattr(pipeline, "gsloc_checkpoint", None),
-                          config_path, inference)

@@ -62,7 +62,7 @@ from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.evaluation.protocols import Protocol
 from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.registry import DEFAULT_METHODS, LocalizerSettings
-from nerfstudio_gsloc.localize.regressor import check_run_regressor
+from nerfstudio_gsloc.localize.regressor_files import check_run_regressor
 from nerfstudio_gsloc.localize.frame_transform import run_frame_transform
 from nerfstudio_gsloc.localize.queries import load_transforms_queries
 from nerfstudio_gsloc.scripts.bench_outputs import merge_results

@@ -28,7 +28,7 @@ from nerfstudio_gsloc.localize.initialization import InitialPose, localize_from_
 from nerfstudio_gsloc.localize.pnp import training_camera_poses
 from nerfstudio_gsloc.localize.registry import SELF_INITIALIZING, make_localizer, make_verifier
 from nerfstudio_gsloc.localize.regression import regression_initial_poses
-from nerfstudio_gsloc.localize.regressor import load_run_regressor
+from nerfstudio_gsloc.localize.regressor_files import load_run_regressor
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
 from nerfstudio_gsloc.poses_file import PoseRecord, PosesDocument, QuerySource, write_poses
 from nerfstudio_gsloc.scripts.bench_outputs import (

@@ -79,7 +79,7 @@ from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
 from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
 from nerfstudio_gsloc.localize.regression import RegressionLocalizerConfig
-from nerfstudio_gsloc.localize.regressor import check_run_regressor
+from nerfstudio_gsloc.localize.regressor_files import check_run_regressor
 from nerfstudio_gsloc.localize.frame_transform import run_frame_transform
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries
 from nerfstudio_gsloc.localize.verification import VerificationConfig

@@ -25,7 +25,7 @@ from nerfstudio_gsloc.localize.initialization import (
 from nerfstudio_gsloc.localize.pnp import PnPLocalizer
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.regression import regression_initial_poses
-from nerfstudio_gsloc.localize.regressor import load_run_regressor
+from nerfstudio_gsloc.localize.regressor_files import load_run_regressor
 from nerfstudio_gsloc.localize.registry import SELF_INITIALIZING
 from nerfstudio_gsloc.poses_file import PoseRecord, QuerySource, read_poses
 from nerfstudio_gsloc.scripts.localize_outputs import POSES_FILE

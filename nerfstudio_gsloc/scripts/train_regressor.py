@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.files import check_writable
-from nerfstudio_gsloc.localize.regressor import is_up_to_date, read_meta, regressor_dir, save_regressor
+from nerfstudio_gsloc.localize.regressor_files import is_up_to_date, read_meta, regressor_dir, save_regressor
 from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, member_configs
 from nerfstudio_gsloc.localize.regressor_training import train_members
 from nerfstudio_gsloc.localize.regressor_training_set import build_training_set

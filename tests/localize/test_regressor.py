@@ -21,7 +21,8 @@ from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.regression import RegressionLocalizer, RegressionLocalizerConfig, regression_initial_poses
 from nerfstudio_gsloc.camera_conventions import opencv_c2w_to_opengl_c2w
 from nerfstudio_gsloc.localize.regressor import (RegressorNetConfig, SceneRegressor, SceneRegressorNet, grid_rays,
-                                                 grid_size, load_regressor, resize_image, save_regressor)
+                                                 grid_size, resize_image)
+from nerfstudio_gsloc.localize.regressor_files import load_regressor, save_regressor
 from nerfstudio_gsloc.localize.retrieval import checkpoint_fingerprint
 from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, cpu_has_native_bfloat16
 from nerfstudio_gsloc.localize.rigid_alignment import robust_rigid_alignment, weighted_rigid_alignment
