@@ -14,7 +14,8 @@ from rich.console import Console
 
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.evaluation import report, report_plots
-from nerfstudio_gsloc.evaluation.protocols import Protocol, Trial, protocol_from_dict
+from nerfstudio_gsloc.evaluation.protocols import Protocol, protocol_from_dict
+from nerfstudio_gsloc.evaluation.trials import Trial
 from nerfstudio_gsloc.files import OutputError, atomic_write_text, check_writable
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.registry import LOCALIZERS

@@ -22,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.errors import GslocError, Interrupted, count
 from nerfstudio_gsloc.evaluation import report
-from nerfstudio_gsloc.evaluation.protocols import Protocol, camera_distance_scale, generate_trials
+from nerfstudio_gsloc.evaluation.protocols import Protocol
+from nerfstudio_gsloc.evaluation.trials import camera_distance_scale, generate_trials
 from nerfstudio_gsloc.files import OutputError, RewriteThrottle, append_line
 from nerfstudio_gsloc.localize.initialization import InitialPose, localize_from_initial_poses
 from nerfstudio_gsloc.localize.pnp import training_camera_poses

@@ -22,7 +22,8 @@ from rich.console import Console
 
 from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.evaluation import sequence_report
-from nerfstudio_gsloc.evaluation.protocols import Protocol, Trial
+from nerfstudio_gsloc.evaluation.protocols import Protocol
+from nerfstudio_gsloc.evaluation.trials import Trial
 from nerfstudio_gsloc.files import atomic_write_text
 from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.queries import Query

@@ -200,7 +200,8 @@ def test_constant_velocity_repeats_the_last_motion_and_rpe_measures_jitter():
 def test_the_sequence_protocol_draws_only_the_first_frames_start():
     from types import SimpleNamespace
 
-    from nerfstudio_gsloc.evaluation.protocols import generate_trials, load_protocol
+    from nerfstudio_gsloc.evaluation.protocols import load_protocol
+    from nerfstudio_gsloc.evaluation.trials import generate_trials
 
     protocol = load_protocol("sequence")
     assert protocol.is_sequence and protocol.has_prior and protocol.trials_per_query == 1
