@@ -148,7 +148,7 @@ class LMResiduals:
 
 def _anchor_errors(c2w: Tensor, K: Tensor, points: Tensor, kpts: Tensor) -> Tensor:
     """``[P, M]`` pixel distances of ``points [M, 3]`` projected through each of ``c2w [P, 3, 4]`` to ``kpts [M, 2]``
-    (finite even behind a camera, unlike :func:`~nerfstudio_gsloc.localize.pnp.reprojection_errors`'s ``inf``:
+    (finite even behind a camera, unlike :func:`~nerfstudio_gsloc.localize.absolute_pose.reprojection_errors`'s ``inf``:
     LM differences them)."""
     uv, _ = project_points(c2w, K, points)
     return torch.linalg.norm(uv - kpts.double()[None], dim=-1)

@@ -26,6 +26,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Type, Union
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.localize.absolute_pose import reprojection_errors
 from nerfstudio_gsloc.localize.localizer import LocalizerConfig, OptimizingLocalizer, PosesCallback, StepCallback
 from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
 from nerfstudio_gsloc.localize.objective import LossConfig
@@ -34,7 +35,7 @@ from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.result import LocalizationResult
 from nerfstudio_gsloc.localize.state import MatchState
-from nerfstudio_gsloc.localize.verification import confidence_of, measure_support, reprojection_errors, select_pose
+from nerfstudio_gsloc.localize.verification import confidence_of, measure_support, select_pose
 from nerfstudio_gsloc.localize.schedule import OptimConfig, ScheduleConfig, build_stages
 from nerfstudio_gsloc.presets import load_dataclass_preset
 

@@ -27,19 +27,16 @@ project's convention, see :mod:`nerfstudio_gsloc.localize.matching`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Literal, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, List, Literal, Optional, Sequence, Type
 
 import cv2
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nerfstudio_gsloc.camera_conventions import opencv_w2c_to_opengl_c2w, opengl_c2w_to_opencv_w2c, project_points
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.absolute_pose import pnp_ransac
+from nerfstudio_gsloc.localize.absolute_pose import pnp_ransac, refine_on_tight_inliers, reprojection_errors
 from nerfstudio_gsloc.localize.features import Features, SiftFeatures
 from nerfstudio_gsloc.localize.live import PosesCallback
 from nerfstudio_gsloc.localize.localizer import Localizer, LocalizerConfig, StepCallback
@@ -278,56 +275,6 @@ class PnPBaseline:
             if int(tight.sum()) >= cfg.min_inliers:  # the consistent correspondences of the refined pose
                 mask = tight
         return outcome(c2w.float(), "", inliers, mask)
-
-
-def reprojection_errors(c2w: Tensor, K: Tensor, kpts: Tensor, points: Tensor) -> Tensor:
-    """``[M]`` pixel distance between each point projected through ``c2w`` and its keypoint (``inf`` behind the
-    camera). ``c2w [3, 4]`` OpenGL camera-to-world, ``K [3, 3]``, ``kpts [M, 2]`` (centres at ``+0.5``),
-    ``points [M, 3]`` (scene frame)."""
-    uv, z = project_points(c2w[None, :3, :4].cpu(), K.cpu(), points.cpu())
-    err = torch.linalg.norm(uv[0] - kpts.double().cpu(), dim=-1)
-    return torch.where(z[0] > 1e-6, err, torch.full_like(err, math.inf))
-
-
-def refine_on_tight_inliers(
-    points_world: Tensor, kpts_query: Tensor, K: Tensor, c2w: Tensor, px: float, min_inliers: int,
-    rounds: int = 2, fallback_inliers: int = 0,
-) -> Tuple[Tensor, int]:
-    """Levenberg-Marquardt refinement of a pose on the correspondences that reproject within ``px`` pixels.
-
-    Args:
-        points_world: ``[M, 3]`` world points.
-        kpts_query: ``[M, 2]`` query pixels (centres at ``+0.5``, the convention of ``K``).
-        K: ``[3, 3]`` intrinsics.
-        c2w: ``[3, 4]`` OpenGL camera-to-world starting pose (e.g. from RANSAC).
-        px: inlier threshold of the refinement.
-        min_inliers: with fewer inliers the starting pose is returned unchanged.
-        rounds: refine / re-select rounds.
-        fallback_inliers: inlier count reported when the starting pose is kept.
-
-    Returns:
-        ``(c2w [3, 4] float64, number of inliers)``.
-    """
-    obj = points_world.cpu().numpy().reshape(-1, 1, 3)
-    img = kpts_query.cpu().numpy().reshape(-1, 2)
-    K_np = K.cpu().numpy()
-    w2c = opengl_c2w_to_opencv_w2c(c2w.cpu()).numpy()
-    rvec, _ = cv2.Rodrigues(w2c[:3, :3])
-    tvec = w2c[:3, 3].reshape(3, 1).copy()
-    best = (c2w.cpu(), fallback_inliers)
-    for _ in range(rounds):
-        proj, _ = cv2.projectPoints(obj, rvec, tvec, K_np, None)
-        rot, _ = cv2.Rodrigues(rvec)
-        depth = (obj.reshape(-1, 3) @ rot.T + tvec.reshape(1, 3))[:, 2]
-        mask = (np.linalg.norm(proj.reshape(-1, 2) - img, axis=-1) <= px) & (depth > 0)
-        if mask.sum() < max(min_inliers, 6):
-            break
-        rvec, tvec = cv2.solvePnPRefineLM(obj[mask], img[mask].reshape(-1, 1, 2), K_np, None, rvec, tvec)
-        rot, _ = cv2.Rodrigues(rvec)
-        refined = np.eye(4)
-        refined[:3, :3], refined[:3, 3] = rot, tvec.reshape(3)
-        best = (opencv_w2c_to_opengl_c2w(torch.from_numpy(refined)), int(mask.sum()))
-    return best
 
 
 class PnPLocalizer(Localizer):

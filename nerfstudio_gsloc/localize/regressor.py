@@ -266,7 +266,7 @@ class SceneRegressor:
     def _refine(self, c2w: Tensor, points: Tensor, weights: Tensor, K: Tensor, width: int, height: int) -> Tensor:
         """``c2w [3, 4]`` refined on the reprojection error of the trusted ``points [N, 3]`` (member-major, as
         :meth:`predict` stacks them; see ``refine_px``)."""
-        from nerfstudio_gsloc.localize.pnp import refine_on_tight_inliers
+        from nerfstudio_gsloc.localize.absolute_pose import refine_on_tight_inliers
 
         pixels, _ = grid_rays(K, width, height, grid_size(self.config))
         pixels = pixels.reshape(-1, 2).double().repeat(len(self.nets), 1)

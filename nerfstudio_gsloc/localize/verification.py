@@ -29,7 +29,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from nerfstudio_gsloc.localize.pnp import MapMatches, PnPBaseline, PnPLocalizerConfig, PnPOutcome, reprojection_errors
+from nerfstudio_gsloc.localize.absolute_pose import reprojection_errors
+from nerfstudio_gsloc.localize.pnp import MapMatches, PnPBaseline, PnPLocalizerConfig, PnPOutcome
 from nerfstudio_gsloc.localize.retrieval import load_or_build_index
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.result import STATUS_REJECTED, LocalizationResult

@@ -54,7 +54,7 @@ TARGETS: Tuple[Tuple[str, str, str], ...] = (
     ("nerfstudio_gsloc.localize.matching", "LoftrMatcher.match", "feature matching"),
     ("nerfstudio_gsloc.localize.absolute_pose", "lift_keypoints", "feature matching"),
     ("nerfstudio_gsloc.localize.absolute_pose", "pnp_ransac", "PnP"),
-    ("nerfstudio_gsloc.localize.pnp", "refine_on_tight_inliers", "PnP"),
+    ("nerfstudio_gsloc.localize.absolute_pose", "refine_on_tight_inliers", "PnP"),
     ("nerfstudio_gsloc.localize.losses", "photometric_loss", "photometric loss (L1+SSIM)"),
     ("nerfstudio_gsloc.localize.losses", "depth_loss", "depth loss"),
     ("nerfstudio_gsloc.localize.losses", "reprojection_loss", "reprojection loss"),

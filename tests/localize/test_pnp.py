@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from nerfstudio_gsloc.camera_conventions import opengl_c2w_to_opencv_w2c
-from nerfstudio_gsloc.localize.pnp import _depth_edge_mask, refine_on_tight_inliers
+from nerfstudio_gsloc.localize.absolute_pose import refine_on_tight_inliers
+from nerfstudio_gsloc.localize.pnp import _depth_edge_mask
 from nerfstudio_gsloc.localize.pose import perturb_pose
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
