@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from nerfstudio_gsloc.camera_conventions import opencv_c2w_to_opengl_c2w
 from nerfstudio_gsloc.localize.rigid_alignment import alignment_confidence, alignment_residuals, robust_rigid_alignment
 
 STRIDE = 8
+#: Network bodies (see :class:`SceneRegressorNet`); the one list of their names.
+Architecture = Literal["plain", "compact"]
+ARCHITECTURES = get_args(Architecture)
 
 
 @dataclass
@@ -48,7 +51,7 @@ class RegressorNetConfig:
     """Network input size (multiples of 8); every image is resized to it."""
     channels: Tuple[int, int, int] = (32, 64, 128)
     """Channels at strides 2, 4 and 8."""
-    architecture: str = "plain"
+    architecture: Architecture = "plain"
     """``plain``: two 3x3 convolutions per stride, full-width residual blocks at stride 8; ``compact``: one
     (strided) convolution at strides 2 and 4 and bottleneck residual blocks, half the arithmetic (see
     :class:`SceneRegressorNet`). Weights saved before this option existed are ``plain``."""
@@ -94,9 +97,6 @@ class _Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + F.relu(self.norm(self.expand(self.conv(self.reduce(x)))))
-
-
-ARCHITECTURES = ("plain", "compact")
 
 
 class SceneRegressorNet(nn.Module):

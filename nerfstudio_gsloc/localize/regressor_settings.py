@@ -17,6 +17,7 @@ from typing import List, Literal, Optional, Tuple
 import torch
 
 from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.localize.regressor import Architecture
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -40,7 +41,7 @@ class RegressorTrainConfig:
     """Long side of the network input (rounded to a multiple of 8); the short side keeps the aspect ratio."""
     channels: Tuple[int, int, int] = (32, 64, 128)
     """Network channels at strides 2, 4, 8."""
-    architecture: Literal["plain", "compact"] = "compact"
+    architecture: Architecture = "compact"
     """Network body (:class:`~nerfstudio_gsloc.localize.regressor.SceneRegressorNet`): ``compact`` does half the
     arithmetic of ``plain`` per image, so twice the steps fit in ``max_minutes``."""
     steps: int = 3000
