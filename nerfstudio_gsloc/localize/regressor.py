@@ -106,7 +106,7 @@ class SceneRegressorNet(nn.Module):
     Body (``config.architecture``): ``plain`` has two 3x3 convolutions at strides 2, 4 and 8 and three full-width
     dilated residual blocks (dilations 2, 4, 8) at stride 8; ``compact`` keeps only the strided convolution at
     strides 2 and 4 and makes the residual blocks bottlenecks. On a 128x128 input ``compact`` is about 125 million
-    multiply-adds per image against 270 million, and trains about twice as fast per step on an AVX2 CPU; the
+    multiply-adds per image against 270 million, and trains 1.8x as fast per step on an AVX2 CPU; the
     receptive field at stride 8 stays over 100 input pixels wide.
     """
 
