@@ -48,8 +48,12 @@ def write_trajectories(output_dir: Path, tum_name: str, est: Tensor, gt: Optiona
         write_tum(output_dir / GT_TUM, stamps, [frame.to_original(p) for p in gt])
 
 
-def sequence_summary(est: Tensor, gt: Optional[Tensor], events: Sequence[str], seconds: Sequence[float]) -> Dict[str, Any]:
-    """One method's entry of sequence.json: the trajectory metrics (when ``gt`` is known) and the events."""
+def sequence_summary(est: Tensor, gt: Optional[Tensor], events: Sequence[str], seconds: Sequence[float],
+                     depth_aligned: Optional[Sequence[Optional[bool]]] = None) -> Dict[str, Any]:
+    """One method's entry of sequence.json: the trajectory metrics (when ``gt`` is known) and the events.
+
+    ``depth_aligned``: per frame whether its depth alignment was kept (``None``: none ran); counted as
+    ``num_depth_aligned``."""
     lost = [e == "lost" for e in events]
     reloc = [e == "relocalized" for e in events]
     if gt is not None:
@@ -61,6 +65,9 @@ def sequence_summary(est: Tensor, gt: Optional[Tensor], events: Sequence[str], s
                    "seconds_per_frame_max": float(secs.max())}
     summary["events"] = list(events)
     summary["seconds"] = [round(float(s), 4) for s in seconds]
+    if depth_aligned is not None:
+        summary["num_depth_aligned"] = int(sum(bool(a) for a in depth_aligned))
+        summary["depth_aligned"] = list(depth_aligned)
     return summary
 
 
@@ -120,7 +127,7 @@ def plot_sequence(path: Path, estimates: Mapping[str, Tensor], gt: Tensor, summa
 TABLE_COLUMNS = (
     ("ate_rmse", "ATE RMSE", "{:.5f}"), ("rot_rmse_deg", "rot RMSE (deg)", "{:.4f}"),
     ("rpe_trans_rmse", "RPE trans RMSE", "{:.5f}"), ("rpe_rot_rmse_deg", "RPE rot RMSE (deg)", "{:.4f}"),
-    ("num_lost", "lost", "{}"), ("num_relocalized", "re-localized", "{}"),
+    ("num_lost", "lost", "{}"), ("num_relocalized", "re-localized", "{}"), ("num_depth_aligned", "depth ICP", "{}"),
     ("seconds_per_frame_mean", "s/frame mean", "{:.3f}"), ("seconds_per_frame_max", "s/frame max", "{:.2f}"),
 )
 

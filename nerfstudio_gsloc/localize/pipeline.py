@@ -27,12 +27,12 @@ from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.absolute_pose import reprojection_errors
+from nerfstudio_gsloc.localize.depth_registration import DepthRegistrationConfig, align_result, capture_depth_map_of
 from nerfstudio_gsloc.localize.localizer import LocalizerConfig, OptimizingLocalizer, PosesCallback, StepCallback
 from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
 from nerfstudio_gsloc.localize.queries import Query
-from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.localize.result import LocalizationResult
 from nerfstudio_gsloc.localize.state import MatchState
 from nerfstudio_gsloc.localize.verification import confidence_of, measure_support, select_pose
@@ -59,6 +59,10 @@ class PoseInversionConfig(LocalizerConfig):
     matched to the training photos) when that has more geometric support than the initial pose, anchor the
     refinement on those PnP inliers, and choose at the end between every hypothesis (initial, each PnP, refined)
     by geometric support (:mod:`~nerfstudio_gsloc.localize.verification`)."""
+    depth_alignment: DepthRegistrationConfig = field(default_factory=DepthRegistrationConfig)
+    """The last stage for RGB-D queries of a run whose training views have depth images: point-to-plane ICP of the
+    query's depth onto them (:mod:`~nerfstudio_gsloc.localize.depth_registration`); off for the photometric and
+    depth baselines."""
 
 
 class PoseInversion(OptimizingLocalizer):
@@ -67,7 +71,8 @@ class PoseInversion(OptimizingLocalizer):
     Args:
         config: the configuration.
         model: a trained ``SplatfactoModel``/``GSLocModel`` (or any module :func:`render_splat_model` accepts).
-        pipeline: unused (accepted for the common localizer interface).
+        pipeline: the loaded pipeline: its training views' depth images, when it has them, are the map of the
+            depth alignment (``config.depth_alignment``); ``None``: no depth alignment.
         seed: base seed of the RANSAC sampling.
         matcher: a prebuilt matcher (default: built from ``config.matcher`` when the schedule matches).
 
@@ -86,7 +91,11 @@ class PoseInversion(OptimizingLocalizer):
                   on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback,
                   on_poses: PosesCallback = None) -> None:
         if self.verifier is None or not self.config.hypotheses:
-            return super()._localize(queries, initial_c2w, on_result, on_step, on_poses)
+            def aligned(k: int, result: LocalizationResult) -> None:
+                self._align_depth(queries[k], result)
+                on_result(k, result)
+
+            return super()._localize(queries, initial_c2w, aligned, on_step, on_poses)
         starts, anchors, hypotheses = [], [], []
         for query, init in zip(queries, initial_c2w):
             start, anchor, candidates = self.first_hypotheses(query, init[:3, :4].float().cpu())
@@ -101,15 +110,20 @@ class PoseInversion(OptimizingLocalizer):
                 choice = select_pose(result.c2w, hypotheses[k] + result.candidates, query.K,
                                      self.verifier.matches(query), self.verifier.config)
                 if choice.name != "refined":
-                    result.c2w = choice.c2w
-                    result.reason = f"{choice.reason}; {result.reason}" if result.reason else choice.reason
-                    if query.gt_c2w is not None:  # the errors follow the returned pose
-                        gt = query.gt_c2w[None, :3, :4].double()
-                        result.rot_err_deg = float(rotation_error_deg(choice.c2w[None].double(), gt)[0])
-                        result.trans_err = float(translation_error(choice.c2w[None].double(), gt)[0])
+                    result.move_to(choice.c2w, choice.reason, query.gt_c2w)
+            self._align_depth(query, result)
             on_result(k, result)
 
         self.optimizer.run(queries, starts, on_result=finish, on_step=on_step, anchors=anchors, on_poses=on_poses)
+
+    def _align_depth(self, query: Query, result: LocalizationResult) -> None:
+        """The last stage: an RGB-D query's pose aligned to the capture's depth images (``config.depth_alignment``,
+        when the run's training views have them), before the verifier judges it."""
+        if self.pipeline is None or not self.config.depth_alignment.enabled:
+            return
+        depth_map = capture_depth_map_of(self.pipeline, self.config.depth_alignment.map_points)
+        if depth_map is not None:
+            align_result(query, result, depth_map, self.config.depth_alignment)
 
     def first_hypotheses(self, query: Query, init: Tensor) -> Tuple[Tensor, Optional[MatchState], List[Tuple[str, Tensor]]]:
         """The start of one query: the PnP pose of its map matches when it is confident and has more support than

@@ -56,8 +56,11 @@ def single_loss_config(base: PoseInversionConfig, budget: SingleLossBudget, phot
     # Adam at every level, as the papers these baselines reproduce (gsloc's final level may be Levenberg-Marquardt)
     optim = dataclasses.replace(base.optim, rotation_lr=budget.rotation_lr, translation_lr=budget.translation_lr,
                                 final_solver="adam")
-    # The iNeRF/GSplatLoc baselines refine from the given start only (no PnP start, no choice of hypotheses).
-    return dataclasses.replace(base, losses=losses, schedule=schedule, optim=optim, hypotheses=False)
+    # The iNeRF/GSplatLoc baselines refine from the given start only (no PnP start, no choice of hypotheses, no
+    # alignment to the capture's depth images after it).
+    alignment = dataclasses.replace(base.depth_alignment, enabled=False)
+    return dataclasses.replace(base, losses=losses, schedule=schedule, optim=optim, hypotheses=False,
+                               depth_alignment=alignment)
 
 
 @dataclass

@@ -22,6 +22,8 @@ from nerfstudio_gsloc.metrics import (  # noqa: F401  (re-exported: the statuses
     STATUS_MAX_ITERATIONS,
     STATUS_REJECTED,
     is_failure,
+    rotation_error_deg,
+    translation_error,
 )
 from nerfstudio_gsloc.poses_file import PoseRecord, pose_to_original
 
@@ -61,6 +63,8 @@ class LocalizationResult:
         trace: one dict per iteration with the keys of :data:`TRACE_FIELDS` (empty for methods without iterations).
         candidates: other poses the method reached on the way, ``(name, [3, 4] c2w)`` (e.g. each PnP jump), for the
             final choice between hypotheses (:func:`~nerfstudio_gsloc.localize.verification.select_pose`).
+        depth_aligned: whether gsloc's alignment to the capture's depth images was kept (``None``: none ran;
+            :mod:`~nerfstudio_gsloc.localize.depth_registration`).
     """
 
     name: str
@@ -78,6 +82,7 @@ class LocalizationResult:
     trans_err: Optional[float] = None
     trace: List[Dict[str, object]] = field(default_factory=list)
     candidates: List[Tuple[str, Tensor]] = field(default_factory=list)
+    depth_aligned: Optional[bool] = None
 
     @property
     def failed(self) -> bool:
@@ -88,6 +93,16 @@ class LocalizationResult:
     def skipped(self) -> bool:
         """True when the method did not apply to the query."""
         return self.status == STATUS_SKIPPED
+
+    def move_to(self, c2w: Tensor, note: str, gt_c2w: Optional[Tensor] = None) -> None:
+        """Return ``c2w [3, 4]`` instead of the current pose (a later stage chose or refined it): ``note`` goes in
+        front of the reason, and the errors follow the pose when the ground truth ``gt_c2w`` is known."""
+        self.c2w = c2w[:3, :4].to(self.c2w.dtype)
+        self.reason = f"{note}; {self.reason}" if self.reason else note
+        if gt_c2w is not None:
+            gt = gt_c2w[None, :3, :4].double()
+            self.rot_err_deg = float(rotation_error_deg(c2w[None, :3, :4].double(), gt)[0])
+            self.trans_err = float(translation_error(c2w[None, :3, :4].double(), gt)[0])
 
 
 def pose_record(result: LocalizationResult, query: "Query", frame: FrameTransform, method: str,

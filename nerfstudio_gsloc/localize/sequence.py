@@ -14,6 +14,11 @@
   :attr:`SequenceConfig.max_correction`) is re-localized from each :meth:`SequenceTracker.relocalization_starts`
   (the prediction, retrieval + PnP when the tracker has it, then the last good pose) until one is confident.
 
+With gsloc, **RGB-D frames** of a run whose training views have depth images end aligned to those depth images
+(gsloc's last stage, :mod:`nerfstudio_gsloc.localize.depth_registration`): the capture's geometry, not the model's,
+has the last word on the pose; :attr:`SequenceFrame.depth_aligned` and the frame's reason say whether the alignment
+was kept.
+
 Every frame gets an event: ``initialized`` (frame 0), ``tracked``, ``relocalized`` (the tracker's pose was
 refused, a re-localization was confident) or ``lost`` (nothing confident; the frame keeps its best pose, its status
 says rejected/failed, and the next frame starts from the last good pose). The event and its cause are also written at
@@ -95,6 +100,11 @@ class SequenceFrame:
     @property
     def good(self) -> bool:
         return self.event != EVENT_LOST
+
+    @property
+    def depth_aligned(self) -> Optional[bool]:
+        """Whether the result's alignment to the capture's depth images was kept (``None``: none ran)."""
+        return self.result.depth_aligned
 
 
 def constant_velocity(pose: Tensor, motion_from: Tensor, motion_to: Tensor) -> Tensor:

@@ -62,6 +62,7 @@ from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.evaluation.protocols import Protocol
 from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.registry import DEFAULT_METHODS, LocalizerSettings
+from nerfstudio_gsloc.localize.sequence import SequenceConfig
 from nerfstudio_gsloc.localize.regressor_files import check_run_regressor
 from nerfstudio_gsloc.localize.frame_transform import run_frame_transform
 from nerfstudio_gsloc.localize.queries import load_transforms_queries
@@ -113,6 +114,8 @@ class BenchCLI:
     regressor's pose (weights from gsloc-train-regressor); pnp and regression find their own pose either way."""
     sequence_preset: str = "sequence"
     """--protocol sequence: the per-frame schedule (a configs/localize preset or file on top of gsloc's settings)."""
+    sequence_settings: SequenceConfig = field(default_factory=SequenceConfig)
+    """--protocol sequence: motion model, re-localization and depth alignment, as ``ns-localize --sequence``."""
     method_settings: LocalizerSettings = field(default_factory=LocalizerSettings)
     """Settings of the methods (gsloc's also apply to photometric and depth, with one loss each)."""
     ray: Optional[str] = None

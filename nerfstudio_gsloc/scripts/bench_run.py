@@ -93,7 +93,7 @@ def run_benchmark(cli: BenchCLI, argv: Optional[Sequence[str]], methods: List[st
 
         source = QuerySource.eval_split() if cli.queries is None else QuerySource.transforms(cli.queries)
         run_sequence_benchmark(cli.method_settings, cli.sequence_preset, methods, protocol, pipeline, queries, trials[0],
-                               frame, source, output_dir, meta, CONSOLE)
+                               frame, source, output_dir, meta, CONSOLE, cli.sequence_settings)
         CONSOLE.print(f"results in {output_dir}")
         return []
     progress = Progress(

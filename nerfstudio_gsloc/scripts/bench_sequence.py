@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from rich.console import Console
 
@@ -38,10 +38,11 @@ POSES_FILE = "poses.json"
 def run_sequence_benchmark(settings: LocalizerSettings, sequence_preset: str, methods: Sequence[str], protocol: Protocol,
                            pipeline: Any, queries: Sequence[Query], first: Trial, frame: FrameTransform,
                            source: QuerySource, output_dir: Path, meta: Dict[str, Any],
-                           console: Console) -> Dict[str, Dict[str, Any]]:
-    """Track ``queries`` with every method and write the outputs; returns the per-method summaries."""
+                           console: Console, config: Optional[SequenceConfig] = None) -> Dict[str, Dict[str, Any]]:
+    """Track ``queries`` with every method (tracker settings ``config``) and write the outputs; returns the
+    per-method summaries."""
     tracking = load_preset(sequence_preset, base=settings.gsloc)
-    config = SequenceConfig()
+    config = config if config is not None else SequenceConfig()
     verifier = make_verifier(settings, pipeline.model, pipeline)
     estimates, summaries, records = {}, {}, []
     gt = sequence_report.stack_poses([q.gt_c2w for q in queries])
@@ -61,7 +62,8 @@ def run_sequence_benchmark(settings: LocalizerSettings, sequence_preset: str, me
         est = sequence_report.stack_poses([None if f.result.skipped else f.result.c2w for f in frames])
         estimates[method] = est
         summaries[method] = sequence_report.sequence_summary(est, gt, [f.event for f in frames],
-                                                             [f.result.seconds for f in frames])
+                                                             [f.result.seconds for f in frames],
+                                                             [f.depth_aligned for f in frames])
         records += [pose_record(f.result, q, frame, method, trial=0) for f, q in zip(frames, queries)
                     if not f.result.skipped]
         sequence_report.write_trajectories(output_dir, f"trajectory_{method}.tum", est, gt, frame, config.fps)

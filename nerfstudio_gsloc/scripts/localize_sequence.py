@@ -51,7 +51,8 @@ def write_sequence_outputs(output_dir: Path, queries: Sequence[Query], frames: S
     has_gt = all(q.gt_c2w is not None for q in queries)
     gt = sequence_report.stack_poses([q.gt_c2w for q in queries]) if has_gt else None
     sequence_report.write_trajectories(output_dir, TUM_FILE, est, gt, outputs.frame, fps)
-    summary = sequence_report.sequence_summary(est, gt, [f.event for f in frames], [f.result.seconds for f in frames])
+    summary = sequence_report.sequence_summary(est, gt, [f.event for f in frames], [f.result.seconds for f in frames],
+                                               [f.depth_aligned for f in frames])
     sequence_report.write_sequence_json(output_dir / sequence_report.SEQUENCE_JSON, {method: summary}, notes)
     if gt is not None:
         sequence_report.plot_sequence(output_dir / sequence_report.SEQUENCE_PNG, {method: est}, gt, {method: summary},

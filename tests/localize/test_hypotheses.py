@@ -73,6 +73,9 @@ def test_a_biased_photometric_optimum_returns_the_pnp_pose_and_says_why(run, mon
     settings.gsloc.optim.rotation_lr = settings.gsloc.optim.translation_lr = 5e-3
     # The bias is added to the objective Adam differentiates (LM builds its own residuals): Adam at every level.
     settings.gsloc.optim.final_solver = "adam"
+    # The choice alone: these RGB-D queries' last stage, ICP onto the capture's depth images, would move the
+    # returned pose off PnP's (tests/localize/test_depth_registration.py)
+    settings.gsloc.depth_alignment.enabled = False
     verifier = make_verifier(settings, pipeline.model, pipeline)
     pnp = verifier.pnp(query, seed=0)
     assert pnp.c2w is not None

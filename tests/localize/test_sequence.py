@@ -76,6 +76,8 @@ def test_a_generated_sequence_is_tracked_end_to_end(tracked, track_file):
     sequence = from_strict_json((out / "sequence.json").read_text())["methods"]["gsloc"]
     assert sequence["num_frames"] == FRAMES and sequence["num_lost"] == 0 and sequence["ate_aligned"] is False
     assert sequence["events"] == ["initialized"] + ["tracked"] * (FRAMES - 1)
+    # RGB-D frames of a capture with depth images: every pose ends aligned to them (localize/depth_registration.py)
+    assert sequence["num_depth_aligned"] == FRAMES and all("depth ICP (overlap" in r.reason for r in records)
     assert sequence["ate_rmse"] == pytest.approx(float(np.sqrt(np.mean(errors[:, 1] ** 2))), rel=1e-4)
     # Frame 0 starts from the file's prior, the others from the motion model (not from the ground truth).
     prior = torch.tensor(json.loads(track_file.read_text())["frames"][0]["prior_transform_matrix"], dtype=torch.float64)
