@@ -118,10 +118,11 @@ def _fmt(value: Any, kind: str) -> str:
         return "inf"
     if kind == "pct":
         return f"{100.0 * value:.1f}%"
+    # Errors that small (depth-aligned RGB-D poses reach 0.001 deg / 2e-5 units) keep two significant digits.
     if kind == "deg":
-        return f"{value:.3f}"
+        return f"{value:.4f}" if 0 < abs(value) < 0.01 else f"{value:.3f}"
     if kind == "dist":
-        return f"{value:.4f}"
+        return f"{value:.6f}" if 0 < abs(value) < 0.001 else f"{value:.4f}"
     if kind == "sec":
         return f"{value:.2f}"
     if kind == "int":

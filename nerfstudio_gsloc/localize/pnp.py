@@ -178,6 +178,8 @@ class PnPBaseline:
         train = [self.map[i] for i in self.train_ids]
         self.centres = torch.stack([v.c2w[:, 3] for v in train]) if train else torch.zeros(0, 3)
         self.forwards = torch.stack([-v.c2w[:, 2] for v in train]) if train else torch.zeros(0, 3)
+        # The scene's camera-distance scale: distances of selection="prior" are in its units.
+        self.camera_scale = float(torch.linalg.norm(self.centres.double(), dim=-1).median()) if train else 1.0
 
     def nearest_views(self, c2w: Tensor, scale: float) -> List[int]:
         """Ids of the ``num_views`` training cameras nearest to ``c2w [3, 4]``.
@@ -197,31 +199,34 @@ class PnPBaseline:
         order = torch.argsort(counts, descending=True, stable=True)[: self.config.num_views].tolist()
         return [candidates[i] for i in order if counts[i] > 0]
 
-    def select(self, query: Features, prior_c2w: Optional[Tensor], scale: float) -> List[int]:
-        """The map views to match the query against, by ``config.selection``."""
+    def select(self, query: Features, prior_c2w: Optional[Tensor], scale: float,
+               selection: Optional[str] = None) -> List[int]:
+        """The map views to match the query against, by ``selection`` (default ``config.selection``)."""
         cfg = self.config
-        if cfg.selection == "prior":
+        if (selection or cfg.selection) == "prior":
             if prior_c2w is None:
                 raise GslocError("pnp with selection=prior needs an initial pose")
             return self.nearest_views(prior_c2w, scale)
-        if cfg.selection == "retrieval":
+        if (selection or cfg.selection) == "retrieval":
             if cfg.retrieval_shortlist > 0:
                 return self.most_matched(query, self.index.top_k(query, max(cfg.retrieval_shortlist, cfg.num_views)))
             return self.index.top_k(query, cfg.num_views)
         return self.most_matched(query, self.train_ids)
 
-    def correspondences(self, image: Tensor, prior_c2w: Optional[Tensor] = None, scale: float = 1.0) -> MapMatches:
+    def correspondences(self, image: Tensor, prior_c2w: Optional[Tensor] = None, scale: float = 1.0,
+                        selection: Optional[str] = None) -> MapMatches:
         """Match one image against the map views :meth:`select` chooses and pool the 2D-3D matches.
 
         Args:
             image: ``[H, W, 3]`` query image in ``[0, 1]``.
             prior_c2w: ``[3, 4]`` initial pose; used only with ``selection="prior"`` to choose training views.
             scale: camera-distance scale (``selection="prior"`` distance units).
+            selection: overrides ``config.selection``.
         """
         query = self.features.detect(image)
         if len(query) < self.config.min_inliers:
             return MapMatches(torch.zeros(0, 2), torch.zeros(0, 3), [], len(query))
-        chosen = self.select(query, prior_c2w, scale)
+        chosen = self.select(query, prior_c2w, scale, selection)
         kq, pts = [torch.zeros(0, 2)], [torch.zeros(0, 3)]
         for i in chosen:
             idx, _ = self.features.match(query, self.map[i].features)
@@ -318,9 +323,7 @@ class PnPLocalizer(Localizer):
                 index = load_or_build_index(self.model, self.pipeline, cfg.index_config(), cfg.matcher,
                                             cfg.depth_edge_tolerance, training_views=self.training_views)
                 self.baseline = PnPBaseline(index, cfg)
-            if len(self.baseline.centres):
-                # The scene's camera-distance scale: distances of selection="prior" are in its units.
-                self.camera_scale = float(torch.linalg.norm(self.baseline.centres.double(), dim=-1).median())
+            self.camera_scale = self.baseline.camera_scale
             self.notes["pnp_map_seconds"] = round(self.baseline.map_seconds, 2)
             self.notes["pnp_map_points"] = sum(len(view.features) for view in self.baseline.map)
             self.notes["pnp_map_views"] = len(index)

@@ -30,10 +30,11 @@ Poses: ``[3, 4]`` OpenGL camera-to-world, scene frame.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +79,10 @@ class SequenceConfig:
     off: without retrieval."""
     fps: float = 30.0
     """Nominal frame rate: the TUM timestamps are ``frame / fps`` seconds."""
+    map_views_from_prediction: bool = True
+    """Check a tracked frame against the training views nearest to its motion-model prediction (the verifier's
+    :attr:`~nerfstudio_gsloc.localize.verification.PoseVerifier.views_near`) instead of choosing them by matching
+    the frame against every training photo; re-localizations still match against all."""
 
 
 @dataclass
@@ -205,6 +210,20 @@ class SequenceTracker:
                 on_frame(position, frame)
         return frames
 
+    @contextlib.contextmanager
+    def _map_views_near(self, pose: Optional[Tensor]) -> Iterator[None]:
+        """While tracking from ``pose`` (``None``: not tracking), the tracker's verifier matches frames against the
+        training views near it (:attr:`SequenceConfig.map_views_from_prediction`)."""
+        verifier = getattr(self.tracker, "verifier", None)
+        if pose is None or verifier is None or not self.config.map_views_from_prediction:
+            yield
+            return
+        verifier.views_near = pose
+        try:
+            yield
+        finally:
+            verifier.views_near = None
+
     def _frame(self, query: Query, frames: Sequence[SequenceFrame], first_c2w: Optional[Tensor]) -> SequenceFrame:
         attempts: List[Tuple[str, Optional[float], bool]] = []
         have_good = any(f.good for f in frames)
@@ -226,13 +245,15 @@ class SequenceTracker:
         predicted, moving = self.predict(frames)
         # Without a known motion (frame 1, a re-localization with no motion before it) the camera may have moved a
         # whole step: the wide basin of the re-localizer, from the last pose.
-        result = (self.tracker if moving else self.relocalizer).localize([query], [predicted])[0]
-        for _ in range(self.config.max_rounds - 1):
-            if not moving or result.status != STATUS_MAX_ITERATIONS:
-                break
-            again = self.tracker.localize([query], [result.c2w])[0]
-            again.c2w_init, again.seconds, again.iterations = result.c2w_init, result.seconds, result.iterations + again.iterations
-            result = again
+        with self._map_views_near(predicted if moving else None):
+            result = (self.tracker if moving else self.relocalizer).localize([query], [predicted])[0]
+            for _ in range(self.config.max_rounds - 1):
+                if not moving or result.status != STATUS_MAX_ITERATIONS:
+                    break
+                again = self.tracker.localize([query], [result.c2w])[0]
+                again.c2w_init, again.seconds = result.c2w_init, result.seconds
+                again.iterations = result.iterations + again.iterations
+                result = again
         attempts.append(("motion model" if moving else "previous pose", result.confidence, result.status == STATUS_FAILED))
         # Only a refinement can drift from its start (a closed-form method such as pnp never reads it).
         correction = self._correction(result, predicted) if moving and self.tracker.max_iterations > 0 else None

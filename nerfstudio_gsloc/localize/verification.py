@@ -168,7 +168,7 @@ class PoseVerifier:
         model: the trained scene.
         pipeline: the loaded pipeline (training views), unless ``training_views`` are given.
         map_config: SIFT, retrieval and PnP settings (``selection`` is forced to ``matches``: the check must not
-            depend on any pose of the query).
+            depend on any pose of the query it judges; see :attr:`views_near` for a pose known beforehand).
         config: the check's thresholds.
     """
 
@@ -182,6 +182,11 @@ class PoseVerifier:
         self._baseline: Optional[PnPBaseline] = None
         self._matches: Dict[Tuple[int, str], MapMatches] = {}
         self.seconds: Dict[Tuple[int, str], float] = {}
+        self.views_near: Optional[Tensor] = None
+        """When set, a ``[3, 4]`` pose known before the query is localized (a tracker's motion-model prediction):
+        the query is matched against the training views nearest to it instead of choosing them by matching it
+        against every training photo (a third of a tracked frame's time). Every candidate pose of the query is
+        still judged by the same matches."""
 
     @property
     def baseline(self) -> PnPBaseline:
@@ -199,7 +204,11 @@ class PoseVerifier:
         if key not in self._matches:
             started = time.perf_counter()
             with torch.no_grad():
-                self._matches[key] = self.baseline.correspondences(query.image)
+                if self.views_near is None:
+                    self._matches[key] = self.baseline.correspondences(query.image)
+                else:
+                    self._matches[key] = self.baseline.correspondences(
+                        query.image, self.views_near[:3, :4].float().cpu(), self.baseline.camera_scale, "prior")
             self.seconds[key] = time.perf_counter() - started
         return self._matches[key]
 

@@ -139,6 +139,25 @@ def test_noise_is_rejected_and_real_views_are_trusted(run):
         assert result.status == "converged" and result.confidence >= settings.verification.threshold, result
 
 
+def test_a_pose_known_beforehand_picks_the_map_views_near_it(run):
+    pipeline, queries = run
+    query = queries[1]
+    verifier = make_verifier(fast_settings(), pipeline.model, pipeline)
+    chosen = verifier.matches(query).views  # by matching the query against every training photo
+    verifier.forget()
+    verifier.views_near = query.gt_c2w[:3, :4]
+    near = verifier.matches(query)
+    expected = verifier.baseline.nearest_views(query.gt_c2w[:3, :4], verifier.baseline.camera_scale)
+    assert near.views == expected and len(near) > 0
+    # the true pose is supported by either set of views (matches within 2 px)
+    assert verifier.support(query, query.gt_c2w[:3, :4]).inliers > 12
+    verifier.views_near = None
+    assert verifier.matches(query).views == expected  # cached until forget()
+    verifier.forget()
+    assert verifier.matches(query).views == chosen
+    assert verifier.support(query, query.gt_c2w[:3, :4]).inliers > 12
+
+
 def test_selection_keeps_a_refined_pose_within_the_noise_and_rejects_a_drift():
     """Unit check of the rule on synthetic matches: 100 points seen by a camera at the origin."""
     torch.manual_seed(0)

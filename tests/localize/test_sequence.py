@@ -262,3 +262,46 @@ def test_the_tracker_follows_an_acceleration_in_rounds_and_relocalizes_a_jump():
     assert frames[7].attempts[0][0] == "previous pose" and frames[8].attempts[0][0] == "motion model"
     for frame, query in zip(frames, queries):
         assert float((frame.result.c2w[:, 3] - query.gt_c2w[:, 3]).norm()) < 1e-3
+
+
+def test_tracked_frames_are_checked_against_the_map_views_near_their_prediction():
+    from types import SimpleNamespace
+
+    from nerfstudio_gsloc.localize.sequence import SequenceConfig, SequenceTracker
+
+    class Recording(_ReachLocalizer):
+        """Records the verifier's map-view hint at every call."""
+
+        def __init__(self, reach, verifier):
+            super().__init__(reach)
+            self.verifier, self.hints = verifier, []
+
+        def localize(self, queries, starts):
+            hint = self.verifier.views_near
+            self.hints.append(None if hint is None else hint.clone())
+            return super().localize(queries, starts)
+
+    xs = [0.0, 0.01, 0.02, 0.03, 0.33, 0.34]  # a 30 cm jump before frame 4: re-localized
+    queries = []
+    for i, x in enumerate(xs):
+        gt = torch.eye(4)[:3].clone()
+        gt[0, 3] = x
+        queries.append(SimpleNamespace(name=f"f{i}", index=i, gt_c2w=gt))
+    verifier = SimpleNamespace(views_near=None)
+    tracker_loc, wide = Recording(0.0025, verifier), Recording(1.0, verifier)
+    frames = SequenceTracker(tracker_loc, wide, SequenceConfig(max_correction=0.01)).track(queries, queries[0].gt_c2w)
+    assert [f.event for f in frames] == ["initialized", "tracked", "tracked", "tracked", "relocalized", "tracked"]
+    # the tracker's calls (frames 2, 3 and 4's refused attempt) saw their motion-model prediction; the wide basin's
+    # (frames 0 and 1, 4's re-localization, 5 after it: no known motion) matched against every training view;
+    # nothing is left set
+    tracked_frames = [2, 3, 4]
+    assert len(tracker_loc.hints) == len(tracked_frames)
+    for hint, k in zip(tracker_loc.hints, tracked_frames):
+        torch.testing.assert_close(hint, frames[k].predicted)
+    assert wide.hints and all(h is None for h in wide.hints) and verifier.views_near is None
+    # switched off: no hint at all
+    verifier_off = SimpleNamespace(views_near=None)
+    off = Recording(0.0025, verifier_off)
+    SequenceTracker(off, Recording(1.0, verifier_off),
+                    SequenceConfig(max_correction=0.01, map_views_from_prediction=False)).track(queries, queries[0].gt_c2w)
+    assert off.hints and all(h is None for h in off.hints)
