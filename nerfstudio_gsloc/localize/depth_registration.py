@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 from torch import Tensor
@@ -180,16 +181,6 @@ def build_capture_depth_map(outputs: Any, max_points: int = 2_000_000) -> Option
     return capture_depth_map(depths, Ks, c2ws, stride)
 
 
-def _rotation(w: np.ndarray) -> np.ndarray:
-    """Rodrigues: the rotation by the axis-angle vector ``w [3]``."""
-    angle = float(np.linalg.norm(w))
-    if angle < 1e-15:
-        return np.eye(3)
-    k = w / angle
-    cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    return np.eye(3) + math.sin(angle) * cross + (1.0 - math.cos(angle)) * cross @ cross
-
-
 def _pairs(points: np.ndarray, depth_map: CaptureDepthMap, reach: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Each of ``points [N, 3]`` (scene frame) paired with its nearest map point when that point is within
     ``3 reach`` and its plane within ``reach`` (a map sampled more sparsely than ``reach`` still pairs).
@@ -248,7 +239,7 @@ def register_depth(c2w: Tensor, depth: Tensor, K: Tensor, depth_map: CaptureDept
             update = -np.linalg.solve(normal_matrix, jacobian.T @ (huber * residual))
         except np.linalg.LinAlgError:
             return keep("depth ICP not kept: the geometry does not constrain the pose", iterations=steps)
-        turn = _rotation(update[:3])
+        turn = cv2.Rodrigues(update[:3].reshape(3, 1))[0]
         R, t = turn @ R, turn @ t + update[3:]
         if float(np.linalg.norm(update)) < 1e-7:
             break

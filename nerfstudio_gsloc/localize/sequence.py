@@ -67,7 +67,8 @@ class SequenceConfig:
     """Start each frame from the constant-velocity prediction (off: from the previous pose)."""
     max_rounds: int = 3
     """A tracked frame that stops at the iteration limit (still moving: the camera accelerated more than one short
-    schedule can follow) is refined again from where it stopped, up to this many rounds in all."""
+    schedule can follow) is refined again from where it stopped, up to this many rounds in all (not when its pose
+    ended aligned to the capture's depth images: that pose is final)."""
     max_correction: float = 0.01
     """A tracked pose that the refinement moved further than this (scene units) from the motion model's prediction
     is not trusted: the motion is smooth, and a photometric optimum that drifts along a flat direction of the
@@ -248,7 +249,8 @@ class SequenceTracker:
         with self._map_views_near(predicted if moving else None):
             result = (self.tracker if moving else self.relocalizer).localize([query], [predicted])[0]
             for _ in range(self.config.max_rounds - 1):
-                if not moving or result.status != STATUS_MAX_ITERATIONS:
+                # a pose aligned to the capture's depth images is final: more photometric rounds cannot move it
+                if not moving or result.status != STATUS_MAX_ITERATIONS or result.depth_aligned:
                     break
                 again = self.tracker.localize([query], [result.c2w])[0]
                 again.c2w_init, again.seconds = result.c2w_init, result.seconds

@@ -106,15 +106,17 @@ def test_the_tum_file_parses_and_matches_poses_json(tracked):
     torch.testing.assert_close(gt, torch.stack([to_homogeneous(r.c2w_gt.double()) for r in records]), atol=1e-6, rtol=0)
 
 
-def test_the_lm_tracking_preset_keeps_every_frame_within_bounds(small_gsloc_run, track_file, tmp_path):
-    """``--sequence-preset sequence-lm`` (Levenberg-Marquardt per frame) tracks the same frames: no frame lost, every
-    pose within the bounds, each frame a handful of LM iterations."""
+@pytest.mark.parametrize("preset", ["sequence-lm", "sequence-rgbd"])
+def test_the_lm_tracking_presets_keep_every_frame_within_bounds(small_gsloc_run, track_file, tmp_path, preset):
+    """``--sequence-preset sequence-lm`` (Levenberg-Marquardt per frame) and ``sequence-rgbd`` (two LM steps, then
+    the depth alignment) track the same frames: no frame lost, every pose within the bounds, each frame's steps LM's;
+    with ``sequence-rgbd`` every RGB-D frame ends aligned, as close to the truth as the full schedule's."""
     from nerfstudio_gsloc.poses_file import read_poses
     from nerfstudio_gsloc.scripts import localize
     from nerfstudio_gsloc.scripts.localize_outputs import read_trace_csv
 
     localize.main(["--load-config", str(small_gsloc_run), "--queries", str(track_file), "--sequence", "--preset", "fast",
-                   "--sequence-preset", "sequence-lm", "--max-queries", str(FRAMES), "--output-dir", str(tmp_path),
+                   "--sequence-preset", preset, "--max-queries", str(FRAMES), "--output-dir", str(tmp_path),
                    "--num-threads", "1", "--pnp.num-views", "6", "--verification.threshold", str(THRESHOLD),
                    "--sequence-settings.max-correction", str(MAX_CORRECTION),
                    "--sequence-settings.max-correction-deg", str(MAX_CORRECTION_DEG)])
@@ -127,6 +129,9 @@ def test_the_lm_tracking_preset_keeps_every_frame_within_bounds(small_gsloc_run,
     assert sequence["num_lost"] == 0
     rows = [row for row in read_trace_csv(tmp_path / "trace.csv") if row["query"] == records[2].image]
     assert {row["event"] for row in rows} & {"lm_step"}  # a tracked frame's steps are LM's
+    assert sequence["num_depth_aligned"] == FRAMES
+    if preset == "sequence-rgbd":
+        assert max(r.iterations for r in records[2:]) <= 2 and errors[:, 0].max() < 0.05 and errors[:, 1].max() < 0.001
 
 
 def test_a_jump_in_the_sequence_is_relocalized_and_the_track_recovers(small_gsloc_run, track_file):
