@@ -292,4 +292,4 @@ def align_result(query: Any, result: Any, depth_map: CaptureDepthMap, config: De
     if registration.accepted:
         result.move_to(registration.c2w, registration.reason, query.gt_c2w)
     else:
-        result.reason = f"{registration.reason}; {result.reason}" if result.reason else registration.reason
+        result.add_note(registration.reason)

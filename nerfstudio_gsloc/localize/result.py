@@ -94,11 +94,15 @@ class LocalizationResult:
         """True when the method did not apply to the query."""
         return self.status == STATUS_SKIPPED
 
+    def add_note(self, note: str) -> None:
+        """Put ``note`` in front of the reason (the latest stage's word first)."""
+        self.reason = f"{note}; {self.reason}" if self.reason else note
+
     def move_to(self, c2w: Tensor, note: str, gt_c2w: Optional[Tensor] = None) -> None:
         """Return ``c2w [3, 4]`` instead of the current pose (a later stage chose or refined it): ``note`` goes in
         front of the reason, and the errors follow the pose when the ground truth ``gt_c2w`` is known."""
         self.c2w = c2w[:3, :4].to(self.c2w.dtype)
-        self.reason = f"{note}; {self.reason}" if self.reason else note
+        self.add_note(note)
         if gt_c2w is not None:
             gt = gt_c2w[None, :3, :4].double()
             self.rot_err_deg = float(rotation_error_deg(c2w[None, :3, :4].double(), gt)[0])

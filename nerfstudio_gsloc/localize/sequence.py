@@ -284,7 +284,7 @@ class SequenceTracker:
         tried = ", ".join(f"{name}: " + ("failed" if failed else f"confidence {conf:.2f}" if conf is not None else "ok")
                           for name, conf, failed in attempts)
         note = f"{event} ({tried})"
-        result.reason = f"{note}; {result.reason}" if result.reason else note
+        result.add_note(note)
         return result
 
 

@@ -242,6 +242,6 @@ class PoseVerifier:
         if result.confidence < self.config.threshold:
             note = (f"rejected: confidence {result.confidence:.2f} < {self.config.threshold:g} ({support.inliers} of "
                     f"{support.matches} map matches within {self.config.support_px:g} px)")
-            result.reason = f"{note}; {result.reason}" if result.reason else note
+            result.add_note(note)
             result.status = STATUS_REJECTED
         return result
