@@ -17,9 +17,9 @@ poses. A query frame with depth is therefore aligned to them, as RGB-D odometry 
   (``min_overlap``) and the alignment moved the pose by a correction (``max_correction``,
   ``max_correction_deg``), not a jump: it refines a pose that localization already found, never replaces one.
 
-Poses are nerfstudio's ``[3, 4]`` OpenGL camera-to-world in the scene frame at the interface; inside this module
-points are in the OpenCV camera frame (x right, y down, z forward), converted with
-:mod:`nerfstudio_gsloc.camera_conventions`.
+Poses are nerfstudio's ``[3, 4]`` OpenGL camera-to-world in the scene frame; depth pixels are lifted to the scene
+frame with :func:`~nerfstudio_gsloc.camera_conventions.unproject_points` and every ICP update is a rigid motion of
+the scene frame, applied to the pose on the left.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nerfstudio_gsloc.camera_conventions import opencv_c2w_to_opengl_c2w, opengl_c2w_to_opencv_c2w
+from nerfstudio_gsloc.camera_conventions import unproject_points
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 
@@ -105,29 +105,35 @@ class RegistrationResult:
     reason: str
 
 
-def _camera_points(depth: np.ndarray, K: np.ndarray, stride: int = 1) -> Tuple[np.ndarray, np.ndarray]:
-    """OpenCV camera-frame points of a depth image's pixel centres (every ``stride``-th), ``[h, w, 3]``, and where
-    the depth is valid (``> 0`` and finite), ``[h, w]``."""
-    z = depth[::stride, ::stride].astype(np.float64)
+def depth_points(depth: np.ndarray, K: Any, c2w: Tensor, stride: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scene-frame points of a depth image's pixel centres (every ``stride``-th) seen from ``c2w [3|4, 4]`` (OpenGL
+    camera-to-world) with intrinsics ``K [3, 3]``.
+
+    Returns:
+        ``points [h, w, 3]`` float64, their z-depths ``[h, w]`` and where the depth is valid (``> 0`` and finite)
+        ``[h, w]``.
+    """
+    z = np.asarray(depth, dtype=np.float64)[::stride, ::stride]
     v, u = np.mgrid[0:depth.shape[0]:stride, 0:depth.shape[1]:stride].astype(np.float64)
-    y = (v + 0.5 - K[1, 2]) / K[1, 1]
-    x = (u + 0.5 - K[0, 2] - K[0, 1] * y) / K[0, 0]
     valid = np.isfinite(z) & (z > 0)
     z = np.where(valid, z, 0.0)
-    return np.stack([x * z, y * z, z], axis=-1), valid
+    pixels = torch.from_numpy(np.stack([u + 0.5, v + 0.5], axis=-1).reshape(-1, 2))
+    points = unproject_points(torch.as_tensor(c2w).double(), torch.as_tensor(K).double(), pixels,
+                              torch.from_numpy(z.reshape(-1)))
+    return points.numpy().reshape(*z.shape, 3), z, valid
 
 
-def surface_normals(points: np.ndarray, valid: np.ndarray, max_step: float = 0.05) -> Tuple[np.ndarray, np.ndarray]:
-    """Normals of a grid of camera-frame points ``[h, w, 3]`` from central differences, and where they hold
-    ``[h, w]``: valid pixels whose four neighbours are valid and within ``max_step`` of their depth (relative),
-    i.e. not on a depth discontinuity. Border pixels get none."""
+def surface_normals(points: np.ndarray, z: np.ndarray, valid: np.ndarray,
+                    max_step: float = 0.05) -> Tuple[np.ndarray, np.ndarray]:
+    """Normals of a grid of points ``[h, w, 3]`` (any one frame) from central differences, and where they hold
+    ``[h, w]``: valid pixels whose four neighbours are valid and within ``max_step`` of their z-depth ``z [h, w]``
+    (relative), i.e. not on a depth discontinuity. Border pixels get none."""
     dx = np.zeros_like(points)
     dy = np.zeros_like(points)
     dx[:, 1:-1] = points[:, 2:] - points[:, :-2]
     dy[1:-1] = points[2:] - points[:-2]
     normals = np.cross(dx, dy)
     norm = np.linalg.norm(normals, axis=-1)
-    z = points[..., 2]
     good = valid & (norm > 0)
     good[:, 1:-1] &= valid[:, 2:] & valid[:, :-2] & (np.abs(z[:, 2:] - z[:, :-2]) <= max_step * z[:, 1:-1])
     good[1:-1] &= valid[2:] & valid[:-2] & (np.abs(z[2:] - z[:-2]) <= max_step * z[1:-1])
@@ -143,13 +149,12 @@ def capture_depth_map(depths: Sequence[np.ndarray], Ks: Sequence[np.ndarray], c2
     ``stride``-th pixel; ``None`` when no view holds a usable pixel."""
     points, normals, views = [], [], 0
     for depth, K, c2w in zip(depths, Ks, c2ws):
-        cam, valid = _camera_points(np.asarray(depth), np.asarray(K, dtype=np.float64), stride)
-        normal, good = surface_normals(cam, valid)
+        world, z, valid = depth_points(np.asarray(depth), K, c2w, stride)
+        normal, good = surface_normals(world, z, valid)
         if not good.any():
             continue
-        pose = opengl_c2w_to_opencv_c2w(torch.as_tensor(c2w).double()).numpy()
-        points.append(cam[good] @ pose[:, :3].T + pose[:, 3])
-        normals.append(normal[good] @ pose[:, :3].T)
+        points.append(world[good])
+        normals.append(normal[good])
         views += 1
     if not points:
         return None
@@ -209,11 +214,11 @@ def register_depth(c2w: Tensor, depth: Tensor, K: Tensor, depth_map: CaptureDept
     """
     config = config or DepthRegistrationConfig()
     stride = max(1, int(config.query_stride))
-    cam, valid = _camera_points(depth.detach().cpu().numpy(), K.detach().cpu().double().numpy(), stride)
+    start = c2w[:3, :4].detach().cpu().double()
+    world, z, valid = depth_points(depth.detach().cpu().numpy(), K.detach().cpu(), start, stride)
     if mask is not None:
         valid &= mask.detach().cpu().numpy()[::stride, ::stride]
-    src = cam[valid]
-    start = c2w[:3, :4].detach().cpu().double()
+    src, src_depth = world[valid], z[valid]  # the query's points at the starting pose
 
     def keep(reason: str, overlap: float = 0.0, rms: float = math.nan, moved: float = 0.0, turned: float = 0.0,
              iterations: int = 0) -> RegistrationResult:
@@ -221,9 +226,9 @@ def register_depth(c2w: Tensor, depth: Tensor, K: Tensor, depth_map: CaptureDept
 
     if len(src) < 6:
         return keep("depth ICP not run: fewer than 6 query depth pixels")
-    reach = config.max_distance * float(np.median(src[:, 2]))
-    pose = opengl_c2w_to_opencv_c2w(start).numpy()
-    R, t = pose[:, :3].copy(), pose[:, 3].copy()
+    median_depth = float(np.median(src_depth))
+    reach = config.max_distance * median_depth
+    R, t = np.eye(3), np.zeros(3)  # the correction: a rigid motion of the scene frame
     steps = 0
     for steps in range(1, max(1, config.iterations) + 1):
         p, q, n, _ = _pairs(src @ R.T + t, depth_map, reach)
@@ -246,14 +251,15 @@ def register_depth(c2w: Tensor, depth: Tensor, K: Tensor, depth_map: CaptureDept
     p, q, n, overlap = _pairs(src @ R.T + t, depth_map, reach)
     residual = np.einsum("ij,ij->i", p - q, n)
     rms = float(np.sqrt(np.mean(residual ** 2))) if len(residual) else math.nan
-    aligned = opencv_c2w_to_opengl_c2w(torch.from_numpy(np.concatenate([R, t[:, None]], axis=1)))
+    start_np = start.numpy()
+    aligned = torch.from_numpy(np.concatenate([R @ start_np[:, :3], (R @ start_np[:, 3] + t)[:, None]], axis=1))
     moved = float(translation_error(aligned[None], start[None])[0])
     turned = float(rotation_error_deg(aligned[None], start[None])[0])
     summary = f"overlap {100 * overlap:.0f}%, rms {rms:.5f}, moved {moved:.4f} and {turned:.3f} deg, {steps} steps"
     if overlap < config.min_overlap:
         return keep(f"depth ICP not kept ({summary}): overlap under {100 * config.min_overlap:.0f}%", overlap, rms,
                     moved, turned, steps)
-    if moved > config.max_correction * float(np.median(src[:, 2])) or turned > config.max_correction_deg:
+    if moved > config.max_correction * median_depth or turned > config.max_correction_deg:
         return keep(f"depth ICP not kept ({summary}): a jump, not a correction", overlap, rms, moved, turned, steps)
     return RegistrationResult(aligned.to(c2w.dtype), True, overlap, rms, moved, turned, steps, f"depth ICP ({summary})")
 

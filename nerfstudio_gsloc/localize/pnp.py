@@ -203,11 +203,12 @@ class PnPBaseline:
                selection: Optional[str] = None) -> List[int]:
         """The map views to match the query against, by ``selection`` (default ``config.selection``)."""
         cfg = self.config
-        if (selection or cfg.selection) == "prior":
+        mode = selection or cfg.selection
+        if mode == "prior":
             if prior_c2w is None:
                 raise GslocError("pnp with selection=prior needs an initial pose")
             return self.nearest_views(prior_c2w, scale)
-        if (selection or cfg.selection) == "retrieval":
+        if mode == "retrieval":
             if cfg.retrieval_shortlist > 0:
                 return self.most_matched(query, self.index.top_k(query, max(cfg.retrieval_shortlist, cfg.num_views)))
             return self.index.top_k(query, cfg.num_views)
@@ -304,7 +305,6 @@ class PnPLocalizer(Localizer):
             raise GslocError("pnp: num_views must be >= 1")
         self.training_views = None if training_views is None else list(training_views)
         self.baseline: Optional[PnPBaseline] = None
-        self.camera_scale = 1.0
 
     @property
     def shares_verifier_map(self) -> bool:
@@ -323,7 +323,6 @@ class PnPLocalizer(Localizer):
                 index = load_or_build_index(self.model, self.pipeline, cfg.index_config(), cfg.matcher,
                                             cfg.depth_edge_tolerance, training_views=self.training_views)
                 self.baseline = PnPBaseline(index, cfg)
-            self.camera_scale = self.baseline.camera_scale
             self.notes["pnp_map_seconds"] = round(self.baseline.map_seconds, 2)
             self.notes["pnp_map_points"] = sum(len(view.features) for view in self.baseline.map)
             self.notes["pnp_map_views"] = len(index)
@@ -341,7 +340,7 @@ class PnPLocalizer(Localizer):
                 if self.shares_verifier_map:
                     outcome = self.verifier.pnp(query, seed=self.seed + query.index)
                 else:
-                    outcome = baseline.localize(query.image, query.K, prior_c2w=start, scale=self.camera_scale,
+                    outcome = baseline.localize(query.image, query.K, prior_c2w=start, scale=baseline.camera_scale,
                                                 seed=self.seed + query.index)
                 if outcome.c2w is None:
                     c2w, status, reason = start.clone(), STATUS_FAILED, outcome.reason

@@ -12,7 +12,7 @@ import torch
 from nerfstudio_gsloc.data.room_layout import build_scene, dataset_poses, focal_from_hfov, query_poses
 from nerfstudio_gsloc.data.room_raycast import render_views
 from nerfstudio_gsloc.localize.depth_registration import (DepthRegistrationConfig, capture_depth_map, register_depth,
-                                                           surface_normals, _camera_points)
+                                                           surface_normals, depth_points)
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 WIDTH, HEIGHT = 64, 48
@@ -86,8 +86,8 @@ def test_a_frame_that_is_not_on_the_map_or_would_jump_keeps_its_pose(room):
 def test_normals_leave_out_depth_discontinuities():
     depth = np.full((8, 8), 2.0)
     depth[:, 4:] = 4.0  # a step: the columns beside it have no surface to take a normal of
-    cam, valid = _camera_points(depth, _K())
-    normals, good = surface_normals(cam, valid)
+    points, z, valid = depth_points(depth, _K(), torch.eye(4))  # the camera's own (OpenGL) axes
+    normals, good = surface_normals(points, z, valid)
     assert not good[:, 3].any() and not good[:, 4].any()
     assert good[2:6, 1:3].all() and good[2:6, 5:7].all()
     # a fronto-parallel plane's normal is the optical axis (sign arbitrary)
