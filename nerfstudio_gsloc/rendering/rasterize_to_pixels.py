@@ -48,13 +48,12 @@ class _RasterizeCPU(torch.autograd.Function):
         means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, alphas, last_ids = ctx.saved_tensors
         width, height, tile_size = ctx.size
         ext = load_cpu_extension()
-        (per_isect,) = ext.rasterize_backward(
+        (per_gauss,) = ext.rasterize_backward(
             means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, width, height, tile_size,
             alphas, last_ids, v_render.contiguous(), v_alphas.contiguous(),
         )
         num_cams, num_gauss, dim = colors.shape
-        # Sum the per-intersection rows into per-Gaussian gradients.
-        per_gauss = ext.sum_rows(per_isect, flatten_ids, num_cams * num_gauss).reshape(num_cams, num_gauss, -1)
+        per_gauss = per_gauss.reshape(num_cams, num_gauss, -1)
         v_means2d = per_gauss[..., 0:2]
         v_conics = per_gauss[..., 2:5]
         v_opacities = per_gauss[..., 5]

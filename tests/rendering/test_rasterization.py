@@ -181,6 +181,32 @@ def test_cpp_and_torch_compositors_agree_on_many_gaussians():
         torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-3)
 
 
+def test_cpp_compositor_gradients_do_not_depend_on_the_thread_count():
+    """The backward adds into one buffer per thread and sums them: 2 threads give 1 thread's gradients."""
+    assert load_cpu_extension() is not None
+    gen = torch.Generator().manual_seed(3)
+    num, width, height = 2000, 64, 48
+    means2d = (torch.rand(1, num, 2, generator=gen) * torch.tensor([width, height])).requires_grad_(True)
+    conics = torch.tensor([0.3, 0.05, 0.4]).repeat(1, num, 1).requires_grad_(True)
+    colors = torch.rand(1, num, 3, generator=gen).requires_grad_(True)
+    opacities = (torch.rand(1, num, generator=gen) * 0.9 + 0.05).requires_grad_(True)
+    extents = torch.full((1, num, 2), 6.0)
+    tiles = intersect_tiles(means2d, extents, torch.rand(1, num, generator=gen), width, height, 8)
+    weights = torch.rand(1, height, width, 3, generator=gen)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            img, alpha = rasterize_to_pixels(means2d, conics, colors, opacities, tiles, width, height, use_cpp=True)
+            grads.append(torch.autograd.grad((img * weights).sum() + alpha.sum(), [means2d, conics, colors, opacities]))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*grads):
+        assert one.abs().max() > 0
+        torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)  # only the summation order differs
+
+
 def test_projection_matches_gsplat_reference():
     """Our projection agrees with gsplat's own PyTorch implementation of it."""
     from gsplat.cuda._torch_impl import _fully_fused_projection

@@ -18,7 +18,6 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               torch::Tensor v_render, torch::Tensor v_alphas);
 std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor depths,
                                      torch::Tensor visible, int64_t width, int64_t height, int64_t tile_size);
-torch::Tensor sum_rows(torch::Tensor per_isect, torch::Tensor ids, int64_t num_rows);
 std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
                                            torch::Tensor opacities, torch::Tensor viewmats, torch::Tensor Ks,
                                            int64_t width, int64_t height, double near, double far, double eps2d,
@@ -37,7 +36,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rasterize_forward", &rasterize_forward, "tile rasterization forward (CPU)");
   m.def("rasterize_backward", &rasterize_backward, "tile rasterization backward (CPU)");
   m.def("bin_tiles", &bin_tiles, "tile binning by counting sort (CPU)");
-  m.def("sum_rows", &sum_rows, "per-intersection gradient rows summed per Gaussian (CPU)");
   m.def("project_forward", &project_forward, "fused EWA projection forward (CPU)");
   m.def("project_backward", &project_backward, "fused EWA projection backward (CPU)");
   m.def("sh_forward", &sh_forward, "fused SH colours forward (CPU)");

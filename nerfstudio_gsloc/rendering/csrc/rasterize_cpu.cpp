@@ -17,8 +17,10 @@
 // tile's pixels that the compiler turns into SIMD code (including exp). A pixel that has terminated
 // stays in the loop but is masked out. With the footprints' extents, a Gaussian is only tested on the tile
 // rows its footprint reaches (a contiguous run of pixels, so the loops stay vectorised). Tiles are spread
-// over ATen's thread pool. The backward pass writes one gradient row per intersection (an intersection
-// belongs to one tile, so no two threads write the same row); sum_rows adds them up per Gaussian.
+// over ATen's thread pool. The backward pass adds each intersection's gradient straight into its Gaussian's
+// row of a per-thread buffer (tiles on different threads share Gaussians), and the buffers are summed at the
+// end: a row per intersection (1.2 M rows, 46 MB at 256x256 with 200k Gaussians) cost more in page faults and
+// in a second summing pass than the compositing itself saved by writing without conflicts.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -186,7 +188,8 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
   }
 }
 
-// Backward pass over one tile: walks each pixel's composited Gaussians back to front.
+// Backward pass over one tile: walks each pixel's composited Gaussians back to front and adds their gradients
+// to `grads` [C*N, 6 + D] (the calling thread's buffer, indexed by flat Gaussian id).
 template <int TS>
 void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32_t* last_ids,
                    const float* v_render, const float* v_alphas, float* grads) {
@@ -225,8 +228,6 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
     v_T_final[p] = vt;
   }
 
-  // The gradient rows are not zeroed by the caller: rows of Gaussians no pixel composited are zeroed here.
-  std::fill(grads + (start + max_last) * G, grads + (start + count) * G, 0.0f);
   for (int64_t k = max_last - 1; k >= 0; --k) {
     const int64_t g = in.ids[start + k];
     const float gx = in.xy[2 * g], gy = in.xy[2 * g + 1];
@@ -257,11 +258,8 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
       vis_[p] = (valid & (raw_alpha <= kAlphaMax)) ? vis : 0.0f;
     }
     for (int p = p0; p < p1; ++p) w_total += w[p];
-    float* gk = grads + (start + k) * G;
-    if (w_total == 0.0f) {  // no pixel of this tile composited this Gaussian: its gradient row is 0
-      std::fill(gk, gk + G, 0.0f);
-      continue;
-    }
+    if (w_total == 0.0f) continue;  // no pixel of this tile composited this Gaussian: nothing to add
+    float* gk = grads + g * G;
     for (int64_t d = 0; d < D; ++d) {
       const float cd = c[d];
       float* b = behind.data() + d * P;
@@ -273,7 +271,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
         v_alpha[p] += (w[p] > 0.0f) ? (cd * T[p] - b[p] * inv_one_minus[p]) * v[p] : 0.0f;
         b[p] += w[p] * cd;
       }
-      gk[6 + d] = g_color;
+      gk[6 + d] += g_color;
     }
     float g_x = 0.0f, g_y = 0.0f, g_a = 0.0f, g_b = 0.0f, g_c = 0.0f, g_op = 0.0f;
     for (int p = p0; p < p1; ++p) {
@@ -285,12 +283,12 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
       g_c += 0.5f * v_sigma * dys[p] * dys[p];
       g_op += vis_[p] * v_alpha[p];
     }
-    gk[0] = g_x;
-    gk[1] = g_y;
-    gk[2] = g_a;
-    gk[3] = g_b;
-    gk[4] = g_c;
-    gk[5] = g_op;
+    gk[0] += g_x;
+    gk[1] += g_y;
+    gk[2] += g_a;
+    gk[3] += g_b;
+    gk[4] += g_c;
+    gk[5] += g_op;
   }
 }
 
@@ -330,7 +328,7 @@ std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d, torch::Tenso
   return {render, alphas, last_ids};
 }
 
-// Returns per-intersection gradients [M, 6 + D]: (d means2d x, y | d conic a, b, c | d opacity | d colors).
+// Returns per-Gaussian gradients [C*N, 6 + D]: (d means2d x, y | d conic a, b, c | d opacity | d colors).
 std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
                                               torch::Tensor opacities, torch::Tensor backgrounds,
                                               torch::Tensor extents, torch::Tensor tile_offsets,
@@ -339,7 +337,9 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               torch::Tensor v_render, torch::Tensor v_alphas) {
   const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
                                 width, height, tile_size);
-  auto grads = torch::empty({flatten_ids.size(0), 6 + in.D}, means2d.options());
+  // One buffer per thread of the pool; tiles are handed out in contiguous chunks, one chunk per thread.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads()), rows = in.C * opacities.size(1);
+  auto grads = torch::zeros({threads, rows, 6 + in.D}, means2d.options());
   const float* a = alphas.data_ptr<float>();
   const int32_t* last = last_ids.data_ptr<int32_t>();
   const float* vr = v_render.data_ptr<float>();
@@ -347,10 +347,11 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
   float* gr = grads.data_ptr<float>();
   dispatch_tile_size(tile_size, [&](auto ts) {
     at::parallel_for(0, in.C * in.tiles_x * in.tiles_y, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) backward_tile<decltype(ts)::value>(in, t, a, last, vr, va, gr);
+      float* mine = gr + std::min<int64_t>(at::get_thread_num(), threads - 1) * rows * (6 + in.D);
+      for (int64_t t = begin; t < end; ++t) backward_tile<decltype(ts)::value>(in, t, a, last, vr, va, mine);
     });
   });
-  return {grads};
+  return {threads == 1 ? grads[0] : grads.sum(0)};
 }
 
 // Monotonic unsigned key of a float: a < b (as floats, not NaN) exactly when key(a) < key(b), except that -0
@@ -432,21 +433,4 @@ std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extent
       for (int32_t tx = rect[4 * i]; tx < rect[4 * i + 1]; ++tx) ids[cursor[base + ty * tiles_x + tx]++] = ord[i];
   }
   return {offsets, flatten_ids};
-}
-
-// Sums per-intersection gradient rows [M, G] into per-Gaussian rows [num_rows, G] (rows[ids[m]] += per_isect[m]).
-torch::Tensor sum_rows(torch::Tensor per_isect, torch::Tensor ids, int64_t num_rows) {
-  TORCH_CHECK(per_isect.dtype() == torch::kFloat32 && per_isect.is_contiguous() && ids.dtype() == torch::kInt64,
-              "sum_rows: contiguous float32 rows and int64 ids expected");
-  const int64_t M = per_isect.size(0), G = per_isect.size(1);
-  auto out = torch::zeros({num_rows, G}, per_isect.options());
-  const float* src = per_isect.data_ptr<float>();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  float* dst = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const float* row = src + m * G;
-    float* acc = dst + id[m] * G;
-    for (int64_t g = 0; g < G; ++g) acc[g] += row[g];
-  }
-  return out;
 }
