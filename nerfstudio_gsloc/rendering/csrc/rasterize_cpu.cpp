@@ -14,7 +14,7 @@
 // Gaussians whose alpha is below 1/255; alpha is clamped to 0.999.
 //
 // Speed: a tile's pixels are processed together, one Gaussian at a time, in branch-free loops over the
-// tile's pixels that the compiler turns into SIMD code (including exp). A pixel that has terminated
+// tile's pixels that the compiler turns into SIMD code (exp included: exp_neg). A pixel that has terminated
 // stays in the loop but is masked out. With the footprints' extents, a Gaussian is only tested on the tile
 // rows its footprint reaches (a contiguous run of pixels, so the loops stay vectorised). Tiles are spread
 // over ATen's thread pool. The backward pass adds each intersection's gradient straight into its Gaussian's
@@ -75,6 +75,28 @@ Inputs make_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, co
                 height,
                 (width + tile_size - 1) / tile_size,
                 (height + tile_size - 1) / tile_size};
+}
+
+// exp(-s), inlined so that the pixel loops stay one vectorised block (a call to the vector library's expf
+// spills the registers the loop keeps its Gaussian in). 2^t with t = -s log2(e), split into floor(t) (added to
+// the exponent bits) and a degree-6 polynomial of the fraction (relative error 1e-7, float32 rounding). s is
+// clamped to [-80, 87]: pixels outside that have alpha < 1/255 or are invalid (s < 0) anyway.
+inline float exp_neg(float s) {
+  const float t = -std::min(std::max(s, -80.0f), 87.0f) * 1.44269504088896341f;
+  const float whole = std::floor(t), f = t - whole;
+  float p = 2.161380834877491e-4f;
+  p = p * f + 1.2467376654967666e-3f;
+  p = p * f + 9.675532579421997e-3f;
+  p = p * f + 5.548521876335144e-2f;
+  p = p * f + 2.4022932350635529e-1f;
+  p = p * f + 6.931470632553101e-1f;
+  p = p * f + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(whole) * (1 << 23);  // p in [1, 2): floor(t) goes into its exponent
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
 }
 
 // Smallest sigma = 0.5 (a u^2 + c v^2) + b u v over the rectangle [ul, uh] x [vl, vh] of offsets u = gx - px,
@@ -153,7 +175,7 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
     for (int p = p0; p < p1; ++p) {
       const float dx = gx - px[p], dy = gy - py[p];
       const float sigma = 0.5f * (qa * dx * dx + qc * dy * dy) + qb * dx * dy;
-      const float alpha = std::min(kAlphaMax, op * std::exp(-sigma));
+      const float alpha = std::min(kAlphaMax, op * exp_neg(sigma));
       const bool valid = (sigma >= 0.0f) & (alpha >= kAlphaMin) & (active[p] > 0.0f);
       const float next_T = T[p] * (1.0f - alpha);
       const bool stop = valid & (next_T <= kTransmittanceMin);
@@ -241,7 +263,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
     for (int p = p0; p < p1; ++p) {
       const float dx = gx - px[p], dy = gy - py[p];
       const float sigma = 0.5f * (qa * dx * dx + qc * dy * dy) + qb * dx * dy;
-      const float vis = std::exp(-sigma);
+      const float vis = exp_neg(sigma);
       const float raw_alpha = op * vis;
       const float alpha = std::min(kAlphaMax, raw_alpha);
       const bool valid = (sigma >= 0.0f) & (alpha >= kAlphaMin) & (k < last[p]);
