@@ -194,12 +194,15 @@ def test_recovers_perturbed_eval_views_of_a_trained_model(trained_run_localized)
     assert len(trace_steps) >= max(r.iterations for r in results)
 
 
-# Not strict: whether the brief model's views keep their first PnP pose depends on the CPU's vector code (the
-# kernels are built with -march=native -ffast-math). On the Zen 4 EPYC of 2026-12-03 view 4 was at 0.30 deg after
-# the first jump and ended at 1.05 deg; on the AVX2 EPYC of 2026-12-06 every view ends within 0.05 deg of it (XPASS).
+# Not strict: whether the brief model's views keep their first PnP pose depends on the float rounding of the
+# kernels (built with -march=native -ffast-math). On the Zen 4 EPYC of 2026-12-03 view 4 was at 0.30 deg after
+# the first jump and ended at 1.05 deg; on the AVX2 EPYC of 2026-12-06 every view ended within 0.05 deg of it
+# (XPASS); on the same machine with the inlined exp of 2026-12-07 the second view's first jump is at 0.195 deg
+# and LM on the 400-step 80x60 model drifts it to 0.312 deg (a fraction of a pixel at this size, below what the
+# verifier's map matches can tell apart).
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 18 (refinement that never loses to its initialiser): a later PnP jump of the matching stage can replace "
-    "a better earlier pose (CPU-dependent on this brief model)"))
+    "issue 18 (refinement that never loses to its initialiser): on this brief model a later PnP jump or the LM "
+    "refinement can move a view from a better earlier pose (rounding-dependent)"))
 def test_no_view_ends_worse_than_its_first_pnp_pose(trained_run_localized):
     results, rot, _, _ = trained_run_localized
     first_jump = torch.tensor([float(r.trace[1]["rot_err_deg"]) for r in results])
