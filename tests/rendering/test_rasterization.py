@@ -158,25 +158,31 @@ def test_gradients_match_dense_reference(backend):
         torch.testing.assert_close(g, r, atol=2e-4, rtol=2e-3, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_cpp_and_torch_compositors_agree_on_many_gaussians():
-    """Long per-tile lists (early termination, clamped alphas) on a bigger image."""
-    assert load_cpu_extension() is not None
-    gen = torch.Generator().manual_seed(7)
-    num, width, height = 3000, 64, 48
+def splats_on_an_image(num: int, seed: int, width: int = 64, height: int = 48):
+    """``num`` projected Gaussians (one camera, 4 channels) scattered over a ``width x height`` image, binned into
+    8x8 tiles, and random per-pixel loss weights: (inputs of rasterize_to_pixels with gradients on, weights)."""
+    gen = torch.Generator().manual_seed(seed)
     means2d = (torch.rand(1, num, 2, generator=gen) * torch.tensor([width, height])).requires_grad_(True)
     conics = torch.tensor([0.3, 0.05, 0.4]).repeat(1, num, 1).requires_grad_(True)
     colors = torch.rand(1, num, 4, generator=gen).requires_grad_(True)
     opacities = (torch.rand(1, num, generator=gen) * 0.999 + 0.001).requires_grad_(True)
-    depths = torch.rand(1, num, generator=gen)
-    extents = torch.full((1, num, 2), 6.0)
-    tiles = intersect_tiles(means2d, extents, depths, width, height, 8)
-    weights = torch.rand(1, height, width, 4, generator=gen)
-    results = []
-    for use_cpp in (True, False):
-        img, alpha = rasterize_to_pixels(means2d, conics, colors, opacities, tiles, width, height, use_cpp=use_cpp)
-        loss = (img * weights).sum() + alpha.sum()
-        results.append((img, alpha, *torch.autograd.grad(loss, [means2d, conics, colors, opacities])))
-    for a, b in zip(*results):
+    tiles = intersect_tiles(means2d, torch.full((1, num, 2), 6.0), torch.rand(1, num, generator=gen), width, height, 8)
+    return (means2d, conics, colors, opacities, tiles, width, height), torch.rand(1, height, width, 4, generator=gen)
+
+
+def composite_and_differentiate(splats, weights, use_cpp: bool):
+    """Render ``splats`` and return (image, alpha, d loss / d means2d, conics, colors, opacities)."""
+    img, alpha = rasterize_to_pixels(*splats, use_cpp=use_cpp)
+    loss = (img * weights).sum() + alpha.sum()
+    return (img, alpha, *torch.autograd.grad(loss, list(splats[:4])))
+
+
+def test_cpp_and_torch_compositors_agree_on_many_gaussians():
+    """Long per-tile lists (early termination, clamped alphas) on a bigger image."""
+    assert load_cpu_extension() is not None
+    splats, weights = splats_on_an_image(3000, seed=7)
+    cpp, torch_ref = (composite_and_differentiate(splats, weights, use_cpp) for use_cpp in (True, False))
+    for a, b in zip(cpp, torch_ref):
         # the C++ backward rebuilds transmittance by division along long lists: float32 noise of ~1e-4
         torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-3)
 
@@ -184,25 +190,16 @@ def test_cpp_and_torch_compositors_agree_on_many_gaussians():
 def test_cpp_compositor_gradients_do_not_depend_on_the_thread_count():
     """The backward adds into one buffer per thread and sums them: 2 threads give 1 thread's gradients."""
     assert load_cpu_extension() is not None
-    gen = torch.Generator().manual_seed(3)
-    num, width, height = 2000, 64, 48
-    means2d = (torch.rand(1, num, 2, generator=gen) * torch.tensor([width, height])).requires_grad_(True)
-    conics = torch.tensor([0.3, 0.05, 0.4]).repeat(1, num, 1).requires_grad_(True)
-    colors = torch.rand(1, num, 3, generator=gen).requires_grad_(True)
-    opacities = (torch.rand(1, num, generator=gen) * 0.9 + 0.05).requires_grad_(True)
-    extents = torch.full((1, num, 2), 6.0)
-    tiles = intersect_tiles(means2d, extents, torch.rand(1, num, generator=gen), width, height, 8)
-    weights = torch.rand(1, height, width, 3, generator=gen)
-    grads = []
+    splats, weights = splats_on_an_image(2000, seed=3)
     threads = torch.get_num_threads()
+    results = []
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            img, alpha = rasterize_to_pixels(means2d, conics, colors, opacities, tiles, width, height, use_cpp=True)
-            grads.append(torch.autograd.grad((img * weights).sum() + alpha.sum(), [means2d, conics, colors, opacities]))
+            results.append(composite_and_differentiate(splats, weights, use_cpp=True))
     finally:
         torch.set_num_threads(threads)
-    for one, two in zip(*grads):
+    for one, two in zip(*results):
         assert one.abs().max() > 0
         torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)  # only the summation order differs
 
