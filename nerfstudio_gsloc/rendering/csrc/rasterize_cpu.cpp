@@ -219,7 +219,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
   const int64_t n_tiles = in.tiles_x * in.tiles_y;
   const int64_t cam = t / n_tiles, tile = t % n_tiles;
   const int64_t x0 = (tile % in.tiles_x) * TS, y0 = (tile / in.tiles_x) * TS;
-  const int64_t start = in.offsets[t], count = in.offsets[t + 1] - start;
+  const int64_t start = in.offsets[t];
   const int64_t D = in.D, G = 6 + D;
 
   alignas(64) float px[P], py[P], T[P], T_final[P], v_T_final[P];
@@ -359,7 +359,8 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               torch::Tensor v_render, torch::Tensor v_alphas) {
   const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
                                 width, height, tile_size);
-  // One buffer per thread of the pool; tiles are handed out in contiguous chunks, one chunk per thread.
+  // One buffer per thread of the pool: a thread runs its chunks of tiles one after the other, so only tiles on
+  // different threads add to the same Gaussian at the same time, each into its own buffer.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads()), rows = in.C * opacities.size(1);
   auto grads = torch::zeros({threads, rows, 6 + in.D}, means2d.options());
   const float* a = alphas.data_ptr<float>();
@@ -369,7 +370,10 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
   float* gr = grads.data_ptr<float>();
   dispatch_tile_size(tile_size, [&](auto ts) {
     at::parallel_for(0, in.C * in.tiles_x * in.tiles_y, 1, [&](int64_t begin, int64_t end) {
-      float* mine = gr + std::min<int64_t>(at::get_thread_num(), threads - 1) * rows * (6 + in.D);
+      const int64_t thread = at::get_thread_num();
+      // a thread number beyond the buffers would make two threads share one: fail rather than race
+      TORCH_CHECK(thread >= 0 && thread < threads, "rasterize_backward: thread ", thread, " of ", threads);
+      float* mine = gr + thread * rows * (6 + in.D);
       for (int64_t t = begin; t < end; ++t) backward_tile<decltype(ts)::value>(in, t, a, last, vr, va, mine);
     });
   });
