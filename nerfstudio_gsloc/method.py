@@ -13,7 +13,6 @@ Note that ``--max-num-iterations`` alone does not shorten the means' learning-ra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
@@ -32,15 +31,6 @@ compat.allow_nerfstudio_checkpoints()
 compat.install_gsloc_excepthook()
 
 DEFAULT_ITERATIONS = 7000
-
-
-@dataclass
-class FusedAdamOptimizerConfig(AdamOptimizerConfig):
-    """nerfstudio's Adam with ``fused=True``: one native kernel per parameter tensor instead of about ten
-    element-wise passes over it. On lego's 47k Gaussians one step of all their optimizers took 3.4 ms against 21.7
-    ms on one CPU thread (2026-12-07), about a sixth of a whole training step. The same update rule."""
-
-    fused: bool = True
 
 
 #: What a run folder holds before its first checkpoint (nerfstudio's config, logs and viewer log, our seed cache).
@@ -126,16 +116,16 @@ def gsloc_trainer_config(max_iterations: int = DEFAULT_ITERATIONS) -> TrainerCon
         ),
         optimizers={
             "means": {
-                "optimizer": FusedAdamOptimizerConfig(lr=1.6e-4, eps=1e-15),
+                "optimizer": AdamOptimizerConfig(lr=1.6e-4, eps=1e-15),
                 "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=max_iterations),
             },
-            "features_dc": {"optimizer": FusedAdamOptimizerConfig(lr=0.0025, eps=1e-15), "scheduler": None},
-            "features_rest": {"optimizer": FusedAdamOptimizerConfig(lr=0.0025 / 20, eps=1e-15), "scheduler": None},
-            "opacities": {"optimizer": FusedAdamOptimizerConfig(lr=0.05, eps=1e-15), "scheduler": None},
-            "scales": {"optimizer": FusedAdamOptimizerConfig(lr=0.005, eps=1e-15), "scheduler": None},
-            "quats": {"optimizer": FusedAdamOptimizerConfig(lr=0.001, eps=1e-15), "scheduler": None},
+            "features_dc": {"optimizer": AdamOptimizerConfig(lr=0.0025, eps=1e-15), "scheduler": None},
+            "features_rest": {"optimizer": AdamOptimizerConfig(lr=0.0025 / 20, eps=1e-15), "scheduler": None},
+            "opacities": {"optimizer": AdamOptimizerConfig(lr=0.05, eps=1e-15), "scheduler": None},
+            "scales": {"optimizer": AdamOptimizerConfig(lr=0.005, eps=1e-15), "scheduler": None},
+            "quats": {"optimizer": AdamOptimizerConfig(lr=0.001, eps=1e-15), "scheduler": None},
             "camera_opt": {
-                "optimizer": FusedAdamOptimizerConfig(lr=1e-4, eps=1e-15),
+                "optimizer": AdamOptimizerConfig(lr=1e-4, eps=1e-15),
                 "scheduler": ExponentialDecaySchedulerConfig(
                     lr_final=5e-7, max_steps=max_iterations, warmup_steps=1000, lr_pre_warmup=0
                 ),
