@@ -52,7 +52,12 @@ class SingleLossBudget:
 def single_loss_config(base: PoseInversionConfig, budget: SingleLossBudget, photometric: bool, depth: bool) -> PoseInversionConfig:
     """``base`` (gsloc's config) with one loss term, no matching stage and the single-loss budget."""
     losses = dataclasses.replace(base.losses, photometric=photometric, matching=False, depth=depth)
-    schedule = dataclasses.replace(base.schedule, pyramid_iterations=tuple(budget.pyramid_iterations))
+    # One budget per level of gsloc's pyramid, finest levels first: a 2-level preset (fast) gets the budget of the
+    # default's two finest levels, a deeper pyramid repeats the coarsest budget.
+    levels, per_level = len(base.schedule.pyramid_scales), tuple(budget.pyramid_iterations)
+    per_level = per_level[max(0, len(per_level) - levels):]
+    iterations = (per_level[:1] * (levels - len(per_level))) + per_level
+    schedule = dataclasses.replace(base.schedule, pyramid_iterations=iterations)
     # Adam at every level, as the papers these baselines reproduce (gsloc's final level may be Levenberg-Marquardt)
     optim = dataclasses.replace(base.optim, rotation_lr=budget.rotation_lr, translation_lr=budget.translation_lr,
                                 final_solver="adam")

@@ -150,6 +150,23 @@ def test_single_loss_baselines_get_one_loss_and_their_own_budget():
     assert settings.gsloc.schedule.pyramid_iterations == (15, 15, 60) and settings.gsloc.losses.matching
 
 
+@pytest.mark.parametrize("scales", [(2.0, 1.0), (8.0, 4.0, 2.0, 1.0)])
+def test_single_loss_budget_fits_a_pyramid_of_another_depth(scales):
+    """gsloc settings with a 2-level pyramid (the fast preset) or a 4-level one: photometric and depth get one
+    budget per level (the finest levels' budgets; the coarsest repeated) and a schedule that passes the checks
+    (a 3-level budget on a 2-level pyramid stopped gsloc-bench --gsloc-preset fast before it ran)."""
+    from nerfstudio_gsloc.localize.pipeline import PoseInversion
+
+    settings = LocalizerSettings()
+    settings.gsloc.schedule.pyramid_scales = scales
+    settings.gsloc.schedule.pyramid_iterations = (10,) * len(scales)
+    settings.gsloc.schedule.refine_matching_weight = (0.0,) * len(scales)
+    settings.single_loss.pyramid_iterations = (7, 8, 9)
+    config = settings.config("depth")
+    assert config.schedule.pyramid_iterations == {2: (8, 9), 4: (7, 7, 8, 9)}[len(scales)]
+    PoseInversion.build_matcher(config)  # raises on an inconsistent schedule
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the report
 # ----------------------------------------------------------------------------------------------------------
