@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.camera_conventions import rigid_inverse, to_homogeneous
+from nerfstudio_gsloc.localize.depth_registration import capture_depth_map_of
 from nerfstudio_gsloc.localize.initialization import retrieval_initial_poses
 from nerfstudio_gsloc.localize.localizer import Localizer
 from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
@@ -54,6 +55,9 @@ EVENT_INITIALIZED = "initialized"
 EVENT_TRACKED = "tracked"
 EVENT_RELOCALIZED = "relocalized"
 EVENT_LOST = "lost"
+
+AUTO_PRESET = "auto"
+"""``--sequence-preset auto``: :func:`choose_sequence_preset` picks the per-frame schedule."""
 
 RetrievalFn = Callable[[Query], Optional[Tensor]]
 """A global localization of one frame without any prior: its ``[3, 4]`` pose, or ``None`` when none was found."""
@@ -286,6 +290,29 @@ class SequenceTracker:
         note = f"{event} ({tried})"
         result.add_note(note)
         return result
+
+
+def choose_sequence_preset(name: str, method: str, frames: Sequence[Query], pipeline: Any,
+                           gsloc: PoseInversionConfig) -> Tuple[str, str]:
+    """The per-frame preset to track ``frames`` with, and why: ``name`` itself unless it is ``auto``.
+
+    ``auto`` is ``sequence-rgbd`` for gsloc when every frame has depth, gsloc's depth alignment is on and the run's
+    training views have depth images (two LM steps, then the alignment sets each frame's pose: on the room path
+    ATE 0.000026 against 0.0021 at 0.7x the time per frame, README "Tracking"); otherwise ``sequence``, the short
+    schedule the other methods were measured with (``sequence-rgbd``'s two steps would leave photometric and depth
+    two iterations, and an RGB frame nothing to align).
+    """
+    if name != AUTO_PRESET:
+        return name, "as given"
+    if method != "gsloc":
+        return "sequence", f"auto: {method} has no depth alignment"
+    if not frames or any(frame.depth is None for frame in frames):
+        return "sequence", "auto: frames without depth"
+    if not gsloc.depth_alignment.enabled:
+        return "sequence", "auto: the depth alignment is off"
+    if pipeline is None or capture_depth_map_of(pipeline, gsloc.depth_alignment.map_points) is None:
+        return "sequence", "auto: the run's training views have no depth images"
+    return "sequence-rgbd", "auto: RGB-D frames, training views with depth images"
 
 
 def tracking_settings(settings: LocalizerSettings, tracking: PoseInversionConfig) -> LocalizerSettings:

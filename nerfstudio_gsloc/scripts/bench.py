@@ -112,8 +112,10 @@ class BenchCLI:
     global_init: Literal["retrieval", "regression"] = "retrieval"
     """Protocols without a prior (global): where the refining methods start, retrieval + PnP or the scene
     regressor's pose (weights from gsloc-train-regressor); pnp and regression find their own pose either way."""
-    sequence_preset: str = "sequence"
-    """--protocol sequence: the per-frame schedule (a configs/localize preset or file on top of gsloc's settings)."""
+    sequence_preset: str = "auto"
+    """--protocol sequence: the per-frame schedule (a configs/localize preset or file on top of gsloc's settings);
+    auto: per method, as ns-localize --sequence (sequence-rgbd for gsloc on RGB-D frames of a run with depth
+    images, else sequence)."""
     sequence_settings: SequenceConfig = field(default_factory=SequenceConfig)
     """--protocol sequence: motion model, re-localization and depth alignment, as ``ns-localize --sequence``."""
     method_settings: LocalizerSettings = field(default_factory=LocalizerSettings)

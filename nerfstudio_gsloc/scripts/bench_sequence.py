@@ -29,7 +29,7 @@ from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.registry import LOCALIZERS, LocalizerSettings, make_verifier
 from nerfstudio_gsloc.localize.result import pose_record
-from nerfstudio_gsloc.localize.sequence import SequenceConfig, SequenceFrame, make_sequence_tracker
+from nerfstudio_gsloc.localize.sequence import SequenceConfig, SequenceFrame, choose_sequence_preset, make_sequence_tracker
 from nerfstudio_gsloc.poses_file import PosesDocument, QuerySource, write_poses
 
 POSES_FILE = "poses.json"
@@ -41,14 +41,17 @@ def run_sequence_benchmark(settings: LocalizerSettings, sequence_preset: str, me
                            console: Console, config: Optional[SequenceConfig] = None) -> Dict[str, Dict[str, Any]]:
     """Track ``queries`` with every method (tracker settings ``config``) and write the outputs; returns the
     per-method summaries."""
-    tracking = load_preset(sequence_preset, base=settings.gsloc)
     config = config if config is not None else SequenceConfig()
     verifier = make_verifier(settings, pipeline.model, pipeline)
     estimates, summaries, records = {}, {}, []
     gt = sequence_report.stack_poses([q.gt_c2w for q in queries])
     console.print(f"sequence of {len(queries)} frames; frame 0 starts {first.init_rot_deg:.2f} deg and "
                   f"{first.init_trans:.4f} scene units from its ground truth, every method from the same pose")
+    presets = {}
     for method in methods:
+        presets[method], why = choose_sequence_preset(sequence_preset, method, queries, pipeline, settings.gsloc)
+        console.print(f"{method}: per-frame schedule {presets[method]} ({why})")
+        tracking = load_preset(presets[method], base=settings.gsloc)
         tracker = make_sequence_tracker(method, settings, tracking, pipeline.model, pipeline, seed=0, config=config,
                                         verifier=verifier)
         started = time.perf_counter()
@@ -72,25 +75,26 @@ def run_sequence_benchmark(settings: LocalizerSettings, sequence_preset: str, me
                                                                      "command": meta["command"]}))
         console.print(f"{method}: " + ", ".join(f"{k} {summaries[method][k]:.4g}" for k, _, _ in
                                                 sequence_report.TABLE_COLUMNS))
-    notes = {"protocol": protocol.to_dict(), "command": meta["command"], "sequence_preset": sequence_preset,
+    notes = {"protocol": protocol.to_dict(), "command": meta["command"], "sequence_preset": presets,
              "units": "scene units; ATE without alignment (the poses are estimated in the scene's own frame)"}
     sequence_report.write_sequence_json(output_dir / sequence_report.SEQUENCE_JSON, summaries, notes)
     sequence_report.plot_sequence(output_dir / sequence_report.SEQUENCE_PNG, estimates, gt, summaries,
                                   title=f"{len(queries)} frames, {meta['protocol_summary']}")
-    write_results_md(output_dir, summaries, meta, sequence_preset)
+    write_results_md(output_dir, summaries, meta, presets)
     atomic_write_text(output_dir / "bench.json", json.dumps(meta, indent=2, default=str))
     return summaries
 
 
 def write_results_md(output_dir: Path, summaries: Dict[str, Dict[str, Any]], meta: Dict[str, Any],
-                     sequence_preset: str) -> None:
+                     presets: Dict[str, str]) -> None:
     lines: List[str] = [
         "# Sequence benchmark: tracking frame by frame",
         "",
         f"- run: `{meta['load_config']}`",
         f"- queries: {QuerySource.from_json(meta['queries']).describe()} ({meta['num_queries']} frames, in file order)",
         f"- protocol: {meta['protocol_summary']}",
-        f"- per-frame schedule: `{sequence_preset}` preset; first frame and re-localizations: the method's full schedule",
+        "- per-frame schedule: " + ", ".join(f"`{preset}` preset for {method}" for method, preset in presets.items())
+        + "; first frame and re-localizations: the method's full schedule",
         f"- {meta['machine_line']}",
         "",
         *sequence_report.markdown_table(summaries),

@@ -91,7 +91,7 @@ from nerfstudio_gsloc.localize.registry import (
     make_localizer,
 )
 from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
-from nerfstudio_gsloc.localize.sequence import SequenceConfig, make_sequence_tracker
+from nerfstudio_gsloc.localize.sequence import AUTO_PRESET, SequenceConfig, choose_sequence_preset, make_sequence_tracker
 from nerfstudio_gsloc.scripts.localize_sequence import sequence_table, track_and_save, write_sequence_outputs
 from nerfstudio_gsloc.scripts.localize_starts import initial_poses_of, load_previous, query_source, resolve_init, run_settings
 from nerfstudio_gsloc.scripts.localize_outputs import (
@@ -167,9 +167,10 @@ class LocalizeCLI:
     frame starts from the previous refined pose (constant-velocity motion model) with the short --sequence-preset
     schedule, the first from its prior (else retrieval) with the full one; a frame whose confidence falls under
     --verification.threshold is re-localized (retrieval + PnP, then the last good pose) and the event recorded."""
-    sequence_preset: str = "sequence"
+    sequence_preset: str = "auto"
     """The per-frame schedule of --sequence: a configs/localize preset or file, applied on top of the other
-    --localization.* settings (which the first frame and re-localizations use)."""
+    --localization.* settings (which the first frame and re-localizations use); auto: sequence-rgbd for gsloc on
+    RGB-D frames of a run with depth images (its depth alignment sets each pose), else sequence."""
     sequence_settings: SequenceConfig = field(default_factory=SequenceConfig)
     """Motion model, re-localization and TUM frame rate of --sequence."""
     viewer: bool = False
@@ -225,9 +226,8 @@ def localize_main(cli: LocalizeCLI) -> None:
     if cli.sequence and (cli.resume or cli.viewer or cli.ray is not None):
         raise GslocError("--sequence does not support --resume, --viewer or --ray yet (frames depend on each other)")
     starting = slice(0, 1) if cli.sequence else slice(None)  # a sequence needs the first frame's start only
-    if cli.sequence:
-        tracking = load_preset(cli.sequence_preset, base=cli.localization)
-        PoseInversion.build_matcher(tracking)
+    if cli.sequence and cli.sequence_preset != AUTO_PRESET:  # a preset file checked before loading the model
+        PoseInversion.build_matcher(load_preset(cli.sequence_preset, base=cli.localization))
     if cli.queries is not None:
         queries = load_transforms_queries(cli.queries, frame, cli.max_queries)
         init = resolve_init(queries[starting], init)
@@ -296,11 +296,15 @@ def localize_main(cli: LocalizeCLI) -> None:
         try:
             if cli.sequence:
                 started = time.perf_counter()
+                preset, why = choose_sequence_preset(cli.sequence_preset, method, todo, pipeline, settings_all.gsloc)
+                CONSOLE.print(f"per-frame schedule: {preset} ({why})")
+                tracking = load_preset(preset, base=cli.localization)
                 tracker = make_sequence_tracker(method, settings_all, tracking, pipeline.model, pipeline, cli.seed,
                                                 cli.sequence_settings, verifier=localizer.verifier)
                 frames = track_and_save(tracker, method, todo, starts[0], outputs, CONSOLE)
                 sequence = write_sequence_outputs(output_dir, todo, frames, method, outputs, cli.sequence_settings.fps,
-                                                  {"command": "ns-localize " + " ".join(sys.argv[1:]), "method": method})
+                                                  {"command": "ns-localize " + " ".join(sys.argv[1:]), "method": method,
+                                                   "sequence_preset": {method: preset}})
                 elapsed = time.perf_counter() - started
             else:
                 with _ray_pool(cli, method, settings_all, todo) as pool:

@@ -76,8 +76,12 @@ def test_a_generated_sequence_is_tracked_end_to_end(tracked, track_file):
     sequence = from_strict_json((out / "sequence.json").read_text())["methods"]["gsloc"]
     assert sequence["num_frames"] == FRAMES and sequence["num_lost"] == 0 and sequence["ate_aligned"] is False
     assert sequence["events"] == ["initialized"] + ["tracked"] * (FRAMES - 1)
-    # RGB-D frames of a capture with depth images: every pose ends aligned to them (localize/depth_registration.py)
+    # RGB-D frames of a capture with depth images: every pose ends aligned to them (localize/depth_registration.py),
+    # and the default per-frame preset (auto) is sequence-rgbd: two LM steps, then the alignment, as close to the
+    # truth as the full schedule's
     assert sequence["num_depth_aligned"] == FRAMES and all("depth ICP (overlap" in r.reason for r in records)
+    assert from_strict_json((out / "sequence.json").read_text())["sequence_preset"] == {"gsloc": "sequence-rgbd"}
+    assert max(r.iterations for r in records[2:]) <= 2 and errors[:, 0].max() < 0.05 and errors[:, 1].max() < 0.001
     assert sequence["ate_rmse"] == pytest.approx(float(np.sqrt(np.mean(errors[:, 1] ** 2))), rel=1e-4)
     # Frame 0 starts from the file's prior, the others from the motion model (not from the ground truth).
     prior = torch.tensor(json.loads(track_file.read_text())["frames"][0]["prior_transform_matrix"], dtype=torch.float64)
@@ -106,11 +110,11 @@ def test_the_tum_file_parses_and_matches_poses_json(tracked):
     torch.testing.assert_close(gt, torch.stack([to_homogeneous(r.c2w_gt.double()) for r in records]), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["sequence-lm", "sequence-rgbd"])
-def test_the_lm_tracking_presets_keep_every_frame_within_bounds(small_gsloc_run, track_file, tmp_path, preset):
-    """``--sequence-preset sequence-lm`` (Levenberg-Marquardt per frame) and ``sequence-rgbd`` (two LM steps, then
-    the depth alignment) track the same frames: no frame lost, every pose within the bounds, each frame's steps LM's;
-    with ``sequence-rgbd`` every RGB-D frame ends aligned, as close to the truth as the full schedule's."""
+@pytest.mark.parametrize("preset", ["sequence-lm", "sequence"])
+def test_the_other_tracking_presets_keep_every_frame_within_bounds(small_gsloc_run, track_file, tmp_path, preset):
+    """``--sequence-preset sequence-lm`` (Levenberg-Marquardt per frame) and ``sequence`` (20 small Adam steps, the
+    preset of RGB frames) track the same frames: no frame lost, every pose within the bounds, each frame's steps
+    those of the preset's solver, and every RGB-D frame aligned to the capture's depth images in the end."""
     from nerfstudio_gsloc.poses_file import read_poses
     from nerfstudio_gsloc.scripts import localize
     from nerfstudio_gsloc.scripts.localize_outputs import read_trace_csv
@@ -127,12 +131,55 @@ def test_the_lm_tracking_presets_keep_every_frame_within_bounds(small_gsloc_run,
     assert len(records) == FRAMES and errors[:, 0].max() < MAX_ROT_DEG and errors[:, 1].max() < MAX_TRANS
     sequence = from_strict_json((tmp_path / "sequence.json").read_text())["methods"]["gsloc"]
     assert sequence["num_lost"] == 0
+    assert from_strict_json((tmp_path / "sequence.json").read_text())["sequence_preset"] == {"gsloc": preset}
     rows = [row for row in read_trace_csv(tmp_path / "trace.csv") if row["query"] == records[2].image]
-    assert {row["event"] for row in rows} & {"lm_step"}  # a tracked frame's steps are LM's
+    assert bool({row["event"] for row in rows} & {"lm_step"}) == (preset == "sequence-lm")  # the preset's solver
     assert sequence["num_depth_aligned"] == FRAMES
-    if preset == "sequence-rgbd":
-        assert max(r.iterations for r in records[2:]) <= 2 and errors[:, 0].max() < 0.05 and errors[:, 1].max() < 0.001
 
+
+def test_auto_preset_is_sequence_rgbd_only_where_the_depth_alignment_sets_the_pose(small_gsloc_run, track_file):
+    import dataclasses
+
+    from nerfstudio_gsloc.localize.frame_transform import run_frame_transform
+    from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
+    from nerfstudio_gsloc.localize.queries import load_transforms_queries
+    from nerfstudio_gsloc.localize.sequence import choose_sequence_preset
+    from nerfstudio_gsloc.runs import load_run
+
+    _, pipeline = load_run(small_gsloc_run)
+    frames = load_transforms_queries(track_file, run_frame_transform(small_gsloc_run), 3)
+    gsloc = PoseInversionConfig()
+    assert choose_sequence_preset("auto", "gsloc", frames, pipeline, gsloc)[0] == "sequence-rgbd"
+    assert choose_sequence_preset("sequence-lm", "gsloc", frames, pipeline, gsloc)[0] == "sequence-lm"
+    rgb = [dataclasses.replace(frame, depth=None) for frame in frames]
+    assert choose_sequence_preset("auto", "gsloc", rgb, pipeline, gsloc) == ("sequence", "auto: frames without depth")
+    assert choose_sequence_preset("auto", "depth", frames, pipeline, gsloc)[0] == "sequence"
+    gsloc.depth_alignment.enabled = False
+    assert choose_sequence_preset("auto", "gsloc", frames, pipeline, gsloc)[0] == "sequence"
+
+
+def test_gsloc_bench_sequence_protocol_tracks_each_method_with_its_own_auto_preset(small_gsloc_run, track_file, tmp_path):
+    """``gsloc-bench --protocol sequence --methods gsloc depth``: every method tracks the frames, gsloc with
+    ``sequence-rgbd`` (RGB-D frames, depth images), depth with ``sequence``; sequence.json and results.md say so."""
+    from nerfstudio_gsloc.localize.pipeline import load_preset
+    from nerfstudio_gsloc.localize.registry import LocalizerSettings
+    from nerfstudio_gsloc.localize.sequence import SequenceConfig
+    from nerfstudio_gsloc.scripts.bench import BenchCLI, bench_main
+
+    settings = LocalizerSettings(gsloc=load_preset("fast"))
+    settings.pnp.num_views = 6
+    settings.verification.threshold = THRESHOLD
+    settings.single_loss.pyramid_iterations = (10, 10)  # depth's full schedule (frames 0 and 1): the harness, not accuracy
+    cli = BenchCLI(load_config=small_gsloc_run, queries=track_file, output_dir=tmp_path, methods=("gsloc", "depth"),
+                   protocol="sequence", max_queries=4, method_settings=settings,
+                   sequence_settings=SequenceConfig(max_correction=MAX_CORRECTION, max_correction_deg=MAX_CORRECTION_DEG))
+    bench_main(cli, ["test"])
+    sequence = from_strict_json((tmp_path / "sequence.json").read_text())
+    assert sequence["sequence_preset"] == {"gsloc": "sequence-rgbd", "depth": "sequence"}
+    gsloc = sequence["methods"]["gsloc"]
+    assert gsloc["num_frames"] == 4 and gsloc["num_lost"] == 0 and gsloc["num_depth_aligned"] == 4
+    assert gsloc["ate_rmse"] < MAX_TRANS and sequence["methods"]["depth"]["num_frames"] == 4
+    assert "`sequence-rgbd` preset for gsloc, `sequence` preset for depth" in (tmp_path / "results.md").read_text()
 
 def test_a_jump_in_the_sequence_is_relocalized_and_the_track_recovers(small_gsloc_run, track_file):
     from nerfstudio_gsloc.localize.pipeline import load_preset
