@@ -25,28 +25,6 @@ from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 
 
-def camera_distance_scale(train_c2w: Tensor) -> float:
-    """The scene's camera-distance scale: median distance of the training camera centres to the scene origin.
-
-    nerfstudio's dataparsers centre the scene on the origin (blender scenes are built around it; the
-    nerfstudio dataparser re-centres the poses), so this is how far the cameras typically are from what they
-    look at, in scene units. Protocol translations with ``reference: camera_distance`` are multiples of it.
-
-    Args:
-        train_c2w: ``[N, 3|4, 4]`` training camera-to-world poses, scene frame.
-
-    Returns:
-        the median distance (positive float).
-    """
-    if train_c2w.ndim != 3 or train_c2w.shape[0] == 0:
-        raise GslocError("cannot compute the camera-distance scale without training cameras")
-    dist = torch.linalg.norm(train_c2w[:, :3, 3].double(), dim=-1)
-    scale = float(torch.quantile(dist, 0.5))
-    if not math.isfinite(scale) or scale <= 0:
-        raise GslocError("training cameras all sit at the scene origin; cannot define a camera-distance scale")
-    return scale
-
-
 def translate_pose(c2w: Tensor, offset: Tensor) -> Tensor:
     """Move camera centres by world-axis offsets, keeping the orientation (same as ``PoseCorrection``'s translation).
 
@@ -138,7 +116,7 @@ def generate_trials(protocol: Protocol, queries: Sequence[Query], camera_scale: 
     Args:
         protocol: the protocol.
         queries: queries with ground truth (``gt_c2w``).
-        camera_scale: camera-distance scale (:func:`camera_distance_scale`).
+        camera_scale: camera-distance scale (:func:`~nerfstudio_gsloc.localize.scene_map.camera_distance_scale`).
 
     Returns:
         trials ordered by query, then trial number.

@@ -49,6 +49,7 @@ from nerfstudio_gsloc.localize.scene_map import (  # noqa: F401  (re-exported: t
     MapView,
     TrainingView,
     build_map_view,
+    camera_distance_scale,
     depth_edge_mask as _depth_edge_mask,
     load_training_views,
     training_camera_poses,
@@ -178,8 +179,12 @@ class PnPBaseline:
         train = [self.map[i] for i in self.train_ids]
         self.centres = torch.stack([v.c2w[:, 3] for v in train]) if train else torch.zeros(0, 3)
         self.forwards = torch.stack([-v.c2w[:, 2] for v in train]) if train else torch.zeros(0, 3)
-        # The scene's camera-distance scale: distances of selection="prior" are in its units.
-        self.camera_scale = float(torch.linalg.norm(self.centres.double(), dim=-1).median()) if train else 1.0
+        # The scene's camera-distance scale (the benchmark protocols' unit): distances of selection="prior" are in
+        # it; plain scene units without training cameras or when they all sit at the origin (a rotation-only capture).
+        try:
+            self.camera_scale = camera_distance_scale(torch.stack([v.c2w for v in train]) if train else torch.zeros(0, 3, 4))
+        except GslocError:
+            self.camera_scale = 1.0
 
     def nearest_views(self, c2w: Tensor, scale: float) -> List[int]:
         """Ids of the ``num_views`` training cameras nearest to ``c2w [3, 4]``.

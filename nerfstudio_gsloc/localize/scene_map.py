@@ -89,6 +89,28 @@ def training_camera_poses(pipeline) -> Tensor:
     return dataset.cameras.camera_to_worlds.detach().cpu().float()[:, :3, :4].clone()
 
 
+def camera_distance_scale(train_c2w: Tensor) -> float:
+    """The scene's camera-distance scale: median distance of the training camera centres to the scene origin.
+
+    nerfstudio's dataparsers centre the scene on the origin (blender scenes are built around it; the
+    nerfstudio dataparser re-centres the poses), so this is how far the cameras typically are from what they
+    look at, in scene units. Protocol translations with ``reference: camera_distance`` are multiples of it.
+
+    Args:
+        train_c2w: ``[N, 3|4, 4]`` training camera-to-world poses, scene frame.
+
+    Returns:
+        the median distance (positive float).
+    """
+    if train_c2w.ndim != 3 or train_c2w.shape[0] == 0:
+        raise GslocError("cannot compute the camera-distance scale without training cameras")
+    dist = torch.linalg.norm(train_c2w[:, :3, 3].double(), dim=-1)
+    scale = float(torch.quantile(dist, 0.5))
+    if not math.isfinite(scale) or scale <= 0:
+        raise GslocError("training cameras all sit at the scene origin; cannot define a camera-distance scale")
+    return scale
+
+
 @dataclass
 class MapView:
     """A view of the map: features with their 3D points, and the camera they were seen from.

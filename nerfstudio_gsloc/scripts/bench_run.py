@@ -23,10 +23,10 @@ from nerfstudio_gsloc.camera_conventions import FrameTransform
 from nerfstudio_gsloc.errors import GslocError, Interrupted, count
 from nerfstudio_gsloc.evaluation import report
 from nerfstudio_gsloc.evaluation.protocols import Protocol
-from nerfstudio_gsloc.evaluation.trials import camera_distance_scale, generate_trials
+from nerfstudio_gsloc.evaluation.trials import generate_trials
 from nerfstudio_gsloc.files import OutputError, RewriteThrottle, append_line
 from nerfstudio_gsloc.localize.initialization import InitialPose, localize_from_initial_poses
-from nerfstudio_gsloc.localize.pnp import training_camera_poses
+from nerfstudio_gsloc.localize.scene_map import camera_distance_scale, training_camera_poses
 from nerfstudio_gsloc.localize.registry import SELF_INITIALIZING, make_localizer, make_verifier
 from nerfstudio_gsloc.localize.regression import regression_initial_poses
 from nerfstudio_gsloc.localize.regressor_files import load_run_regressor

@@ -14,7 +14,8 @@ from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.evaluation import report
 from nerfstudio_gsloc.localize.registry import DEFAULT_METHODS, LocalizerSettings
 from nerfstudio_gsloc.evaluation.protocols import available_protocols, load_protocol
-from nerfstudio_gsloc.evaluation.trials import camera_distance_scale, generate_trials, translate_pose
+from nerfstudio_gsloc.evaluation.trials import generate_trials, translate_pose
+from nerfstudio_gsloc.localize.scene_map import camera_distance_scale
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.poses_file import QuerySource, read_poses

@@ -42,3 +42,25 @@ def test_depth_edge_mask_marks_discontinuities_only():
     assert edges[:, 3].all() and edges[:, 4].all()
     assert not edges[2:, 1].any() and not edges[:, 6].any()
     assert edges[0, 1] and edges[1, 1]  # next to the missing pixel
+
+
+def test_the_pnp_map_uses_the_protocols_camera_distance_scale():
+    """PnPBaseline's prior-view distances are in the benchmark protocols' unit (one function for both); a capture
+    whose training cameras all sit at the origin (rotation only) falls back to scene units instead of failing."""
+    from nerfstudio_gsloc.localize.features import Features
+    from nerfstudio_gsloc.localize.pnp import PnPBaseline, PnPLocalizerConfig
+    from nerfstudio_gsloc.localize.retrieval import RetrievalIndex
+    from nerfstudio_gsloc.localize.scene_map import MapView, camera_distance_scale
+
+    def index(centres):
+        views = []
+        for centre in centres:
+            c2w = torch.eye(4)[:3].clone()
+            c2w[:, 3] = torch.tensor(centre)
+            views.append(MapView(Features(torch.zeros(0, 2), torch.zeros(0, 128), torch.zeros(0)), torch.zeros(0, 3), c2w))
+        return RetrievalIndex(views, torch.zeros(1, 128), torch.zeros(len(views), 128))
+
+    centres = [(0.0, 0.0, 1.0), (0.0, 2.0, 0.0), (3.0, 0.0, 0.0), (0.0, 0.0, 4.0)]  # an even count: 2.5, not 2 or 3
+    baseline = PnPBaseline(index(centres), PnPLocalizerConfig())
+    assert baseline.camera_scale == camera_distance_scale(torch.stack([v.c2w for v in baseline.map])) == 2.5
+    assert PnPBaseline(index([(0.0, 0.0, 0.0)] * 3), PnPLocalizerConfig()).camera_scale == 1.0
