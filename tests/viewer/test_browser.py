@@ -199,18 +199,24 @@ def test_gsloc_view_in_a_browser(browser, live_run, small_gsloc_run, tmp_path):
         label = next(iter(overlay.drawn))
         page.get_by_role("button", name=overlay.panel.row_info[label][0]).click()
         target = overlay.drawn[label].handles["refined"]
+        import viser.transforms as vtf
+
+        target_forward = vtf.SO3(target.wxyz).as_matrix()[:, 2]
+
+        def forward_of(camera):
+            forward = np.asarray(camera.look_at) - np.asarray(camera.position)
+            return forward / np.linalg.norm(forward)
+
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the browser moves its camera and reports it back
-            cameras = [client.camera for client in server.get_clients().values()]
-            if cameras and np.allclose(cameras[0].position, target.position, atol=1e-4):
+        while time.monotonic() < deadline:  # the browser moves its camera and reports it back (position and
+            cameras = [client.camera for client in server.get_clients().values()]  # look-at may come separately)
+            if cameras and np.allclose(cameras[0].position, target.position, atol=1e-4) and np.allclose(
+                    forward_of(cameras[0]), target_forward, atol=1e-4):
                 break
             time.sleep(0.2)
         camera = cameras[0]
         np.testing.assert_allclose(camera.position, target.position, atol=1e-4)
-        forward = np.asarray(camera.look_at) - np.asarray(camera.position)
-        import viser.transforms as vtf
-
-        np.testing.assert_allclose(forward / np.linalg.norm(forward), vtf.SO3(target.wxyz).as_matrix()[:, 2], atol=1e-4)
+        np.testing.assert_allclose(forward_of(camera), target_forward, atol=1e-4)
         page.get_by_text("iterations,", exact=False).first.wait_for(timeout=10_000)  # the row's details
         # A picture for the README: from behind and above that query, its frustum and thumbnail in the scene.
         page.get_by_role("button", name="Hide Train Cams").click()
