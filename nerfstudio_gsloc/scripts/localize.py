@@ -58,7 +58,6 @@ file in --output-dir complete (see :mod:`nerfstudio_gsloc.scripts.localize_outpu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
@@ -69,12 +68,11 @@ from typing import List, Literal, Optional, Sequence, Tuple
 import torch
 import tyro
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nerfstudio_gsloc.errors import GslocError, Interrupted, run_cli
 from nerfstudio_gsloc.files import check_writable
 from nerfstudio_gsloc.localize.image_folder import load_image_folder_queries, training_camera
-from nerfstudio_gsloc.localize.initialization import localize_from_initial_poses, no_pose, query_init_sources
+from nerfstudio_gsloc.localize.initialization import no_pose, query_init_sources
 from nerfstudio_gsloc.localize.icomma import IComMaConfig
 from nerfstudio_gsloc.localize.pipeline import PoseInversion, PoseInversionConfig, load_preset
 from nerfstudio_gsloc.localize.pnp import PnPLocalizerConfig
@@ -90,8 +88,8 @@ from nerfstudio_gsloc.localize.registry import (
     check_queries_suit,
     make_localizer,
 )
-from nerfstudio_gsloc.localize.result import LocalizationResult, pose_record
 from nerfstudio_gsloc.localize.sequence import AUTO_PRESET, SequenceConfig, choose_sequence_preset, make_sequence_tracker
+from nerfstudio_gsloc.scripts.localize_run import localize_and_save, ray_pool
 from nerfstudio_gsloc.scripts.localize_sequence import sequence_table, track_and_save, write_sequence_outputs
 from nerfstudio_gsloc.scripts.localize_starts import initial_poses_of, load_previous, query_source, resolve_init, run_settings
 from nerfstudio_gsloc.scripts.localize_outputs import (
@@ -307,9 +305,10 @@ def localize_main(cli: LocalizeCLI) -> None:
                                                    "sequence_preset": {method: preset}})
                 elapsed = time.perf_counter() - started
             else:
-                with _ray_pool(cli, method, settings_all, todo) as pool:
-                    elapsed = _localize_and_save(cli, localizer, method, todo, starts, outputs, len(previous), init, live,
-                                                 pool)
+                with ray_pool(cli.ray, cli.ray_workers, cli.num_threads, cli.load_config, cli.seed, method,
+                              settings_all, todo) as pool:
+                    elapsed = localize_and_save(localizer, method, todo, starts, outputs, cli.resume, len(previous),
+                                                init, CONSOLE, live, pool)
                 if pool is not None:
                     CONSOLE.print(pool.table())
         except SaveFailed:
@@ -336,59 +335,6 @@ def localize_main(cli: LocalizeCLI) -> None:
         from nerfstudio_gsloc.viewer.server import serve_until_interrupted
 
         serve_until_interrupted(live.viewer_state, CONSOLE, "the viewer stays open with the results")
-
-
-def _ray_pool(cli: LocalizeCLI, method: str, settings: LocalizerSettings, todo: Sequence[Query]):
-    """The Ray workers of ``--ray`` (a context manager), or a null context without it or without work."""
-    if cli.ray is None or not todo:
-        return contextlib.nullcontext()
-    from nerfstudio_gsloc.evaluation.ray_runner import RayPool
-
-    return RayPool(cli.ray, cli.ray_workers, cli.num_threads, cli.load_config, {method: settings}, settings, cli.seed)
-
-
-def _localize_and_save(cli: LocalizeCLI, localizer, method: str, todo: Sequence[Query], starts, outputs: LocalizeOutputs,
-                       num_previous: int, init: str, live=None, pool=None) -> float:
-    """Run the localizer on ``todo`` with a progress bar, saving each query as it finishes (and drawing it in the
-    live viewer ``live`` when given); on the Ray workers of ``pool`` when given. Returns the seconds."""
-    outputs.start(cli.resume)
-    CONSOLE.print(
-        f"localizing {len(todo)} queries ({num_previous} already done) with {method} from {init} poses"
-        + (f", at most {localizer.max_iterations} iterations each" if localizer.max_iterations else "")
-    )
-    progress = Progress(
-        TextColumn("[bold]localizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-        TimeElapsedColumn(), console=CONSOLE, transient=False,
-    )
-    steps = {"count": 0}
-
-    def on_step(active: int) -> None:
-        steps["count"] += 1
-        progress.update(task, description=f"iteration {steps['count']}, {active} active")
-
-    def on_result(position: int, result: LocalizationResult) -> None:
-        record = pose_record(result, todo[position], outputs.frame, method)
-        outputs.add(record, result.trace)
-        if live is not None:
-            live.on_result(position, record)
-        progress.advance(task)
-
-    started = time.perf_counter()
-    try:
-        with progress:
-            task = progress.add_task("", total=len(todo))
-            # Without --viewer the call is exactly as before (no observer).
-            watch = {} if live is None else {"on_poses": live.on_poses}
-            if pool is None:
-                localize_from_initial_poses(localizer, todo, starts, on_result=on_result, on_step=on_step, **watch)
-            else:
-                progress.update(task, description=pool.header().split(" on ")[0])
-                pool.localize(localizer, method, todo, starts, on_result=on_result)
-    except KeyboardInterrupt:
-        if live is not None:
-            live.stop()
-        raise
-    return time.perf_counter() - started
 
 
 # ----------------------------------------------------------------------------------------------------------
