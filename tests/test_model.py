@@ -123,7 +123,6 @@ def test_ns_export_gaussian_splat_on_a_gsloc_run(small_gsloc_run, tmp_path):
     assert ply.is_file() and ply.stat().st_size > 10_000
 
 
-
 def test_each_gaussian_parameter_owns_its_memory():
     """A model seeded with colours: every Gaussian parameter is contiguous and shares memory with no other, so an
     optimizer that writes a parameter as flat memory updates that parameter only. (features_dc and features_rest

@@ -26,6 +26,7 @@ project's convention, see :mod:`nerfstudio_gsloc.localize.matching`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -181,10 +182,10 @@ class PnPBaseline:
         self.forwards = torch.stack([-v.c2w[:, 2] for v in train]) if train else torch.zeros(0, 3)
         # The scene's camera-distance scale (the benchmark protocols' unit): distances of selection="prior" are in
         # it; plain scene units without training cameras or when they all sit at the origin (a rotation-only capture).
-        try:
-            self.camera_scale = camera_distance_scale(torch.stack([v.c2w for v in train]) if train else torch.zeros(0, 3, 4))
-        except GslocError:
-            self.camera_scale = 1.0
+        self.camera_scale = 1.0
+        if train:
+            with contextlib.suppress(GslocError):
+                self.camera_scale = camera_distance_scale(torch.stack([v.c2w for v in train]))
 
     def nearest_views(self, c2w: Tensor, scale: float) -> List[int]:
         """Ids of the ``num_views`` training cameras nearest to ``c2w [3, 4]``.

@@ -73,14 +73,15 @@ def test_a_generated_sequence_is_tracked_end_to_end(tracked, track_file):
     errors = np.array([r.errors(document.frame.scale) for r in records], dtype=np.float64)
     print("rot", errors[:, 0].round(3).tolist(), "trans", errors[:, 1].round(4).tolist())
     assert errors[:, 0].max() < MAX_ROT_DEG and errors[:, 1].max() < MAX_TRANS
-    sequence = from_strict_json((out / "sequence.json").read_text())["methods"]["gsloc"]
+    document_json = from_strict_json((out / "sequence.json").read_text())
+    sequence = document_json["methods"]["gsloc"]
     assert sequence["num_frames"] == FRAMES and sequence["num_lost"] == 0 and sequence["ate_aligned"] is False
     assert sequence["events"] == ["initialized"] + ["tracked"] * (FRAMES - 1)
     # RGB-D frames of a capture with depth images: every pose ends aligned to them (localize/depth_registration.py),
     # and the default per-frame preset (auto) is sequence-rgbd: two LM steps, then the alignment, as close to the
     # truth as the full schedule's
     assert sequence["num_depth_aligned"] == FRAMES and all("depth ICP (overlap" in r.reason for r in records)
-    assert from_strict_json((out / "sequence.json").read_text())["sequence_preset"] == {"gsloc": "sequence-rgbd"}
+    assert document_json["sequence_preset"] == {"gsloc": "sequence-rgbd"}
     assert max(r.iterations for r in records[2:]) <= 2 and errors[:, 0].max() < 0.05 and errors[:, 1].max() < 0.001
     assert sequence["ate_rmse"] == pytest.approx(float(np.sqrt(np.mean(errors[:, 1] ** 2))), rel=1e-4)
     # Frame 0 starts from the file's prior, the others from the motion model (not from the ground truth).
@@ -129,9 +130,10 @@ def test_the_other_tracking_presets_keep_every_frame_within_bounds(small_gsloc_r
     errors = np.array([r.errors(document.frame.scale) for r in records], dtype=np.float64)
     print("rot", errors[:, 0].round(3).tolist(), "trans", errors[:, 1].round(4).tolist(), [r.reason[:40] for r in records])
     assert len(records) == FRAMES and errors[:, 0].max() < MAX_ROT_DEG and errors[:, 1].max() < MAX_TRANS
-    sequence = from_strict_json((tmp_path / "sequence.json").read_text())["methods"]["gsloc"]
+    document_json = from_strict_json((tmp_path / "sequence.json").read_text())
+    sequence = document_json["methods"]["gsloc"]
     assert sequence["num_lost"] == 0
-    assert from_strict_json((tmp_path / "sequence.json").read_text())["sequence_preset"] == {"gsloc": preset}
+    assert document_json["sequence_preset"] == {"gsloc": preset}
     rows = [row for row in read_trace_csv(tmp_path / "trace.csv") if row["query"] == records[2].image]
     assert bool({row["event"] for row in rows} & {"lm_step"}) == (preset == "sequence-lm")  # the preset's solver
     assert sequence["num_depth_aligned"] == FRAMES
@@ -180,6 +182,7 @@ def test_gsloc_bench_sequence_protocol_tracks_each_method_with_its_own_auto_pres
     assert gsloc["num_frames"] == 4 and gsloc["num_lost"] == 0 and gsloc["num_depth_aligned"] == 4
     assert gsloc["ate_rmse"] < MAX_TRANS and sequence["methods"]["depth"]["num_frames"] == 4
     assert "`sequence-rgbd` preset for gsloc, `sequence` preset for depth" in (tmp_path / "results.md").read_text()
+
 
 def test_a_jump_in_the_sequence_is_relocalized_and_the_track_recovers(small_gsloc_run, track_file):
     from nerfstudio_gsloc.localize.pipeline import load_preset
