@@ -17,9 +17,11 @@ from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.evaluation.protocols import Protocol, load_protocol
 from nerfstudio_gsloc.files import check_writable
 from nerfstudio_gsloc.localize.initialization import InitialPose, retrieval_initial_poses
+from nerfstudio_gsloc.localize.pipeline import load_preset
 from nerfstudio_gsloc.localize.pnp import PnPLocalizer
 from nerfstudio_gsloc.localize.registry import LocalizerSettings, check_methods
 from nerfstudio_gsloc.localize.queries import Query, load_eval_queries, load_transforms_queries
+from nerfstudio_gsloc.localize.sequence import AUTO_PRESET
 from nerfstudio_gsloc.scripts.bench_outputs import CONSOLE
 
 if TYPE_CHECKING:  # the CLI imports this module
@@ -40,6 +42,8 @@ def validate(cli: BenchCLI) -> Tuple[List[str], Protocol]:
     if cli.threads is not None and cli.threads < 1:
         raise GslocError("--threads must be at least 1")
     protocol = load_protocol(cli.protocol, trials=cli.trials, seed=cli.seed)
+    if protocol.is_sequence and cli.sequence_preset != AUTO_PRESET:  # a bad preset name or file: before loading
+        load_preset(cli.sequence_preset, base=cli.method_settings.gsloc)
     loftr = cli.method_settings.icomma.loftr_weights_path
     if "icomma" in methods and loftr is not None and not Path(loftr).is_file():
         raise GslocError(f"LoFTR weights file not found: {loftr}")

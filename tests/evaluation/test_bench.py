@@ -76,6 +76,15 @@ def test_bad_protocols_are_one_line_errors(tmp_path):
         load_protocol("inerf", trials=0)
 
 
+def test_a_bad_sequence_preset_is_refused_before_anything_loads(tmp_path):
+    out = tmp_path / "out"
+    cli = BenchCLI(load_config=tmp_path / "no-run" / "config.yml", output_dir=out, protocol="sequence",
+                   sequence_preset="does-not-exist")
+    with pytest.raises(GslocError, match="unknown preset"):
+        bench_main(cli, ["test"])
+    assert not out.exists()
+
+
 def test_inerf_trials_follow_the_protocol_and_are_reproducible():
     queries = _queries(4)
     protocol = load_protocol("inerf")
