@@ -1,6 +1,6 @@
 """The pose-inversion loop: refine query camera poses by rendering a Gaussian scene and descending a loss.
 
-The loop is one of five parts; each of the others has its own module:
+Pose inversion has five parts, each in its own module:
 
 * the **schedule** (:mod:`~nerfstudio_gsloc.localize.schedule`): stages, pyramid levels, learning-rate decay;
 * the **objective** (:mod:`~nerfstudio_gsloc.localize.objective`): which loss terms, assembled per iteration
@@ -38,6 +38,7 @@ Objective = Callable[[BatchState, Stage, List[int], Tensor, Optional[RenderedVie
 
 ResultCallback = Optional[Callable[[int, LocalizationResult], None]]
 """Called with ``(position in the input, result)`` as soon as the query is finished (not when its batch is)."""
+
 __all__ = ["Objective", "PoseOptimizer", "ResultCallback", "StepCallback", "frozen_parameters", "group_queries"]
 
 
