@@ -41,7 +41,6 @@ pixels with no source in the distorted image are masked out, and the poses are u
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass
@@ -60,8 +59,10 @@ from nerfstudio_gsloc.localize.undistort import (
     DISTORTION_KEYS,
     FISHEYE_MODELS,
     PERSPECTIVE_MODELS,
+    camera_distortion,
     check_distortion,
     is_distorted,
+    raw_dataset_cameras,
 )
 
 #: nerfstudio's default unit of 16-bit depth images (millimetres).
@@ -229,10 +230,7 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
     if dataset is None or len(dataset) == 0:
         raise GslocError("the run has no eval split to localize; pass --queries path/to/transforms.json")
     outputs = dataset._dataparser_outputs
-    # The dataparser's cameras rescaled like the dataset's own: nerfstudio's image cache overwrites
-    # dataset.cameras with undistorted intrinsics (keeping distortion_params) once it has been filled.
-    cameras = copy.deepcopy(outputs.cameras)
-    cameras.rescale_output_resolution(scaling_factor=float(getattr(dataset, "scale_factor", 1.0)))
+    cameras = raw_dataset_cameras(dataset)  # the raw images' cameras, with their lens distortion
     count = len(dataset) if max_queries is None else min(len(dataset), max(0, int(max_queries)))
     depth_files: Optional[Sequence[Path]] = dataset.metadata.get("depth_filenames")
     depth_scale = float(dataset.metadata.get("depth_unit_scale_factor", DEFAULT_DEPTH_UNIT_SCALE)) * float(
@@ -247,10 +245,7 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
         camera_type = int(camera.camera_type.reshape(-1)[0])
         if camera_type not in (CameraType.PERSPECTIVE.value, CameraType.FISHEYE.value):
             raise GslocError(f"{where}: only perspective and OPENCV_FISHEYE cameras can be localized")
-        distortion = None
-        if camera.distortion_params is not None and is_distorted(camera.distortion_params.numpy()):
-            distortion = (camera.distortion_params.numpy().astype(np.float64), camera_type == CameraType.FISHEYE.value)
-            check_distortion(distortion[0], distortion[1], where)
+        distortion = camera_distortion(camera, where)
         width, height = int(camera.width.item()), int(camera.height.item())
         try:
             pixels = dataset.get_numpy_image(index)

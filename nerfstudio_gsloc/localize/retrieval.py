@@ -42,7 +42,7 @@ from nerfstudio_gsloc.localize.scene_map import (
 )
 
 #: Bumped whenever the saved layout or the way an index is built changes (old caches are then rebuilt).
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: training photos with lens distortion are undistorted before their features are taken
 INDEX_FOLDER = "gsloc_index"
 
 

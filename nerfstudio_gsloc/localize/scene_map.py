@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Literal, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from kornia.geometry.conversions import axis_angle_to_rotation_matrix, rotation_matrix_to_axis_angle
@@ -30,6 +30,8 @@ from torch import Tensor
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.features import Features, SiftFeatures
 from nerfstudio_gsloc.localize.absolute_pose import lift_keypoints
+from nerfstudio_gsloc.localize.query_images import make_view
+from nerfstudio_gsloc.localize.undistort import camera_distortion, raw_dataset_cameras
 from nerfstudio_gsloc.rendering import render_splat_model
 
 ViewSource = Literal["train", "rendered"]
@@ -53,31 +55,33 @@ class TrainingView:
 
 
 def load_training_views(pipeline) -> List[TrainingView]:
-    """The training split of a loaded nerfstudio pipeline as :class:`TrainingView` s.
+    """The training split of a loaded nerfstudio pipeline as :class:`TrainingView` s, as training saw them.
 
-    RGBA images are composited onto the dataparser's ``alpha_color`` (white when it has none), as the eval
-    queries are (:func:`~nerfstudio_gsloc.localize.queries.load_eval_queries`).
+    Photos with lens distortion are undistorted the way nerfstudio undistorts training images (and the queries
+    are, :func:`~nerfstudio_gsloc.localize.queries.load_eval_queries`), with the pinhole intrinsics of the result:
+    the map's keypoints are lifted through a pinhole camera. RGBA images are composited onto the dataparser's
+    ``alpha_color`` (white when it has none), as the eval queries are.
 
     Raises:
-        GslocError: no training dataset.
+        GslocError: no training dataset, or a lens model nerfstudio cannot undistort.
     """
     dataset = getattr(getattr(pipeline, "datamanager", None), "train_dataset", None)
     if dataset is None or len(dataset) == 0:
         raise GslocError("the run has no training images to build the map from")
     outputs = dataset._dataparser_outputs
-    cameras = dataset.cameras
+    cameras = raw_dataset_cameras(dataset)  # get_numpy_image returns the raw photo: it goes with these cameras
+    background = outputs.alpha_color.float() if outputs.alpha_color is not None else torch.ones(3)
     views: List[TrainingView] = []
     for index in range(len(dataset)):
-        rgb = torch.from_numpy(dataset.get_numpy_image(index).astype(np.float32) / 255.0)
-        if rgb.shape[-1] == 4:
-            background = outputs.alpha_color.float() if outputs.alpha_color is not None else torch.ones(3)
-            rgb = rgb[..., :3] * rgb[..., 3:] + background * (1.0 - rgb[..., 3:])
+        name = str(outputs.image_filenames[index])
         camera = cameras[index]
-        K = torch.tensor(
-            [[float(camera.fx), 0.0, float(camera.cx)], [0.0, float(camera.fy), float(camera.cy)], [0.0, 0.0, 1.0]]
-        )
+        pixels = dataset.get_numpy_image(index)
+        alpha = pixels[..., 3] if pixels.shape[-1] == 4 else None
+        view = make_view(pixels[..., :3], alpha, camera.get_intrinsics_matrices().double().numpy(), None, None,
+                         camera_distortion(camera, f"training image {index} ({Path(name).name})"), background,
+                         alpha_as_mask=False)
         c2w = camera.camera_to_worlds.detach().cpu().float()[:3, :4].clone()
-        views.append(TrainingView(str(outputs.image_filenames[index]), rgb.contiguous(), K, c2w))
+        views.append(TrainingView(name, view["image"], view["K"], c2w))
     return views
 
 

@@ -21,8 +21,9 @@ nearest-neighbour sampling (OpenCV's ``initUndistortRectifyMap`` for the new int
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import cv2
 import numpy as np
@@ -79,6 +80,33 @@ def check_distortion(params: np.ndarray, fisheye: bool, where: str) -> None:
         raise GslocError(f"{where}: k4 is not supported for perspective cameras (nerfstudio undistorts k1, k2, k3, p1, p2)")
     if fisheye and np.any(params[4:] != 0.0):
         raise GslocError(f"{where}: OPENCV_FISHEYE takes k1..k4 only; p1 and p2 must be 0")
+
+
+def raw_dataset_cameras(dataset: Any) -> Any:
+    """A nerfstudio dataset's cameras as its dataparser gave them (lens distortion included), at the dataset's scale.
+
+    nerfstudio's image cache overwrites ``dataset.cameras`` with the undistorted intrinsics once it has been filled,
+    while ``dataset.get_numpy_image`` always returns the raw (distorted) image: that image goes with these cameras.
+    """
+    cameras = copy.deepcopy(dataset._dataparser_outputs.cameras)
+    cameras.rescale_output_resolution(scaling_factor=float(getattr(dataset, "scale_factor", 1.0)))
+    return cameras
+
+
+def camera_distortion(camera: Any, where: str) -> Optional[tuple]:
+    """The lens model of one nerfstudio camera: ``None`` without distortion, else ``(params [6] float64, fisheye)``.
+
+    Raises:
+        GslocError: parameters nerfstudio cannot undistort (:func:`check_distortion`).
+    """
+    from nerfstudio.cameras.cameras import CameraType
+
+    params = camera.distortion_params
+    if params is None or not is_distorted(params.numpy()):
+        return None
+    distortion = (params.numpy().astype(np.float64), int(camera.camera_type.reshape(-1)[0]) == CameraType.FISHEYE.value)
+    check_distortion(distortion[0], distortion[1], where)
+    return distortion
 
 
 def _opencv_maps(K_cv: np.ndarray, params: np.ndarray, fisheye: bool, new_K_cv: np.ndarray, size: tuple) -> tuple:

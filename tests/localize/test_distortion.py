@@ -171,15 +171,10 @@ def _smooth_image(rng: np.random.Generator, width: int, height: int) -> np.ndarr
     return (cv2.GaussianBlur(noise, (0, 0), 1.5) * 255).clip(0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("camera_model", ["OPENCV", "OPENCV_FISHEYE"])
-def test_eval_split_and_query_file_are_undistorted_like_nerfstudio_training_images(tmp_path, camera_model):
-    """(c) A distorted dataset's eval split (per-frame OPENCV / global OPENCV_FISHEYE coefficients) gives the images
-    and intrinsics of nerfstudio's own undistorted image cache, and the same as a query file of those frames;
-    masks and depth follow the same pixel map (nearest), pixels outside the distorted image are masked out."""
-    from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
-    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-    from nerfstudio.data.datasets.base_dataset import InputDataset
-
+def _write_distorted_dataset(tmp_path: Path, camera_model: str):
+    """A 4-frame nerfstudio dataset (40x30 smooth noise, depth, half mask) with a distorted lens: per frame for
+    ``OPENCV`` (training frame 0 and both eval frames; training frame 1 is pinhole), global for ``OPENCV_FISHEYE``.
+    Returns ``(data folder, width, height, depth in mm)``."""
     width, height = 40, 30
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
@@ -202,10 +197,24 @@ def test_eval_split_and_query_file_are_undistorted_like_nerfstudio_training_imag
     if camera_model == "OPENCV":  # per frame: each eval frame has its own lens
         frames[2].update(k1=-0.15, k2=0.03, k3=0.01, p1=0.002, p2=-0.001)
         frames[3].update(k1=0.08, k2=-0.02, p1=-0.001, p2=0.0005)
+        frames[0].update(k1=0.06, k2=-0.01, p1=0.001)
     else:
         meta.update(k1=0.1, k2=-0.05, k3=0.02, k4=-0.01)
     (data / "transforms.json").write_text(json.dumps(meta))
 
+    return data, width, height, depth_mm
+
+
+@pytest.mark.parametrize("camera_model", ["OPENCV", "OPENCV_FISHEYE"])
+def test_eval_split_and_query_file_are_undistorted_like_nerfstudio_training_images(tmp_path, camera_model):
+    """(c) A distorted dataset's eval split (per-frame OPENCV / global OPENCV_FISHEYE coefficients) gives the images
+    and intrinsics of nerfstudio's own undistorted image cache, and the same as a query file of those frames;
+    masks and depth follow the same pixel map (nearest), pixels outside the distorted image are masked out."""
+    from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+    from nerfstudio.data.datasets.base_dataset import InputDataset
+
+    data, width, height, depth_mm = _write_distorted_dataset(tmp_path, camera_model)
     parser = NerfstudioDataParserConfig(data=data, load_3D_points=False)
     outputs = parser.setup().get_dataparser_outputs("test")
     queries = load_eval_queries(SimpleNamespace(datamanager=SimpleNamespace(eval_dataset=InputDataset(outputs))))
@@ -272,3 +281,36 @@ def test_depth_and_mask_follow_the_same_pixel_map_as_nerfstudios_image_remap(fis
     assert np.abs(view.image[..., 0][valid] - (view.depth[valid] - 1.0)).max() <= 0.5 + 1e-3
     # The mask keeps even source columns: exactly where the nearest depth says the column is even.
     assert np.array_equal(view.mask, valid & ((view.depth - 1.0).round().astype(int) % 2 == 0))
+
+
+@pytest.mark.parametrize("camera_model", ["OPENCV", "OPENCV_FISHEYE"])
+def test_the_maps_training_views_are_undistorted_like_nerfstudio_training_images(tmp_path, camera_model):
+    """The map's training views (whose keypoints are lifted through a pinhole ``K``) are the images and intrinsics
+    that training saw: nerfstudio's undistorted image cache, whether or not the cache has rewritten the dataset's
+    cameras yet; a pinhole frame stays as it is."""
+    from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+    from nerfstudio.data.datasets.base_dataset import InputDataset
+
+    from nerfstudio_gsloc.localize.scene_map import load_training_views
+
+    data, width, height, _ = _write_distorted_dataset(tmp_path, camera_model)
+    parser = NerfstudioDataParserConfig(data=data, load_3D_points=False)
+    outputs = parser.setup().get_dataparser_outputs("train")
+    views = load_training_views(SimpleNamespace(datamanager=SimpleNamespace(train_dataset=InputDataset(outputs))))
+    manager = FullImageDatamanagerConfig(dataparser=parser, cache_images="gpu", cache_images_type="uint8").setup(
+        device="cpu", test_mode="val")
+    cached = manager.cached_train
+    again = load_training_views(SimpleNamespace(datamanager=manager))  # after the cache rewrote the cameras
+    assert len(views) == len(again) == 2
+    for i, (view, other) in enumerate(zip(views, again)):
+        camera = manager.train_dataset.cameras[i]
+        assert tuple(view.image.shape[:2]) == (int(camera.height), int(camera.width))
+        torch.testing.assert_close(view.K, camera.get_intrinsics_matrices().float(), atol=1e-4, rtol=0)
+        assert torch.equal(torch.round(view.image * 255).to(torch.uint8), cached[i]["image"][..., :3])
+        torch.testing.assert_close(view.c2w, outputs.cameras.camera_to_worlds[i])
+        torch.testing.assert_close(other.K, view.K, atol=1e-5, rtol=0)
+        assert torch.equal(other.image, view.image)
+    if camera_model == "OPENCV":  # frame 0 is cropped to its valid region, frame 1 (pinhole) keeps its size
+        assert tuple(views[0].image.shape[:2]) != (height, width)
+        assert tuple(views[1].image.shape[:2]) == (height, width)
