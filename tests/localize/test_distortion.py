@@ -205,23 +205,31 @@ def _write_distorted_dataset(tmp_path: Path, camera_model: str):
     return data, width, height, depth_mm
 
 
+def _split_and_image_cache(data: Path, split: str):
+    """``(dataset, manager)``: the ``split`` of the nerfstudio dataset in ``data`` as a bare ``InputDataset`` (raw
+    cameras) and nerfstudio's full-image datamanager of the same data, whose image cache undistorts the images and
+    rewrites its datasets' cameras when first read."""
+    from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+    from nerfstudio.data.datasets.base_dataset import InputDataset
+
+    parser = NerfstudioDataParserConfig(data=data, load_3D_points=False)
+    dataset = InputDataset(parser.setup().get_dataparser_outputs(split))
+    manager = FullImageDatamanagerConfig(dataparser=parser, cache_images="gpu", cache_images_type="uint8").setup(
+        device="cpu", test_mode="test")
+    return dataset, manager
+
+
 @pytest.mark.parametrize("camera_model", ["OPENCV", "OPENCV_FISHEYE"])
 def test_eval_split_and_query_file_are_undistorted_like_nerfstudio_training_images(tmp_path, camera_model):
     """(c) A distorted dataset's eval split (per-frame OPENCV / global OPENCV_FISHEYE coefficients) gives the images
     and intrinsics of nerfstudio's own undistorted image cache, and the same as a query file of those frames;
     masks and depth follow the same pixel map (nearest), pixels outside the distorted image are masked out."""
-    from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
-    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-    from nerfstudio.data.datasets.base_dataset import InputDataset
-
     data, width, height, depth_mm = _write_distorted_dataset(tmp_path, camera_model)
-    parser = NerfstudioDataParserConfig(data=data, load_3D_points=False)
-    outputs = parser.setup().get_dataparser_outputs("test")
-    queries = load_eval_queries(SimpleNamespace(datamanager=SimpleNamespace(eval_dataset=InputDataset(outputs))))
-    # nerfstudio's training-time undistortion of the same split (its image cache rewrites the eval cameras).
-    manager = FullImageDatamanagerConfig(dataparser=parser, cache_images="gpu", cache_images_type="uint8").setup(
-        device="cpu", test_mode="test")
-    cached = manager.cached_eval
+    dataset, manager = _split_and_image_cache(data, "test")
+    outputs = dataset._dataparser_outputs
+    queries = load_eval_queries(SimpleNamespace(datamanager=SimpleNamespace(eval_dataset=dataset)))
+    cached = manager.cached_eval  # nerfstudio's training-time undistortion of the same split
     again = load_eval_queries(SimpleNamespace(datamanager=manager))  # after the cache rewrote the cameras
     by_name = {Path(q.name).name: q for q in load_transforms_queries(data / "transforms.json", FrameTransform.identity())}
     assert len(queries) == 2
@@ -288,19 +296,13 @@ def test_the_maps_training_views_are_undistorted_like_nerfstudio_training_images
     """The map's training views (whose keypoints are lifted through a pinhole ``K``) are the images and intrinsics
     that training saw: nerfstudio's undistorted image cache, whether or not the cache has rewritten the dataset's
     cameras yet; a pinhole frame stays as it is."""
-    from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
-    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-    from nerfstudio.data.datasets.base_dataset import InputDataset
-
     from nerfstudio_gsloc.localize.scene_map import load_training_views
 
     data, width, height, _ = _write_distorted_dataset(tmp_path, camera_model)
-    parser = NerfstudioDataParserConfig(data=data, load_3D_points=False)
-    outputs = parser.setup().get_dataparser_outputs("train")
-    views = load_training_views(SimpleNamespace(datamanager=SimpleNamespace(train_dataset=InputDataset(outputs))))
-    manager = FullImageDatamanagerConfig(dataparser=parser, cache_images="gpu", cache_images_type="uint8").setup(
-        device="cpu", test_mode="val")
-    cached = manager.cached_train
+    dataset, manager = _split_and_image_cache(data, "train")
+    outputs = dataset._dataparser_outputs
+    views = load_training_views(SimpleNamespace(datamanager=SimpleNamespace(train_dataset=dataset)))
+    cached = manager.cached_train  # nerfstudio's training-time undistortion of the same split
     again = load_training_views(SimpleNamespace(datamanager=manager))  # after the cache rewrote the cameras
     assert len(views) == len(again) == 2
     for i, (view, other) in enumerate(zip(views, again)):
