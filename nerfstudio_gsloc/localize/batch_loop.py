@@ -18,23 +18,19 @@ Shapes: ``B`` queries in a batch, ``H x W`` full resolution, ``h x w`` the curre
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
 
 import torch
 from torch import Tensor
 
 from nerfstudio_gsloc.localize.levenberg_marquardt import LevenbergMarquardt
-from nerfstudio_gsloc.localize.result import LocalizationResult
+from nerfstudio_gsloc.localize.result import LocalizationResult, StepCallback
 from nerfstudio_gsloc.localize.schedule import INIT_STAGE, Stage, scale_intrinsics
 from nerfstudio_gsloc.localize.state import BatchState, pose_change
 from nerfstudio_gsloc.rendering import RenderedViews, render_splat_model
 
 if TYPE_CHECKING:  # the owner's type only: optimizer.py imports this module, not the other way round
     from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
-
-StepCallback = Optional[Callable[[int], None]]
-"""Called after every iteration with the number of queries still being optimised."""
-
 
 class BatchLoop:
     """The stages of one batch: matching rounds, then refinement steps down the pyramid.

@@ -21,16 +21,12 @@ from torch import Tensor, nn
 
 from nerfstudio_gsloc.localize.live import PosesCallback
 from nerfstudio_gsloc.localize.queries import Query
-from nerfstudio_gsloc.localize.result import STATUS_SKIPPED, LocalizationResult
+from nerfstudio_gsloc.localize.result import STATUS_SKIPPED, LocalizationResult, ResultCallback, StepCallback
 
 if TYPE_CHECKING:
     from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
     from nerfstudio_gsloc.localize.verification import PoseVerifier
 
-ResultCallback = Optional[Callable[[int, LocalizationResult], None]]
-"""Called with ``(position in the input, result)`` as soon as a query is finished (e.g. to save it)."""
-StepCallback = Optional[Callable[[int], None]]
-"""Called after every optimisation iteration with the number of queries still being optimised."""
 
 
 @dataclass

@@ -22,22 +22,19 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from nerfstudio_gsloc.localize.batch_loop import BatchLoop, StepCallback
+from nerfstudio_gsloc.localize.batch_loop import BatchLoop
 from nerfstudio_gsloc.localize.live import PosesCallback, PosesThrottle, step_with_poses
 from nerfstudio_gsloc.localize.matching import Matcher
 from nerfstudio_gsloc.localize.matching_stage import MatchingTerm
 from nerfstudio_gsloc.localize.objective import LossConfig, LossTerms, PoseObjective
 from nerfstudio_gsloc.localize.queries import Query
-from nerfstudio_gsloc.localize.result import LocalizationResult
+from nerfstudio_gsloc.localize.result import LocalizationResult, ResultCallback, StepCallback
 from nerfstudio_gsloc.localize.schedule import OptimConfig, ScheduleConfig, Stage, build_stages
 from nerfstudio_gsloc.localize.state import BatchState, MatchState
 from nerfstudio_gsloc.rendering import RenderedViews
 
 #: An objective: ``(batch, stage, ids, c2w [n, 3, 4], views or None, w, h) -> LossTerms``.
 Objective = Callable[[BatchState, Stage, List[int], Tensor, Optional[RenderedViews], int, int], LossTerms]
-
-ResultCallback = Optional[Callable[[int, LocalizationResult], None]]
-"""Called with ``(position in the input, result)`` as soon as the query is finished (not when its batch is)."""
 
 __all__ = ["Objective", "PoseOptimizer", "ResultCallback", "StepCallback", "frozen_parameters", "group_queries"]
 

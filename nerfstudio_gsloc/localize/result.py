@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor
 
@@ -107,6 +107,13 @@ class LocalizationResult:
             gt = gt_c2w[None, :3, :4].double()
             self.rot_err_deg = float(rotation_error_deg(c2w[None, :3, :4].double(), gt)[0])
             self.trans_err = float(translation_error(c2w[None, :3, :4].double(), gt)[0])
+
+
+ResultCallback = Optional[Callable[[int, LocalizationResult], None]]
+"""Called with ``(position in the input, result)`` as soon as a query is finished (not when its batch is: e.g. to
+save it)."""
+StepCallback = Optional[Callable[[int], None]]
+"""Called after every optimisation iteration with the number of queries still being optimised."""
 
 
 def pose_record(result: LocalizationResult, query: "Query", frame: FrameTransform, method: str,
