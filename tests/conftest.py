@@ -22,6 +22,19 @@ def _seeded():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _calibration_only_where_marked(request, monkeypatch):
+    """gsloc calibrates a run once per settings by localizing 24 of its training photos (the self-test of
+    ``localize/calibration.py``). Most tests vary the settings and assert on the refined pose itself, so in-process
+    gsloc runs skip it (the refined pose is returned as is) except in tests marked ``calibration``, which test it.
+    Subprocess runs pass ``--localization.calibration.no-enabled`` (``cli_helpers.FAST``) for the same reason."""
+    if request.node.get_closest_marker("calibration") is None:
+        from nerfstudio_gsloc.localize.pipeline import PoseInversion
+
+        monkeypatch.setattr(PoseInversion, "calibrated", lambda self: None)
+    yield
+
+
 def train_small_gsloc_run(data_dir, output_dir, iterations: int = 300, depth_seed_points: Optional[int] = 10_000):
     """Train a gsloc model in-process on a nerfstudio dataset (seeded) and return its ``config.yml`` path.
 

@@ -68,6 +68,11 @@ class Localizer:
         """Largest number of optimisation steps one query can take (0 for closed-form methods)."""
         return 0
 
+    def prepare(self) -> None:
+        """One-off work of the run that :meth:`localize` would otherwise do on its first call (gsloc's calibration).
+        A distributed driver calls it before sending work, so that the workers read its result from the run's
+        cache instead of each doing it."""
+
     def localize(
         self,
         queries: Sequence[Query],

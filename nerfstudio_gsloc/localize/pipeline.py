@@ -19,19 +19,22 @@ loaded from the presets in ``configs/localize/*.yaml`` with :func:`load_preset` 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.absolute_pose import reprojection_errors
+from nerfstudio_gsloc.localize.calibration import Calibration, CalibrationConfig, PosePair, load_or_calibrate, run_self_test
 from nerfstudio_gsloc.localize.depth_registration import DepthRegistrationConfig, align_result, capture_depth_map_of
 from nerfstudio_gsloc.localize.localizer import LocalizerConfig, OptimizingLocalizer, PosesCallback, StepCallback
 from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
 from nerfstudio_gsloc.localize.objective import LossConfig
 from nerfstudio_gsloc.localize.optimizer import PoseOptimizer
+from nerfstudio_gsloc.localize.pose import interpolate_pose
 from nerfstudio_gsloc.localize.queries import Query
 from nerfstudio_gsloc.localize.result import LocalizationResult
 from nerfstudio_gsloc.localize.state import MatchState
@@ -59,6 +62,9 @@ class PoseInversionConfig(LocalizerConfig):
     matched to the training photos) when that has more geometric support than the initial pose, anchor the
     refinement on those PnP inliers, and choose at the end between every hypothesis (initial, each PnP, refined)
     by geometric support (:mod:`~nerfstudio_gsloc.localize.verification`)."""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    """With hypotheses: how far the final pose moves from the PnP start towards the refined pose, decided once per
+    run by a self-test on its training photos (:mod:`~nerfstudio_gsloc.localize.calibration`)."""
     depth_alignment: DepthRegistrationConfig = field(default_factory=DepthRegistrationConfig)
     """The last stage for RGB-D queries of a run whose training views have depth images: point-to-plane ICP of the
     query's depth onto them (:mod:`~nerfstudio_gsloc.localize.depth_registration`); off for the photometric and
@@ -86,6 +92,8 @@ class PoseInversion(OptimizingLocalizer):
         self.needs_depth = self.depth_only(config)
         self.matcher = matcher if matcher is not None else self.build_matcher(config)
         self.optimizer = PoseOptimizer(model, config.losses, config.schedule, config.optim, self.matcher, seed=seed)
+        self.calibration: Optional[Calibration] = None
+        self._self_test_pairs: Optional[Dict[int, PosePair]] = None  # filled while the self-test runs
 
     def _localize(self, queries: Sequence[Query], initial_c2w: Sequence[Tensor],
                   on_result: Callable[[int, LocalizationResult], None], on_step: StepCallback,
@@ -96,6 +104,7 @@ class PoseInversion(OptimizingLocalizer):
                 on_result(k, result)
 
             return super()._localize(queries, initial_c2w, aligned, on_step, on_poses)
+        calibration = self.calibrated()
         starts, anchors, hypotheses = [], [], []
         for query, init in zip(queries, initial_c2w):
             start, anchor, candidates = self.first_hypotheses(query, init[:3, :4].float().cpu())
@@ -111,10 +120,50 @@ class PoseInversion(OptimizingLocalizer):
                                      self.verifier.matches(query), self.verifier.config)
                 if choice.name != "refined":
                     result.move_to(choice.c2w, choice.reason, query.gt_c2w)
+                elif anchors[k] is not None:  # refined from the PnP pose: move as far as the calibration trusts it
+                    pnp_c2w = dict(hypotheses[k])["map PnP"]
+                    if self._self_test_pairs is not None:
+                        self._self_test_pairs[k] = (pnp_c2w, result.c2w.clone())
+                    elif calibration is not None and calibration.fraction < 1.0:
+                        result.move_to(interpolate_pose(pnp_c2w, result.c2w, calibration.fraction),
+                                       f"calibrated: {calibration.describe()}", query.gt_c2w)
             self._align_depth(query, result)
             on_result(k, result)
 
         self.optimizer.run(queries, starts, on_result=finish, on_step=on_step, anchors=anchors, on_poses=on_poses)
+
+    def prepare(self) -> None:
+        self.calibrated()
+
+    def calibrated(self) -> Optional[Calibration]:
+        """The run's calibration (:mod:`~nerfstudio_gsloc.localize.calibration`): read from the run's cache or made
+        by the self-test on first use (``fraction`` 1 with the reason when the run has no training photos to test
+        on); ``None`` when it is off or while the self-test itself runs."""
+        if (not self.config.calibration.enabled or self._self_test_pairs is not None or self.pipeline is None
+                or self.verifier is None):
+            return None
+        if self.calibration is None:
+            verifier = self.verifier
+            settings = {"localizer": dataclasses.asdict(self.config), "verification": dataclasses.asdict(verifier.config),
+                        "map": dataclasses.asdict(verifier.map_config), "seed": self.seed}
+            try:
+                self.calibration = load_or_calibrate(self.pipeline, self.config.calibration, settings, lambda: run_self_test(
+                    self.pipeline, self.config.calibration, self.seed, self._self_test))
+            except GslocError as err:  # e.g. a pipeline without its training split: nothing to test on
+                self.calibration = Calibration(1.0, 0, reason=f"no self-test: {err}")
+            self.notes["calibration"] = self.calibration.describe()
+            self.notes["calibration_seconds"] = round(self.calibration.seconds, 2)
+        return self.calibration
+
+    def _self_test(self, queries: List[Query], starts: List[Tensor]) -> Dict[int, PosePair]:
+        """Localize training photos (each left out of the map) and return their (PnP, refined) pose pairs."""
+        self._self_test_pairs = {}
+        try:
+            with self.verifier.self_test():
+                self.localize(queries, starts)
+            return self._self_test_pairs
+        finally:
+            self._self_test_pairs = None
 
     def _align_depth(self, query: Query, result: LocalizationResult) -> None:
         """The last stage: an RGB-D query's pose aligned to the capture's depth images (``config.depth_alignment``,

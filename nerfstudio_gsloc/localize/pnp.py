@@ -187,8 +187,8 @@ class PnPBaseline:
             with contextlib.suppress(GslocError):
                 self.camera_scale = camera_distance_scale(torch.stack([v.c2w for v in train]))
 
-    def nearest_views(self, c2w: Tensor, scale: float) -> List[int]:
-        """Ids of the ``num_views`` training cameras nearest to ``c2w [3, 4]``.
+    def nearest_views(self, c2w: Tensor, scale: float, count: Optional[int] = None) -> List[int]:
+        """Ids of the ``count`` (default ``num_views``) training cameras nearest to ``c2w [3, 4]``.
 
         Distance: centre distance in units of ``scale`` plus the angle (radians) between viewing directions.
         """
@@ -196,7 +196,7 @@ class PnPBaseline:
         dist = torch.linalg.norm(self.centres - c2w[:, 3].float(), dim=-1) / max(scale, 1e-9)
         angle = torch.arccos((self.forwards @ forward).clamp(-1.0, 1.0))
         order = torch.argsort(dist + angle)
-        return [self.train_ids[i] for i in order[: self.config.num_views].tolist()]
+        return [self.train_ids[i] for i in order[: count or self.config.num_views].tolist()]
 
     def most_matched(self, query: Features, candidates: Sequence[int]) -> List[int]:
         """The ``num_views`` of ``candidates`` with the most matches of the query's strongest keypoints."""
@@ -206,22 +206,28 @@ class PnPBaseline:
         return [candidates[i] for i in order if counts[i] > 0]
 
     def select(self, query: Features, prior_c2w: Optional[Tensor], scale: float,
-               selection: Optional[str] = None) -> List[int]:
-        """The map views to match the query against, by ``selection`` (default ``config.selection``)."""
+               selection: Optional[str] = None, exclude: Optional[str] = None) -> List[int]:
+        """The map views to match the query against, by ``selection`` (default ``config.selection``), never the
+        map view named ``exclude`` (a training photo localized as a query must not find itself)."""
         cfg = self.config
         mode = selection or cfg.selection
+        spare = 0 if exclude is None else 1  # room for the excluded view in a nearest-k or VLAD top-k list
+
+        def kept(ids: Sequence[int]) -> List[int]:
+            return [i for i in ids if exclude is None or self.map[i].name != exclude]
+
         if mode == "prior":
             if prior_c2w is None:
                 raise GslocError("pnp with selection=prior needs an initial pose")
-            return self.nearest_views(prior_c2w, scale)
+            return kept(self.nearest_views(prior_c2w, scale, cfg.num_views + spare))[: cfg.num_views]
         if mode == "retrieval":
             if cfg.retrieval_shortlist > 0:
-                return self.most_matched(query, self.index.top_k(query, max(cfg.retrieval_shortlist, cfg.num_views)))
-            return self.index.top_k(query, cfg.num_views)
-        return self.most_matched(query, self.train_ids)
+                return self.most_matched(query, kept(self.index.top_k(query, max(cfg.retrieval_shortlist, cfg.num_views))))
+            return kept(self.index.top_k(query, cfg.num_views + spare))[: cfg.num_views]
+        return self.most_matched(query, kept(self.train_ids))
 
     def correspondences(self, image: Tensor, prior_c2w: Optional[Tensor] = None, scale: float = 1.0,
-                        selection: Optional[str] = None) -> MapMatches:
+                        selection: Optional[str] = None, exclude: Optional[str] = None) -> MapMatches:
         """Match one image against the map views :meth:`select` chooses and pool the 2D-3D matches.
 
         Args:
@@ -229,11 +235,12 @@ class PnPBaseline:
             prior_c2w: ``[3, 4]`` initial pose; used only with ``selection="prior"`` to choose training views.
             scale: camera-distance scale (``selection="prior"`` distance units).
             selection: overrides ``config.selection``.
+            exclude: name of a map view not to use (the query's own training photo in a self-test).
         """
         query = self.features.detect(image)
         if len(query) < self.config.min_inliers:
             return MapMatches(torch.zeros(0, 2), torch.zeros(0, 3), [], len(query))
-        chosen = self.select(query, prior_c2w, scale, selection)
+        chosen = self.select(query, prior_c2w, scale, selection, exclude)
         kq, pts = [torch.zeros(0, 2)], [torch.zeros(0, 3)]
         for i in chosen:
             idx, _ = self.features.match(query, self.map[i].features)

@@ -16,7 +16,7 @@ import math
 from typing import Optional
 
 import torch
-from kornia.geometry.conversions import axis_angle_to_rotation_matrix
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix, rotation_matrix_to_axis_angle
 from nerfstudio.cameras.lie_groups import exp_map_SO3xR3
 from torch import Tensor, nn
 
@@ -149,3 +149,22 @@ def perturb_pose(
     rot = c2w64[:, :, :3] @ delta_rot
     centre = c2w64[:, :, 3] + directions * float(translation)
     return torch.cat([rot, centre[:, :, None]], dim=-1).to(dtype=c2w.dtype, device=c2w.device)
+
+
+def interpolate_pose(start: Tensor, end: Tensor, fraction: float) -> Tensor:
+    """The pose ``fraction`` of the way from ``start`` to ``end``, in the same decoupled SO(3) x R^3 as
+    :class:`PoseCorrection`: the rotation along the geodesic ``R_s exp(f log(R_s^T R_e))``, the camera centre on
+    the straight line between the two. ``fraction`` 0 gives ``start``, 1 gives ``end``.
+
+    Args:
+        start, end: ``[3|4, 4]`` OpenGL camera-to-world poses (scene frame).
+        fraction: usually in ``[0, 1]``.
+
+    Returns:
+        ``[3, 4]`` pose, dtype and device of ``start``.
+    """
+    a, b = start[:3, :4].double().cpu(), end[:3, :4].double().cpu()
+    relative = rotation_matrix_to_axis_angle((a[:, :3].T @ b[:, :3])[None])[0]
+    rot = a[:, :3] @ axis_angle_to_rotation_matrix((relative * float(fraction))[None])[0]
+    centre = a[:, 3] + float(fraction) * (b[:, 3] - a[:, 3])
+    return torch.cat([rot, centre[:, None]], dim=-1).to(dtype=start.dtype, device=start.device)

@@ -45,7 +45,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -208,7 +208,8 @@ def load_transforms_queries(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[Query]:
+def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None, split: Literal["eval", "train"] = "eval",
+                      indices: Optional[Sequence[int]] = None) -> List[Query]:
     """The held-out eval split of a loaded nerfstudio pipeline as queries (ground truth known, no prior).
 
     Cameras come from the eval dataset (already in the scene frame, rescaled like the images); images are
@@ -219,6 +220,10 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
     Args:
         pipeline: a loaded nerfstudio pipeline whose ``datamanager`` has an ``eval_dataset``.
         max_queries: keep only the first ``max_queries`` images.
+        split: ``"train"`` reads the training split the same way (the self-test of
+            :mod:`~nerfstudio_gsloc.localize.calibration` localizes training photos as queries).
+        indices: only these images of the split (after ``max_queries``); a query's ``index`` stays its
+            position in the split.
 
     Raises:
         GslocError: no eval dataset, an empty split, unsupported camera types or distortion, unreadable files.
@@ -226,9 +231,9 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
     from nerfstudio.cameras.cameras import CameraType
     from nerfstudio.data.utils.data_utils import get_depth_image_from_path
 
-    dataset = getattr(getattr(pipeline, "datamanager", None), "eval_dataset", None)
+    dataset = getattr(getattr(pipeline, "datamanager", None), f"{split}_dataset", None)
     if dataset is None or len(dataset) == 0:
-        raise GslocError("the run has no eval split to localize; pass --queries path/to/transforms.json")
+        raise GslocError(f"the run has no {split} split to localize; pass --queries path/to/transforms.json")
     outputs = dataset._dataparser_outputs
     cameras = raw_dataset_cameras(dataset)  # the raw images' cameras, with their lens distortion
     count = len(dataset) if max_queries is None else min(len(dataset), max(0, int(max_queries)))
@@ -238,9 +243,9 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None) -> List[
     )
     alpha_color = outputs.alpha_color
     queries: List[Query] = []
-    for index in range(count):
+    for index in (range(count) if indices is None else [i for i in indices if 0 <= i < count]):
         image_path = Path(outputs.image_filenames[index])
-        where = f"eval image {index} ({image_path.name})"
+        where = f"{split} image {index} ({image_path.name})"
         camera = cameras[index]
         camera_type = int(camera.camera_type.reshape(-1)[0])
         if camera_type not in (CameraType.PERSPECTIVE.value, CameraType.FISHEYE.value):

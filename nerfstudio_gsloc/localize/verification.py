@@ -20,11 +20,12 @@ centres at ``+0.5``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -187,6 +188,9 @@ class PoseVerifier:
         the query is matched against the training views nearest to it instead of choosing them by matching it
         against every training photo (a third of a tracked frame's time). Every candidate pose of the query is
         still judged by the same matches."""
+        self.leave_own_photo_out = False
+        """When set, a query never matches the map view of its own name: training photos localized as queries
+        (:mod:`~nerfstudio_gsloc.localize.calibration`'s self-test) see the map a new photo would see."""
 
     @property
     def baseline(self) -> PnPBaseline:
@@ -203,14 +207,29 @@ class PoseVerifier:
         key = (query.index, query.name)
         if key not in self._matches:
             started = time.perf_counter()
+            exclude = query.name if self.leave_own_photo_out else None
             with torch.no_grad():
                 if self.views_near is None:
-                    self._matches[key] = self.baseline.correspondences(query.image)
+                    self._matches[key] = self.baseline.correspondences(query.image, exclude=exclude)
                 else:
                     self._matches[key] = self.baseline.correspondences(
-                        query.image, self.views_near[:3, :4].float().cpu(), self.baseline.camera_scale, "prior")
+                        query.image, self.views_near[:3, :4].float().cpu(), self.baseline.camera_scale, "prior",
+                        exclude)
             self.seconds[key] = time.perf_counter() - started
         return self._matches[key]
+
+    @contextlib.contextmanager
+    def self_test(self) -> Iterator[None]:
+        """Within: every query leaves its own training photo out of the map and is matched against all of them
+        (no ``views_near``); the matches are dropped on both sides, so no query keeps matches of the other kind."""
+        saved = self.views_near
+        self.forget()
+        self.leave_own_photo_out, self.views_near = True, None
+        try:
+            yield
+        finally:
+            self.forget()
+            self.leave_own_photo_out, self.views_near = False, saved
 
     def pnp(self, query: Query, seed: int) -> PnPOutcome:
         """The PnP pose of the query's map matches (RANSAC seeded with ``seed``)."""

@@ -12,6 +12,7 @@ FAST = [
     "--localization.schedule.pyramid-scales", "1",
     "--localization.schedule.pyramid-iterations", "8",
     "--localization.schedule.refine-matching-weight",
+    "--localization.calibration.no-enabled",  # the self-test is tested in test_calibration.py (see conftest.py)
 ]
 
 

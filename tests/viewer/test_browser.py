@@ -36,6 +36,7 @@ FAST = [
     "--init", "perturb", "--num-threads", "1", "--max-queries", "2", "--perturb-deg", "5", "--perturb-trans", "0.05",
     "--localization.schedule.matching-iterations", "30", "--localization.schedule.pyramid-scales", "1",
     "--localization.schedule.pyramid-iterations", "8", "--localization.schedule.refine-matching-weight",
+    "--localization.calibration.no-enabled",  # a subprocess: conftest's switch does not reach it
 ]
 PAGE_TIMEOUT_MS = 120_000
 pytestmark = pytest.mark.browser  # about a minute on 2 cores; `-m "not browser"` leaves it out
