@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
+from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError
@@ -158,9 +159,16 @@ class PoseInversion(OptimizingLocalizer):
     def _self_test(self, queries: List[Query], starts: List[Tensor]) -> Dict[int, PosePair]:
         """Localize training photos (each left out of the map) and return their (PnP, refined) pose pairs."""
         self._self_test_pairs = {}
+        done = [0]
+
+        def progress(k: int, result: LocalizationResult) -> None:  # log lines: a caller may hold a live progress bar
+            done[0] += 1
+            if done[0] % 6 == 0 or done[0] == len(queries):
+                CONSOLE.log(f"gsloc: self-test {done[0]}/{len(queries)} training photos")
+
         try:
             with self.verifier.self_test():
-                self.localize(queries, starts)
+                self.localize(queries, starts, on_result=progress)
             return self._self_test_pairs
         finally:
             self._self_test_pairs = None
