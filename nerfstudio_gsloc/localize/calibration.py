@@ -7,10 +7,11 @@ a good PnP pose away (lego-200 after 1,000 iterations: refined farther than PnP 
 the map matches nor the photometric loss can see that bias on a query, since both come from the same model.
 The training photos can: their poses are known.
 
-**Self-test.** ``views`` training photos, evenly spaced, are localized as queries by the same localizer and
+**Self-test.** ``views`` training photos, evenly spaced, are localized as colour-only queries (a query with depth
+ends with the depth alignment, which decides its pose, so it is not calibrated) by the same localizer and
 settings, each with its own photo left out of the map (so its PnP pose comes from the other photos, as a new
 photo's would) and from a perturbed pose (``perturb_deg``, ``perturb_distance`` camera distances). For each
-view that started from its PnP pose this gives the pair (PnP pose, chosen pose before depth alignment).
+view that started from its PnP pose and kept its refinement this gives the pair (PnP pose, refined pose).
 
 **Calibration.** The final pose of a query is ``interpolate_pose(PnP, refined, f)``: ``f = 1`` keeps the
 refined pose, ``f = 0`` returns PnP's. For each ``f`` on a grid the self-test views score
@@ -137,11 +138,12 @@ def choose_fraction(pairs: Sequence[PosePair], truths: Sequence[Tensor], scale: 
 
 
 def self_test_queries(pipeline: Any, config: CalibrationConfig) -> List[Query]:
-    """The training photos of the self-test as queries (ground truth known; evenly spaced)."""
+    """The training photos of the self-test as queries (ground truth known; evenly spaced), without their depth
+    images: RGB-D queries end with the depth alignment, so the calibration serves the colour-only ones."""
     count = len(pipeline.datamanager.train_dataset)
     take = max(1, min(config.views, count))
     indices = sorted({round(k * (count - 1) / max(1, take - 1)) for k in range(take)})
-    return load_eval_queries(pipeline, split="train", indices=indices)
+    return [dataclasses.replace(query, depth=None) for query in load_eval_queries(pipeline, split="train", indices=indices)]
 
 
 def run_self_test(pipeline: Any, config: CalibrationConfig, seed: int,

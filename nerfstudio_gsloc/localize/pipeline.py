@@ -105,7 +105,9 @@ class PoseInversion(OptimizingLocalizer):
                 on_result(k, result)
 
             return super()._localize(queries, initial_c2w, aligned, on_step, on_poses)
-        calibration = self.calibrated()
+        # RGB-D queries end with the depth alignment, which decides their pose: only the others are calibrated.
+        calibrated = [not self._aligned_by_depth(query) for query in queries]
+        calibration = self.calibrated() if any(calibrated) else None
         starts, anchors, hypotheses = [], [], []
         for query, init in zip(queries, initial_c2w):
             start, anchor, candidates = self.first_hypotheses(query, init[:3, :4].float().cpu())
@@ -121,7 +123,7 @@ class PoseInversion(OptimizingLocalizer):
                                      self.verifier.matches(query), self.verifier.config)
                 if choice.name != "refined":
                     result.move_to(choice.c2w, choice.reason, query.gt_c2w)
-                elif anchors[k] is not None:  # refined from the PnP pose: move as far as the calibration trusts it
+                elif anchors[k] is not None and calibrated[k]:  # refined from PnP: as far as the calibration trusts it
                     pnp_c2w = dict(hypotheses[k])["map PnP"]
                     if self._self_test_pairs is not None:
                         self._self_test_pairs[k] = (pnp_c2w, result.c2w.clone())
@@ -172,6 +174,11 @@ class PoseInversion(OptimizingLocalizer):
             return self._self_test_pairs
         finally:
             self._self_test_pairs = None
+
+    def _aligned_by_depth(self, query: Query) -> bool:
+        """Whether the query's pose ends with the depth alignment (it has depth and the run's training views too)."""
+        return (query.depth is not None and self.pipeline is not None and self.config.depth_alignment.enabled
+                and capture_depth_map_of(self.pipeline, self.config.depth_alignment.map_points) is not None)
 
     def _align_depth(self, query: Query, result: LocalizationResult) -> None:
         """The last stage: an RGB-D query's pose aligned to the capture's depth images (``config.depth_alignment``,

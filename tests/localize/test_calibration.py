@@ -173,3 +173,23 @@ def test_gsloc_self_tests_once_and_moves_each_pose_the_calibrated_fraction_from_
     torch.testing.assert_close(outcome.c2w, interpolate_pose(pnp, refined, 0.5))
     assert "calibrated: final pose 0.5 of the way" in outcome.reason
     assert result.c2w.shape == (3, 4)
+
+
+@pytest.mark.calibration
+def test_rgbd_queries_end_with_the_depth_alignment_and_are_not_calibrated(run, monkeypatch, tmp_path):
+    pipeline, queries = run
+    settings = fast_settings()
+    settings.gsloc.calibration = dataclasses.replace(settings.gsloc.calibration, views=8, min_views=4)
+    monkeypatch.setattr(pipeline, "gsloc_run_dir", tmp_path)
+    tests = []
+    real_run = pipeline_module.run_self_test
+    monkeypatch.setattr(pipeline_module, "run_self_test", lambda *args: tests.append(1) or real_run(*args))
+    query = queries[0]
+    assert query.depth is not None and settings.gsloc.depth_alignment.enabled
+    start = initial_poses([query], "perturb", angle_deg=3.0, translation=0.03, seed=1)
+    localizer = make_localizer("gsloc", settings, pipeline.model, pipeline)
+    assert localizer.localize([query], start)[0].depth_aligned
+    assert not tests and localizer.calibration is None
+    # The same photo without its depth is calibrated, by training photos localized without theirs.
+    localizer.localize([dataclasses.replace(query, depth=None)], start)
+    assert len(tests) == 1 and localizer.calibration.views >= 4, localizer.calibration
