@@ -18,13 +18,13 @@ refined pose, ``f = 0`` returns PnP's. For each ``f`` on a grid the self-test vi
 ``mean(log(rotation error deg + 1e-3) + log(translation error / camera scale + 1e-5))`` (a mean of logs: each
 view counts by its relative change, so a few large errors do not decide). The best ``f`` is then moved towards
 PnP, to the smallest ``f`` whose score is within ``standard_errors`` standard errors of the best's (the paired
-differences over the views): the model was trained on these photos, so the self-test flatters refinement, and
-where it cannot tell two fractions apart the one that leans on PnP's independent evidence is the safer bet (the
-"one standard error" rule of model selection).
+differences over the views): the self-test's views are few and come from the training cameras, not from where
+the queries are, so where it cannot tell two fractions apart the one that leans on PnP's independent evidence is
+the safer bet (the "one standard error" rule of model selection).
 
 Measured (README, issue 18): ``f = 0.5`` on lego-200 after 1,000 iterations and 1 after 8,000; 0.75 on fox after
-1,000 and 1 after 3,000. The test views of the weak lego model would have been served best by 0.25-0.375: the
-self-test sees most of a weak model's bias, not all of it.
+1,000 and 1 after 3,000. The weak lego model's test views score 0.375 and 0.5 alike; fox's 7 test views would have
+liked 0.125-0.25.
 
 The calibration is cached beside the run (``gsloc_index/calibration-<key>.json``, keyed by the checkpoint and
 every setting that changes a pose) and redone when either changes.
