@@ -143,7 +143,8 @@ def self_test_queries(pipeline: Any, config: CalibrationConfig) -> List[Query]:
     count = len(pipeline.datamanager.train_dataset)
     take = max(1, min(config.views, count))
     indices = sorted({round(k * (count - 1) / max(1, take - 1)) for k in range(take)})
-    return [dataclasses.replace(query, depth=None) for query in load_eval_queries(pipeline, split="train", indices=indices)]
+    photos = load_eval_queries(pipeline, split="train", indices=indices)
+    return [dataclasses.replace(query, depth=None) for query in photos]
 
 
 def run_self_test(pipeline: Any, config: CalibrationConfig, seed: int,
@@ -201,7 +202,8 @@ def load_or_calibrate(pipeline: Any, config: CalibrationConfig, settings: Dict[s
     calibration = calibrate()
     CONSOLE.log(f"gsloc: self-test took {calibration.seconds:.1f} s: {calibration.describe()}")
     if path is not None:
-        state = {"format": CALIBRATION_FORMAT, "checkpoint": fingerprint, "calibration": dataclasses.asdict(calibration)}
+        state = {"format": CALIBRATION_FORMAT, "checkpoint": fingerprint,
+                 "calibration": dataclasses.asdict(calibration)}
         try:
             atomic_write_text(path, json.dumps(state, indent=2))
         except OutputError as err:  # a read-only run folder: the calibration is only a cache

@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.absolute_pose import reprojection_errors
-from nerfstudio_gsloc.localize.calibration import Calibration, CalibrationConfig, PosePair, load_or_calibrate, run_self_test
+from nerfstudio_gsloc.localize.calibration import (
+    Calibration,
+    CalibrationConfig,
+    PosePair,
+    load_or_calibrate,
+    run_self_test,
+)
 from nerfstudio_gsloc.localize.depth_registration import DepthRegistrationConfig, align_result, capture_depth_map_of
 from nerfstudio_gsloc.localize.localizer import LocalizerConfig, OptimizingLocalizer, PosesCallback, StepCallback
 from nerfstudio_gsloc.localize.matching import Matcher, MatcherConfig, make_matcher
@@ -147,11 +153,13 @@ class PoseInversion(OptimizingLocalizer):
             return None
         if self.calibration is None:
             verifier = self.verifier
-            settings = {"localizer": dataclasses.asdict(self.config), "verification": dataclasses.asdict(verifier.config),
-                        "map": dataclasses.asdict(verifier.map_config), "seed": self.seed}
+            settings = {"localizer": dataclasses.asdict(self.config), "seed": self.seed,
+                        "verification": dataclasses.asdict(verifier.config),
+                        "map": dataclasses.asdict(verifier.map_config)}
+            config = self.config.calibration
             try:
-                self.calibration = load_or_calibrate(self.pipeline, self.config.calibration, settings, lambda: run_self_test(
-                    self.pipeline, self.config.calibration, self.seed, self._self_test))
+                self.calibration = load_or_calibrate(self.pipeline, config, settings, lambda: run_self_test(
+                    self.pipeline, config, self.seed, self._self_test))
             except GslocError as err:  # e.g. a pipeline without its training split: nothing to test on
                 self.calibration = Calibration(1.0, 0, reason=f"no self-test: {err}")
             self.notes["calibration"] = self.calibration.describe()
