@@ -193,3 +193,26 @@ def test_rgbd_queries_end_with_the_depth_alignment_and_are_not_calibrated(run, m
     # The same photo without its depth is calibrated, by training photos localized without theirs.
     localizer.localize([dataclasses.replace(query, depth=None)], start)
     assert len(tests) == 1 and localizer.calibration.views >= 4, localizer.calibration
+
+
+@pytest.mark.calibration
+def test_prepare_calibrates_before_any_query_and_another_localizer_reads_it(run, monkeypatch, tmp_path):
+    """What a Ray driver does (``Localizer.prepare`` before sending work): its workers, each with its own localizer
+    of the same settings, read the calibration instead of running the self-test again."""
+    pipeline, queries = run
+    settings = fast_settings()
+    settings.gsloc.calibration = dataclasses.replace(settings.gsloc.calibration, views=8, min_views=4)
+    settings.gsloc.depth_alignment.enabled = False
+    monkeypatch.setattr(pipeline, "gsloc_run_dir", tmp_path)
+    driver = make_localizer("gsloc", settings, pipeline.model, pipeline)
+    driver.prepare()
+    assert driver.calibration is not None and list(tmp_path.glob("gsloc_index/calibration-*.json"))
+
+    def no_second_self_test(*args, **kwargs):
+        raise AssertionError("the worker ran the self-test again")
+
+    monkeypatch.setattr(pipeline_module, "run_self_test", no_second_self_test)
+    worker = make_localizer("gsloc", settings, pipeline.model, pipeline)
+    start = initial_poses(queries[:1], "perturb", angle_deg=3.0, translation=0.03, seed=1)
+    assert not worker.localize(queries[:1], start)[0].failed
+    assert worker.calibration == driver.calibration
