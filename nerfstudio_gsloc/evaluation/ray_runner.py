@@ -260,7 +260,7 @@ class RayPool:
         workers unit by unit; ``on_result`` runs on the driver as units arrive. The workers' notes (e.g. a map's
         build time) are merged into ``localizer.notes``."""
         ray = self.ray
-        localizer.prepare()  # e.g. gsloc's self-test, cached beside the run, where every worker reads it
+        localizer.prepare(queries)  # e.g. gsloc's self-test, cached beside the run, where every worker reads it
         units = plan_units(localizer, method, queries, inits)
         results: List[Optional[LocalizationResult]] = [None] * len(queries)
         queue: Deque[Unit] = collections.deque(units)

@@ -68,10 +68,11 @@ class Localizer:
         """Largest number of optimisation steps one query can take (0 for closed-form methods)."""
         return 0
 
-    def prepare(self) -> None:
-        """One-off work of the run that :meth:`localize` would otherwise do on its first call (gsloc's calibration).
-        A distributed driver calls it before sending work, so that the workers read its result from the run's
-        cache instead of each doing it."""
+    def prepare(self, queries: Optional[Sequence[Query]] = None) -> None:
+        """One-off work of the run that :meth:`localize` would otherwise do on its first call for ``queries``
+        (``None``: any query), such as gsloc's calibration. A distributed driver calls it before sending work, so
+        that the workers read its result from the run's cache instead of each doing it; a tracker, so that the first
+        frame's time is the frame's own."""
 
     def localize(
         self,

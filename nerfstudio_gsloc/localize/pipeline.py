@@ -141,15 +141,16 @@ class PoseInversion(OptimizingLocalizer):
 
         self.optimizer.run(queries, starts, on_result=finish, on_step=on_step, anchors=anchors, on_poses=on_poses)
 
-    def prepare(self) -> None:
-        self.calibrated()
+    def prepare(self, queries: Optional[Sequence[Query]] = None) -> None:
+        if queries is None or not all(self._aligned_by_depth(query) for query in queries):
+            self.calibrated()
 
     def calibrated(self) -> Optional[Calibration]:
         """The run's calibration (:mod:`~nerfstudio_gsloc.localize.calibration`): read from the run's cache or made
         by the self-test on first use (``fraction`` 1 with the reason when the run has no training photos to test
-        on); ``None`` when it is off or while the self-test itself runs."""
-        if (not self.config.calibration.enabled or self._self_test_pairs is not None or self.pipeline is None
-                or self.verifier is None):
+        on); ``None`` when it is off, without hypotheses (nothing to calibrate) or while the self-test itself runs."""
+        if (not self.config.calibration.enabled or not self.config.hypotheses or self._self_test_pairs is not None
+                or self.pipeline is None or self.verifier is None):
             return None
         if self.calibration is None:
             verifier = self.verifier

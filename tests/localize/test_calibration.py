@@ -188,8 +188,12 @@ def test_rgbd_queries_end_with_the_depth_alignment_and_are_not_calibrated(run, m
     assert query.depth is not None and settings.gsloc.depth_alignment.enabled
     start = initial_poses([query], "perturb", angle_deg=3.0, translation=0.03, seed=1)
     localizer = make_localizer("gsloc", settings, pipeline.model, pipeline)
+    localizer.prepare([query])  # what a tracker or a Ray driver does first
     assert localizer.localize([query], start)[0].depth_aligned
     assert not tests and localizer.calibration is None
+    # The single-loss baselines have no PnP start to calibrate: no self-test either.
+    make_localizer("photometric", settings, pipeline.model, pipeline).prepare()
+    assert not tests
     # The same photo without its depth is calibrated, by training photos localized without theirs.
     localizer.localize([dataclasses.replace(query, depth=None)], start)
     assert len(tests) == 1 and localizer.calibration.views >= 4, localizer.calibration

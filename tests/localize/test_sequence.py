@@ -275,7 +275,10 @@ class _ReachLocalizer:
     max_iterations = 10
 
     def __init__(self, reach: float) -> None:
-        self.reach, self.calls = reach, 0
+        self.reach, self.calls, self.prepared = reach, 0, []
+
+    def prepare(self, queries=None):
+        self.prepared.append(len(queries))
 
     def localize(self, queries, starts):
         from nerfstudio_gsloc.localize.result import LocalizationResult
@@ -308,6 +311,7 @@ def test_the_tracker_follows_an_acceleration_in_rounds_and_relocalizes_a_jump():
     tracker_loc, wide = _ReachLocalizer(0.0025), _ReachLocalizer(1.0)
     tracker = SequenceTracker(tracker_loc, wide, SequenceConfig(max_rounds=3, max_correction=0.01))
     frames = tracker.track(queries, queries[0].gt_c2w)
+    assert wide.prepared == [len(queries)] and wide.calls >= 1  # the one-off work, once for the whole sequence
     events = [f.event for f in frames]
     assert events == ["initialized", "tracked", "tracked", "tracked", "tracked", "tracked", "relocalized", "tracked",
                       "tracked"]
