@@ -137,10 +137,10 @@ def choose_fraction(pairs: Sequence[PosePair], truths: Sequence[Tensor], scale: 
     return Calibration(fractions[chosen], len(pairs), fractions, [float(m) for m in means], reason=reason)
 
 
-def self_test_queries(pipeline: Any, config: CalibrationConfig) -> List[Query]:
-    """The training photos of the self-test as queries (ground truth known; evenly spaced), without their depth
-    images: RGB-D queries end with the depth alignment, so the calibration serves the colour-only ones."""
-    count = len(pipeline.datamanager.train_dataset)
+def self_test_queries(pipeline: Any, count: int, config: CalibrationConfig) -> List[Query]:
+    """The self-test photos among the run's ``count`` training photos, as queries (ground truth known; evenly
+    spaced), without their depth images: RGB-D queries end with the depth alignment, so the calibration serves the
+    colour-only ones."""
     take = max(1, min(config.views, count))
     indices = sorted({round(k * (count - 1) / max(1, take - 1)) for k in range(take)})
     photos = load_eval_queries(pipeline, split="train", indices=indices)
@@ -159,8 +159,9 @@ def run_self_test(pipeline: Any, config: CalibrationConfig, seed: int,
             map, and returns ``{position: (PnP pose, refined pose)}`` of the queries that started from PnP.
     """
     started = time.perf_counter()
-    queries = self_test_queries(pipeline, config)
-    scale = camera_distance_scale(training_camera_poses(pipeline))
+    train_c2w = training_camera_poses(pipeline)  # GslocError without a training split
+    queries = self_test_queries(pipeline, len(train_c2w), config)
+    scale = camera_distance_scale(train_c2w)
     starts = initial_poses(queries, "perturb", angle_deg=config.perturb_deg,
                            translation=config.perturb_distance * scale, seed=seed)
     CONSOLE.log(f"gsloc: self-test: localizing {len(queries)} training photos, each left out of the map, to "

@@ -112,8 +112,8 @@ class PoseInversion(OptimizingLocalizer):
 
             return super()._localize(queries, initial_c2w, aligned, on_step, on_poses)
         # RGB-D queries end with the depth alignment, which decides their pose: only the others are calibrated.
-        calibrated = [not self._aligned_by_depth(query) for query in queries]
-        calibration = self.calibrated() if any(calibrated) else None
+        to_calibrate = [not self._aligned_by_depth(query) for query in queries]
+        calibration = self.calibrated() if any(to_calibrate) else None
         starts, anchors, hypotheses = [], [], []
         for query, init in zip(queries, initial_c2w):
             start, anchor, candidates = self.first_hypotheses(query, init[:3, :4].float().cpu())
@@ -129,7 +129,7 @@ class PoseInversion(OptimizingLocalizer):
                                      self.verifier.matches(query), self.verifier.config)
                 if choice.name != "refined":
                     result.move_to(choice.c2w, choice.reason, query.gt_c2w)
-                elif anchors[k] is not None and calibrated[k]:  # refined from PnP: as far as the calibration trusts it
+                elif anchors[k] is not None and to_calibrate[k]:  # refined from PnP: as far as the calibration trusts it
                     pnp_c2w = dict(hypotheses[k])["map PnP"]
                     if self._self_test_pairs is not None:
                         self._self_test_pairs[k] = (pnp_c2w, result.c2w.clone())
