@@ -13,7 +13,13 @@ Intrinsics (pixels, pixel centres at ``+0.5``), first that applies:
 3. the run's first training camera scaled to each image's size (the common case: the same camera).
 
 A scaled camera must have the image's aspect ratio (within 1 %), otherwise the image was cropped or comes from
-another camera and the error says to pass ``--intrinsics``. Lens distortion is not modelled (pinhole).
+another camera and the error says to pass ``--intrinsics``.
+
+Lens distortion: a photo from the camera of 2. (its ``camera_model`` and ``k1 k2 k3 k4 p1 p2``, as in a query file)
+or 3. (the training camera's lens as the dataparser read it, not the undistorted intrinsics that nerfstudio's image
+cache leaves in ``dataset.cameras``) is undistorted exactly as an eval-split query of that camera
+(:mod:`~nerfstudio_gsloc.localize.undistort`); distortion coefficients do not change when the image is scaled.
+``--intrinsics`` describe a pinhole camera.
 
 Errors (one :class:`GslocError` line each, before any work): the folder is missing or empty, a file has an
 unsupported format (anything but JPEG or PNG, by extension or by content), an image is corrupt or unreadable,
@@ -33,8 +39,9 @@ import torch
 from PIL import Image
 
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.queries import Query
+from nerfstudio_gsloc.localize.queries import Query, file_distortion
 from nerfstudio_gsloc.localize.query_images import make_view
+from nerfstudio_gsloc.localize.undistort import camera_distortion, raw_dataset_cameras
 
 #: Extensions of the files read as queries (case-insensitive).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -45,8 +52,9 @@ ASPECT_TOLERANCE = 0.01
 
 
 @dataclass
-class PinholeCamera:
-    """A pinhole camera for a ``width`` x ``height`` image (pixels, centres at ``+0.5``)."""
+class AssumedCamera:
+    """The camera assumed for a folder's photos: intrinsics of a ``width`` x ``height`` image (pixels, centres at
+    ``+0.5``) and its lens distortion."""
 
     fx: float
     fy: float
@@ -56,6 +64,8 @@ class PinholeCamera:
     height: int
     source: str = ""
     """Where it comes from (for error messages)."""
+    distortion: Optional[tuple] = None
+    """``None`` (pinhole) or ``(params [6] float64 [k1, k2, k3, k4, p1, p2], fisheye)``, the raw photo's lens."""
 
     def scaled_to(self, width: int, height: int, where: str) -> np.ndarray:
         """``[3, 3]`` intrinsics scaled to a ``width`` x ``height`` image; raises when the aspect ratio differs."""
@@ -69,18 +79,20 @@ class PinholeCamera:
         return np.array([[self.fx * sx, 0.0, self.cx * sx], [0.0, self.fy * sy, self.cy * sy], [0.0, 0.0, 1.0]])
 
 
-def training_camera(pipeline) -> PinholeCamera:
-    """The run's first training camera (its intrinsics as training used them)."""
+def training_camera(pipeline) -> AssumedCamera:
+    """The run's first training camera as its dataparser gave it (the raw photo's intrinsics and lens)."""
     dataset = getattr(getattr(pipeline, "datamanager", None), "train_dataset", None)
     if dataset is None or len(dataset) == 0:
         raise GslocError("the run has no training camera to assume for --images; pass --intrinsics fx fy cx cy")
-    camera = dataset.cameras[0]
-    return PinholeCamera(float(camera.fx), float(camera.fy), float(camera.cx), float(camera.cy),
-                         int(camera.width), int(camera.height), "the run's training camera")
+    camera = raw_dataset_cameras(dataset)[0]
+    source = "the run's training camera"
+    return AssumedCamera(float(camera.fx), float(camera.fy), float(camera.cx), float(camera.cy),
+                         int(camera.width), int(camera.height), source, camera_distortion(camera, source))
 
 
-def folder_camera(folder: Path) -> Optional[PinholeCamera]:
-    """The camera of ``folder/transforms.json`` (file-level ``fl_x fl_y cx cy w h``), or ``None`` without that file."""
+def folder_camera(folder: Path) -> Optional[AssumedCamera]:
+    """The camera of ``folder/transforms.json`` (file-level ``fl_x fl_y cx cy w h``, ``camera_model`` and distortion
+    coefficients), or ``None`` without that file."""
     path = Path(folder) / "transforms.json"
     if not path.is_file():
         return None
@@ -92,7 +104,8 @@ def folder_camera(folder: Path) -> Optional[PinholeCamera]:
                          f"({type(err).__name__}: {err})") from None
     if not all(math.isfinite(v) for v in values) or min(values[0], values[1], values[4], values[5]) <= 0:
         raise GslocError(f"{path}: fl_x, fl_y, w, h must be positive numbers")
-    return PinholeCamera(*values[:4], int(round(values[4])), int(round(values[5])), str(path))
+    return AssumedCamera(*values[:4], int(round(values[4])), int(round(values[5])), str(path),
+                         file_distortion(meta, {}, str(path)))
 
 
 def check_intrinsics(intrinsics: Optional[Sequence[float]]) -> None:
@@ -137,7 +150,7 @@ def _read_image(path: Path, where: str):
     return (pixels[..., :3], pixels[..., 3]) if has_alpha else (pixels, None)
 
 
-def load_image_folder_queries(folder: Path, camera: Optional[PinholeCamera] = None,
+def load_image_folder_queries(folder: Path, camera: Optional[AssumedCamera] = None,
                               intrinsics: Optional[Sequence[float]] = None,
                               max_queries: Optional[int] = None) -> List[Query]:
     """Read and validate every image of ``folder`` as a query (see the module docstring).
@@ -165,15 +178,16 @@ def load_image_folder_queries(folder: Path, camera: Optional[PinholeCamera] = No
         where = f"--images {path.name}"
         rgb, alpha = _read_image(path, where)
         height, width = rgb.shape[:2]
+        distortion = None
         if intrinsics is not None:
             fx, fy, cx, cy = (float(v) for v in intrinsics)
             if not (0 < cx < width and 0 < cy < height):
                 raise GslocError(f"{where}: --intrinsics principal point ({cx:g}, {cy:g}) is outside the {width}x{height} image")
             K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
         elif assumed is not None:
-            K = assumed.scaled_to(width, height, where)
+            K, distortion = assumed.scaled_to(width, height, where), assumed.distortion
         else:
             K = np.eye(3)
-        view = make_view(rgb, alpha, K, None, None, None, torch.ones(3), alpha_as_mask=True)
+        view = make_view(rgb, alpha, K, None, None, distortion, torch.ones(3), alpha_as_mask=True)
         queries.append(Query(name=path.name, image_path=path.resolve(), index=index, **view))
     return queries

@@ -164,7 +164,7 @@ def load_transforms_queries(
         missing = [key for key, value in values.items() if value is None]
         if missing:
             raise GslocError(f"{where}: missing intrinsics {', '.join(missing)} (need fl_x, fl_y, cx, cy, w, h)")
-        distortion = _file_distortion(meta, frame, where)
+        distortion = file_distortion(meta, frame, where)
         width, height = int(round(values["w"])), int(round(values["h"]))
         if width <= 0 or height <= 0 or values["fl_x"] <= 0 or values["fl_y"] <= 0:
             raise GslocError(f"{where}: w, h, fl_x and fl_y must be positive")
@@ -293,7 +293,7 @@ def load_eval_queries(pipeline: Any, max_queries: Optional[int] = None, split: L
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _file_distortion(meta: Dict[str, Any], frame: Dict[str, Any], where: str) -> Optional[tuple]:
+def file_distortion(meta: Dict[str, Any], frame: Dict[str, Any], where: str) -> Optional[tuple]:
     """A query file's lens model (per frame, else global): ``None`` without distortion, else
     ``(params [6] float64 [k1, k2, k3, k4, p1, p2], fisheye)``. Raises :class:`GslocError` on unsupported input."""
     camera_model = str(frame.get("camera_model", meta.get("camera_model", "OPENCV"))).upper()

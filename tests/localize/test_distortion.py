@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
+from nerfstudio_gsloc.localize.image_folder import load_image_folder_queries, training_camera
 from nerfstudio_gsloc.localize.initialization import initial_poses
 from nerfstudio_gsloc.localize.pipeline import PoseInversionConfig
 from nerfstudio_gsloc.localize.queries import FrameTransform, load_eval_queries, load_transforms_queries
@@ -316,3 +317,32 @@ def test_the_maps_training_views_are_undistorted_like_nerfstudio_training_images
     if camera_model == "OPENCV":  # frame 0 is cropped to its valid region, frame 1 (pinhole) keeps its size
         assert tuple(views[0].image.shape[:2]) != (height, width)
         assert tuple(views[1].image.shape[:2]) == (height, width)
+
+
+def test_a_photo_of_the_training_camera_is_undistorted_like_a_training_image(tmp_path):
+    """``--images`` without ``--intrinsics``: a raw photo of the run's distorted training camera gets that camera's
+    lens (not the undistorted intrinsics that nerfstudio's image cache leaves in the dataset) and comes out exactly as
+    the same photo read from the training split; a folder ``transforms.json`` that names the lens does the same."""
+    data, width, height, _ = _write_distorted_dataset(tmp_path, "OPENCV")  # training frame 0 has a lens
+    dataset, manager = _split_and_image_cache(data, "train")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.open(data / "images/0.png").save(folder / "photo.png")
+    expected = load_eval_queries(SimpleNamespace(datamanager=SimpleNamespace(train_dataset=dataset)), split="train",
+                                 indices=[0])[0]
+    assert (expected.width, expected.height) != (width, height)  # undistorted and cropped
+    cached_before = manager.train_dataset.cameras[0].fx.item()
+    manager.cached_train  # nerfstudio's cache undistorts the training images and rewrites the cameras
+    assert manager.train_dataset.cameras[0].fx.item() != cached_before
+    for source in (SimpleNamespace(train_dataset=dataset), manager):
+        camera = training_camera(SimpleNamespace(datamanager=source))
+        assert camera.distortion is not None and not camera.distortion[1]
+        query = load_image_folder_queries(folder, camera)[0]
+        torch.testing.assert_close(query.K, expected.K, atol=1e-5, rtol=0)
+        assert torch.equal(query.image, expected.image)  # (its mask: the dataset's mask file, not the photo's)
+    lens = {"camera_model": "OPENCV", "k1": 0.06, "k2": -0.01, "p1": 0.001}  # frame 0's, as written above
+    (folder / "transforms.json").write_text(json.dumps({"fl_x": 34.0, "fl_y": 33.0, "cx": 20.4, "cy": 14.7, "w": width,
+                                                        "h": height, **lens}))
+    query = load_image_folder_queries(folder, None)[0]
+    torch.testing.assert_close(query.K, expected.K, atol=1e-5, rtol=0)
+    assert torch.equal(query.image, expected.image)

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from nerfstudio_gsloc.errors import GslocError
-from nerfstudio_gsloc.localize.image_folder import PinholeCamera, load_image_folder_queries
+from nerfstudio_gsloc.localize.image_folder import AssumedCamera, load_image_folder_queries
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
 from nerfstudio_gsloc.poses_file import read_poses
 
 from cli_helpers import run_ns_localize
 
-CAMERA = PinholeCamera(50.0, 50.0, 32.0, 24.0, 64, 48, "the run's training camera")
+CAMERA = AssumedCamera(50.0, 50.0, 32.0, 24.0, 64, 48, "the run's training camera")
 
 
 def _png(path: Path, width: int, height: int, mode: str = "RGB") -> Path:
