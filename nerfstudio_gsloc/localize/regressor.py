@@ -20,6 +20,10 @@ Conventions and shapes:
 A regressor may hold several networks trained side by side from different seeds (``--training.members``, an
 ensemble): each predicts its point pairs and weights, and one weighted alignment of all of them gives the pose.
 
+Depth scale: the camera-frame depths are multiplied by ``regressor.json``'s ``depth_scale`` (1 when absent), a
+factor calibrated on the training photos once the networks are trained
+(:func:`~nerfstudio_gsloc.localize.regressor_training.calibrate_depth_scale`).
+
 Weights and metadata live beside the run (:mod:`~nerfstudio_gsloc.localize.regressor_files`).
 """
 
@@ -224,10 +228,46 @@ class SceneRegressor:
             raise ValueError("a regressor needs at least one network, and its members one input size and scene frame")
         self.meta = dict(meta or {})
         self.inference = inference or RegressorInference()
+        self.depth_scale = float(self.meta.get("depth_scale", 1.0))
 
     @property
     def config(self) -> RegressorNetConfig:
         return self.nets[0].config
+
+    @torch.no_grad()
+    def point_pairs(self, image: Tensor, K: Tensor, depth_scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor, float]:
+        """Every network's cells for one image (member-major, ``N = members x h x w``).
+
+        Args:
+            image: ``[H, W, 3]`` colours in ``[0, 1]``; K: ``[3, 3]`` its intrinsics (pixels).
+            depth_scale: factor on the predicted depths (default: the regressor's :attr:`depth_scale`).
+
+        Returns:
+            camera-frame points ``[N, 3]``, scene points ``[N, 3]``, weights ``[N]`` (float64) and the median
+            predicted depth.
+        """
+        cfg = self.config
+        height, width = int(image.shape[0]), int(image.shape[1])
+        net_input = resize_image(image.cpu(), cfg.input_height, cfg.input_width)
+        _, rays = grid_rays(K, width, height, grid_size(cfg))
+        scale = self.depth_scale if depth_scale is None else depth_scale
+        focal_ratio = float(K[0, 0]) * cfg.input_width / width / cfg.focal_input * scale
+        cams, scene_points, weights, depths = [], [], [], []
+        for net in self.nets:
+            depth, points, logits = net(net_input)
+            cams.append(((depth[0] * focal_ratio)[..., None] * rays).reshape(-1, 3))  # on each cell's ray
+            scene_points.append(points.reshape(-1, 3))
+            weights.append(torch.sigmoid(logits).reshape(-1))
+            depths.append(depth.reshape(-1))
+        return (torch.cat(cams).double(), torch.cat(scene_points).double(), torch.cat(weights).double(),
+                float(torch.cat(depths).median()))
+
+    def align(self, src: Tensor, dst: Tensor, weights: Tensor, median_depth: float) -> Tuple[Tensor, Tensor]:
+        """The pose of batched point pairs (``src, dst [B, N, 3]``, ``weights [B, N]``) as :meth:`predict` computes
+        it: ``R [B, 3, 3]`` and ``t [B, 3]`` of the OpenCV camera-to-world pose (``t`` is the camera centre)."""
+        tolerance = self.inference.confidence_tolerance * median_depth
+        R, t, _ = robust_rigid_alignment(src, dst, weights, rounds=self.inference.rounds, min_scale=0.25 * tolerance)
+        return R, t
 
     @torch.no_grad()
     def predict(self, image: Tensor, K: Tensor) -> RegressorPrediction:
@@ -238,27 +278,15 @@ class SceneRegressor:
             K: ``[3, 3]`` its intrinsics (pixels).
         """
         started = time.perf_counter()
-        cfg = self.config
-        height, width = int(image.shape[0]), int(image.shape[1])
-        net_input = resize_image(image.cpu(), cfg.input_height, cfg.input_width)
-        _, rays = grid_rays(K, width, height, grid_size(cfg))
-        focal_ratio = float(K[0, 0]) * cfg.input_width / width / cfg.focal_input
-        cams, scene_points, weights, depths = [], [], [], []
-        for net in self.nets:
-            depth, points, logits = net(net_input)
-            cams.append(((depth[0] * focal_ratio)[..., None] * rays).reshape(-1, 3))  # on each cell's ray
-            scene_points.append(points.reshape(-1, 3))
-            weights.append(torch.sigmoid(logits).reshape(-1))
-            depths.append(depth.reshape(-1))
-        src, dst = torch.cat(cams)[None].double(), torch.cat(scene_points)[None].double()
-        weights = torch.cat(weights)[None].double()
-        tolerance = self.inference.confidence_tolerance * float(torch.cat(depths).median())
-        R, t, _ = robust_rigid_alignment(src, dst, weights, rounds=self.inference.rounds, min_scale=0.25 * tolerance)
+        src, dst, weights, median_depth = self.point_pairs(image, K)
+        src, dst, weights = src[None], dst[None], weights[None]
+        tolerance = self.inference.confidence_tolerance * median_depth
+        R, t = self.align(src, dst, weights, median_depth)
         residuals = alignment_residuals(R, t, src, dst)
         confidence = alignment_confidence(residuals, weights, tolerance, self.inference.full_support * len(self.nets))
         c2w = opencv_c2w_to_opengl_c2w(torch.cat([R[0], t[0, :, None]], dim=1))
         if self.inference.refine_px > 0:
-            c2w = self._refine(c2w, dst[0], weights[0], K, width, height)
+            c2w = self._refine(c2w, dst[0], weights[0], K, int(image.shape[1]), int(image.shape[0]))
         c2w = c2w.float()
         return RegressorPrediction(c2w, float(confidence[0]), weights[0].float(), residuals[0].float(),
                                    time.perf_counter() - started)

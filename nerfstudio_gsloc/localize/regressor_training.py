@@ -17,6 +17,9 @@ scene scale ``s`` of the network config, pixel errors by the focal length):
   (:func:`~nerfstudio_gsloc.localize.rigid_alignment.weighted_rigid_alignment`), ramped in after a warm-up, once
   the point sets are good enough for the alignment's gradient to be informative.
 
+Depth scale (:func:`calibrate_depth_scale`): after training, one factor on the networks' camera-frame depths,
+chosen on the training photos, removes the small scale that the two regressed point sets keep between them.
+
 Arithmetic (``precision``): NHWC memory layout, and on CPUs with native bfloat16 the network body's convolutions in
 bfloat16 under autocast (heads, losses and alignment in float32), about 1.5x faster per step there.
 
@@ -35,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nerfstudio_gsloc.localize.regressor import RegressorNetConfig, SceneRegressorNet
+from nerfstudio_gsloc.localize.regressor import RegressorNetConfig, SceneRegressor, SceneRegressorNet
 from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, member_configs
 from nerfstudio_gsloc.localize.regressor_training_set import TrainingSet, augment
 from nerfstudio_gsloc.localize.rigid_alignment import weighted_rigid_alignment
+from nerfstudio_gsloc.localize.scene_map import TrainingView
 
 
 def batch_losses(net: SceneRegressorNet, data: TrainingSet, idx: Tensor, images: Tensor, pose_weight: float,
@@ -77,6 +81,38 @@ def batch_losses(net: SceneRegressorNet, data: TrainingSet, idx: Tensor, images:
              + config.consistency_weight * terms["consistency"] + config.reprojection_weight * terms["reprojection"]
              + pose_weight * terms["pose"])
     return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+#: Factors on the predicted depths that :func:`calibrate_depth_scale` chooses from (0.95 to 1.05, steps of 0.25%).
+DEPTH_SCALES = tuple(round(0.95 + 0.0025 * i, 4) for i in range(41))
+
+
+def calibrate_depth_scale(regressor: SceneRegressor, views: Sequence[TrainingView]) -> Dict[str, float]:
+    """The factor on the networks' camera-frame depths that minimises the median camera-centre error of the
+    regressor's poses of ``views`` (the training photos, whose poses are known), from :data:`DEPTH_SCALES` (the
+    closest to 1 among equals).
+
+    Why: the networks regress depths and scene points separately, and the two point sets keep a small common
+    scale between them (on lego-200 the poses put every camera 0.5-0.8% too close to the scene, in all four
+    trainings measured). A rigid alignment has no scale to absorb it, so it moves the camera along its axis;
+    one factor for all queries removes that bias and leaves the per-query error.
+
+    Returns:
+        ``depth_scale``, ``views`` and the median camera-centre error (scene units) at 1 and at the factor.
+    """
+    if not views:
+        return {"depth_scale": 1.0, "views": 0, "median_error_unscaled": math.nan, "median_error": math.nan}
+    pairs = [regressor.point_pairs(view.image, view.K, depth_scale=1.0) for view in views]
+    src, dst, weights = (torch.stack([pair[i] for pair in pairs]) for i in range(3))
+    median_depth = float(torch.tensor([pair[3] for pair in pairs]).median())
+    centres = torch.stack([view.c2w[:3, 3] for view in views]).double()
+    errors = {}
+    for scale in DEPTH_SCALES:
+        _, t = regressor.align(src * scale, dst, weights, median_depth)
+        errors[scale] = float((t - centres).norm(dim=-1).median())
+    best = min(DEPTH_SCALES, key=lambda scale: (errors[scale], abs(scale - 1.0)))
+    return {"depth_scale": best, "views": len(views), "median_error_unscaled": round(errors[1.0], 6),
+            "median_error": round(errors[best], 6)}
 
 
 StepCallback = Callable[[int, int, Dict[str, float]], None]

@@ -31,9 +31,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.files import check_writable
-from nerfstudio_gsloc.localize.regressor_files import is_up_to_date, read_meta, regressor_dir, save_regressor
+from nerfstudio_gsloc.localize.regressor import SceneRegressor
+from nerfstudio_gsloc.localize.regressor_files import is_up_to_date, load_regressor, read_meta, regressor_dir, save_regressor
 from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, member_configs
-from nerfstudio_gsloc.localize.regressor_training import train_members
+from nerfstudio_gsloc.localize.regressor_training import calibrate_depth_scale, train_members
 from nerfstudio_gsloc.localize.regressor_training_set import build_training_set
 from nerfstudio_gsloc.localize.retrieval import checkpoint_fingerprint
 from nerfstudio_gsloc.localize.scene_map import TrainingView, load_training_views
@@ -95,6 +96,13 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
         meta = read_meta(folder) or {}
         console.print(f"regressor in {folder} is up to date (trained in {meta.get('training_seconds', 0):.0f} s for "
                       f"this checkpoint): reused; --force retrains it")
+        if "depth_scale" not in meta:  # saved before the calibration existed: calibrate it now, keep the weights
+            regressor = load_regressor(folder, checkpoint)
+            meta.pop("format", None)
+            meta["depth_scale_calibration"] = calibrate_depth_scale(regressor, views)
+            meta["depth_scale"] = meta["depth_scale_calibration"]["depth_scale"]
+            save_regressor(folder, regressor.nets, meta)
+            console.print(_depth_scale_line(meta["depth_scale_calibration"]))
         return {**meta, "reused": True}
     if (Path(folder) / "regressor.json").is_file() and not force:
         console.print(f"regressor in {folder} was trained for another checkpoint or settings: retraining")
@@ -133,6 +141,7 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
         "steps": min(s["steps"] for s in summaries), "skipped_steps": sum(s["skipped_steps"] for s in summaries),
         "seconds": max(s["seconds"] for s in summaries), "final_losses": summaries[0]["final_losses"],
         "precision": summaries[0]["precision"], "members": summaries}
+    calibration = calibrate_depth_scale(SceneRegressor(nets), views)
     seconds = time.perf_counter() - started
     meta = {
         "checkpoint": None if checkpoint is None else checkpoint_fingerprint(Path(checkpoint)),
@@ -145,6 +154,8 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
         "views": {"real": int(data.real.sum()), "rendered": sum(int((~d.real).sum()) for d in datasets)},
         "input_size": [net_config.input_height, net_config.input_width],
         "parameters": sum(p.numel() for net in nets for p in net.parameters()),
+        "depth_scale": calibration["depth_scale"],
+        "depth_scale_calibration": calibration,
         **summary,
     }
     save_regressor(folder, nets, meta)
@@ -153,7 +164,14 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
                   f"{sum(len(d.real) for d in datasets)} views, "
                   f"{networks}{summary['steps']} steps, {summary['precision']}, {torch.get_num_threads()} thread(s)); "
                   f"saved to {folder}")
+    console.print(_depth_scale_line(calibration))
     return {**meta, "reused": False}
+
+
+def _depth_scale_line(calibration: Dict[str, Any]) -> str:
+    return (f"depth scale {calibration['depth_scale']:.4f}, calibrated on {calibration['views']} training photos "
+            f"(median camera-centre error {calibration['median_error_unscaled']:.4g} -> "
+            f"{calibration['median_error']:.4g} scene units)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -4,6 +4,7 @@ run (reuse / retrain), and its use by ns-localize (--method regression, --init r
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, c
 from nerfstudio_gsloc.localize.rigid_alignment import robust_rigid_alignment, weighted_rigid_alignment
 from nerfstudio_gsloc.localize.scene_map import TrainingView, between_poses
 from nerfstudio_gsloc.metrics import rotation_error_deg, translation_error
+from nerfstudio_gsloc.localize.regressor_training import DEPTH_SCALES, calibrate_depth_scale
 from nerfstudio_gsloc.scripts.train_regressor import train_or_reuse
 
 #: A network and data small enough to train in seconds: 64x48 input, 8x6 grid.
@@ -149,6 +151,38 @@ def test_a_tiny_regressor_localizes_its_training_views_better_than_chance(tiny_r
         assert 0.0 <= result.confidence <= 1.0 and result.seconds > 0 and result.rot_err_deg is not None
 
 
+def test_the_depth_scale_calibrated_on_the_training_photos_undoes_a_depth_bias(tiny_regressor, point_splat_views):
+    """A network whose depths all come out 4% short places every camera too close; the calibration on the training
+    photos finds the factor that undoes it (within a grid step of the unbiased network's own factor times 1/0.96),
+    the biased regressor with that factor localizes as well as the unbiased one, and predict() applies the factor
+    saved in regressor.json."""
+    folder, checkpoint, meta = tiny_regressor
+    calibration = meta["depth_scale_calibration"]
+    assert meta["depth_scale"] == calibration["depth_scale"] and calibration["views"] == len(point_splat_views[0])
+    assert calibration["median_error"] <= calibration["median_error_unscaled"]
+    views = _views(point_splat_views)
+    regressor = load_regressor(folder, checkpoint)
+    assert regressor.depth_scale == meta["depth_scale"]
+    own = calibrate_depth_scale(regressor, views)
+    assert own["depth_scale"] == meta["depth_scale"]  # deterministic
+    biased = load_regressor(folder, checkpoint)
+    for net in biased.nets:  # depth = depth_ref * exp(head channel 0): a constant factor of 0.96
+        net.head[-1].bias.data[0] += math.log(0.96)
+    found = calibrate_depth_scale(biased, views)
+    assert abs(found["depth_scale"] - own["depth_scale"] / 0.96) <= 0.0026, (found, own)
+    assert found["median_error_unscaled"] > own["median_error"] + 0.5 * (found["median_error_unscaled"] - own["median_error_unscaled"])
+
+    def centre_errors(reg):
+        return torch.stack([(reg.predict(v.image, v.K).c2w[:, 3] - v.c2w[:, 3]).norm() for v in views])
+
+    biased.depth_scale = 1.0
+    before = centre_errors(biased).median()
+    biased.depth_scale = found["depth_scale"]
+    after = centre_errors(biased).median()
+    assert after < before and abs(float(after) - found["median_error"]) < 1e-4
+    assert abs(float(after) - float(centre_errors(regressor).median())) < 0.25 * float(before - after)
+
+
 def test_weights_are_reused_and_retrained_when_the_checkpoint_changes(tmp_path, point_splat, point_splat_views):
     views = _views(point_splat_views)[:4]
     checkpoint = tmp_path / "step-000000001.ckpt"
@@ -162,6 +196,18 @@ def test_weights_are_reused_and_retrained_when_the_checkpoint_changes(tmp_path, 
 
     assert not run()["reused"]
     assert sorted(p.name for p in folder.iterdir()) == ["regressor.json", "regressor.pt"]
+    assert run()["reused"]
+    # Weights saved before the depth-scale calibration existed are calibrated when reused, not retrained.
+    meta = json.loads((folder / "regressor.json").read_text())
+    weights = (folder / "regressor.pt").read_bytes()
+    for key in ("depth_scale", "depth_scale_calibration"):
+        meta.pop(key)
+    (folder / "regressor.json").write_text(json.dumps(meta))
+    reused = run()
+    assert reused["reused"] and reused["depth_scale"] in DEPTH_SCALES
+    assert json.loads((folder / "regressor.json").read_text())["depth_scale"] == reused["depth_scale"]
+    assert torch.equal(torch.load(folder / "regressor.pt", weights_only=True)["members"][0]["state"]["head.2.bias"],
+                       torch.load(io.BytesIO(weights), weights_only=True)["members"][0]["state"]["head.2.bias"])
     assert run()["reused"]
     load_regressor(folder, checkpoint)
     checkpoint.write_bytes(b"new weights")  # retrained scene: size and modification time change
@@ -201,7 +247,7 @@ def test_an_ensemble_trains_its_members_side_by_side_and_aligns_all_their_points
             assert torch.equal(p_a, p_b)
     assert not torch.equal(*(next(iter(net.state_dict().values())) for net in first.nets))
 
-    # the pose is one weighted alignment of both members' point pairs
+    # the pose is one weighted alignment of both members' point pairs (depths times the calibrated depth scale)
     rgb, _, K, _ = point_splat_views
     prediction = first.predict(rgb[0], K[0])
     cfg, (height, width) = first.config, rgb.shape[1:3]
@@ -209,7 +255,7 @@ def test_an_ensemble_trains_its_members_side_by_side_and_aligns_all_their_points
     src, dst, weights = [], [], []
     for net in first.nets:  # each member's camera-frame points (on the cells' rays), scene points and weights
         depth, points, logits = net(resize_image(rgb[0], cfg.input_height, cfg.input_width))
-        focal_ratio = float(K[0, 0, 0]) * cfg.input_width / width / cfg.focal_input
+        focal_ratio = float(K[0, 0, 0]) * cfg.input_width / width / cfg.focal_input * first.meta["depth_scale"]
         src.append(((depth[0] * focal_ratio)[..., None] * rays).reshape(-1, 3))
         dst.append(points.reshape(-1, 3))
         weights.append(torch.sigmoid(logits).reshape(-1))
