@@ -164,9 +164,12 @@ def capture_depth_map(depths: Sequence[np.ndarray], Ks: Sequence[np.ndarray], c2
 def build_capture_depth_map(outputs: Any, max_points: int = 2_000_000) -> Optional[CaptureDepthMap]:
     """The depth map (:func:`capture_depth_map`) of a dataparser's training views (``DataparserOutputs`` with
     ``depth_filenames``, read with :func:`~nerfstudio_gsloc.data.depth.load_scene_depth`), subsampled to at most
-    ``max_points`` pixels; ``None`` when it has no depth images or none holds valid depth. Distorted cameras are
-    left out (their depth pixels are not on a pinhole grid)."""
+    ``max_points`` pixels; ``None`` when it has no depth images or none holds valid depth. A view with lens
+    distortion has its depth image undistorted first (nearest samples, the pixel map of its colour image,
+    :func:`~nerfstudio_gsloc.localize.undistort.undistort_view`), so that its pixels are on the pinhole grid of the
+    undistorted intrinsics."""
     from nerfstudio_gsloc.data.depth import load_scene_depth
+    from nerfstudio_gsloc.localize.undistort import camera_distortion, undistort_view
 
     if outputs is None or getattr(outputs, "metadata", {}).get("depth_filenames") is None:
         return None
@@ -176,12 +179,15 @@ def build_capture_depth_map(outputs: Any, max_points: int = 2_000_000) -> Option
     stride = max(1, math.ceil(math.sqrt(pixels / max(1, max_points))))
     depths, Ks, c2ws = [], [], []
     for i in range(count):
-        distortion = cameras.distortion_params[i] if cameras.distortion_params is not None else None
-        if distortion is not None and bool((distortion != 0).any()):
-            continue
         height, width = int(cameras.height[i]), int(cameras.width[i])
-        depths.append(load_scene_depth(outputs, i, height, width)[..., 0].numpy())
-        Ks.append(cameras.get_intrinsics_matrices()[i].double().numpy())
+        depth = load_scene_depth(outputs, i, height, width)[..., 0].numpy()
+        K = cameras.get_intrinsics_matrices()[i].double().numpy()
+        distortion = camera_distortion(cameras[i], f"training depth image {i}")
+        if distortion is not None:
+            view = undistort_view(np.zeros((height, width, 3), np.uint8), K, distortion[0], distortion[1], depth=depth)
+            depth, K = view.depth, view.K
+        depths.append(depth)
+        Ks.append(K)
         c2ws.append(cameras.camera_to_worlds[i])
     return capture_depth_map(depths, Ks, c2ws, stride)
 
