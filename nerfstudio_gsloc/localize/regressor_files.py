@@ -29,6 +29,10 @@ REGRESSOR_FORMAT = 3
 #: 1: one network (``net``, ``state``); 2: a list of ``members``, each ``{net, state}``; 3: as 2, the network
 #: config with its ``architecture``.
 READABLE_FORMATS = (1, 2, 3)
+#: ``regressor.json``'s ``training_views`` since 2026-12-07: the photos were undistorted before training. Weights
+#: without it may have been trained on a capture's raw (distorted) photos with pinhole intrinsics (the map's views
+#: before that fix), so on a capture with lens distortion they are retrained.
+UNDISTORTED_VIEWS = "undistorted"
 
 
 def regressor_dir(run_dir: Path) -> Path:
@@ -62,23 +66,30 @@ def read_meta(folder: Path) -> Optional[Dict[str, Any]]:
     return meta if isinstance(meta, dict) else None
 
 
-def is_up_to_date(folder: Path, checkpoint: Optional[Path], settings_key: Optional[str] = None) -> bool:
+def is_up_to_date(folder: Path, checkpoint: Optional[Path], settings_key: Optional[str] = None,
+                  lens_distortion: bool = False) -> bool:
     """True when ``folder`` holds weights trained for ``checkpoint`` as it is now (path, size, modification
-    time) and, when given, with the settings of ``settings_key``."""
-    if unusable_reason(folder, checkpoint) is not None:
+    time), usable for a run with or without ``lens_distortion`` (:func:`unusable_reason`) and, when given, with the
+    settings of ``settings_key``."""
+    if unusable_reason(folder, checkpoint, lens_distortion=lens_distortion) is not None:
         return False
     return settings_key is None or (read_meta(folder) or {}).get("settings_key") == settings_key
 
 
-def unusable_reason(folder: Path, checkpoint: Optional[Path], config_path: Optional[Path] = None) -> Optional[str]:
+def unusable_reason(folder: Path, checkpoint: Optional[Path], config_path: Optional[Path] = None,
+                    lens_distortion: bool = False) -> Optional[str]:
     """Why the weights in ``folder`` cannot serve ``checkpoint`` (when given): none, another format, another
-    checkpoint; the message names the command to run. ``None`` when they can."""
+    checkpoint, or (``lens_distortion``: the run's photos have a lens) trained on undistorted photos not recorded
+    (:data:`UNDISTORTED_VIEWS`); the message names the command to run. ``None`` when they can."""
     folder, command = Path(folder), train_command(config_path)
     meta = read_meta(folder)
     if meta is None or not (folder / WEIGHTS_FILE).is_file():
         return f"no regressor weights in {folder}: train them first with `{command}`"
     if meta.get("format") not in READABLE_FORMATS:
         return f"the regressor in {folder} was written by another version: retrain it with `{command}`"
+    if lens_distortion and meta.get("training_views") != UNDISTORTED_VIEWS:
+        return (f"the regressor in {folder} may have been trained on this capture's distorted photos (an earlier "
+                f"version): retrain it with `{command}`")
     if checkpoint is not None and meta.get("checkpoint") != checkpoint_fingerprint(Path(checkpoint)):
         return (f"the regressor in {folder} was trained for another checkpoint than {checkpoint}: "
                 f"retrain it with `{command}`")
@@ -94,16 +105,17 @@ def check_regressor_files(folder: Path, config_path: Optional[Path] = None) -> N
 
 
 def load_regressor(folder: Path, checkpoint: Optional[Path] = None, config_path: Optional[Path] = None,
-                   inference: Optional[RegressorInference] = None) -> SceneRegressor:
-    """Load the regressor of ``folder``, checking that it was trained for ``checkpoint`` (when given).
+                   inference: Optional[RegressorInference] = None, lens_distortion: bool = False) -> SceneRegressor:
+    """Load the regressor of ``folder``, checking that it was trained for ``checkpoint`` (when given) and, on a run
+    with ``lens_distortion``, on undistorted photos.
 
     Raises:
         GslocError: no weights (run ``gsloc-train-regressor``), unreadable weights, or weights trained for another
-            checkpoint; the message names the command to run.
+            checkpoint or on distorted photos; the message names the command to run.
     """
     folder = Path(folder)
     command = train_command(config_path)
-    reason = unusable_reason(folder, checkpoint, config_path)
+    reason = unusable_reason(folder, checkpoint, config_path, lens_distortion)
     if reason is not None:
         raise GslocError(reason)
     meta = read_meta(folder) or {}
@@ -140,7 +152,9 @@ def load_run_regressor(pipeline: Any, folder: Optional[Path] = None,
                        inference: Optional[RegressorInference] = None) -> SceneRegressor:
     """The regressor of a loaded run (``gsloc_run_dir`` and ``gsloc_checkpoint`` from
     :func:`~nerfstudio_gsloc.runs.load_run`), from ``folder`` when given; checked against the loaded checkpoint."""
+    from nerfstudio_gsloc.localize.scene_map import training_photos_have_lens_distortion
+
     run_dir = getattr(pipeline, "gsloc_run_dir", None)
     config_path = None if run_dir is None else Path(run_dir) / "config.yml"
     return load_regressor(run_regressor_folder(run_dir, folder), getattr(pipeline, "gsloc_checkpoint", None),
-                          config_path, inference)
+                          config_path, inference, training_photos_have_lens_distortion(pipeline))

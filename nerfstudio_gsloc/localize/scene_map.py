@@ -31,7 +31,7 @@ from nerfstudio_gsloc.errors import GslocError
 from nerfstudio_gsloc.localize.features import Features, SiftFeatures
 from nerfstudio_gsloc.localize.absolute_pose import lift_keypoints
 from nerfstudio_gsloc.localize.query_images import make_view
-from nerfstudio_gsloc.localize.undistort import camera_distortion, raw_dataset_cameras
+from nerfstudio_gsloc.localize.undistort import camera_distortion, is_distorted, raw_dataset_cameras
 from nerfstudio_gsloc.rendering import render_splat_model
 
 ViewSource = Literal["train", "rendered"]
@@ -91,6 +91,16 @@ def training_camera_poses(pipeline) -> Tensor:
     if dataset is None or len(dataset) == 0:
         raise GslocError("the run has no training cameras")
     return dataset.cameras.camera_to_worlds.detach().cpu().float()[:, :3, :4].clone()
+
+
+def training_photos_have_lens_distortion(pipeline) -> bool:
+    """Whether any training camera of a loaded pipeline has lens distortion (its raw photos are undistorted by
+    :func:`load_training_views`)."""
+    dataset = getattr(getattr(pipeline, "datamanager", None), "train_dataset", None)
+    if dataset is None or len(dataset) == 0:
+        return False
+    params = raw_dataset_cameras(dataset).distortion_params
+    return params is not None and any(is_distorted(row.numpy()) for row in params.reshape(-1, params.shape[-1]))
 
 
 def camera_distance_scale(train_c2w: Tensor) -> float:

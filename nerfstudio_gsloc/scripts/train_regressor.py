@@ -32,12 +32,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.files import check_writable
 from nerfstudio_gsloc.localize.regressor import SceneRegressor
-from nerfstudio_gsloc.localize.regressor_files import is_up_to_date, load_regressor, read_meta, regressor_dir, save_regressor
+from nerfstudio_gsloc.localize.regressor_files import (UNDISTORTED_VIEWS, is_up_to_date, load_regressor, read_meta,
+                                                       regressor_dir, save_regressor)
 from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, member_configs
 from nerfstudio_gsloc.localize.regressor_training import calibrate_depth_scale, train_members
 from nerfstudio_gsloc.localize.regressor_training_set import build_training_set
 from nerfstudio_gsloc.localize.retrieval import checkpoint_fingerprint
-from nerfstudio_gsloc.localize.scene_map import TrainingView, load_training_views
+from nerfstudio_gsloc.localize.scene_map import TrainingView, load_training_views, training_photos_have_lens_distortion
 
 CONSOLE = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -70,12 +71,13 @@ class TrainRegressorCLI:
         with CONSOLE.status("loading the run"):
             _, pipeline = load_run(self.load_config)
         train_or_reuse(pipeline.model, load_training_views(pipeline), pipeline.gsloc_checkpoint, folder,
-                       self.training, self.force, console=CONSOLE)
+                       self.training, self.force, console=CONSOLE,
+                       lens_distortion=training_photos_have_lens_distortion(pipeline))
 
 
 def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Path], folder: Path,
                    config: RegressorTrainConfig, force: bool = False, console: Optional[Console] = None,
-                   show_progress: bool = True) -> Dict[str, Any]:
+                   show_progress: bool = True, lens_distortion: bool = False) -> Dict[str, Any]:
     """Train the regressor of ``model`` into ``folder``, or reuse what is there.
 
     Weights are reused when ``regressor.json`` records the same ``checkpoint`` (path, size, modification time)
@@ -86,13 +88,15 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
         checkpoint: the checkpoint file the model was loaded from (``None``: weights are never reused).
         folder: where ``regressor.pt`` / ``regressor.json`` go.
         config: training settings.
+        lens_distortion: the run's photos have a lens (``views`` are undistorted): weights not recorded as
+            trained on undistorted photos are retrained (:func:`~nerfstudio_gsloc.localize.regressor_files.unusable_reason`).
 
     Returns:
         the metadata written (or read), with ``"reused": True/False``.
     """
     console = console or CONSOLE
     key = config.key()
-    if not force and checkpoint is not None and is_up_to_date(folder, checkpoint, key):
+    if not force and checkpoint is not None and is_up_to_date(folder, checkpoint, key, lens_distortion):
         meta = read_meta(folder) or {}
         console.print(f"regressor in {folder} is up to date (trained in {meta.get('training_seconds', 0):.0f} s for "
                       f"this checkpoint): reused; --force retrains it")
@@ -105,7 +109,10 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
             console.print(_depth_scale_line(meta["depth_scale_calibration"]))
         return {**meta, "reused": True}
     if (Path(folder) / "regressor.json").is_file() and not force:
-        console.print(f"regressor in {folder} was trained for another checkpoint or settings: retraining")
+        distorted = lens_distortion and (read_meta(folder) or {}).get("training_views") != UNDISTORTED_VIEWS
+        why = "may have been trained on this capture's distorted photos" if distorted else \
+            "was trained for another checkpoint or settings"
+        console.print(f"regressor in {folder} {why}: retraining")
     started, cpu_started = time.perf_counter(), time.process_time()
     budget = 60.0 * config.max_minutes
     progress = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
@@ -154,6 +161,7 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
         "views": {"real": int(data.real.sum()), "rendered": sum(int((~d.real).sum()) for d in datasets)},
         "input_size": [net_config.input_height, net_config.input_width],
         "parameters": sum(p.numel() for net in nets for p in net.parameters()),
+        "training_views": UNDISTORTED_VIEWS,
         "depth_scale": calibration["depth_scale"],
         "depth_scale_calibration": calibration,
         **summary,

@@ -210,6 +210,16 @@ def test_weights_are_reused_and_retrained_when_the_checkpoint_changes(tmp_path, 
                        torch.load(io.BytesIO(weights), weights_only=True)["members"][0]["state"]["head.2.bias"])
     assert run()["reused"]
     load_regressor(folder, checkpoint)
+    # Weights not recorded as trained on undistorted photos serve a pinhole capture, but are retrained for a capture
+    # with a lens (the map's views were its raw photos before 2026-12-07) and refused until then.
+    meta = json.loads((folder / "regressor.json").read_text())
+    assert meta.pop("training_views") == "undistorted"
+    (folder / "regressor.json").write_text(json.dumps(meta))
+    assert run()["reused"]
+    with pytest.raises(GslocError, match="distorted photos.*retrain it with `gsloc-train-regressor"):
+        load_regressor(folder, checkpoint, lens_distortion=True)
+    assert not train_or_reuse(point_splat, views, checkpoint, folder, quick, show_progress=False, lens_distortion=True)["reused"]
+    load_regressor(folder, checkpoint, lens_distortion=True)
     checkpoint.write_bytes(b"new weights")  # retrained scene: size and modification time change
     with pytest.raises(GslocError, match="trained for another checkpoint.*gsloc-train-regressor"):
         load_regressor(folder, checkpoint)
