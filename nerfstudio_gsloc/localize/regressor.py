@@ -262,11 +262,15 @@ class SceneRegressor:
         return (torch.cat(cams).double(), torch.cat(scene_points).double(), torch.cat(weights).double(),
                 float(torch.cat(depths).median()))
 
+    def tolerance(self, median_depth: float) -> float:
+        """Residual (scene units) within which a point pair agrees with the pose, for predicted depths of this median."""
+        return self.inference.confidence_tolerance * median_depth
+
     def align(self, src: Tensor, dst: Tensor, weights: Tensor, median_depth: float) -> Tuple[Tensor, Tensor]:
         """The pose of batched point pairs (``src, dst [B, N, 3]``, ``weights [B, N]``) as :meth:`predict` computes
         it: ``R [B, 3, 3]`` and ``t [B, 3]`` of the OpenCV camera-to-world pose (``t`` is the camera centre)."""
-        tolerance = self.inference.confidence_tolerance * median_depth
-        R, t, _ = robust_rigid_alignment(src, dst, weights, rounds=self.inference.rounds, min_scale=0.25 * tolerance)
+        R, t, _ = robust_rigid_alignment(src, dst, weights, rounds=self.inference.rounds,
+                                         min_scale=0.25 * self.tolerance(median_depth))
         return R, t
 
     @torch.no_grad()
@@ -280,10 +284,10 @@ class SceneRegressor:
         started = time.perf_counter()
         src, dst, weights, median_depth = self.point_pairs(image, K)
         src, dst, weights = src[None], dst[None], weights[None]
-        tolerance = self.inference.confidence_tolerance * median_depth
         R, t = self.align(src, dst, weights, median_depth)
         residuals = alignment_residuals(R, t, src, dst)
-        confidence = alignment_confidence(residuals, weights, tolerance, self.inference.full_support * len(self.nets))
+        confidence = alignment_confidence(residuals, weights, self.tolerance(median_depth),
+                                          self.inference.full_support * len(self.nets))
         c2w = opencv_c2w_to_opengl_c2w(torch.cat([R[0], t[0, :, None]], dim=1))
         if self.inference.refine_px > 0:
             c2w = self._refine(c2w, dst[0], weights[0], K, int(image.shape[1]), int(image.shape[0]))

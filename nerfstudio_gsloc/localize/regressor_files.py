@@ -53,7 +53,12 @@ def save_regressor(folder: Path, nets: Union[SceneRegressorNet, Sequence[SceneRe
     members = [{"net": asdict(net.config), "state": net.state_dict()} for net in nets]
     with atomic_output(folder / WEIGHTS_FILE) as tmp:
         torch.save({"format": REGRESSOR_FORMAT, "members": members}, tmp)
-    atomic_write_text(folder / META_FILE, json.dumps({"format": REGRESSOR_FORMAT, **meta}, indent=2) + "\n")
+    write_meta(folder, {"format": REGRESSOR_FORMAT, **meta})
+
+
+def write_meta(folder: Path, meta: Dict[str, Any]) -> None:
+    """Write ``regressor.json`` atomically (``meta`` as given, its ``format`` that of the weights beside it)."""
+    atomic_write_text(Path(folder) / META_FILE, json.dumps(meta, indent=2) + "\n")
 
 
 def read_meta(folder: Path) -> Optional[Dict[str, Any]]:

@@ -33,7 +33,7 @@ from nerfstudio_gsloc.errors import GslocError, run_cli
 from nerfstudio_gsloc.files import check_writable
 from nerfstudio_gsloc.localize.regressor import SceneRegressor
 from nerfstudio_gsloc.localize.regressor_files import (UNDISTORTED_VIEWS, is_up_to_date, load_regressor, read_meta,
-                                                       regressor_dir, save_regressor)
+                                                       regressor_dir, save_regressor, write_meta)
 from nerfstudio_gsloc.localize.regressor_settings import RegressorTrainConfig, member_configs
 from nerfstudio_gsloc.localize.regressor_training import calibrate_depth_scale, train_members
 from nerfstudio_gsloc.localize.regressor_training_set import build_training_set
@@ -101,11 +101,9 @@ def train_or_reuse(model, views: Sequence[TrainingView], checkpoint: Optional[Pa
         console.print(f"regressor in {folder} is up to date (trained in {meta.get('training_seconds', 0):.0f} s for "
                       f"this checkpoint): reused; --force retrains it")
         if "depth_scale" not in meta:  # saved before the calibration existed: calibrate it now, keep the weights
-            regressor = load_regressor(folder, checkpoint)
-            meta.pop("format", None)
-            meta["depth_scale_calibration"] = calibrate_depth_scale(regressor, views)
+            meta["depth_scale_calibration"] = calibrate_depth_scale(load_regressor(folder, checkpoint), views)
             meta["depth_scale"] = meta["depth_scale_calibration"]["depth_scale"]
-            save_regressor(folder, regressor.nets, meta)
+            write_meta(folder, meta)  # the weights file stays as it is
             console.print(_depth_scale_line(meta["depth_scale_calibration"]))
         return {**meta, "reused": True}
     if (Path(folder) / "regressor.json").is_file() and not force:
