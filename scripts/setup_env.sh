@@ -35,10 +35,18 @@ stamp=.venv/.gsloc-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing torch 2.14.1, torchvision 0.29.1, nerfstudio 1.1.5, ray and the package (a few minutes the first time)"
-  .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  # The environment takes about 8.5 GB (torch's pinned release is a CUDA build); say so before pip runs out of disk.
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((9 * 1024 * 1024)) ]; then
+    echo "[setup] warning: $((free_kb / 1024)) MB free on $(df -P . | awk 'NR==2 {print $6}'); the install needs about 9 GB"
+  fi
+  .venv/bin/python -m pip install --quiet --no-cache-dir --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   # extras: test (pytest, playwright) and ray (--ray of ns-localize and gsloc-bench, covered by the tests)
-  .venv/bin/python -m pip install --quiet -e ".[test,ray]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import nerfstudio_gsloc, nerfstudio, gsplat, kornia, ray" # fail here if the install did
+  .venv/bin/python -m pip install --quiet --no-cache-dir -e ".[test,ray]" 2>&1 | grep -v "^WARNING: Location" || true
+  if ! .venv/bin/python -c "import nerfstudio_gsloc, nerfstudio, gsplat, kornia, ray"; then  # fail here if the install did
+    echo "[setup] error: the install failed (see pip's messages above); free disk: $(df -Ph . | awk 'NR==2 {print $4}')" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 # Compile the C++ rasterizer now (about 30 s once; cached in ~/.cache/torch_extensions).
