@@ -2,7 +2,8 @@
 
 The default schedule is splatfacto's, shortened and retuned for CPU training of small scenes (a few
 hundred pixels): no resolution schedule, plain-gradient densification (absgrad is CUDA-only) with the
-matching threshold, and the viewer quits when training finishes so scripted runs end.
+matching threshold, the Gaussians' Adam stepped by a one-pass CPU kernel (:mod:`~nerfstudio_gsloc.gaussian_adam`), and
+the viewer quits when training finishes so scripted runs end.
 
 The first Gaussians come from :class:`~nerfstudio_gsloc.data.seeding.GSLocDatamanager`, with whatever dataparser
 the user names: the dataset's point cloud, else back-projected depth, else points triangulated from the training
@@ -25,6 +26,7 @@ from nerfstudio.plugins.types import MethodSpecification
 from nerfstudio_gsloc import compat
 from nerfstudio_gsloc.data.depth import GSLocDataParserConfig
 from nerfstudio_gsloc.data.seeding import GSLocDatamanagerConfig
+from nerfstudio_gsloc.gaussian_adam import GaussianAdamConfig
 from nerfstudio_gsloc.model import GSLocModelConfig
 
 compat.allow_nerfstudio_checkpoints()
@@ -116,14 +118,14 @@ def gsloc_trainer_config(max_iterations: int = DEFAULT_ITERATIONS) -> TrainerCon
         ),
         optimizers={
             "means": {
-                "optimizer": AdamOptimizerConfig(lr=1.6e-4, eps=1e-15),
+                "optimizer": GaussianAdamConfig(lr=1.6e-4, eps=1e-15),
                 "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=max_iterations),
             },
-            "features_dc": {"optimizer": AdamOptimizerConfig(lr=0.0025, eps=1e-15), "scheduler": None},
-            "features_rest": {"optimizer": AdamOptimizerConfig(lr=0.0025 / 20, eps=1e-15), "scheduler": None},
-            "opacities": {"optimizer": AdamOptimizerConfig(lr=0.05, eps=1e-15), "scheduler": None},
-            "scales": {"optimizer": AdamOptimizerConfig(lr=0.005, eps=1e-15), "scheduler": None},
-            "quats": {"optimizer": AdamOptimizerConfig(lr=0.001, eps=1e-15), "scheduler": None},
+            "features_dc": {"optimizer": GaussianAdamConfig(lr=0.0025, eps=1e-15), "scheduler": None},
+            "features_rest": {"optimizer": GaussianAdamConfig(lr=0.0025 / 20, eps=1e-15), "scheduler": None},
+            "opacities": {"optimizer": GaussianAdamConfig(lr=0.05, eps=1e-15), "scheduler": None},
+            "scales": {"optimizer": GaussianAdamConfig(lr=0.005, eps=1e-15), "scheduler": None},
+            "quats": {"optimizer": GaussianAdamConfig(lr=0.001, eps=1e-15), "scheduler": None},
             "camera_opt": {
                 "optimizer": AdamOptimizerConfig(lr=1e-4, eps=1e-15),
                 "scheduler": ExponentialDecaySchedulerConfig(

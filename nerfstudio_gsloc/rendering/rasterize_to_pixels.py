@@ -33,11 +33,11 @@ class _RasterizeCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, width, height, tile_size):
         ext = load_cpu_extension()
-        render, alphas, last_ids = ext.rasterize_forward(
+        render, alphas, last_ids, used = ext.rasterize_forward(
             means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, width, height, tile_size
         )
         ctx.save_for_backward(
-            means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, alphas, last_ids
+            means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, alphas, last_ids, used
         )
         ctx.size = (width, height, tile_size)
         ctx.has_background = backgrounds.numel() > 0
@@ -45,12 +45,12 @@ class _RasterizeCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, v_render, v_alphas):
-        means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, alphas, last_ids = ctx.saved_tensors
+        means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, alphas, last_ids, used = ctx.saved_tensors
         width, height, tile_size = ctx.size
         ext = load_cpu_extension()
         (per_gauss,) = ext.rasterize_backward(
             means2d, conics, colors, opacities, backgrounds, extents, offsets, flatten_ids, width, height, tile_size,
-            alphas, last_ids, v_render.contiguous(), v_alphas.contiguous(),
+            alphas, last_ids, used, v_render.contiguous(), v_alphas.contiguous(),
         )
         num_cams, num_gauss, dim = colors.shape
         per_gauss = per_gauss.reshape(num_cams, num_gauss, -1)

@@ -1,5 +1,5 @@
 // Python bindings of the CPU kernels (rasterize_cpu.cpp: compositing and binning; project_cpu.cpp: projection;
-// sh_cpu.cpp: SH colours).
+// sh_cpu.cpp: SH colours; adam_cpu.cpp: the training optimizer's step).
 
 #include <torch/extension.h>
 
@@ -15,7 +15,7 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               torch::Tensor extents, torch::Tensor tile_offsets,
                                               torch::Tensor flatten_ids, int64_t width, int64_t height,
                                               int64_t tile_size, torch::Tensor alphas, torch::Tensor last_ids,
-                                              torch::Tensor v_render, torch::Tensor v_alphas);
+                                              torch::Tensor used, torch::Tensor v_render, torch::Tensor v_alphas);
 std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor extents, torch::Tensor depths,
                                      torch::Tensor visible, int64_t width, int64_t height, int64_t tile_size);
 std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
@@ -31,6 +31,8 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor q
 torch::Tensor sh_forward(torch::Tensor coeffs, torch::Tensor means, torch::Tensor campos, int64_t degree);
 std::vector<torch::Tensor> sh_backward(torch::Tensor coeffs, torch::Tensor means, torch::Tensor campos, int64_t degree,
                                        torch::Tensor v_colors, bool need_gauss);
+void adam_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, double beta1,
+               double beta2, double eps, double step_size, double bias_correction2_sqrt);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rasterize_forward", &rasterize_forward, "tile rasterization forward (CPU)");
@@ -40,4 +42,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("project_backward", &project_backward, "fused EWA projection backward (CPU)");
   m.def("sh_forward", &sh_forward, "fused SH colours forward (CPU)");
   m.def("sh_backward", &sh_backward, "fused SH colours backward (CPU)");
+  m.def("adam_step", &adam_step, "one-pass Adam step of a contiguous float32 parameter (CPU)");
 }

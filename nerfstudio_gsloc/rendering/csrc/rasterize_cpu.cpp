@@ -141,7 +141,7 @@ inline void row_span(const Inputs& in, int64_t g, float gx, float gy, int64_t x0
 
 // Forward pass over one tile of TS x TS pixels.
 template <int TS>
-void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int32_t* out_last) {
+void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int32_t* out_last, uint8_t* out_used) {
   constexpr int P = TS * TS;
   const int64_t n_tiles = in.tiles_x * in.tiles_y;
   const int64_t cam = t / n_tiles, tile = t % n_tiles;
@@ -186,6 +186,7 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
       active[p] = stop ? 0.0f : active[p];
     }
     for (int p = p0; p < p1; ++p) w_total += w[p];  // a separate loop keeps the one above vectorised
+    out_used[start + k] = w_total > 0.0f;
     // Most tile/Gaussian pairs touch no pixel (the bounding box only grazes the tile): skip the blend.
     for (int64_t d = 0; d < D && w_total > 0.0f; ++d) {
       const float cd = c[d];
@@ -213,7 +214,7 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
 // Backward pass over one tile: walks each pixel's composited Gaussians back to front and adds their gradients
 // to `grads` [C*N, 6 + D] (the calling thread's buffer, indexed by flat Gaussian id).
 template <int TS>
-void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32_t* last_ids,
+void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32_t* last_ids, const uint8_t* used,
                    const float* v_render, const float* v_alphas, float* grads) {
   constexpr int P = TS * TS;
   const int64_t n_tiles = in.tiles_x * in.tiles_y;
@@ -251,6 +252,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
   }
 
   for (int64_t k = max_last - 1; k >= 0; --k) {
+    if (!used[start + k]) continue;  // no pixel composited it (about 40% of the pairs on lego): no gradient
     const int64_t g = in.ids[start + k];
     const float gx = in.xy[2 * g], gy = in.xy[2 * g + 1];
     const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2];
@@ -280,7 +282,7 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
       vis_[p] = (valid & (raw_alpha <= kAlphaMax)) ? vis : 0.0f;
     }
     for (int p = p0; p < p1; ++p) w_total += w[p];
-    if (w_total == 0.0f) continue;  // no pixel of this tile composited this Gaussian: nothing to add
+    if (w_total == 0.0f) continue;  // the forward pass said otherwise, but keep the guard: nothing to add
     float* gk = grads + g * G;
     for (int64_t d = 0; d < D; ++d) {
       const float cd = c[d];
@@ -328,7 +330,8 @@ void dispatch_tile_size(int64_t tile_size, Fn&& fn) {
 }  // namespace
 
 // Returns (render [C,H,W,D], alphas [C,H,W], last_ids [C,H,W] int32: the end (exclusive) of the pixel's
-// front-to-back walk through its tile list).
+// front-to-back walk through its tile list, used [M] uint8: whether intersection m composited into any pixel;
+// the backward pass skips the others, whose gradient is zero).
 std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
                                              torch::Tensor opacities, torch::Tensor backgrounds,
                                              torch::Tensor extents, torch::Tensor tile_offsets,
@@ -339,15 +342,17 @@ std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d, torch::Tenso
   auto render = torch::zeros({in.C, height, width, in.D}, means2d.options());
   auto alphas = torch::zeros({in.C, height, width}, means2d.options());
   auto last_ids = torch::zeros({in.C, height, width}, means2d.options().dtype(torch::kInt32));
+  auto used = torch::zeros({flatten_ids.numel()}, means2d.options().dtype(torch::kUInt8));
   float* out = render.data_ptr<float>();
   float* out_a = alphas.data_ptr<float>();
   int32_t* out_last = last_ids.data_ptr<int32_t>();
+  uint8_t* out_used = used.data_ptr<uint8_t>();
   dispatch_tile_size(tile_size, [&](auto ts) {
     at::parallel_for(0, in.C * in.tiles_x * in.tiles_y, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) forward_tile<decltype(ts)::value>(in, t, out, out_a, out_last);
+      for (int64_t t = begin; t < end; ++t) forward_tile<decltype(ts)::value>(in, t, out, out_a, out_last, out_used);
     });
   });
-  return {render, alphas, last_ids};
+  return {render, alphas, last_ids, used};
 }
 
 // Returns per-Gaussian gradients [C*N, 6 + D]: (d means2d x, y | d conic a, b, c | d opacity | d colors).
@@ -356,7 +361,9 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               torch::Tensor extents, torch::Tensor tile_offsets,
                                               torch::Tensor flatten_ids, int64_t width, int64_t height,
                                               int64_t tile_size, torch::Tensor alphas, torch::Tensor last_ids,
-                                              torch::Tensor v_render, torch::Tensor v_alphas) {
+                                              torch::Tensor used, torch::Tensor v_render, torch::Tensor v_alphas) {
+  TORCH_CHECK(used.dtype() == torch::kUInt8 && used.is_contiguous() && used.numel() == flatten_ids.numel(),
+              "rasterize_backward: `used` must be the forward pass's uint8 [M] flags");
   const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
                                 width, height, tile_size);
   // One buffer per thread of the pool: a thread runs its chunks of tiles one after the other, so only tiles on
@@ -365,6 +372,7 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
   auto grads = torch::zeros({threads, rows, 6 + in.D}, means2d.options());
   const float* a = alphas.data_ptr<float>();
   const int32_t* last = last_ids.data_ptr<int32_t>();
+  const uint8_t* u = used.data_ptr<uint8_t>();
   const float* vr = v_render.data_ptr<float>();
   const float* va = v_alphas.data_ptr<float>();
   float* gr = grads.data_ptr<float>();
@@ -374,7 +382,7 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
       // a thread number beyond the buffers would make two threads share one: fail rather than race
       TORCH_CHECK(thread >= 0 && thread < threads, "rasterize_backward: thread ", thread, " of ", threads);
       float* mine = gr + thread * rows * (6 + in.D);
-      for (int64_t t = begin; t < end; ++t) backward_tile<decltype(ts)::value>(in, t, a, last, vr, va, mine);
+      for (int64_t t = begin; t < end; ++t) backward_tile<decltype(ts)::value>(in, t, a, last, u, vr, va, mine);
     });
   });
   return {threads == 1 ? grads[0] : grads.sum(0)};
