@@ -37,6 +37,18 @@ constexpr float kAlphaMin = 1.0f / 255.0f;
 constexpr float kAlphaMax = 0.999f;
 constexpr float kTransmittanceMin = 1e-4f;
 
+// What the pixel loops read of one Gaussian, packed into 32 bytes so that an intersection costs one cache line
+// instead of four scattered reads (centre, conic, opacity, extent): a tile visits its Gaussians in depth order,
+// i.e. in random order of memory.
+struct alignas(32) Packed {
+  float x, y;        // centre (pixels)
+  float a, b, c;     // conic
+  float opacity;
+  float half_height; // footprint half-height with the rounding margin (row_span)
+  float sigma_max;   // largest sigma with alpha >= 1/255 (margin included); kNoEllipseTest: skip that test
+};
+constexpr float kNoEllipseTest = 1e30f;
+
 struct Inputs {
   const float* xy;
   const float* conic;
@@ -47,6 +59,7 @@ struct Inputs {
   const int64_t* offsets;
   const int64_t* ids;
   int64_t C, D, width, height, tiles_x, tiles_y;
+  const Packed* packed = nullptr;  // [C*N], set by pack_gaussians
 };
 
 Inputs make_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& colors,
@@ -112,31 +125,47 @@ inline float min_sigma(float a, float b, float c, float ul, float uh, float vl, 
   return best;
 }
 
-// The pixels [p_begin, p_end) of a TS x TS tile with corner (x0, y0) that Gaussian g can reach: whole rows
+// Packs every Gaussian's centre, conic, opacity and row-span data (see Packed) once per call.
+std::vector<Packed> pack_gaussians(Inputs& in, int64_t count) {
+  std::vector<Packed> packed(count);
+  at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      Packed& q = packed[g];
+      q.x = in.xy[2 * g];
+      q.y = in.xy[2 * g + 1];
+      q.a = in.conic[3 * g];
+      q.b = in.conic[3 * g + 1];
+      q.c = in.conic[3 * g + 2];
+      q.opacity = in.opacity[g];
+      q.half_height = in.extents ? in.extents[2 * g + 1] * 1.0001f + 1e-3f : 0.0f;
+      // alpha = op exp(-sigma) >= 1/255 needs sigma <= log(255 op); a margin keeps rounding on the safe side
+      q.sigma_max = (q.a > 0.f && q.c > 0.f && q.opacity > 0.f) ? std::log(q.opacity / kAlphaMin) * 1.001f + 1e-3f
+                                                                 : kNoEllipseTest;
+    }
+  });
+  in.packed = packed.data();
+  return packed;
+}
+
+// The pixels [p_begin, p_end) of a TS x TS tile with corner (x0, y0) that Gaussian q can reach: whole rows
 // whose pixel centres lie within its footprint's half-height (alpha < 1/255 beyond it, see projection.py),
 // with a margin for rounding; none when alpha < 1/255 at every pixel centre of those rows (the footprint
 // ellipse misses them although its bounding box overlaps the tile). Without extents: the whole tile.
 template <int TS>
-inline void row_span(const Inputs& in, int64_t g, float gx, float gy, int64_t x0, int64_t y0, int& p_begin,
-                     int& p_end) {
+inline void row_span(const Inputs& in, const Packed& q, int64_t x0, int64_t y0, int& p_begin, int& p_end) {
   p_begin = 0;
   p_end = TS * TS;
   if (!in.extents) return;
-  const float e = in.extents[2 * g + 1] * 1.0001f + 1e-3f;
-  const float lo = std::ceil(gy - e - 0.5f - static_cast<float>(y0));
-  const float hi = std::floor(gy + e - 0.5f - static_cast<float>(y0));
+  const float lo = std::ceil(q.y - q.half_height - 0.5f - static_cast<float>(y0));
+  const float hi = std::floor(q.y + q.half_height - 0.5f - static_cast<float>(y0));
   const int r0 = static_cast<int>(std::max(lo, 0.0f));
   const int r1 = static_cast<int>(std::min(hi, static_cast<float>(TS - 1)));
   p_begin = r0 * TS;
   p_end = r1 >= r0 ? (r1 + 1) * TS : p_begin;
-  if (p_end == p_begin) return;
-  const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2], op = in.opacity[g];
-  if (!(qa > 0.f && qc > 0.f && op > 0.f)) return;
-  // alpha = op exp(-sigma) >= 1/255 needs sigma <= log(255 op); a margin keeps rounding on the safe side
-  const float sigma_max = std::log(op / kAlphaMin) * 1.001f + 1e-3f;
+  if (p_end == p_begin || q.sigma_max >= kNoEllipseTest) return;
   const float px_lo = static_cast<float>(x0) + 0.5f, px_hi = static_cast<float>(x0 + TS) - 0.5f;
   const float py_lo = static_cast<float>(y0 + r0) + 0.5f, py_hi = static_cast<float>(y0 + r1) + 0.5f;
-  if (min_sigma(qa, qb, qc, gx - px_hi, gx - px_lo, gy - py_hi, gy - py_lo) > sigma_max) p_end = p_begin;
+  if (min_sigma(q.a, q.b, q.c, q.x - px_hi, q.x - px_lo, q.y - py_hi, q.y - py_lo) > q.sigma_max) p_end = p_begin;
 }
 
 // Forward pass over one tile of TS x TS pixels.
@@ -164,12 +193,11 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
   int64_t k = 0;
   for (; k < count; ++k) {
     const int64_t g = in.ids[start + k];
-    const float gx = in.xy[2 * g], gy = in.xy[2 * g + 1];
-    const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2];
-    const float op = in.opacity[g];
+    const Packed& q = in.packed[g];
+    const float gx = q.x, gy = q.y, qa = q.a, qb = q.b, qc = q.c, op = q.opacity;
     const float* c = in.color + D * g;
     int p0, p1;
-    row_span<TS>(in, g, gx, gy, x0, y0, p0, p1);
+    row_span<TS>(in, q, x0, y0, p0, p1);
     alignas(64) float w[P];
     float w_total = 0.0f;
     for (int p = p0; p < p1; ++p) {
@@ -254,12 +282,11 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
   for (int64_t k = max_last - 1; k >= 0; --k) {
     if (!used[start + k]) continue;  // no pixel composited it (about 40% of the pairs on lego): no gradient
     const int64_t g = in.ids[start + k];
-    const float gx = in.xy[2 * g], gy = in.xy[2 * g + 1];
-    const float qa = in.conic[3 * g], qb = in.conic[3 * g + 1], qc = in.conic[3 * g + 2];
-    const float op = in.opacity[g];
+    const Packed& q = in.packed[g];
+    const float gx = q.x, gy = q.y, qa = q.a, qb = q.b, qc = q.c, op = q.opacity;
     const float* c = in.color + D * g;
     int p0, p1;
-    row_span<TS>(in, g, gx, gy, x0, y0, p0, p1);
+    row_span<TS>(in, q, x0, y0, p0, p1);
     alignas(64) float w[P], inv_one_minus[P], v_alpha[P], dxs[P], dys[P], raw[P], vis_[P];
     float w_total = 0.0f;
     for (int p = p0; p < p1; ++p) {
@@ -337,8 +364,9 @@ std::vector<torch::Tensor> rasterize_forward(torch::Tensor means2d, torch::Tenso
                                              torch::Tensor extents, torch::Tensor tile_offsets,
                                              torch::Tensor flatten_ids, int64_t width, int64_t height,
                                              int64_t tile_size) {
-  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
-                                width, height, tile_size);
+  Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
+                          width, height, tile_size);
+  const std::vector<Packed> packed = pack_gaussians(in, opacities.numel());
   auto render = torch::zeros({in.C, height, width, in.D}, means2d.options());
   auto alphas = torch::zeros({in.C, height, width}, means2d.options());
   auto last_ids = torch::zeros({in.C, height, width}, means2d.options().dtype(torch::kInt32));
@@ -364,8 +392,9 @@ std::vector<torch::Tensor> rasterize_backward(torch::Tensor means2d, torch::Tens
                                               torch::Tensor used, torch::Tensor v_render, torch::Tensor v_alphas) {
   TORCH_CHECK(used.dtype() == torch::kUInt8 && used.is_contiguous() && used.numel() == flatten_ids.numel(),
               "rasterize_backward: `used` must be the forward pass's uint8 [M] flags");
-  const Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
-                                width, height, tile_size);
+  Inputs in = make_inputs(means2d, conics, colors, opacities, backgrounds, extents, tile_offsets, flatten_ids,
+                          width, height, tile_size);
+  const std::vector<Packed> packed = pack_gaussians(in, opacities.numel());
   // One buffer per thread of the pool: a thread runs its chunks of tiles one after the other, so only tiles on
   // different threads add to the same Gaussian at the same time, each into its own buffer.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads()), rows = in.C * opacities.size(1);
