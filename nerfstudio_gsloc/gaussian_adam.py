@@ -39,9 +39,12 @@ class GaussianAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
-        extension = load_cpu_extension()
         params = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if closure is not None or extension is None or not all(_kernel_can_step(g, p) for g, p in params):
+        # the eligibility test first: on a GPU the CPU extension is never built for this
+        if closure is not None or not all(_kernel_can_step(g, p) for g, p in params):
+            return super().step(closure)
+        extension = load_cpu_extension()
+        if extension is None:
             return super().step(closure)
         for group, param in params:
             state = self.state[param]

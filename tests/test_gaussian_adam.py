@@ -82,8 +82,9 @@ def test_the_kernel_steps_like_plain_adam_through_densification(monkeypatch):
 
 @pytest.mark.parametrize("case", ["non-contiguous", "weight decay", "float64"])
 def test_what_the_kernel_cannot_step_is_plain_adam_exactly(monkeypatch, case):
-    counting = _CountingExtension(load_cpu_extension())
-    monkeypatch.setattr(gaussian_adam, "load_cpu_extension", lambda: counting)
+    """... and the extension is not even loaded for it (a GPU user's parameters never build the CPU kernels)."""
+    loads = []
+    monkeypatch.setattr(gaussian_adam, "load_cpu_extension", lambda: loads.append(1))
     generator = torch.Generator().manual_seed(1)
     data = torch.randn(5, 6, generator=generator, dtype=torch.float64 if case == "float64" else torch.float32)
     if case == "non-contiguous":  # a transposed view: torch's fused kernel would read it as flat memory
@@ -99,7 +100,7 @@ def test_what_the_kernel_cannot_step_is_plain_adam_exactly(monkeypatch, case):
         plain.grad, ours.grad = grad.clone(), grad.clone()
         plain_opt.step()
         our_opt.step()
-    assert counting.calls == 0
+    assert not loads
     assert torch.equal(ours, plain)
 
 
