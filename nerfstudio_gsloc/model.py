@@ -8,7 +8,9 @@ in ns-viewer, ns-render, ns-eval and ns-export like a splatfacto run. What diffe
 * gsplat's absgrad densification is CUDA-only, so it is switched off on the CPU (with a note);
 * LPIPS needs AlexNet weights that torchvision would download; it is computed only when they are already
   on disk, otherwise skipped with one warning;
-* outputs always include expected depth (``depth``, z-depth in scene units) and ``accumulation`` (alpha);
+* outputs include expected depth (``depth``, z-depth in scene units) and ``accumulation`` (alpha); a training
+  step draws depth only when a depth loss reads it (colour and its gradients are bit-identical without it, and
+  one channel less is a fifth less compositing);
 * an optional L1 depth loss when the batch has ``depth_image`` (datasets with ``depth_file_path``).
 """
 
@@ -128,6 +130,8 @@ class GSLocModel(SplatfactoModel):
                 grid_W=self.config.grid_shape[2],
             )
 
+        dataset_metadata = self.kwargs.get("metadata") or {}
+        self.trains_on_depth = self.config.depth_loss_weight > 0 and dataset_metadata.get("depth_filenames") is not None
         self.absgrad = self.config.use_absgrad and torch.cuda.is_available()
         if self.config.use_absgrad and not self.absgrad:
             CONSOLE.log("gsloc: absgrad needs CUDA; densifying with plain 2D mean gradients")
@@ -164,7 +168,8 @@ class GSLocModel(SplatfactoModel):
 
         Returns:
             ``rgb [H, W, 3]``, ``depth [H, W, 1]`` (expected z-depth; the far value where nothing is drawn, as in
-            splatfacto), ``accumulation [H, W, 1]`` and ``background``.
+            splatfacto; absent from a training step without a depth loss), ``accumulation [H, W, 1]`` and
+            ``background``.
         """
         if not isinstance(camera, Cameras):
             raise TypeError("GSLocModel.get_outputs expects a nerfstudio Cameras object")
@@ -192,9 +197,10 @@ class GSLocModel(SplatfactoModel):
             sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
         else:
             sh_degree = None
+        with_depth = not self.training or self.trains_on_depth
         render, alpha, self.info = rasterize_splat_model(
-            self, camtoworld, Ks, width, height, sh_degree=sh_degree, render_mode="RGB+ED", keep=keep,
-            absgrad=self.absgrad,
+            self, camtoworld, Ks, width, height, sh_degree=sh_degree, render_mode="RGB+ED" if with_depth else "RGB",
+            keep=keep, absgrad=self.absgrad,
         )
         if self.training:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
@@ -203,10 +209,12 @@ class GSLocModel(SplatfactoModel):
         rgb = torch.clamp(render[..., :3] + (1.0 - alpha) * background, 0.0, 1.0)
         if self.config.use_bilateral_grid and self.training and camera.metadata and "cam_idx" in camera.metadata:
             rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], height, width)
-        depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max())
         if not self.training:
             background = background.expand(height, width, 3)
-        return {"rgb": rgb[0], "depth": depth[0], "accumulation": alpha[0], "background": background}
+        outputs = {"rgb": rgb[0], "accumulation": alpha[0], "background": background}
+        if with_depth:
+            outputs["depth"] = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max())[0]
+        return outputs
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)

@@ -46,6 +46,29 @@ def test_trained_run_reloads_and_renders_rgb_depth_alpha(loaded_run):
     assert torch.stack(depth_errors).median() < 0.05, depth_errors
 
 
+def test_a_training_step_draws_depth_only_for_a_depth_loss(loaded_run, monkeypatch):
+    """The room has depth images, so its training renders depth for the depth loss; a scene without them renders
+    colour only, with the same colours (one channel less to composite)."""
+    _, pipeline = loaded_run
+    model = pipeline.model
+    assert model.trains_on_depth
+    camera = pipeline.datamanager.train_dataset.cameras[0:1]
+    monkeypatch.setattr(model, "optimizers", {}, raising=False)  # the trainer's callback sets them in ns-train
+    monkeypatch.setattr(model, "_get_background_color", lambda: torch.tensor([0.2, 0.5, 0.7]))  # not random
+    model.train()
+    try:  # with autograd, as in training (densification retains the 2D means' gradient)
+        with_depth = model.get_outputs(camera)
+        model.trains_on_depth = False
+        without = model.get_outputs(camera)
+    finally:
+        model.trains_on_depth = True
+        model.eval()
+    assert "depth" in with_depth and "depth" not in without
+    assert torch.equal(with_depth["rgb"], without["rgb"]) and torch.equal(with_depth["accumulation"], without["accumulation"])
+    with torch.no_grad():
+        assert "depth" in model.get_outputs(camera)  # outside training (viewer, ns-render, eval) depth is always drawn
+
+
 def test_image_metrics_skip_lpips_without_local_weights(loaded_run):
     _, pipeline = loaded_run
     camera, batch = pipeline.datamanager.next_eval_image(0)

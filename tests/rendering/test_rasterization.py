@@ -138,6 +138,24 @@ def test_render_modes(backend):
         render(scene, backend, "RGBD")
 
 
+def test_drawing_depth_changes_no_colour_and_no_colour_gradient():
+    """A training step without a depth loss renders "RGB" instead of "RGB+ED" (GSLocModel.get_outputs): the C++
+    compositor must then give bit-identical colours, alpha and gradients of a colour loss."""
+    assert load_cpu_extension() is not None
+    grads = {}
+    for mode in ("RGB+ED", "RGB"):
+        scene = [t.clone().requires_grad_(True) for t in random_scene(80, 6)]
+        out, alphas, _ = render(scene, "cpp", mode)
+        weights = torch.rand(2, HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(2))
+        loss = (out[..., :3] * weights).sum() + alphas.sum()
+        grads[mode] = (out[..., :3].detach(), alphas.detach(), torch.autograd.grad(loss, scene[:6]))
+    (rgb_d, alpha_d, grad_d), (rgb, alpha, grad) = grads["RGB+ED"], grads["RGB"]
+    assert alpha.max() > 0.9
+    assert torch.equal(rgb, rgb_d) and torch.equal(alpha, alpha_d)
+    for g, g_d in zip(grad, grad_d):
+        assert g_d.abs().max() > 0 and torch.equal(g, g_d)
+
+
 def test_gradients_match_dense_reference(backend):
     scene = [t.clone().requires_grad_(True) for t in random_scene(30, 5)]
     means, quats, scales, opacities, colors, viewmats, Ks = scene
