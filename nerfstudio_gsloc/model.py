@@ -10,7 +10,7 @@ in ns-viewer, ns-render, ns-eval and ns-export like a splatfacto run. What diffe
   on disk, otherwise skipped with one warning;
 * outputs include expected depth (``depth``, z-depth in scene units) and ``accumulation`` (alpha); a training
   step draws depth only when a depth loss reads it (colour and its gradients are bit-identical without it, and
-  one channel less is a fifth less compositing);
+  one channel less is 5-10% less compositing);
 * an optional L1 depth loss when the batch has ``depth_image`` (datasets with ``depth_file_path``).
 """
 
