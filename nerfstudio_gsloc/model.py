@@ -218,7 +218,8 @@ class GSLocModel(SplatfactoModel):
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
-        if "depth_image" in batch and self.config.depth_loss_weight > 0:
+        # the same decision as the render's (get_outputs draws depth in training exactly when this loss reads it)
+        if self.trains_on_depth and "depth_image" in batch:
             gt_depth = self._downscale_if_required(batch["depth_image"].to(self.device))
             valid = (gt_depth > 0) & (gt_depth < self.config.depth_loss_max_depth) & (outputs["accumulation"] > 0.5)
             if valid.any():
