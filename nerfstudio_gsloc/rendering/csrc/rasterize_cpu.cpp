@@ -24,7 +24,8 @@
 // flags the intersections that composited into at least one pixel, and the backward pass skips the others
 // (45% of a lego view's intersections: the footprint passes between pixel centres, or every pixel it reaches
 // had already terminated); their gradient is exactly zero. Each call first packs what the pixel loops read of
-// a Gaussian into one 32-byte record (Packed).
+// a Gaussian into one 32-byte record (Packed), and the loops prefetch the records (and colours, and in the backward
+// pass the gradient rows) of the intersections a few places ahead.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -52,6 +53,10 @@ struct alignas(32) Packed {
   float sigma_max;   // largest sigma with alpha >= 1/255 (margin included); kNoEllipseTest: skip that test
 };
 constexpr float kNoEllipseTest = 1e30f;
+// The compositing loops ask the memory for the intersection kPrefetch places ahead of the one they work on: a
+// tile's Gaussians come in depth order, i.e. at random addresses, and waiting for each record cost 11-24% of the
+// forward and 19-29% of the backward pass (bit-identical results; 4, 8 and 16 measured the same).
+constexpr int64_t kPrefetch = 8;
 
 struct Inputs {
   const float* xy;
@@ -198,6 +203,11 @@ void forward_tile(const Inputs& in, int64_t t, float* out, float* out_alpha, int
   int64_t k = 0;
   for (; k < count; ++k) {
     const int64_t g = in.ids[start + k];
+    if (k + kPrefetch < count) {
+      const int64_t gn = in.ids[start + k + kPrefetch];
+      __builtin_prefetch(in.packed + gn);
+      __builtin_prefetch(in.color + D * gn);
+    }
     const Packed& q = in.packed[g];
     const float gx = q.x, gy = q.y, qa = q.a, qb = q.b, qc = q.c, op = q.opacity;
     const float* c = in.color + D * g;
@@ -285,6 +295,12 @@ void backward_tile(const Inputs& in, int64_t t, const float* alphas, const int32
   }
 
   for (int64_t k = max_last - 1; k >= 0; --k) {
+    if (k >= kPrefetch) {
+      const int64_t gn = in.ids[start + k - kPrefetch];
+      __builtin_prefetch(in.packed + gn);
+      __builtin_prefetch(in.color + D * gn);
+      __builtin_prefetch(grads + G * gn, 1);
+    }
     if (!used[start + k]) continue;  // no pixel composited it: no gradient
     const int64_t g = in.ids[start + k];
     const Packed& q = in.packed[g];
