@@ -11,7 +11,9 @@ in ns-viewer, ns-render, ns-eval and ns-export like a splatfacto run. What diffe
 * outputs include expected depth (``depth``, z-depth in scene units) and ``accumulation`` (alpha); a training
   step draws depth only when a depth loss reads it (colour and its gradients are bit-identical without it, and
   one channel less is 5-10% less compositing);
-* an optional L1 depth loss when the batch has ``depth_image`` (datasets with ``depth_file_path``).
+* an optional L1 depth loss when the batch has ``depth_image`` (datasets with ``depth_file_path``);
+* the loss's and metrics' SSIM is :class:`~nerfstudio_gsloc.fused_ssim.FusedSSIM` (pytorch_msssim's, fused
+  into one C++ pass on the CPU; the same value to float rounding).
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.colors import get_color
 from nerfstudio.utils.rich_utils import CONSOLE
-from pytorch_msssim import SSIM
 from torch import Tensor
 
 from nerfstudio_gsloc.errors import GslocError
+from nerfstudio_gsloc.fused_ssim import FusedSSIM
 from nerfstudio_gsloc.rendering.splat_render import rasterize_splat_model
 
 # torchvision's AlexNet checkpoint, which torchmetrics' LPIPS loads (and would otherwise download).
@@ -102,7 +104,7 @@ class GSLocModel(SplatfactoModel):
         from torchmetrics.image import PeakSignalNoiseRatio
 
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
-        self.ssim = SSIM(data_range=1.0, size_average=True, channel=3)
+        self.ssim = FusedSSIM(data_range=1.0, size_average=True, channel=3)  # splatfacto's SSIM, fused on the CPU
         self.lpips = None
         if lpips_weights_available():
             from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity

@@ -1,5 +1,5 @@
 """Builds and loads the C++ CPU kernels (``csrc/*.cpp``: projection, binning, compositing, and
-the training optimizer's Adam step) on first use.
+the training optimizer's Adam step and loss's SSIM) on first use.
 
 The build takes about a minute once per checkout and is cached by PyTorch in ``$TORCH_EXTENSIONS_DIR``
 (default ``~/.cache/torch_extensions``). Without a working C++ compiler the PyTorch implementations are
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("bindings.cpp", "project_cpu.cpp", "rasterize_cpu.cpp", "sh_cpu.cpp", "adam_cpu.cpp")
+_SOURCES = ("bindings.cpp", "project_cpu.cpp", "rasterize_cpu.cpp", "sh_cpu.cpp", "adam_cpu.cpp", "ssim_cpu.cpp")
 
 _extension = None
 _extension_failed = False

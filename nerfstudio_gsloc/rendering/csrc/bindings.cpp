@@ -1,5 +1,5 @@
 // Python bindings of the CPU kernels (rasterize_cpu.cpp: compositing and binning; project_cpu.cpp: projection;
-// sh_cpu.cpp: SH colours; adam_cpu.cpp: the training optimizer's step).
+// sh_cpu.cpp: SH colours; adam_cpu.cpp: the training optimizer's step; ssim_cpu.cpp: the training loss's SSIM).
 
 #include <torch/extension.h>
 
@@ -33,6 +33,10 @@ std::vector<torch::Tensor> sh_backward(torch::Tensor coeffs, torch::Tensor means
                                        torch::Tensor v_colors, bool need_gauss);
 void adam_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, double beta1,
                double beta2, double eps, double step_size, double bias_correction2_sqrt);
+std::vector<torch::Tensor> ssim_forward(torch::Tensor X, torch::Tensor Y, torch::Tensor win, double C1, double C2,
+                                        bool need_grad);
+torch::Tensor ssim_backward(torch::Tensor X, torch::Tensor Y, torch::Tensor win, torch::Tensor d_mu, torch::Tensor d_yy,
+                            torch::Tensor d_xy, torch::Tensor v_result);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rasterize_forward", &rasterize_forward, "tile rasterization forward (CPU)");
@@ -43,4 +47,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sh_forward", &sh_forward, "fused SH colours forward (CPU)");
   m.def("sh_backward", &sh_backward, "fused SH colours backward (CPU)");
   m.def("adam_step", &adam_step, "one-pass Adam step of a contiguous float32 parameter (CPU)");
+  m.def("ssim_forward", &ssim_forward, "fused SSIM per image and channel, with the maps its gradient needs (CPU)");
+  m.def("ssim_backward", &ssim_backward, "gradient of the fused SSIM with respect to Y (CPU)");
 }
