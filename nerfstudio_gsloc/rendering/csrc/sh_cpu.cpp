@@ -121,10 +121,11 @@ std::vector<torch::Tensor> sh_backward(torch::Tensor coeffs, torch::Tensor means
         const float* k = co + n * K * 3;
         float* vk = need_gauss ? r_co + n * K * 3 : nullptr;
         for (int64_t c = 0; c < C; ++c) {
+          const float* v = vc + (c * N + n) * 3;
+          if (v[0] == 0.f && v[1] == 0.f && v[2] == 0.f) continue;  // drew nothing in this camera: no gradient
           float d[3], b[16], g[48];
           const float norm = unit_dir(mp + 3 * n, cp + 3 * c, d);
           sh_basis(degree, d[0], d[1], d[2], b, g);
-          const float* v = vc + (c * N + n) * 3;
           float rgb[3] = {0.5f, 0.5f, 0.5f};
           for (int64_t i = 0; i < B; ++i)
             for (int j = 0; j < 3; ++j) rgb[j] += b[i] * k[3 * i + j];
