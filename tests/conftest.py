@@ -96,6 +96,34 @@ def write_fake_run():
     return _write_fake_run
 
 
+class _CountingExtension:
+    """The C++ extension, with the name of every kernel called through it recorded in ``calls``."""
+
+    def __init__(self, extension) -> None:
+        self.extension, self.calls = extension, []
+
+    def __getattr__(self, name):
+        kernel = getattr(self.extension, name)
+
+        def counted(*args):
+            self.calls.append(name)
+            return kernel(*args)
+
+        return counted
+
+
+@pytest.fixture
+def counting_extension():
+    """The C++ extension with its kernel calls recorded (``.calls``), to patch in where a test must see that a
+    kernel, not a fallback, did the work; skips where the extension cannot be built."""
+    from nerfstudio_gsloc.rendering.extension import load_cpu_extension
+
+    extension = load_cpu_extension()
+    if extension is None:
+        pytest.skip("the C++ extension could not be built here")
+    return _CountingExtension(extension)
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A folder nothing can be written into: ``chattr +i`` when running as root (root ignores permissions),
